@@ -1,0 +1,56 @@
+//! The fixed-size descriptor carried by both rings of a session.
+
+/// One 64-byte ring entry. `#[repr(C)]`, no pointers: offsets and indices
+/// only, so it means the same in every process that maps the ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Desc {
+    /// One of the `OP_*` constants.
+    pub op: u16,
+    /// `FLAG_*` bits.
+    pub flags: u16,
+    /// Reserved; zero.
+    pub status: u32,
+    /// Stream id (as given when the session was opened).
+    pub stream: u32,
+    /// Partition of the stream.
+    pub partition: u32,
+    /// Slot index in the stream's data pool.
+    pub slot: u32,
+    /// Metadata bytes stored in the slot's metadata area.
+    pub meta_len: u32,
+    /// Payload bytes in the slot.
+    pub len: u64,
+    /// Offset of the batch in its partition.
+    pub offset: u64,
+    /// Partitioning key for `OP_PUBLISH` with `FLAG_HAS_KEY`.
+    pub key: u64,
+    /// Free for the sender (request ids, timestamps); echoed nowhere.
+    pub cookie: u64,
+    pub reserved: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<Desc>() == 64);
+
+// Submission ring (client -> daemon).
+/// Producer: the slot named by `slot` holds `len` bytes and `meta_len`
+/// metadata bytes; put it into the stream.
+pub const OP_PUBLISH: u16 = 1;
+/// Consumer: done with (`partition`, `offset`) held in `slot`.
+pub const OP_RELEASE: u16 = 2;
+/// Consumer: record the committed offset. `partition == COMMIT_ALL` commits
+/// every partition this consumer owns at its low watermark; otherwise
+/// `offset` is committed for `partition`.
+pub const OP_COMMIT: u16 = 3;
+
+// Completion ring (daemon -> client).
+/// Producer: the slot is yours to fill.
+pub const OP_GRANT: u16 = 16;
+/// Consumer: a batch (`partition`, `offset`, `slot`, `len`, `meta_len`).
+pub const OP_DELIVER: u16 = 17;
+
+/// `OP_PUBLISH`: `key` is valid and picks the partition.
+pub const FLAG_HAS_KEY: u16 = 1;
+
+/// `OP_COMMIT` partition value meaning "every partition I own".
+pub const COMMIT_ALL: u32 = u32::MAX;

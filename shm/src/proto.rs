@@ -1,0 +1,166 @@
+//! The local session protocol: small postcard-encoded messages over a
+//! SOCK_SEQPACKET Unix socket (one message per packet, file descriptors
+//! attached with SCM_RIGHTS). Bulk data never crosses the socket: it moves
+//! through the rings and the data pool.
+//!
+//! A connection starts with `Hello`/`Welcome`. It then either stays a
+//! control connection, or becomes one producer or consumer session with
+//! `OpenProducer`/`OpenConsumer`, answered by `Opened` with three fds
+//! attached: the session region (both rings), the stream's data pool, and
+//! the daemon's doorbell eventfd.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change to these messages or the shared layouts.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest message either side sends or accepts.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Longest stream or group name.
+pub const MAX_NAME: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSpec {
+    pub partitions: u32,
+    pub slot_size: u64,
+    pub slot_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Hello {
+        protocol: u32,
+        client: String,
+    },
+    /// Become a producer of `stream`; create it with `spec` when it does not
+    /// exist (without a spec an unknown stream is an error).
+    OpenProducer {
+        stream: String,
+        spec: Option<StreamSpec>,
+    },
+    /// Become a member of consumer group `group` of `stream`. At most
+    /// `prefetch` batches are delivered and unreleased at a time.
+    OpenConsumer {
+        stream: String,
+        group: String,
+        prefetch: u32,
+    },
+    /// Consumer: redeliver `partition` from `offset` (or skip to it).
+    Seek {
+        partition: u32,
+        offset: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub session: u64,
+    pub stream_id: u32,
+    pub partitions: u32,
+    pub slot_size: u64,
+    pub slot_count: u32,
+    pub ring_capacity: u32,
+    /// Producer: slots the daemon keeps granted ahead. Consumer: prefetch.
+    pub credits: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Welcome {
+        protocol: u32,
+        daemon: String,
+    },
+    /// Fds attached: session region, data pool, doorbell eventfd.
+    Opened(SessionInfo),
+    Done,
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Why the daemon refused a request. Stable: the C ABI maps these to
+/// `FERRY_E_*` codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    InvalidArgument,
+    UnknownStream,
+    StreamMismatch,
+    PermissionDenied,
+    Protocol,
+    OffsetGone,
+    Limit,
+    ShuttingDown,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    #[error("message is {0} bytes, more than the {MAX_MESSAGE}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] postcard::Error),
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
+    let bytes = postcard::to_stdvec(msg)?;
+    if bytes.len() > MAX_MESSAGE {
+        return Err(CodecError::TooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(CodecError::TooLarge(bytes.len()));
+    }
+    Ok(postcard::from_bytes(bytes)?)
+}
+
+/// Stream and group names: 1 to 128 of `[A-Za-z0-9._-]`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let r = Request::OpenConsumer {
+            stream: "s".into(),
+            group: "g".into(),
+            prefetch: 4,
+        };
+        let b = encode(&r).unwrap();
+        assert_eq!(decode::<Request>(&b).unwrap(), r);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for len in 0..64usize {
+            let junk: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let _ = decode::<Request>(&junk);
+            let _ = decode::<Response>(&junk);
+        }
+        assert!(decode::<Request>(&[0xff; 8]).is_err());
+        assert!(matches!(
+            decode::<Request>(&vec![0u8; MAX_MESSAGE + 1]),
+            Err(CodecError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("train.images-v2_0"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(&"x".repeat(129)));
+    }
+}
