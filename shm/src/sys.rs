@@ -7,7 +7,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
@@ -415,7 +415,8 @@ pub struct PeerCred {
     pub gid: u32,
 }
 
-pub fn peer_cred(fd: &OwnedFd) -> io::Result<PeerCred> {
+pub fn peer_cred(fd: impl AsFd) -> io::Result<PeerCred> {
+    let fd = fd.as_fd();
     // SAFETY: ucred is plain data.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;

@@ -1,0 +1,125 @@
+//! ferry: command-line tool for a running ferryd.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use ferry_daemon::config::{admin_path_for, default_socket_path};
+use ferry_daemon::server::{query_status, Status};
+
+/// Inspect a running ferryd.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// ferryd's admin socket. Default: FERRY_ADMIN_SOCKET, else beside the
+    /// session socket (FERRY_SOCKET, else the daemon's default path).
+    #[arg(long, global = true, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Streams, groups, members, lag and slot occupancy.
+    Status {
+        /// Print the raw JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    let admin = args
+        .admin_socket
+        .or_else(|| std::env::var_os("FERRY_ADMIN_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| {
+            let sock = std::env::var_os("FERRY_SOCKET")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| default_socket_path(ferry_shm::sys::geteuid()));
+            admin_path_for(&sock)
+        });
+    match args.cmd {
+        Cmd::Status { json } => match query_status(&admin) {
+            Ok(st) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&st).expect("status serialises")
+                    );
+                } else {
+                    print_status(&st);
+                }
+            }
+            Err(e) => {
+                eprintln!("ferry: {e:#}");
+                std::process::exit(1);
+            }
+        },
+    }
+}
+
+fn print_status(st: &Status) {
+    println!(
+        "{} pid {} up {}s, socket {}, {} sessions{}",
+        st.daemon,
+        st.pid,
+        st.uptime_s,
+        st.socket,
+        st.sessions,
+        if st.draining { ", DRAINING" } else { "" }
+    );
+    if st.streams.is_empty() {
+        println!("no streams");
+    }
+    for s in &st.streams {
+        println!();
+        println!(
+            "stream {}: {} partitions, {} x {} B slots: {} free, {} granted, {} held; {} published",
+            s.name,
+            s.partitions,
+            s.slot_count,
+            s.slot_size,
+            s.slots_free,
+            s.slots_granted,
+            s.slots_held,
+            s.published
+        );
+        for p in &s.producers {
+            println!(
+                "  producer session {} pid {}: {} slots granted, {} published",
+                p.session, p.pid, p.granted, p.published
+            );
+        }
+        for g in &s.groups {
+            println!(
+                "  group {}: {} members, lag {}",
+                g.name,
+                g.members.len(),
+                g.lag
+            );
+            for m in &g.members {
+                println!(
+                    "    member session {} pid {}: partitions {:?}, {}/{} in flight, {} delivered, ring {}",
+                    m.session, m.pid, m.partitions, m.inflight, m.prefetch, m.delivered, m.ring_occupancy
+                );
+            }
+            println!(
+                "    {:>9} {:>8} {:>10} {:>10} {:>10} {:>8} {:>9}",
+                "partition", "owner", "next", "committed", "end", "lag", "inflight"
+            );
+            for p in &g.partitions {
+                println!(
+                    "    {:>9} {:>8} {:>10} {:>10} {:>10} {:>8} {:>9}",
+                    p.partition,
+                    p.owner.map_or("-".to_string(), |o| o.to_string()),
+                    p.next,
+                    p.committed,
+                    p.end,
+                    p.lag,
+                    p.inflight
+                );
+            }
+        }
+    }
+}

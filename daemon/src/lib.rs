@@ -1,0 +1,6 @@
+//! ferryd: the Ferry data-plane daemon (single host for now).
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod server;
+pub mod stream;

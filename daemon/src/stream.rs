@@ -1,0 +1,834 @@
+//! Streams, partitions, consumer groups and slot ownership: the daemon's
+//! bookkeeping, free of sockets and shared memory so it can be tested alone.
+//!
+//! A slot is in one of three states: `Free` (maybe still holding a released
+//! batch that a seek can replay, until the slot is granted again), `Granted`
+//! to one producer session, or `Held`: it carries a published batch that at
+//! least one consumer group has not released yet (`holders` counts those
+//! groups). A batch published while a stream has no group at all is held
+//! for the first group that forms ("orphan" hold), so nothing published is
+//! lost for want of a consumer; producers then wait for slots instead.
+//!
+//! For each (group, partition) the group keeps `next` (the next offset never
+//! yet delivered), `redeliver` (offsets to deliver again because their
+//! consumer left) and `inflight` (delivered, not yet released, and to whom).
+//! A group holds offset `o` exactly when `o >= next`, or `o` is in
+//! `redeliver`, or `o` is in `inflight`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use ferry_shm::proto::StreamSpec;
+
+pub type SessionId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Free {
+        retained: Option<(u32, u64)>,
+    },
+    Granted {
+        session: SessionId,
+    },
+    Held {
+        part: u32,
+        offset: u64,
+        holders: u32,
+        orphan: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub slot: u32,
+    pub len: u64,
+    pub meta_len: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Partition {
+    /// Offset the next published batch gets.
+    pub end: u64,
+    /// Offsets whose batch is still in a slot (held or retained).
+    pub index: BTreeMap<u64, Entry>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct GroupPart {
+    pub next: u64,
+    pub redeliver: BTreeSet<u64>,
+    pub inflight: HashMap<u64, SessionId>,
+    pub committed: u64,
+}
+
+#[derive(Debug)]
+pub struct Group {
+    pub name: String,
+    /// In join order.
+    pub members: Vec<SessionId>,
+    /// Owner of each partition.
+    pub assign: Vec<Option<SessionId>>,
+    pub parts: Vec<GroupPart>,
+}
+
+impl Group {
+    fn rebalance(&mut self) {
+        let n = self.members.len();
+        for (p, a) in self.assign.iter_mut().enumerate() {
+            *a = (n > 0).then(|| self.members[p % n]);
+        }
+    }
+
+    /// Lowest offset of `p` this group has not released.
+    pub fn low_watermark(&self, p: usize) -> u64 {
+        let gp = &self.parts[p];
+        let mut low = gp.next;
+        if let Some(&r) = gp.redeliver.first() {
+            low = low.min(r);
+        }
+        if let Some(&i) = gp.inflight.keys().min() {
+            low = low.min(i);
+        }
+        low
+    }
+
+    pub fn partitions_of(&self, session: SessionId) -> Vec<u32> {
+        self.assign
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| **a == Some(session))
+            .map(|(p, _)| p as u32)
+            .collect()
+    }
+}
+
+/// A descriptor the daemon must put on a consumer's completion ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub part: u32,
+    pub offset: u64,
+    pub entry: Entry,
+}
+
+/// A client broke the protocol; its session is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Violation(pub String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SeekError {
+    #[error("partition {part} does not exist (the stream has {parts})")]
+    NoPartition { part: u32, parts: u32 },
+    #[error("offset {offset} is past the end {end} of partition {part}")]
+    PastEnd { part: u32, offset: u64, end: u64 },
+    #[error("offset {offset} of partition {part} is no longer retained (earliest retained: {earliest:?})")]
+    Gone {
+        part: u32,
+        offset: u64,
+        earliest: Option<u64>,
+    },
+}
+
+#[derive(Debug)]
+pub struct Stream {
+    pub id: u32,
+    pub name: String,
+    pub spec: StreamSpec,
+    pub slots: Vec<Slot>,
+    /// Free slots, least recently released first (so retained batches live
+    /// as long as possible).
+    pub free: VecDeque<u32>,
+    pub parts: Vec<Partition>,
+    pub groups: Vec<Group>,
+    pub published: u64,
+    rr: u32,
+}
+
+/// Picks a partition from a key: a 64-bit mix, then modulo.
+pub fn partition_for_key(key: u64, partitions: u32) -> u32 {
+    let mut z = key.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z % partitions as u64) as u32
+}
+
+impl Stream {
+    pub fn new(id: u32, name: String, spec: StreamSpec) -> Stream {
+        Stream {
+            id,
+            name,
+            slots: vec![Slot::Free { retained: None }; spec.slot_count as usize],
+            free: (0..spec.slot_count).collect(),
+            parts: (0..spec.partitions).map(|_| Partition::default()).collect(),
+            groups: Vec::new(),
+            published: 0,
+            rr: 0,
+            spec,
+        }
+    }
+
+    /// Takes the least recently released free slot for `session`.
+    pub fn grant(&mut self, session: SessionId) -> Option<u32> {
+        let slot = self.free.pop_front()?;
+        if let Slot::Free {
+            retained: Some((p, o)),
+        } = self.slots[slot as usize]
+        {
+            self.parts[p as usize].index.remove(&o);
+        }
+        self.slots[slot as usize] = Slot::Granted { session };
+        Some(slot)
+    }
+
+    /// Gives back slots granted to a producer that went away unpublished.
+    pub fn return_grant(&mut self, session: SessionId, slot: u32) {
+        if self.slots.get(slot as usize) == Some(&Slot::Granted { session }) {
+            self.slots[slot as usize] = Slot::Free { retained: None };
+            self.free.push_front(slot);
+        }
+    }
+
+    /// Puts a filled slot into the stream. Everything here comes from the
+    /// client's ring and is checked.
+    pub fn publish(
+        &mut self,
+        session: SessionId,
+        slot: u32,
+        len: u64,
+        meta_len: u32,
+        key: Option<u64>,
+    ) -> Result<(u32, u64), Violation> {
+        match self.slots.get(slot as usize) {
+            Some(Slot::Granted { session: s }) if *s == session => {}
+            Some(_) => {
+                return Err(Violation(format!(
+                    "publish of slot {slot}, which is not granted to it"
+                )))
+            }
+            None => {
+                return Err(Violation(format!(
+                    "publish of slot {slot}, out of range (pool has {})",
+                    self.spec.slot_count
+                )))
+            }
+        }
+        if len > self.spec.slot_size {
+            return Err(Violation(format!(
+                "publish of {len} bytes into a {}-byte slot",
+                self.spec.slot_size
+            )));
+        }
+        if meta_len > ferry_shm::layout::META_MAX {
+            return Err(Violation(format!("metadata of {meta_len} bytes")));
+        }
+        let part = match key {
+            Some(k) => partition_for_key(k, self.spec.partitions),
+            None => {
+                let p = self.rr % self.spec.partitions;
+                self.rr = self.rr.wrapping_add(1);
+                p
+            }
+        };
+        let partition = &mut self.parts[part as usize];
+        let offset = partition.end;
+        partition.end += 1;
+        partition.index.insert(
+            offset,
+            Entry {
+                slot,
+                len,
+                meta_len,
+            },
+        );
+        let orphan = self.groups.is_empty();
+        self.slots[slot as usize] = Slot::Held {
+            part,
+            offset,
+            holders: if orphan { 1 } else { self.groups.len() as u32 },
+            orphan,
+        };
+        self.published += 1;
+        Ok((part, offset))
+    }
+
+    /// One more group holds `o` of `p` (seek back, or a new group).
+    fn hold(&mut self, p: u32, o: u64) {
+        let Some(e) = self.parts[p as usize].index.get(&o).copied() else {
+            return;
+        };
+        match &mut self.slots[e.slot as usize] {
+            Slot::Held {
+                holders, orphan, ..
+            } => {
+                if *orphan {
+                    *orphan = false;
+                } else {
+                    *holders += 1;
+                }
+            }
+            Slot::Free { .. } => {
+                self.free.retain(|&s| s != e.slot);
+                self.slots[e.slot as usize] = Slot::Held {
+                    part: p,
+                    offset: o,
+                    holders: 1,
+                    orphan: false,
+                };
+            }
+            Slot::Granted { .. } => {}
+        }
+    }
+
+    /// One group no longer holds `o` of `p`; frees the slot when none does.
+    fn unhold(&mut self, p: u32, o: u64) {
+        let Some(e) = self.parts[p as usize].index.get(&o).copied() else {
+            return;
+        };
+        if let Slot::Held { holders, .. } = &mut self.slots[e.slot as usize] {
+            *holders -= 1;
+            if *holders == 0 {
+                self.slots[e.slot as usize] = Slot::Free {
+                    retained: Some((p, o)),
+                };
+                self.free.push_back(e.slot);
+            }
+        }
+    }
+
+    pub fn group_index(&self, name: &str) -> Option<usize> {
+        self.groups.iter().position(|g| g.name == name)
+    }
+
+    /// Adds `session` to group `name` (creating the group) and rebalances.
+    /// A new group starts at the earliest batch some group (or nobody yet)
+    /// still holds; released batches are reachable only by seeking.
+    pub fn join(&mut self, name: &str, session: SessionId) -> usize {
+        let g = match self.group_index(name) {
+            Some(g) => g,
+            None => {
+                let nparts = self.spec.partitions as usize;
+                let mut parts = vec![GroupPart::default(); nparts];
+                for (p, gp) in parts.iter_mut().enumerate() {
+                    let partition = &self.parts[p];
+                    let start = partition
+                        .index
+                        .iter()
+                        .find(|(_, e)| matches!(self.slots[e.slot as usize], Slot::Held { .. }))
+                        .map(|(o, _)| *o)
+                        .unwrap_or(partition.end);
+                    gp.next = start;
+                    gp.committed = start;
+                }
+                let starts: Vec<u64> = parts.iter().map(|gp| gp.next).collect();
+                self.groups.push(Group {
+                    name: name.to_string(),
+                    members: Vec::new(),
+                    assign: vec![None; nparts],
+                    parts,
+                });
+                for (p, start) in starts.into_iter().enumerate() {
+                    let offsets: Vec<u64> = self.parts[p]
+                        .index
+                        .range(start..)
+                        .map(|(o, _)| *o)
+                        .collect();
+                    for o in offsets {
+                        self.hold(p as u32, o);
+                    }
+                }
+                self.groups.len() - 1
+            }
+        };
+        let group = &mut self.groups[g];
+        group.members.push(session);
+        group.rebalance();
+        g
+    }
+
+    /// Removes `session` from group `g`: its unreleased batches are
+    /// redelivered to whoever owns their partition next.
+    pub fn leave(&mut self, g: usize, session: SessionId) {
+        let group = &mut self.groups[g];
+        for gp in &mut group.parts {
+            let mine: Vec<u64> = gp
+                .inflight
+                .iter()
+                .filter(|(_, s)| **s == session)
+                .map(|(o, _)| *o)
+                .collect();
+            for o in mine {
+                gp.inflight.remove(&o);
+                gp.redeliver.insert(o);
+            }
+        }
+        group.members.retain(|&m| m != session);
+        group.rebalance();
+    }
+
+    /// Delivers to the members of group `g`. `credit(session)` says how
+    /// many more batches a member may take now; `sink` hands one over and
+    /// returns false when it could not.
+    pub fn deliver(
+        &mut self,
+        g: usize,
+        mut credit: impl FnMut(SessionId) -> u32,
+        mut sink: impl FnMut(SessionId, Delivery) -> bool,
+    ) -> usize {
+        let mut count = 0;
+        let nparts = self.parts.len();
+        let mut credits: HashMap<SessionId, u32> = HashMap::new();
+        for p in 0..nparts {
+            let Some(owner) = self.groups[g].assign[p] else {
+                continue;
+            };
+            let left = credits.entry(owner).or_insert_with(|| credit(owner));
+            while *left > 0 {
+                let gp = &mut self.groups[g].parts[p];
+                let (o, from_redeliver) = if let Some(o) = gp.redeliver.pop_first() {
+                    (o, true)
+                } else if gp.next < self.parts[p].end {
+                    let o = gp.next;
+                    gp.next += 1;
+                    if gp.inflight.contains_key(&o) {
+                        // Still with a consumer since before a seek back.
+                        continue;
+                    }
+                    (o, false)
+                } else {
+                    break;
+                };
+                let Some(entry) = self.parts[p].index.get(&o).copied() else {
+                    // Cannot happen while the group holds `o`; skip rather
+                    // than wedge the partition.
+                    continue;
+                };
+                if !sink(
+                    owner,
+                    Delivery {
+                        part: p as u32,
+                        offset: o,
+                        entry,
+                    },
+                ) {
+                    let gp = &mut self.groups[g].parts[p];
+                    if from_redeliver {
+                        gp.redeliver.insert(o);
+                    } else {
+                        gp.next -= 1;
+                    }
+                    *left = 0;
+                    break;
+                }
+                self.groups[g].parts[p].inflight.insert(o, owner);
+                *left -= 1;
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// A consumer is done with (`part`, `offset`) in `slot`.
+    pub fn release(
+        &mut self,
+        g: usize,
+        session: SessionId,
+        part: u32,
+        offset: u64,
+        slot: u32,
+    ) -> Result<(), Violation> {
+        let gp = self
+            .groups
+            .get_mut(g)
+            .and_then(|grp| grp.parts.get_mut(part as usize))
+            .ok_or_else(|| {
+                Violation(format!("release of partition {part}, which does not exist"))
+            })?;
+        if gp.inflight.get(&offset) != Some(&session) {
+            return Err(Violation(format!(
+                "release of partition {part} offset {offset}, which it does not hold (released twice?)"
+            )));
+        }
+        let e = self.parts[part as usize].index.get(&offset).copied();
+        if e.map(|e| e.slot) != Some(slot) {
+            return Err(Violation(format!(
+                "release of partition {part} offset {offset} names slot {slot}, which does not hold it"
+            )));
+        }
+        gp.inflight.remove(&offset);
+        self.unhold(part, offset);
+        Ok(())
+    }
+
+    /// Records a committed offset. `part == None`: every partition this
+    /// member owns, at the group's low watermark.
+    pub fn commit(
+        &mut self,
+        g: usize,
+        session: SessionId,
+        part: Option<u32>,
+        offset: u64,
+    ) -> Result<(), Violation> {
+        match part {
+            None => {
+                for p in self.groups[g].partitions_of(session) {
+                    let low = self.groups[g].low_watermark(p as usize);
+                    self.groups[g].parts[p as usize].committed = low;
+                }
+                Ok(())
+            }
+            Some(p) => {
+                let end = self.parts.get(p as usize).map(|x| x.end).ok_or_else(|| {
+                    Violation(format!("commit of partition {p}, which does not exist"))
+                })?;
+                if offset > end {
+                    return Err(Violation(format!(
+                        "commit of offset {offset} past the end {end} of partition {p}"
+                    )));
+                }
+                self.groups[g].parts[p as usize].committed = offset;
+                Ok(())
+            }
+        }
+    }
+
+    /// Moves group `g`'s position in `part` to `offset`: back (replay,
+    /// while the batches are still retained) or forward (skip).
+    pub fn seek(&mut self, g: usize, part: u32, offset: u64) -> Result<(), SeekError> {
+        let parts = self.spec.partitions;
+        let end = self
+            .parts
+            .get(part as usize)
+            .map(|p| p.end)
+            .ok_or(SeekError::NoPartition { part, parts })?;
+        if offset > end {
+            return Err(SeekError::PastEnd { part, offset, end });
+        }
+        let p = part as usize;
+        let next = self.groups[g].parts[p].next;
+        if offset < next {
+            let index = &self.parts[p].index;
+            let all_there = (offset..next).all(|o| index.contains_key(&o));
+            if !all_there {
+                return Err(SeekError::Gone {
+                    part,
+                    offset,
+                    earliest: index.keys().next().copied(),
+                });
+            }
+            for o in offset..next {
+                let gp = &mut self.groups[g].parts[p];
+                if gp.inflight.contains_key(&o) {
+                    continue;
+                }
+                if gp.redeliver.remove(&o) {
+                    continue; // already held; now covered by `next`
+                }
+                self.hold(part, o);
+            }
+        } else {
+            for o in next..offset {
+                if self.groups[g].parts[p].inflight.contains_key(&o) {
+                    continue;
+                }
+                self.unhold(part, o);
+            }
+        }
+        let stale: Vec<u64> = self.groups[g].parts[p]
+            .redeliver
+            .range(..offset)
+            .copied()
+            .collect();
+        if offset > next {
+            for o in stale {
+                self.groups[g].parts[p].redeliver.remove(&o);
+                self.unhold(part, o);
+            }
+        }
+        self.groups[g].parts[p].next = offset;
+        Ok(())
+    }
+
+    /// Slots by state: (free, granted, held).
+    pub fn slot_counts(&self) -> (u32, u32, u32) {
+        let mut c = (0, 0, 0);
+        for s in &self.slots {
+            match s {
+                Slot::Free { .. } => c.0 += 1,
+                Slot::Granted { .. } => c.1 += 1,
+                Slot::Held { .. } => c.2 += 1,
+            }
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(parts: u32, slots: u32) -> Stream {
+        Stream::new(
+            0,
+            "s".into(),
+            StreamSpec {
+                partitions: parts,
+                slot_size: 100,
+                slot_count: slots,
+            },
+        )
+    }
+
+    fn publish(s: &mut Stream, n: usize) -> Vec<(u32, u64)> {
+        (0..n)
+            .map(|_| {
+                let slot = s.grant(1).expect("free slot");
+                s.publish(1, slot, 10, 0, None).unwrap()
+            })
+            .collect()
+    }
+
+    fn take_all(s: &mut Stream, g: usize) -> Vec<(SessionId, Delivery)> {
+        let mut out = Vec::new();
+        s.deliver(
+            g,
+            |_| 1000,
+            |m, d| {
+                out.push((m, d));
+                true
+            },
+        );
+        out
+    }
+
+    /// Slot accounting: every slot is exactly free, granted or held, and
+    /// holders never exceed the number of groups.
+    fn check(s: &Stream) {
+        let (f, gr, h) = s.slot_counts();
+        assert_eq!(f + gr + h, s.spec.slot_count);
+        assert_eq!(f as usize, s.free.len());
+        for slot in &s.slots {
+            if let Slot::Held { holders, .. } = slot {
+                assert!(*holders >= 1 && *holders as usize <= s.groups.len().max(1));
+            }
+        }
+    }
+
+    #[test]
+    fn each_batch_goes_to_one_member_and_every_group() {
+        let mut s = stream(4, 64);
+        let a = s.join("g1", 10);
+        s.join("g1", 11);
+        let b = s.join("g2", 20);
+        let published = publish(&mut s, 40);
+        let got1 = take_all(&mut s, a);
+        let got2 = take_all(&mut s, b);
+        let mut o1: Vec<_> = got1.iter().map(|(_, d)| (d.part, d.offset)).collect();
+        let mut o2: Vec<_> = got2.iter().map(|(_, d)| (d.part, d.offset)).collect();
+        o1.sort();
+        o2.sort();
+        let mut all = published.clone();
+        all.sort();
+        assert_eq!(o1, all, "group 1 sees every batch once");
+        assert_eq!(o2, all, "group 2 sees every batch once");
+        assert!(got1.iter().any(|(m, _)| *m == 10) && got1.iter().any(|(m, _)| *m == 11));
+        // Slots stay held until both groups release.
+        for (m, d) in &got1 {
+            s.release(a, *m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        assert_eq!(s.slot_counts().2, 40);
+        for (m, d) in &got2 {
+            s.release(b, *m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        assert_eq!(s.slot_counts(), (64, 0, 0));
+        check(&s);
+    }
+
+    #[test]
+    fn double_release_and_foreign_release_are_violations() {
+        let mut s = stream(1, 8);
+        let g = s.join("g", 1);
+        publish(&mut s, 1);
+        let d = take_all(&mut s, g)[0].1;
+        assert!(
+            s.release(g, 2, d.part, d.offset, d.entry.slot).is_err(),
+            "not its batch"
+        );
+        assert!(
+            s.release(g, 1, d.part, d.offset, d.entry.slot + 1).is_err(),
+            "wrong slot"
+        );
+        s.release(g, 1, d.part, d.offset, d.entry.slot).unwrap();
+        assert!(
+            s.release(g, 1, d.part, d.offset, d.entry.slot).is_err(),
+            "twice"
+        );
+        assert!(s.release(g, 1, 7, 0, 0).is_err(), "no such partition");
+        check(&s);
+    }
+
+    #[test]
+    fn publish_checks_slot_ownership_and_size() {
+        let mut s = stream(1, 4);
+        let slot = s.grant(1).unwrap();
+        assert!(s.publish(2, slot, 1, 0, None).is_err());
+        assert!(s.publish(1, 99, 1, 0, None).is_err());
+        assert!(s.publish(1, slot, 101, 0, None).is_err());
+        assert!(s.publish(1, slot, 1, 257, None).is_err());
+        assert!(s.publish(1, slot, 100, 256, None).is_ok());
+        assert!(s.publish(1, slot, 1, 0, None).is_err(), "already published");
+    }
+
+    #[test]
+    fn leaving_member_batches_are_redelivered_to_the_rest() {
+        let mut s = stream(2, 16);
+        let g = s.join("g", 1);
+        s.join("g", 2);
+        publish(&mut s, 8);
+        let first = take_all(&mut s, g);
+        let of1: Vec<_> = first
+            .iter()
+            .filter(|(m, _)| *m == 1)
+            .map(|(_, d)| *d)
+            .collect();
+        assert!(!of1.is_empty());
+        s.leave(g, 1);
+        let again = take_all(&mut s, g);
+        assert!(again.iter().all(|(m, _)| *m == 2));
+        let mut re: Vec<_> = again.iter().map(|(_, d)| (d.part, d.offset)).collect();
+        let mut want: Vec<_> = of1.iter().map(|d| (d.part, d.offset)).collect();
+        re.sort();
+        want.sort();
+        assert_eq!(re, want);
+        check(&s);
+    }
+
+    #[test]
+    fn batches_without_any_group_wait_for_the_first_group() {
+        let mut s = stream(1, 4);
+        publish(&mut s, 4);
+        assert!(s.grant(1).is_none(), "pool full: producers must wait");
+        let g = s.join("late", 5);
+        let got = take_all(&mut s, g);
+        assert_eq!(got.len(), 4);
+        for (m, d) in got {
+            s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        assert_eq!(s.slot_counts(), (4, 0, 0));
+    }
+
+    #[test]
+    fn credit_limits_delivery_and_full_sink_puts_back() {
+        let mut s = stream(1, 16);
+        let g = s.join("g", 1);
+        publish(&mut s, 10);
+        let mut n = 0;
+        s.deliver(
+            g,
+            |_| 3,
+            |_, _| {
+                n += 1;
+                true
+            },
+        );
+        assert_eq!(n, 3);
+        let mut seen = Vec::new();
+        s.deliver(
+            g,
+            |_| 100,
+            |_, d| {
+                if seen.len() == 2 {
+                    return false;
+                }
+                seen.push(d.offset);
+                true
+            },
+        );
+        assert_eq!(seen, vec![3, 4]);
+        let rest = take_all(&mut s, g);
+        assert_eq!(
+            rest.first().unwrap().1.offset,
+            5,
+            "refused batch is delivered next"
+        );
+    }
+
+    #[test]
+    fn seek_back_replays_retained_batches_exactly() {
+        let mut s = stream(1, 8);
+        let g = s.join("g", 1);
+        publish(&mut s, 4);
+        for (m, d) in take_all(&mut s, g) {
+            s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        s.seek(g, 0, 1).unwrap();
+        let replay: Vec<u64> = take_all(&mut s, g).iter().map(|(_, d)| d.offset).collect();
+        assert_eq!(replay, vec![1, 2, 3]);
+        assert_eq!(s.slot_counts().2, 3, "replayed batches are held again");
+        check(&s);
+        // Too far back once the slots are reused.
+        let mut s = stream(1, 2);
+        let g = s.join("g", 1);
+        for _ in 0..3 {
+            publish(&mut s, 1);
+            for (m, d) in take_all(&mut s, g) {
+                s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
+            }
+        }
+        assert!(matches!(
+            s.seek(g, 0, 0),
+            Err(SeekError::Gone {
+                earliest: Some(1),
+                ..
+            })
+        ));
+        assert!(matches!(s.seek(g, 0, 9), Err(SeekError::PastEnd { .. })));
+        assert!(matches!(
+            s.seek(g, 3, 0),
+            Err(SeekError::NoPartition { .. })
+        ));
+    }
+
+    #[test]
+    fn seek_forward_skips_and_frees() {
+        let mut s = stream(1, 8);
+        let g = s.join("g", 1);
+        publish(&mut s, 5);
+        s.seek(g, 0, 3).unwrap();
+        let got: Vec<u64> = take_all(&mut s, g).iter().map(|(_, d)| d.offset).collect();
+        assert_eq!(got, vec![3, 4]);
+        assert_eq!(s.slot_counts().2, 2);
+        check(&s);
+    }
+
+    #[test]
+    fn commit_all_records_low_watermark() {
+        let mut s = stream(1, 8);
+        let g = s.join("g", 1);
+        publish(&mut s, 4);
+        let got = take_all(&mut s, g);
+        let d1 = got[1].1;
+        let d0 = got[0].1;
+        s.release(g, 1, d1.part, d1.offset, d1.entry.slot).unwrap();
+        s.commit(g, 1, None, 0).unwrap();
+        assert_eq!(s.groups[g].parts[0].committed, 0, "offset 0 still out");
+        s.release(g, 1, d0.part, d0.offset, d0.entry.slot).unwrap();
+        s.commit(g, 1, None, 0).unwrap();
+        assert_eq!(s.groups[g].parts[0].committed, 2);
+        assert!(s.commit(g, 1, Some(0), 99).is_err());
+    }
+
+    #[test]
+    fn keys_pick_partitions_stably() {
+        let mut s = stream(8, 64);
+        s.join("g", 1);
+        let a = s.grant(1).unwrap();
+        let (pa, _) = s.publish(1, a, 1, 0, Some(42)).unwrap();
+        let b = s.grant(1).unwrap();
+        let (pb, _) = s.publish(1, b, 1, 0, Some(42)).unwrap();
+        assert_eq!(pa, pb);
+        let spread: std::collections::HashSet<u32> =
+            (0..64).map(|k| partition_for_key(k, 8)).collect();
+        assert!(spread.len() >= 6);
+    }
+}
