@@ -115,16 +115,7 @@ impl Default for Config {
     }
 }
 
-/// The default session socket for a process with effective uid `euid`.
-pub fn default_socket_path(euid: u32) -> PathBuf {
-    if euid == 0 {
-        return PathBuf::from("/run/ferry/ferryd.sock");
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("ferry/ferryd.sock"),
-        _ => std::env::temp_dir().join(format!("ferry-{euid}/ferryd.sock")),
-    }
-}
+pub use ferry_shm::proto::default_socket_path;
 
 /// The admin socket that belongs to session socket `socket`.
 pub fn admin_path_for(socket: &Path) -> PathBuf {

@@ -118,6 +118,20 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> 
     Ok(postcard::from_bytes(bytes)?)
 }
 
+/// The session socket a process with effective uid `euid` uses when none
+/// is configured: /run/ferry/ferryd.sock for root, else
+/// $XDG_RUNTIME_DIR/ferry/ferryd.sock (or /tmp/ferry-UID/ without one).
+pub fn default_socket_path(euid: u32) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if euid == 0 {
+        return PathBuf::from("/run/ferry/ferryd.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("ferry/ferryd.sock"),
+        _ => std::env::temp_dir().join(format!("ferry-{euid}/ferryd.sock")),
+    }
+}
+
 /// Stream and group names: 1 to 128 of `[A-Za-z0-9._-]`.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()

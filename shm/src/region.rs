@@ -83,6 +83,19 @@ impl Region {
         self.map.as_ptr()
     }
 
+    /// Copies `src` into the region at `offset`. `false` (nothing written)
+    /// when the range does not lie inside the region.
+    pub fn write(&self, offset: u64, src: &[u8]) -> bool {
+        let Some(dst) = self.range_ptr(offset, src.len() as u64) else {
+            return false;
+        };
+        // SAFETY: range_ptr checked that the destination lies inside our
+        // writable mapping; a raw byte copy forms no Rust reference to the
+        // shared memory, and `src` cannot overlap it (it is a Rust borrow).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        true
+    }
+
     /// Pointer to `[offset, offset + len)` when that range lies inside the
     /// region; `None` otherwise. Never panics on hostile input.
     pub fn range_ptr(&self, offset: u64, len: u64) -> Option<*mut u8> {

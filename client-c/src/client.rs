@@ -1,0 +1,753 @@
+//! The Rust client: connect to ferryd, open producer and consumer sessions,
+//! move batches through the session rings. The C ABI (`ffi`) and the Python
+//! package are thin layers over this.
+//!
+//! Producers and consumers are single-threaded objects (`&mut self`): each
+//! owns one end of two single-producer single-consumer rings.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_shm::desc::{self, Desc};
+use ferry_shm::layout::{PoolLayout, SessionLayout, META_MAX};
+use ferry_shm::proto::{self, ErrorCode, Request, Response, SessionInfo, StreamSpec};
+use ferry_shm::wait::{futex_sleep, remaining, Spinner};
+use ferry_shm::{attach_ring, sys, Region, RingConsumer, RingError, RingProducer};
+
+/// Stable status codes, shared with the C ABI (`FERRY_E_*`).
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Status {
+    Ok = 0,
+    Timeout = 1,
+    InvalidArgument = 2,
+    NotRunning = 3,
+    Disconnected = 4,
+    UnknownStream = 5,
+    StreamMismatch = 6,
+    TooLarge = 7,
+    NotHeld = 8,
+    PermissionDenied = 9,
+    Protocol = 10,
+    OffsetGone = 11,
+    Limit = 12,
+    ShuttingDown = 13,
+    Internal = 14,
+}
+
+impl Status {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Timeout => "timed out",
+            Status::InvalidArgument => "invalid argument",
+            Status::NotRunning => "ferryd is not running (cannot connect to its socket)",
+            Status::Disconnected => "ferryd closed the session",
+            Status::UnknownStream => "no such stream",
+            Status::StreamMismatch => "stream exists with a different configuration",
+            Status::TooLarge => "payload or metadata larger than the slot allows",
+            Status::NotHeld => {
+                "batch or slot not held (released twice, or never delivered to this handle)"
+            }
+            Status::PermissionDenied => "permission denied by ferryd's peer policy",
+            Status::Protocol => "protocol error between client and ferryd",
+            Status::OffsetGone => "offset out of range or no longer retained",
+            Status::Limit => "resource limit reached",
+            Status::ShuttingDown => "ferryd is shutting down",
+            Status::Internal => "internal error",
+        }
+    }
+
+    pub fn from_code(code: ErrorCode) -> Status {
+        match code {
+            ErrorCode::InvalidArgument => Status::InvalidArgument,
+            ErrorCode::UnknownStream => Status::UnknownStream,
+            ErrorCode::StreamMismatch => Status::StreamMismatch,
+            ErrorCode::PermissionDenied => Status::PermissionDenied,
+            ErrorCode::Protocol => Status::Protocol,
+            ErrorCode::OffsetGone => Status::OffsetGone,
+            ErrorCode::Limit => Status::Limit,
+            ErrorCode::ShuttingDown => Status::ShuttingDown,
+            _ => Status::Internal,
+        }
+    }
+}
+
+/// A failed call: a status code and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub status: Status,
+    pub message: String,
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn err<T>(status: Status, message: impl Into<String>) -> Result<T> {
+    Err(Error {
+        status,
+        message: message.into(),
+    })
+}
+
+/// Default client-side spin before sleeping, in microseconds.
+pub const DEFAULT_SPIN_US: u32 = 50;
+/// How often a sleeping waiter checks that ferryd is still there.
+const LIVENESS_CHECK: Duration = Duration::from_millis(50);
+/// How long a push into a full submission ring waits for ferryd.
+const SUBMIT_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The socket a client uses when none is given: FERRY_SOCKET, else the
+/// daemon's default for this user.
+pub fn resolve_socket(path: Option<&Path>) -> PathBuf {
+    if let Some(p) = path {
+        return p.to_path_buf();
+    }
+    if let Some(p) = std::env::var_os("FERRY_SOCKET") {
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    proto::default_socket_path(sys::geteuid())
+}
+
+fn recv_response(sock: &OwnedFd, path: &Path) -> Result<(Response, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; proto::MAX_MESSAGE];
+    match sys::recv_with_fds(sock, &mut buf, false) {
+        Ok(Some((n, fds))) => match proto::decode::<Response>(&buf[..n]) {
+            Ok(Response::Error { code, message }) => {
+                err(Status::from_code(code), format!("ferryd: {message}"))
+            }
+            Ok(r) => Ok((r, fds)),
+            Err(e) => err(
+                Status::Protocol,
+                format!("undecodable reply from ferryd: {e}"),
+            ),
+        },
+        Ok(None) => err(
+            Status::Disconnected,
+            format!("ferryd at {} closed the connection", path.display()),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => err(
+            Status::Timeout,
+            format!("ferryd at {} did not answer in time", path.display()),
+        ),
+        Err(e) => err(
+            Status::Disconnected,
+            format!("reading from ferryd at {}: {e}", path.display()),
+        ),
+    }
+}
+
+fn send_request(sock: &OwnedFd, req: &Request, path: &Path) -> Result<()> {
+    let bytes = proto::encode(req).map_err(|e| Error {
+        status: Status::InvalidArgument,
+        message: e.to_string(),
+    })?;
+    // A refusal may already be queued for us even if the send fails
+    // (ferryd closes after refusing), so a send error is reported only when
+    // no reply explains it.
+    if let Err(e) = sys::send_with_fds(sock, &bytes, &[]) {
+        return match recv_response(sock, path) {
+            Err(reply) if reply.status != Status::Disconnected => Err(reply),
+            _ => err(
+                Status::Disconnected,
+                format!("writing to ferryd at {}: {e}", path.display()),
+            ),
+        };
+    }
+    Ok(())
+}
+
+/// Connects and says Hello. Errors name the socket path.
+fn handshake(path: &Path) -> Result<OwnedFd> {
+    let sock = sys::seqpacket_connect(path).map_err(|e| {
+        let status = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                Status::NotRunning
+            }
+            std::io::ErrorKind::PermissionDenied => Status::PermissionDenied,
+            std::io::ErrorKind::InvalidInput => Status::InvalidArgument,
+            _ => Status::NotRunning,
+        };
+        Error {
+            status,
+            message: format!(
+                "cannot connect to ferryd at {}: {e} (is ferryd running?)",
+                path.display()
+            ),
+        }
+    })?;
+    let _ = sys::set_recv_timeout(&sock, Duration::from_secs(10));
+    send_request(
+        &sock,
+        &Request::Hello {
+            protocol: proto::PROTOCOL_VERSION,
+            client: format!(
+                "libferry {} pid {}",
+                env!("CARGO_PKG_VERSION"),
+                std::process::id()
+            ),
+        },
+        path,
+    )?;
+    match recv_response(&sock, path)? {
+        (Response::Welcome { .. }, _) => Ok(sock),
+        (other, _) => err(
+            Status::Protocol,
+            format!("unexpected reply to Hello: {other:?}"),
+        ),
+    }
+}
+
+/// A connection to ferryd. Cheap; producers and consumers opened from it
+/// have sessions of their own.
+pub struct Client {
+    path: PathBuf,
+    _ctrl: OwnedFd,
+}
+
+impl Client {
+    /// Connects to ferryd at `path` (None: FERRY_SOCKET or the default).
+    pub fn connect(path: Option<&Path>) -> Result<Client> {
+        let path = resolve_socket(path);
+        let ctrl = handshake(&path)?;
+        Ok(Client { path, _ctrl: ctrl })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens a producer on `stream`. With `create`, a missing stream is
+    /// created with that configuration (an existing one must match it).
+    pub fn producer(&self, stream: &str, create: Option<StreamSpec>) -> Result<Producer> {
+        check_name("stream", stream)?;
+        let s = Session::open(
+            &self.path,
+            Request::OpenProducer {
+                stream: stream.to_string(),
+                spec: create,
+            },
+            true,
+        )?;
+        Ok(Producer {
+            s,
+            granted: HashSet::new(),
+            spare: Vec::new(),
+        })
+    }
+
+    /// Joins consumer group `group` of `stream`.
+    pub fn consumer(&self, stream: &str, group: &str, opts: ConsumerOptions) -> Result<Consumer> {
+        check_name("stream", stream)?;
+        check_name("group", group)?;
+        let mut s = Session::open(
+            &self.path,
+            Request::OpenConsumer {
+                stream: stream.to_string(),
+                group: group.to_string(),
+                prefetch: opts.prefetch,
+            },
+            false,
+        )?;
+        s.spin = Duration::from_micros(opts.spin_us as u64);
+        Ok(Consumer {
+            s,
+            inflight: HashMap::new(),
+            next_token: 1,
+        })
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<()> {
+    if proto::valid_name(name) {
+        Ok(())
+    } else {
+        err(
+            Status::InvalidArgument,
+            format!("{what} name {name:?} must be 1-128 characters of A-Z a-z 0-9 . _ -"),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerOptions {
+    /// Most batches delivered and not yet released (0: ferryd's default, 8).
+    pub prefetch: u32,
+    /// Microseconds `next` spins before sleeping.
+    pub spin_us: u32,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            prefetch: 0,
+            spin_us: DEFAULT_SPIN_US,
+        }
+    }
+}
+
+/// One open session: its socket, both rings, the stream's pool.
+struct Session {
+    path: PathBuf,
+    sock: OwnedFd,
+    info: SessionInfo,
+    _region: Arc<Region>,
+    pool: Arc<Region>,
+    layout: PoolLayout,
+    sub: RingProducer,
+    comp: RingConsumer,
+    doorbell: OwnedFd,
+    spin: Duration,
+}
+
+impl Session {
+    fn open(path: &Path, req: Request, producer: bool) -> Result<Session> {
+        let sock = handshake(path)?;
+        send_request(&sock, &req, path)?;
+        let (resp, fds) = recv_response(&sock, path)?;
+        let Response::Opened(info) = resp else {
+            return err(Status::Protocol, format!("unexpected reply: {resp:?}"));
+        };
+        let bad = |m: String| Error {
+            status: Status::Protocol,
+            message: format!("ferryd sent an unusable session: {m}"),
+        };
+        let [region_fd, pool_fd, doorbell]: [OwnedFd; 3] = fds
+            .try_into()
+            .map_err(|v: Vec<OwnedFd>| bad(format!("{} file descriptors instead of 3", v.len())))?;
+        if !info.ring_capacity.is_power_of_two()
+            || info.ring_capacity < 2
+            || info.ring_capacity > 65536
+        {
+            return Err(bad(format!("ring capacity {}", info.ring_capacity)));
+        }
+        let slayout = SessionLayout::new(info.ring_capacity);
+        let layout = PoolLayout::new(info.slot_size, info.slot_count)
+            .ok_or_else(|| bad(format!("pool of {} x {}", info.slot_count, info.slot_size)))?;
+        let region = Arc::new(
+            Region::attach(region_fd, slayout.total, true).map_err(|e| bad(e.to_string()))?,
+        );
+        let pool = Arc::new(
+            Region::attach(pool_fd, layout.total, producer).map_err(|e| bad(e.to_string()))?,
+        );
+        let sub = attach_ring(
+            &region,
+            slayout.sub_offset,
+            slayout.ring_len,
+            info.ring_capacity,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        let comp = attach_ring(
+            &region,
+            slayout.comp_offset,
+            slayout.ring_len,
+            info.ring_capacity,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        Ok(Session {
+            path: path.to_path_buf(),
+            sock,
+            info,
+            _region: region,
+            pool,
+            layout,
+            sub: RingProducer::new(sub),
+            comp: RingConsumer::new(comp),
+            doorbell,
+            spin: Duration::from_micros(DEFAULT_SPIN_US as u64),
+        })
+    }
+
+    fn ring_error(&self, e: RingError) -> Error {
+        Error {
+            status: Status::Protocol,
+            message: format!(
+                "session ring with ferryd at {} is corrupt: {e}",
+                self.path.display()
+            ),
+        }
+    }
+
+    fn disconnected(&self) -> Error {
+        Error {
+            status: Status::Disconnected,
+            message: format!("ferryd at {} closed this session", self.path.display()),
+        }
+    }
+
+    /// Puts one descriptor on the submission ring and rings the doorbell if
+    /// ferryd sleeps. Waits (bounded) while the ring is full.
+    fn submit(&mut self, d: &Desc) -> Result<()> {
+        let start = Instant::now();
+        let mut spinner = Spinner::new();
+        loop {
+            match self.sub.push(d) {
+                Ok(()) => {
+                    if self.sub.wake_needed() {
+                        sys::eventfd_signal(self.doorbell.as_raw_fd());
+                    }
+                    return Ok(());
+                }
+                Err(RingError::Full) => {
+                    sys::eventfd_signal(self.doorbell.as_raw_fd());
+                    if sys::peer_hung_up(&self.sock) {
+                        return Err(self.disconnected());
+                    }
+                    if start.elapsed() > SUBMIT_PATIENCE {
+                        return err(
+                            Status::Timeout,
+                            "ferryd is not draining this session's ring",
+                        );
+                    }
+                    spinner.spin();
+                }
+                Err(e) => return Err(self.ring_error(e)),
+            }
+        }
+    }
+
+    /// Waits for the next descriptor from ferryd: spins for `spin`, then
+    /// sleeps on the ring's futex, checking that ferryd is alive.
+    fn wait(&mut self, timeout: Option<Duration>) -> Result<Desc> {
+        let start = Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        let mut spinner = Spinner::new();
+        loop {
+            if let Some(d) = self.comp.pop().map_err(|e| self.ring_error(e))? {
+                return Ok(d);
+            }
+            let elapsed = start.elapsed();
+            if elapsed < self.spin && deadline.is_none_or(|d| Instant::now() < d) {
+                spinner.spin();
+                continue;
+            }
+            if sys::peer_hung_up(&self.sock) {
+                // Deliveries that arrived before the hang-up still count.
+                if let Some(d) = self.comp.pop().map_err(|e| self.ring_error(e))? {
+                    return Ok(d);
+                }
+                return Err(self.disconnected());
+            }
+            let Some(left) = remaining(deadline, LIVENESS_CHECK) else {
+                return err(Status::Timeout, "timed out");
+            };
+            futex_sleep(&self.comp, left).map_err(|e| self.ring_error(e))?;
+        }
+    }
+
+    fn request(&mut self, req: &Request) -> Result<Response> {
+        send_request(&self.sock, req, &self.path)?;
+        Ok(recv_response(&self.sock, &self.path)?.0)
+    }
+}
+
+/// A reserved slot in the stream's pool, writable until published.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotBuf {
+    pub slot: u32,
+    pub ptr: *mut u8,
+    pub capacity: u64,
+}
+
+/// Publishes batches into one stream.
+pub struct Producer {
+    s: Session,
+    granted: HashSet<u32>,
+    /// Grants popped from the ring but not handed out (kept for reserve).
+    spare: Vec<u32>,
+}
+
+impl Producer {
+    pub fn partitions(&self) -> u32 {
+        self.s.info.partitions
+    }
+
+    pub fn slot_size(&self) -> u64 {
+        self.s.info.slot_size
+    }
+
+    /// Takes a free slot, waiting up to `timeout` (None: forever) while all
+    /// slots are in use downstream (backpressure).
+    pub fn reserve(&mut self, timeout: Option<Duration>) -> Result<SlotBuf> {
+        let slot = match self.spare.pop() {
+            Some(s) => s,
+            None => {
+                let d = self.s.wait(timeout)?;
+                if d.op != desc::OP_GRANT || d.slot >= self.s.info.slot_count {
+                    return err(
+                        Status::Protocol,
+                        format!("ferryd sent op {} slot {} to a producer", d.op, d.slot),
+                    );
+                }
+                d.slot
+            }
+        };
+        let off = self.s.layout.slot_offset(slot).expect("slot checked above");
+        let ptr = self
+            .s
+            .pool
+            .range_ptr(off, self.s.info.slot_size)
+            .expect("pool size checked at attach");
+        self.granted.insert(slot);
+        Ok(SlotBuf {
+            slot,
+            ptr,
+            capacity: self.s.info.slot_size,
+        })
+    }
+
+    /// Publishes a reserved slot holding `len` bytes, with `meta` (at most
+    /// 256 bytes) and an optional partitioning key. When this fails the slot
+    /// stays reserved, so the call can be retried with corrected arguments.
+    pub fn publish(&mut self, slot: u32, len: u64, meta: &[u8], key: Option<u64>) -> Result<()> {
+        if !self.granted.contains(&slot) {
+            return err(
+                Status::NotHeld,
+                format!("slot {slot} is not reserved by this producer"),
+            );
+        }
+        if len > self.s.info.slot_size {
+            return err(
+                Status::TooLarge,
+                format!(
+                    "payload of {len} bytes does not fit the {}-byte slot",
+                    self.s.info.slot_size
+                ),
+            );
+        }
+        if meta.len() > META_MAX as usize {
+            return err(
+                Status::TooLarge,
+                format!("metadata of {} bytes exceeds {META_MAX}", meta.len()),
+            );
+        }
+        let moff = self
+            .s
+            .layout
+            .meta_offset(slot)
+            .expect("granted slot in range");
+        // The slot is granted to us alone until published, so nobody reads
+        // its metadata area now; the Release store of the ring tail in
+        // `submit` publishes these bytes.
+        let written = self.s.pool.write(moff, meta);
+        debug_assert!(written, "pool size checked at attach");
+        let mut d = Desc {
+            op: desc::OP_PUBLISH,
+            stream: self.s.info.stream_id,
+            slot,
+            len,
+            meta_len: meta.len() as u32,
+            ..Desc::default()
+        };
+        if let Some(k) = key {
+            d.key = k;
+            d.flags |= desc::FLAG_HAS_KEY;
+        }
+        self.s.submit(&d)?;
+        self.granted.remove(&slot);
+        Ok(())
+    }
+
+    /// Copies `data` into a fresh slot and publishes it.
+    pub fn send(
+        &mut self,
+        data: &[u8],
+        meta: &[u8],
+        key: Option<u64>,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        if data.len() as u64 > self.s.info.slot_size {
+            return err(
+                Status::TooLarge,
+                format!(
+                    "payload of {} bytes does not fit the {}-byte slot",
+                    data.len(),
+                    self.s.info.slot_size
+                ),
+            );
+        }
+        if meta.len() > META_MAX as usize {
+            return err(
+                Status::TooLarge,
+                format!("metadata of {} bytes exceeds {META_MAX}", meta.len()),
+            );
+        }
+        let slot = self.reserve(timeout)?;
+        let off = self
+            .s
+            .layout
+            .slot_offset(slot.slot)
+            .expect("granted slot in range");
+        let written = self.s.pool.write(off, data);
+        debug_assert!(written, "size checked above");
+        self.publish(slot.slot, data.len() as u64, meta, key)
+    }
+}
+
+/// A delivered batch: zero-copy views into the stream's pool, valid until
+/// released.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    pub data: *const u8,
+    pub len: u64,
+    pub meta: *const u8,
+    pub meta_len: u32,
+    pub partition: u32,
+    pub offset: u64,
+    pub token: u64,
+}
+
+impl Batch {
+    /// The payload, read in place in the stream's pool.
+    ///
+    /// # Safety
+    /// The consumer that returned this batch must still be open and the
+    /// batch not yet released: after release, ferryd reuses the slot and
+    /// the bytes change under the slice.
+    pub unsafe fn data(&self) -> &[u8] {
+        // SAFETY: `data..data+len` was bounds-checked against the mapped
+        // pool in `Consumer::next`; the caller keeps the mapping alive and
+        // the slot ours (not released), so nobody writes it meanwhile.
+        unsafe { std::slice::from_raw_parts(self.data, self.len as usize) }
+    }
+
+    /// The metadata, read in place.
+    ///
+    /// # Safety
+    /// As for [`Batch::data`].
+    pub unsafe fn meta(&self) -> &[u8] {
+        // SAFETY: as in `data`.
+        unsafe { std::slice::from_raw_parts(self.meta, self.meta_len as usize) }
+    }
+}
+
+/// One member of a consumer group.
+pub struct Consumer {
+    s: Session,
+    inflight: HashMap<u64, (u32, u32, u64)>,
+    next_token: u64,
+}
+
+impl Consumer {
+    pub fn partitions(&self) -> u32 {
+        self.s.info.partitions
+    }
+
+    pub fn prefetch(&self) -> u32 {
+        self.s.info.credits
+    }
+
+    /// Batches delivered to this handle and not yet released.
+    pub fn held(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// The next batch, waiting up to `timeout` (None: forever).
+    pub fn next(&mut self, timeout: Option<Duration>) -> Result<Batch> {
+        let d = self.s.wait(timeout)?;
+        let info = &self.s.info;
+        if d.op != desc::OP_DELIVER
+            || d.slot >= info.slot_count
+            || d.len > info.slot_size
+            || d.meta_len > META_MAX
+            || d.partition >= info.partitions
+        {
+            return err(
+                Status::Protocol,
+                format!(
+                    "ferryd delivered a malformed descriptor (op {} slot {} len {} meta {} partition {})",
+                    d.op, d.slot, d.len, d.meta_len, d.partition
+                ),
+            );
+        }
+        let off = self.s.layout.slot_offset(d.slot).expect("slot checked");
+        let data = self
+            .s
+            .pool
+            .range_ptr(off, d.len)
+            .expect("pool size checked at attach");
+        let moff = self.s.layout.meta_offset(d.slot).expect("slot checked");
+        let meta = self
+            .s
+            .pool
+            .range_ptr(moff, d.meta_len as u64)
+            .expect("pool size checked at attach");
+        let token = self.next_token;
+        self.next_token += 1;
+        self.inflight.insert(token, (d.slot, d.partition, d.offset));
+        Ok(Batch {
+            data,
+            len: d.len,
+            meta,
+            meta_len: d.meta_len,
+            partition: d.partition,
+            offset: d.offset,
+            token,
+        })
+    }
+
+    /// Returns a batch's slot. Releasing twice is `NotHeld`.
+    pub fn release(&mut self, token: u64) -> Result<()> {
+        let Some(&(slot, partition, offset)) = self.inflight.get(&token) else {
+            return err(
+                Status::NotHeld,
+                "batch is not held by this consumer (already released, or from another consumer)",
+            );
+        };
+        self.s.submit(&Desc {
+            op: desc::OP_RELEASE,
+            stream: self.s.info.stream_id,
+            partition,
+            slot,
+            offset,
+            ..Desc::default()
+        })?;
+        self.inflight.remove(&token);
+        Ok(())
+    }
+
+    /// Commits every partition this member owns at its low watermark (all
+    /// offsets below it are released).
+    pub fn commit(&mut self) -> Result<()> {
+        self.s.submit(&Desc {
+            op: desc::OP_COMMIT,
+            stream: self.s.info.stream_id,
+            partition: desc::COMMIT_ALL,
+            ..Desc::default()
+        })
+    }
+
+    /// Moves the group's position in `partition` to `offset`: back to replay
+    /// batches still retained, or forward to skip.
+    pub fn seek(&mut self, partition: u32, offset: u64) -> Result<()> {
+        if partition >= self.s.info.partitions {
+            return err(
+                Status::InvalidArgument,
+                format!(
+                    "partition {partition} does not exist (the stream has {})",
+                    self.s.info.partitions
+                ),
+            );
+        }
+        match self.s.request(&Request::Seek { partition, offset })? {
+            Response::Done => Ok(()),
+            other => err(
+                Status::Protocol,
+                format!("unexpected reply to seek: {other:?}"),
+            ),
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! The C ABI of libferry. Conventions (see README "C API"):
+//! - opaque handles; `ferry_<object>_<verb>` names; every constructor has a
+//!   `_free` that accepts NULL;
+//! - every call that can fail returns a `FERRY_*` status (0 is success);
+//!   output parameters come last and are written only on success;
+//!   `ferry_last_error()` gives the detail of this thread's last failure;
+//! - a panic never crosses the boundary: it becomes `FERRY_E_INTERNAL`;
+//! - a producer or consumer handle is used by one thread at a time (calls
+//!   from several threads are serialised by a lock, not undefined).
+#![allow(non_camel_case_types)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::client::{Client, Consumer, ConsumerOptions, Error, Producer, Status};
+use ferry_shm::proto::StreamSpec;
+
+/// Success.
+pub const FERRY_OK: i32 = 0;
+/// The wait ended before anything arrived.
+pub const FERRY_E_TIMEOUT: i32 = 1;
+/// A NULL pointer, a bad name or an out-of-range number.
+pub const FERRY_E_INVALID_ARGUMENT: i32 = 2;
+/// No ferryd answers at the socket path (the message names it).
+pub const FERRY_E_NOT_RUNNING: i32 = 3;
+/// ferryd closed the session (it stopped, or judged the client faulty).
+pub const FERRY_E_DISCONNECTED: i32 = 4;
+/// The stream does not exist.
+pub const FERRY_E_UNKNOWN_STREAM: i32 = 5;
+/// The stream exists with a different configuration.
+pub const FERRY_E_STREAM_MISMATCH: i32 = 6;
+/// Payload larger than the slot, or metadata larger than 256 bytes.
+pub const FERRY_E_TOO_LARGE: i32 = 7;
+/// The batch or slot is not held by this handle (e.g. released twice).
+pub const FERRY_E_NOT_HELD: i32 = 8;
+/// ferryd's peer policy refused this user.
+pub const FERRY_E_PERMISSION_DENIED: i32 = 9;
+/// Client and daemon disagree on the protocol, or shared memory is corrupt.
+pub const FERRY_E_PROTOCOL: i32 = 10;
+/// Seek target out of range or no longer retained.
+pub const FERRY_E_OFFSET_GONE: i32 = 11;
+/// A resource limit was reached.
+pub const FERRY_E_LIMIT: i32 = 12;
+/// ferryd is draining for shutdown.
+pub const FERRY_E_SHUTTING_DOWN: i32 = 13;
+/// A bug (including a caught panic).
+pub const FERRY_E_INTERNAL: i32 = 14;
+
+/// Configuration of a stream a producer may create.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ferry_stream_config {
+    pub partitions: u32,
+    pub slot_count: u32,
+    /// Bytes per slot (largest batch).
+    pub slot_size: u64,
+}
+
+/// Consumer options; pass NULL for defaults.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ferry_consumer_config {
+    /// Most batches delivered and not released at a time (0: default 8).
+    pub prefetch: u32,
+    /// Microseconds `ferry_consumer_next` busy-polls before sleeping.
+    pub spin_us: u32,
+}
+
+/// A reserved slot: write up to `capacity` bytes at `data`, then publish.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ferry_slot {
+    pub data: *mut u8,
+    pub capacity: u64,
+    pub slot: u32,
+    pub reserved: u32,
+}
+
+/// A delivered batch, read in place. Valid until released.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ferry_batch {
+    pub data: *const u8,
+    pub len: u64,
+    pub meta: *const u8,
+    pub meta_len: u32,
+    pub partition: u32,
+    /// Offset of the batch in its partition.
+    pub offset: u64,
+    /// Identifies the batch to `ferry_consumer_release`.
+    pub token: u64,
+}
+
+/// A connection to ferryd.
+pub struct ferry_client {
+    inner: Client,
+}
+
+/// A producer session on one stream.
+pub struct ferry_producer {
+    inner: Mutex<Producer>,
+}
+
+/// A consumer-group member on one stream.
+pub struct ferry_consumer {
+    inner: Mutex<Consumer>,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+fn fail(e: Error) -> i32 {
+    set_last_error(&e.message);
+    e.status as i32
+}
+
+fn invalid(msg: &str) -> i32 {
+    set_last_error(msg);
+    FERRY_E_INVALID_ARGUMENT
+}
+
+/// Runs `f`, turning a panic into FERRY_E_INTERNAL.
+fn guard(f: impl FnOnce() -> i32) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(code) => code,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_last_error(&format!("internal error (panic in libferry): {msg}"));
+            FERRY_E_INTERNAL
+        }
+    }
+}
+
+fn timeout_of(ms: i64) -> Option<Duration> {
+    (ms >= 0).then(|| Duration::from_millis(ms as u64))
+}
+
+/// Reads a C string argument; `Err` is the status to return.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string.
+unsafe fn str_arg<'a>(p: *const c_char, what: &str) -> Result<&'a str, i32> {
+    if p.is_null() {
+        return Err(invalid(&format!("{what} is NULL")));
+    }
+    // SAFETY: non-null and NUL-terminated per the caller's contract.
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|_| invalid(&format!("{what} is not UTF-8")))
+}
+
+/// The library version, e.g. "0.1.0". Static; never free it.
+#[no_mangle]
+pub extern "C" fn ferry_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// A short static description of a status code.
+#[no_mangle]
+pub extern "C" fn ferry_status_str(status: i32) -> *const c_char {
+    let s: &'static str = match status {
+        FERRY_OK => "ok\0",
+        FERRY_E_TIMEOUT => "timed out\0",
+        FERRY_E_INVALID_ARGUMENT => "invalid argument\0",
+        FERRY_E_NOT_RUNNING => "ferryd is not running (cannot connect to its socket)\0",
+        FERRY_E_DISCONNECTED => "ferryd closed the session\0",
+        FERRY_E_UNKNOWN_STREAM => "no such stream\0",
+        FERRY_E_STREAM_MISMATCH => "stream exists with a different configuration\0",
+        FERRY_E_TOO_LARGE => "payload or metadata larger than the slot allows\0",
+        FERRY_E_NOT_HELD => {
+            "batch or slot not held (released twice, or never delivered to this handle)\0"
+        }
+        FERRY_E_PERMISSION_DENIED => "permission denied by ferryd's peer policy\0",
+        FERRY_E_PROTOCOL => "protocol error between client and ferryd\0",
+        FERRY_E_OFFSET_GONE => "offset out of range or no longer retained\0",
+        FERRY_E_LIMIT => "resource limit reached\0",
+        FERRY_E_SHUTTING_DOWN => "ferryd is shutting down\0",
+        FERRY_E_INTERNAL => "internal error\0",
+        _ => "unknown status code\0",
+    };
+    s.as_ptr().cast()
+}
+
+/// Detail of the last failed call on this thread (names the socket path,
+/// the stream, the sizes...). Valid until the next failing call on this
+/// thread; never free it. Empty when nothing failed yet.
+#[no_mangle]
+pub extern "C" fn ferry_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Connects to ferryd. `socket_path` may be NULL: then FERRY_SOCKET, else
+/// /run/ferry/ferryd.sock (root) or $XDG_RUNTIME_DIR/ferry/ferryd.sock.
+///
+/// # Safety
+/// `socket_path` is NULL or a NUL-terminated string; `out` is a valid
+/// pointer to write the handle to.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_client_connect(
+    socket_path: *const c_char,
+    out: *mut *mut ferry_client,
+) -> i32 {
+    guard(|| {
+        if out.is_null() {
+            return invalid("out is NULL");
+        }
+        let path = if socket_path.is_null() {
+            None
+        } else {
+            // SAFETY: non-null and NUL-terminated per the contract.
+            match unsafe { str_arg(socket_path, "socket_path") } {
+                Ok(p) => Some(Path::new(p)),
+                Err(code) => return code,
+            }
+        };
+        match Client::connect(path) {
+            Ok(c) => {
+                // SAFETY: out is non-null and valid per the contract.
+                unsafe { *out = Box::into_raw(Box::new(ferry_client { inner: c })) };
+                FERRY_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Closes a client. NULL is ignored.
+///
+/// # Safety
+/// `client` is NULL or a handle from `ferry_client_connect` not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_client_free(client: *mut ferry_client) {
+    if !client.is_null() {
+        // SAFETY: the handle came from Box::into_raw and is freed once.
+        drop(unsafe { Box::from_raw(client) });
+    }
+}
+
+/// Opens a producer on `stream`. With `create` non-NULL, a missing stream is
+/// created with that configuration (an existing stream must match it);
+/// with NULL the stream must exist.
+///
+/// # Safety
+/// `client` is a live handle; `stream` a NUL-terminated string; `create`
+/// NULL or valid; `out` a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_producer_open(
+    client: *const ferry_client,
+    stream: *const c_char,
+    create: *const ferry_stream_config,
+    out: *mut *mut ferry_producer,
+) -> i32 {
+    guard(|| {
+        if client.is_null() || out.is_null() {
+            return invalid("client or out is NULL");
+        }
+        // SAFETY: per the contract.
+        let stream = match unsafe { str_arg(stream, "stream") } {
+            Ok(s) => s,
+            Err(c) => return c,
+        };
+        // SAFETY: create is NULL or valid per the contract.
+        let spec = unsafe { create.as_ref() }.map(|c| StreamSpec {
+            partitions: c.partitions,
+            slot_size: c.slot_size,
+            slot_count: c.slot_count,
+        });
+        // SAFETY: client is a live handle per the contract.
+        let client = unsafe { &*client };
+        match client.inner.producer(stream, spec) {
+            Ok(p) => {
+                // SAFETY: out is valid per the contract.
+                unsafe {
+                    *out = Box::into_raw(Box::new(ferry_producer {
+                        inner: Mutex::new(p),
+                    }))
+                };
+                FERRY_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Reserves a free slot, waiting up to `timeout_ms` (negative: forever;
+/// 0: do not wait) while every slot is in use downstream.
+///
+/// # Safety
+/// `producer` is a live handle; `out` a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_producer_reserve(
+    producer: *mut ferry_producer,
+    timeout_ms: i64,
+    out: *mut ferry_slot,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let Some(p) = (unsafe { producer.as_ref() }) else {
+            return invalid("producer is NULL");
+        };
+        if out.is_null() {
+            return invalid("out is NULL");
+        }
+        let mut p = match p.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match p.reserve(timeout_of(timeout_ms)) {
+            Ok(s) => {
+                // SAFETY: out is valid per the contract.
+                unsafe {
+                    *out = ferry_slot {
+                        data: s.ptr,
+                        capacity: s.capacity,
+                        slot: s.slot,
+                        reserved: 0,
+                    }
+                };
+                FERRY_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Publishes a reserved slot holding `len` bytes. `meta` (may be NULL when
+/// `meta_len` is 0, at most 256 bytes) is copied next to the slot; `key`,
+/// when non-NULL, picks the partition (equal keys, same partition).
+///
+/// # Safety
+/// `producer` is a live handle; `slot` points to a slot from
+/// `ferry_producer_reserve`; `meta` is valid for `meta_len` bytes; `key` is
+/// NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_producer_publish(
+    producer: *mut ferry_producer,
+    slot: *const ferry_slot,
+    len: u64,
+    meta: *const c_void,
+    meta_len: u32,
+    key: *const u64,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let (Some(p), Some(slot)) = (unsafe { producer.as_ref() }, unsafe { slot.as_ref() }) else {
+            return invalid("producer or slot is NULL");
+        };
+        if meta.is_null() && meta_len > 0 {
+            return invalid("meta is NULL but meta_len is not 0");
+        }
+        if meta_len > ferry_shm::layout::META_MAX {
+            set_last_error(&format!("metadata of {meta_len} bytes exceeds 256"));
+            return FERRY_E_TOO_LARGE;
+        }
+        let meta: &[u8] = if meta_len == 0 {
+            &[]
+        } else {
+            // SAFETY: non-null and valid for meta_len bytes per the contract.
+            unsafe { std::slice::from_raw_parts(meta.cast::<u8>(), meta_len as usize) }
+        };
+        // SAFETY: key is NULL or valid per the contract.
+        let key = unsafe { key.as_ref() }.copied();
+        let mut p = match p.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match p.publish(slot.slot, len, meta, key) {
+            Ok(()) => FERRY_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Closes a producer. Batches it published stay in the stream; slots it
+/// reserved and did not publish return to the pool. NULL is ignored.
+///
+/// # Safety
+/// `producer` is NULL or a live handle, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_producer_free(producer: *mut ferry_producer) {
+    if !producer.is_null() {
+        // SAFETY: the handle came from Box::into_raw and is freed once.
+        drop(unsafe { Box::from_raw(producer) });
+    }
+}
+
+/// Joins consumer group `group` of `stream`. `config` may be NULL.
+///
+/// # Safety
+/// `client` is a live handle; `stream`, `group` NUL-terminated strings;
+/// `config` NULL or valid; `out` a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_consumer_open(
+    client: *const ferry_client,
+    stream: *const c_char,
+    group: *const c_char,
+    config: *const ferry_consumer_config,
+    out: *mut *mut ferry_consumer,
+) -> i32 {
+    guard(|| {
+        if client.is_null() || out.is_null() {
+            return invalid("client or out is NULL");
+        }
+        // SAFETY: per the contract.
+        let stream = match unsafe { str_arg(stream, "stream") } {
+            Ok(s) => s,
+            Err(c) => return c,
+        };
+        // SAFETY: per the contract.
+        let group = match unsafe { str_arg(group, "group") } {
+            Ok(s) => s,
+            Err(c) => return c,
+        };
+        let mut opts = ConsumerOptions::default();
+        // SAFETY: config is NULL or valid per the contract.
+        if let Some(c) = unsafe { config.as_ref() } {
+            opts.prefetch = c.prefetch;
+            opts.spin_us = c.spin_us;
+        }
+        // SAFETY: client is live per the contract.
+        let client = unsafe { &*client };
+        match client.inner.consumer(stream, group, opts) {
+            Ok(c) => {
+                // SAFETY: out is valid per the contract.
+                unsafe {
+                    *out = Box::into_raw(Box::new(ferry_consumer {
+                        inner: Mutex::new(c),
+                    }))
+                };
+                FERRY_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Takes the next batch, waiting up to `timeout_ms` (negative: forever;
+/// 0: do not wait). The batch is read in place until released.
+///
+/// # Safety
+/// `consumer` is a live handle; `out` a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_consumer_next(
+    consumer: *mut ferry_consumer,
+    timeout_ms: i64,
+    out: *mut ferry_batch,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let Some(c) = (unsafe { consumer.as_ref() }) else {
+            return invalid("consumer is NULL");
+        };
+        if out.is_null() {
+            return invalid("out is NULL");
+        }
+        let mut c = match c.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match c.next(timeout_of(timeout_ms)) {
+            Ok(b) => {
+                // SAFETY: out is valid per the contract.
+                unsafe {
+                    *out = ferry_batch {
+                        data: b.data,
+                        len: b.len,
+                        meta: b.meta,
+                        meta_len: b.meta_len,
+                        partition: b.partition,
+                        offset: b.offset,
+                        token: b.token,
+                    }
+                };
+                FERRY_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Returns a batch's slot to ferryd. Releasing the same batch twice gives
+/// FERRY_E_NOT_HELD.
+///
+/// # Safety
+/// `consumer` is a live handle; `batch` points to a batch (its token is
+/// what counts).
+#[no_mangle]
+pub unsafe extern "C" fn ferry_consumer_release(
+    consumer: *mut ferry_consumer,
+    batch: *const ferry_batch,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let (Some(c), Some(b)) = (unsafe { consumer.as_ref() }, unsafe { batch.as_ref() }) else {
+            return invalid("consumer or batch is NULL");
+        };
+        let mut c = match c.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match c.release(b.token) {
+            Ok(()) => FERRY_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Commits this member's partitions at their low watermark (every offset
+/// below it released).
+///
+/// # Safety
+/// `consumer` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_consumer_commit(consumer: *mut ferry_consumer) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let Some(c) = (unsafe { consumer.as_ref() }) else {
+            return invalid("consumer is NULL");
+        };
+        let mut c = match c.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match c.commit() {
+            Ok(()) => FERRY_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Moves the group's position in `partition` to `offset`: back to replay
+/// batches still retained (FERRY_E_OFFSET_GONE when they are not), or
+/// forward to skip.
+///
+/// # Safety
+/// `consumer` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_consumer_seek(
+    consumer: *mut ferry_consumer,
+    partition: u32,
+    offset: u64,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let Some(c) = (unsafe { consumer.as_ref() }) else {
+            return invalid("consumer is NULL");
+        };
+        let mut c = match c.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match c.seek(partition, offset) {
+            Ok(()) => FERRY_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Leaves the group. Batches not released are redelivered to the other
+/// members. NULL is ignored.
+///
+/// # Safety
+/// `consumer` is NULL or a live handle, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_consumer_free(consumer: *mut ferry_consumer) {
+    if !consumer.is_null() {
+        // SAFETY: the handle came from Box::into_raw and is freed once.
+        drop(unsafe { Box::from_raw(consumer) });
+    }
+}
+
+fn fail_poisoned() -> i32 {
+    set_last_error("handle is unusable after an earlier internal error");
+    Status::Internal as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_match_the_rust_enum() {
+        assert_eq!(Status::Timeout as i32, FERRY_E_TIMEOUT);
+        assert_eq!(Status::NotHeld as i32, FERRY_E_NOT_HELD);
+        assert_eq!(Status::Internal as i32, FERRY_E_INTERNAL);
+        for code in 0..=FERRY_E_INTERNAL {
+            // SAFETY (test): static NUL-terminated strings.
+            let s = unsafe { CStr::from_ptr(ferry_status_str(code)) }
+                .to_str()
+                .unwrap();
+            assert_ne!(s, "unknown status code", "code {code}");
+        }
+    }
+
+    #[test]
+    fn panics_become_internal_errors() {
+        let code = guard(|| panic!("boom"));
+        assert_eq!(code, FERRY_E_INTERNAL);
+        // SAFETY (test): ferry_last_error returns a live C string.
+        let msg = unsafe { CStr::from_ptr(ferry_last_error()) }
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("boom"), "{msg}");
+    }
+
+    #[test]
+    fn not_running_names_the_socket() {
+        let mut out: *mut ferry_client = std::ptr::null_mut();
+        let path = CString::new("/nonexistent/ferry/ferryd.sock").unwrap();
+        // SAFETY (test): valid string and out pointer.
+        let code = unsafe { ferry_client_connect(path.as_ptr(), &mut out) };
+        assert_eq!(code, FERRY_E_NOT_RUNNING);
+        assert!(out.is_null(), "out written only on success");
+        // SAFETY (test): ferry_last_error returns a live C string.
+        let msg = unsafe { CStr::from_ptr(ferry_last_error()) }
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("/nonexistent/ferry/ferryd.sock"), "{msg}");
+        // SAFETY (test): NULL is accepted.
+        unsafe { ferry_client_free(std::ptr::null_mut()) };
+    }
+}
