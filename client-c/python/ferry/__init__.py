@@ -1,0 +1,450 @@
+"""Ferry for Python: a thin ctypes layer over libferry's C ABI.
+
+    import ferry
+
+    client = ferry.Client()                      # FERRY_SOCKET or the default
+    prod = client.producer("images", partitions=4, slot_size=1 << 20, slot_count=64)
+    prod.send(b"...", meta=b"...")
+
+    cons = client.consumer("images", group="trainers")
+    for batch in cons:                           # zero-copy, read in place
+        arr = batch.numpy()                      # NumPy view, no copy
+        ...                                      # released at the next step
+
+A batch's ``data`` is a read-only memoryview straight into ferryd's data
+pool. It is valid until the batch is released: by ``batch.release()``, at
+the end of a ``with batch:`` block, or (when iterating with the default
+``auto_release=True``) when the next batch is requested.
+"""
+
+import ctypes
+import ctypes.util
+import os
+import pathlib
+
+__all__ = [
+    "Batch",
+    "Client",
+    "Consumer",
+    "FerryError",
+    "Producer",
+    "Slot",
+    "iterable_dataset",
+    "version",
+]
+
+OK = 0
+E_TIMEOUT = 1
+E_INVALID_ARGUMENT = 2
+E_NOT_RUNNING = 3
+E_DISCONNECTED = 4
+E_UNKNOWN_STREAM = 5
+E_STREAM_MISMATCH = 6
+E_TOO_LARGE = 7
+E_NOT_HELD = 8
+E_PERMISSION_DENIED = 9
+E_PROTOCOL = 10
+E_OFFSET_GONE = 11
+E_LIMIT = 12
+E_SHUTTING_DOWN = 13
+E_INTERNAL = 14
+
+
+class FerryError(Exception):
+    """A libferry call failed. ``status`` is the FERRY_E_* code."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class TimeoutError_(FerryError):
+    pass
+
+
+# Exported as ferry.Timeout; subclass of FerryError.
+Timeout = TimeoutError_
+
+
+class _Stream(ctypes.Structure):
+    _fields_ = [
+        ("partitions", ctypes.c_uint32),
+        ("slot_count", ctypes.c_uint32),
+        ("slot_size", ctypes.c_uint64),
+    ]
+
+
+class _ConsumerConfig(ctypes.Structure):
+    _fields_ = [("prefetch", ctypes.c_uint32), ("spin_us", ctypes.c_uint32)]
+
+
+class _Slot(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("capacity", ctypes.c_uint64),
+        ("slot", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+class _Batch(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("len", ctypes.c_uint64),
+        ("meta", ctypes.c_void_p),
+        ("meta_len", ctypes.c_uint32),
+        ("partition", ctypes.c_uint32),
+        ("offset", ctypes.c_uint64),
+        ("token", ctypes.c_uint64),
+    ]
+
+
+def _candidates():
+    env = os.environ.get("FERRY_LIB")
+    if env:
+        yield pathlib.Path(env)
+    here = pathlib.Path(__file__).resolve().parent
+    yield here / "libferry.so"
+    # A checkout: client-c/python/ferry -> repository root.
+    for parent in here.parents:
+        for profile in ("release", "debug"):
+            yield parent / "target" / profile / "libferry.so"
+    found = ctypes.util.find_library("ferry")
+    if found:
+        yield pathlib.Path(found)
+
+
+def _load():
+    tried = []
+    for path in _candidates():
+        tried.append(str(path))
+        if path.exists() or "/" not in str(path):
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:
+                continue
+    raise ImportError(
+        "libferry.so not found (set FERRY_LIB, or build it with `cargo build -p ferry-client`); tried: "
+        + ", ".join(tried)
+    )
+
+
+_lib = _load()
+_p = ctypes.c_void_p
+_i32 = ctypes.c_int32
+_sigs = {
+    "ferry_version": ([], ctypes.c_char_p),
+    "ferry_status_str": ([_i32], ctypes.c_char_p),
+    "ferry_last_error": ([], ctypes.c_char_p),
+    "ferry_client_connect": ([ctypes.c_char_p, ctypes.POINTER(_p)], _i32),
+    "ferry_client_free": ([_p], None),
+    "ferry_producer_open": ([_p, ctypes.c_char_p, ctypes.POINTER(_Stream), ctypes.POINTER(_p)], _i32),
+    "ferry_producer_reserve": ([_p, ctypes.c_int64, ctypes.POINTER(_Slot)], _i32),
+    "ferry_producer_publish": (
+        [_p, ctypes.POINTER(_Slot), ctypes.c_uint64, ctypes.c_char_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64)],
+        _i32,
+    ),
+    "ferry_producer_free": ([_p], None),
+    "ferry_consumer_open": (
+        [_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_ConsumerConfig), ctypes.POINTER(_p)],
+        _i32,
+    ),
+    "ferry_consumer_next": ([_p, ctypes.c_int64, ctypes.POINTER(_Batch)], _i32),
+    "ferry_consumer_release": ([_p, ctypes.POINTER(_Batch)], _i32),
+    "ferry_consumer_commit": ([_p], _i32),
+    "ferry_consumer_seek": ([_p, ctypes.c_uint32, ctypes.c_uint64], _i32),
+    "ferry_consumer_free": ([_p], None),
+}
+for _name, (_args, _res) in _sigs.items():
+    _f = getattr(_lib, _name)
+    _f.argtypes = _args
+    _f.restype = _res
+
+
+def version():
+    """libferry's version string."""
+    return _lib.ferry_version().decode()
+
+
+def _check(status):
+    if status == OK:
+        return
+    detail = (_lib.ferry_last_error() or b"").decode(errors="replace")
+    summary = _lib.ferry_status_str(status).decode()
+    msg = detail or summary
+    if status == E_TIMEOUT:
+        raise Timeout(status, msg)
+    raise FerryError(status, msg)
+
+
+def _ms(timeout):
+    """Seconds (None: forever) to the ABI's milliseconds (negative: forever)."""
+    if timeout is None:
+        return -1
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0 seconds, or None to wait forever")
+    return int(timeout * 1000)
+
+
+def _view(address, length, readonly):
+    if length == 0:
+        return memoryview(b"")
+    arr = (ctypes.c_ubyte * length).from_address(address)
+    mv = memoryview(arr).cast("B")
+    return mv.toreadonly() if readonly else mv
+
+
+class Client:
+    """A connection to ferryd. ``socket`` defaults to $FERRY_SOCKET, else
+    /run/ferry/ferryd.sock (root) or $XDG_RUNTIME_DIR/ferry/ferryd.sock."""
+
+    def __init__(self, socket=None):
+        handle = _p()
+        path = None if socket is None else os.fsencode(socket)
+        _check(_lib.ferry_client_connect(path, ctypes.byref(handle)))
+        self._h = handle
+
+    def producer(self, stream, partitions=None, slot_size=None, slot_count=None):
+        """Opens a producer on ``stream``. Giving any of partitions,
+        slot_size, slot_count creates the stream when missing (defaults:
+        1 partition, 16 slots); an existing stream must match them."""
+        return Producer(self, stream, partitions, slot_size, slot_count)
+
+    def consumer(self, stream, group, prefetch=0, spin_us=50, auto_release=True):
+        """Joins consumer group ``group`` of ``stream``."""
+        return Consumer(self, stream, group, prefetch, spin_us, auto_release)
+
+    def close(self):
+        if getattr(self, "_h", None):
+            _lib.ferry_client_free(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class Slot:
+    """A reserved slot. ``data`` is a writable memoryview of ``capacity``
+    bytes in the data pool; fill it, then ``Producer.publish``."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.capacity = raw.capacity
+        self.data = _view(raw.data, raw.capacity, readonly=False)
+
+
+class Producer:
+    def __init__(self, client, stream, partitions, slot_size, slot_count):
+        cfg = None
+        if partitions is not None or slot_size is not None or slot_count is not None:
+            if slot_size is None:
+                raise ValueError("slot_size is needed to create a stream")
+            cfg = _Stream(partitions or 1, slot_count or 16, slot_size)
+        handle = _p()
+        _check(
+            _lib.ferry_producer_open(
+                client._h, stream.encode(), ctypes.byref(cfg) if cfg is not None else None, ctypes.byref(handle)
+            )
+        )
+        self._h = handle
+        self.stream = stream
+        self._spare = None
+
+    def reserve(self, timeout=None):
+        """Takes a free slot, waiting while all are in use downstream."""
+        if self._spare is not None:
+            slot, self._spare = self._spare, None
+            return slot
+        raw = _Slot()
+        _check(_lib.ferry_producer_reserve(self._h, _ms(timeout), ctypes.byref(raw)))
+        return Slot(raw)
+
+    def publish(self, slot, length, meta=b"", key=None):
+        """Publishes ``length`` bytes of a reserved slot with ``meta`` (at
+        most 256 bytes) and an optional integer partitioning ``key``."""
+        meta = bytes(meta)
+        k = None if key is None else ctypes.byref(ctypes.c_uint64(key))
+        _check(_lib.ferry_producer_publish(self._h, ctypes.byref(slot._raw), length, meta, len(meta), k))
+        try:
+            slot.data.release()
+        except (BufferError, ValueError):
+            pass
+
+    def send(self, data, meta=b"", key=None, timeout=None):
+        """Copies ``data`` (any buffer) into a slot and publishes it."""
+        src = memoryview(data).cast("B")
+        slot = self.reserve(timeout)
+        if src.nbytes > slot.capacity:
+            # Keep the slot reserved for the next call instead of leaking it.
+            self._spare = slot
+            raise FerryError(E_TOO_LARGE, f"payload of {src.nbytes} bytes does not fit the {slot.capacity}-byte slot")
+        slot.data[: src.nbytes] = src
+        self.publish(slot, src.nbytes, meta, key)
+
+    def close(self):
+        if getattr(self, "_h", None):
+            _lib.ferry_producer_free(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class Batch:
+    """A delivered batch, read in place. ``data`` is a read-only
+    memoryview into the data pool, valid until the batch is released."""
+
+    def __init__(self, consumer, raw):
+        self._consumer = consumer
+        self._raw = raw
+        self.partition = raw.partition
+        self.offset = raw.offset
+        self.address = raw.data or 0
+        self.data = _view(raw.data or 0, raw.len, readonly=True)
+        self.meta = ctypes.string_at(raw.meta, raw.meta_len) if raw.meta_len else b""
+        self.released = False
+
+    def __len__(self):
+        return self._raw.len
+
+    def numpy(self, dtype="uint8", shape=None):
+        """A NumPy array over the batch's bytes, without a copy."""
+        import numpy as np
+
+        arr = np.frombuffer(self.data, dtype=dtype)
+        return arr.reshape(shape) if shape is not None else arr
+
+    def release(self):
+        """Returns the slot to ferryd. A second release raises FerryError
+        with status E_NOT_HELD."""
+        self._consumer.release(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self.released:
+            self.release()
+
+
+class Consumer:
+    def __init__(self, client, stream, group, prefetch, spin_us, auto_release):
+        cfg = _ConsumerConfig(prefetch, spin_us)
+        handle = _p()
+        _check(_lib.ferry_consumer_open(client._h, stream.encode(), group.encode(), ctypes.byref(cfg), ctypes.byref(handle)))
+        self._h = handle
+        self.stream = stream
+        self.group = group
+        self.auto_release = auto_release
+        self._last = None
+
+    def next(self, timeout=None):
+        """The next batch; raises ferry.Timeout when none came in time."""
+        raw = _Batch()
+        _check(_lib.ferry_consumer_next(self._h, _ms(timeout), ctypes.byref(raw)))
+        return Batch(self, raw)
+
+    def release(self, batch):
+        _check(_lib.ferry_consumer_release(self._h, ctypes.byref(batch._raw)))
+        batch.released = True
+        try:
+            batch.data.release()
+        except (BufferError, ValueError):
+            # Still exported (e.g. a NumPy array views it): leave the view;
+            # the caller promised not to use it after release.
+            pass
+
+    def batches(self, timeout=None):
+        """Yields batches until none arrives within ``timeout`` seconds
+        (None: forever). With auto_release, each batch is released when
+        the next one is requested, and the last one when iteration ends."""
+        try:
+            while True:
+                if self.auto_release and self._last is not None and not self._last.released:
+                    self.release(self._last)
+                self._last = None
+                try:
+                    b = self.next(timeout)
+                except Timeout:
+                    return
+                self._last = b
+                yield b
+        finally:
+            if self.auto_release and self._last is not None and not self._last.released and self._h:
+                self.release(self._last)
+                self._last = None
+
+    def __iter__(self):
+        return self.batches(None)
+
+    def commit(self):
+        """Commits this member's partitions up to what it released."""
+        _check(_lib.ferry_consumer_commit(self._h))
+
+    def seek(self, partition, offset):
+        """Replays ``partition`` from ``offset`` (while retained) or skips to it."""
+        _check(_lib.ferry_consumer_seek(self._h, partition, offset))
+
+    def close(self):
+        if getattr(self, "_h", None):
+            _lib.ferry_consumer_free(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def iterable_dataset(stream, group, socket=None, dtype=None, shape=None, timeout=None, **consumer_options):
+    """A ``torch.utils.data.IterableDataset`` over a Ferry stream.
+
+    Each item is a CPU tensor viewing the batch in place (torch.frombuffer,
+    no copy), valid until the next item is requested. Use it with
+    ``DataLoader(ds, batch_size=None)`` so that no collation copies it. With
+    ``num_workers > 0`` every worker joins the consumer group, so the
+    stream's partitions are spread over the workers.
+    """
+    import torch
+
+    tdtype = dtype or torch.uint8
+
+    class FerryIterableDataset(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            client = Client(socket)
+            cons = client.consumer(stream, group, **consumer_options)
+            try:
+                for batch in cons.batches(timeout):
+                    if len(batch) == 0:
+                        t = torch.empty(0, dtype=tdtype)
+                    else:
+                        import warnings
+
+                        with warnings.catch_warnings():
+                            # The pool is mapped read-only; torch warns about
+                            # non-writable buffers. Do not write to the tensor.
+                            warnings.simplefilter("ignore", UserWarning)
+                            t = torch.frombuffer(batch.data, dtype=tdtype)
+                    yield t.reshape(shape) if shape is not None else t
+            finally:
+                cons.close()
+                client.close()
+
+    return FerryIterableDataset()

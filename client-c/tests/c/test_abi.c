@@ -1,0 +1,144 @@
+/* C ABI tests for libferry, built with -fsanitize=address,undefined.
+ * Needs a running ferryd: FERRY_SOCKET names its socket. Exits non-zero on
+ * the first failed check; prints "N passed, 0 failed" at the end. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ferry.h"
+
+static int passed = 0;
+
+#define CHECK(cond)                                                                  \
+    do {                                                                             \
+        if (!(cond)) {                                                               \
+            fprintf(stderr, "%s:%d: check failed: %s (last error: %s)\n", __FILE__,  \
+                    __LINE__, #cond, ferry_last_error());                            \
+            printf("%d passed, 1 failed\n", passed);                                 \
+            exit(1);                                                                 \
+        }                                                                            \
+        passed++;                                                                    \
+    } while (0)
+
+#define EXPECT(call, want) CHECK((call) == (want))
+
+static void test_static_strings(void) {
+    CHECK(strlen(ferry_version()) > 0);
+    CHECK(strcmp(ferry_status_str(FERRY_OK), "ok") == 0);
+    CHECK(strstr(ferry_status_str(FERRY_E_NOT_HELD), "released twice") != NULL);
+    CHECK(strcmp(ferry_status_str(12345), "unknown status code") == 0);
+}
+
+static void test_not_running(void) {
+    ferry_client *sentinel = (ferry_client *)0x1;
+    ferry_client *c = sentinel;
+    EXPECT(ferry_client_connect("/tmp/ferry-c-test-nowhere/ferryd.sock", &c), FERRY_E_NOT_RUNNING);
+    CHECK(c == sentinel); /* output written only on success */
+    CHECK(strstr(ferry_last_error(), "/tmp/ferry-c-test-nowhere/ferryd.sock") != NULL);
+}
+
+static void test_null_arguments(ferry_client *client) {
+    ferry_producer *p = NULL;
+    ferry_consumer *c = NULL;
+    ferry_batch b;
+    ferry_slot s;
+    EXPECT(ferry_client_connect(NULL, NULL), FERRY_E_INVALID_ARGUMENT);
+    EXPECT(ferry_producer_open(NULL, "s", NULL, &p), FERRY_E_INVALID_ARGUMENT);
+    EXPECT(ferry_producer_open(client, NULL, NULL, &p), FERRY_E_INVALID_ARGUMENT);
+    EXPECT(ferry_consumer_open(client, "s", NULL, NULL, &c), FERRY_E_INVALID_ARGUMENT);
+    EXPECT(ferry_consumer_next(NULL, 0, &b), FERRY_E_INVALID_ARGUMENT);
+    EXPECT(ferry_producer_reserve(NULL, 0, &s), FERRY_E_INVALID_ARGUMENT);
+    EXPECT(ferry_consumer_release(NULL, &b), FERRY_E_INVALID_ARGUMENT);
+    CHECK(p == NULL && c == NULL);
+    ferry_producer_free(NULL);
+    ferry_consumer_free(NULL);
+    ferry_client_free(NULL);
+}
+
+static void test_round_trip(ferry_client *client) {
+    ferry_stream_config cfg = {.partitions = 2, .slot_count = 8, .slot_size = 4096};
+    ferry_producer *p = NULL;
+    ferry_consumer *c = NULL;
+    ferry_consumer_config ccfg = {.prefetch = 4, .spin_us = 10};
+    EXPECT(ferry_producer_open(client, "c-abi", &cfg, &p), FERRY_OK);
+    EXPECT(ferry_consumer_open(client, "c-abi", "g", &ccfg, &c), FERRY_OK);
+
+    for (uint64_t i = 0; i < 50; i++) {
+        ferry_slot s;
+        EXPECT(ferry_producer_reserve(p, 5000, &s), FERRY_OK);
+        CHECK(s.capacity == 4096);
+        memset(s.data, (int)(i & 0xff), 4096);
+        uint64_t key = i % 5;
+        EXPECT(ferry_producer_publish(p, &s, 100 + i, &i, sizeof i, &key), FERRY_OK);
+
+        ferry_batch b;
+        EXPECT(ferry_consumer_next(c, 5000, &b), FERRY_OK);
+        CHECK(b.len == 100 + i);
+        CHECK(b.meta_len == sizeof i);
+        uint64_t got;
+        memcpy(&got, b.meta, sizeof got);
+        CHECK(got == i);
+        CHECK(b.data[0] == (uint8_t)i && b.data[b.len - 1] == (uint8_t)i);
+        CHECK(b.partition < 2);
+        EXPECT(ferry_consumer_release(c, &b), FERRY_OK);
+        /* Releasing twice is a clear status, not a crash. */
+        EXPECT(ferry_consumer_release(c, &b), FERRY_E_NOT_HELD);
+    }
+    EXPECT(ferry_consumer_commit(c), FERRY_OK);
+
+    /* Nothing pending: a zero timeout returns at once. */
+    ferry_batch none;
+    EXPECT(ferry_consumer_next(c, 0, &none), FERRY_E_TIMEOUT);
+
+    /* Payload larger than the slot, metadata larger than 256 bytes. */
+    ferry_slot s;
+    EXPECT(ferry_producer_reserve(p, 5000, &s), FERRY_OK);
+    EXPECT(ferry_producer_publish(p, &s, 4097, NULL, 0, NULL), FERRY_E_TOO_LARGE);
+    char big[300] = {0};
+    EXPECT(ferry_producer_publish(p, &s, 1, big, sizeof big, NULL), FERRY_E_TOO_LARGE);
+    EXPECT(ferry_producer_publish(p, &s, 1, NULL, 5, NULL), FERRY_E_INVALID_ARGUMENT);
+    /* The slot stays reserved after a refused publish. */
+    EXPECT(ferry_producer_publish(p, &s, 1, NULL, 0, NULL), FERRY_OK);
+    EXPECT(ferry_producer_publish(p, &s, 1, NULL, 0, NULL), FERRY_E_NOT_HELD);
+    ferry_batch b;
+    EXPECT(ferry_consumer_next(c, 5000, &b), FERRY_OK);
+    EXPECT(ferry_consumer_release(c, &b), FERRY_OK);
+
+    /* Seek back replays the same bytes. */
+    EXPECT(ferry_consumer_seek(c, b.partition, b.offset), FERRY_OK);
+    ferry_batch again;
+    EXPECT(ferry_consumer_next(c, 5000, &again), FERRY_OK);
+    CHECK(again.partition == b.partition && again.offset == b.offset && again.len == 1);
+    EXPECT(ferry_consumer_release(c, &again), FERRY_OK);
+    EXPECT(ferry_consumer_seek(c, 0, 1u << 30), FERRY_E_OFFSET_GONE);
+    EXPECT(ferry_consumer_seek(c, 7, 0), FERRY_E_INVALID_ARGUMENT);
+
+    ferry_consumer_free(c);
+    ferry_producer_free(p);
+}
+
+static void test_unknown_and_mismatched_streams(ferry_client *client) {
+    ferry_producer *p = NULL;
+    ferry_consumer *c = NULL;
+    EXPECT(ferry_consumer_open(client, "no-such-stream", "g", NULL, &c), FERRY_E_UNKNOWN_STREAM);
+    CHECK(strstr(ferry_last_error(), "no-such-stream") != NULL);
+    EXPECT(ferry_producer_open(client, "no-such-stream", NULL, &p), FERRY_E_UNKNOWN_STREAM);
+    ferry_stream_config other = {.partitions = 3, .slot_count = 8, .slot_size = 4096};
+    EXPECT(ferry_producer_open(client, "c-abi", &other, &p), FERRY_E_STREAM_MISMATCH);
+    EXPECT(ferry_producer_open(client, "bad/name", NULL, &p), FERRY_E_INVALID_ARGUMENT);
+    CHECK(p == NULL && c == NULL);
+}
+
+int main(void) {
+    test_static_strings();
+    test_not_running();
+    ferry_client *client = NULL;
+    EXPECT(ferry_client_connect(getenv("FERRY_SOCKET"), &client), FERRY_OK);
+    test_null_arguments(client);
+    test_round_trip(client);
+    test_unknown_and_mismatched_streams(client);
+    ferry_client_free(client);
+    printf("%d passed, 0 failed\n", passed);
+    return 0;
+}
