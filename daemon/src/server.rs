@@ -264,14 +264,14 @@ impl Server {
             }
             if work > 0 {
                 last_work = Instant::now();
-                if iter % 64 == 0 {
+                if iter.is_multiple_of(64) {
                     self.poll_events(0)?;
                 }
                 continue;
             }
             if last_work.elapsed() < spin {
                 spinner.spin();
-                if iter % 128 == 0 {
+                if iter.is_multiple_of(128) {
                     self.poll_events(0)?;
                 }
                 continue;

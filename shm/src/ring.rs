@@ -116,7 +116,7 @@ impl Ring {
         keep: Arc<dyn Any + Send + Sync>,
     ) -> Result<Ring, RingError> {
         check_capacity(capacity)?;
-        if len < ring_bytes(capacity) || (ptr as usize) % 64 != 0 {
+        if len < ring_bytes(capacity) || !(ptr as usize).is_multiple_of(64) {
             return Err(RingError::BadMemory);
         }
         let hdr = ptr.cast::<RingHeader>();
@@ -161,7 +161,7 @@ impl Ring {
         keep: Arc<dyn Any + Send + Sync>,
     ) -> Result<Ring, RingError> {
         check_capacity(capacity)?;
-        if len < ring_bytes(capacity) || (ptr as usize) % 64 != 0 {
+        if len < ring_bytes(capacity) || !(ptr as usize).is_multiple_of(64) {
             return Err(RingError::BadMemory);
         }
         let hdr = ptr.cast::<RingHeader>();

@@ -20,7 +20,7 @@ impl Spinner {
 
     pub fn spin(&mut self) {
         self.iters = self.iters.wrapping_add(1);
-        if self.iters % 256 == 0 {
+        if self.iters.is_multiple_of(256) {
             sys::yield_now();
         } else {
             std::hint::spin_loop();

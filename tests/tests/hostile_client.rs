@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::{ConsumerOptions, StreamSpec};
+use ferry::ConsumerOptions;
 use ferry_shm::desc::{self, Desc};
 use ferry_shm::layout::SessionLayout;
 use ferry_shm::proto::{self, Request, Response};

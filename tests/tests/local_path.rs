@@ -74,7 +74,7 @@ fn groups_split_partitions_and_every_group_sees_everything() {
     for i in 0..n {
         p.send(&i.to_le_bytes(), b"", None, T).unwrap();
     }
-    let mut take = |c: &mut ferry::Consumer, want: usize| {
+    let take = |c: &mut ferry::Consumer, want: usize| {
         let mut got = Vec::new();
         while got.len() < want {
             match c.next(Some(Duration::from_millis(500))) {

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting, clippy, the Rust tests (unit,
+# workspace integration against real ferryd processes), the C ABI tests under
+# AddressSanitizer and UndefinedBehaviorSanitizer, the Python tests, the
+# ferry.h staleness check, the loom models of the rings, and a smoke run of
+# the benchmark binary. Installs what it needs first (scripts/setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+source scripts/setup.sh
+
+step() { echo; echo "=== $*"; }
+WORK=$(mktemp -d /tmp/ferry-test.XXXXXX)
+DAEMON_PID=
+cleanup() {
+    [[ -n "$DAEMON_PID" ]] && kill "$DAEMON_PID" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "build"
+cargo build --workspace --bins --quiet
+
+step "Rust tests"
+cargo test --workspace --quiet
+
+step "ferry.h is generated from the code"
+scripts/gen-header.sh --check
+
+step "C ABI tests (gcc -fsanitize=address,undefined)"
+printf '[daemon]\nsocket = "%s/ferryd.sock"\n' "$WORK" > "$WORK/ferryd.toml"
+target/debug/ferryd --config "$WORK/ferryd.toml" 2> "$WORK/ferryd.log" &
+DAEMON_PID=$!
+for _ in $(seq 100); do [[ -S "$WORK/ferryd.sock" ]] && break; sleep 0.05; done
+gcc -std=c11 -Wall -Wextra -Werror -g -fsanitize=address,undefined -fno-omit-frame-pointer \
+    -fno-sanitize-recover=undefined -I client-c/include client-c/tests/c/test_abi.c \
+    -L target/debug -lferry -Wl,-rpath,"$ROOT/target/debug" -o "$WORK/test_abi"
+FERRY_SOCKET="$WORK/ferryd.sock" ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 "$WORK/test_abi" ||
+    { cat "$WORK/ferryd.log"; exit 1; }
+# The demo's C programs must build warning-free too.
+for prog in producer consumer; do
+    gcc -std=c11 -O2 -Wall -Wextra -Werror -I client-c/include "client-c/examples/$prog.c" \
+        -L target/debug -lferry -lz -Wl,-rpath,"$ROOT/target/debug" -o "$WORK/$prog"
+done
+kill "$DAEMON_PID"; wait "$DAEMON_PID" || true; DAEMON_PID=
+
+step "Python tests"
+(cd client-c/python && python3 -m pytest -q -p no:cacheprovider tests)
+
+step "loom models of the rings"
+RUSTFLAGS="--cfg loom" cargo test --quiet -p ferry-shm --test loom_ring --release --target-dir target-loom
+
+step "benchmark smoke run (checks it runs, not speed)"
+cargo build --release --quiet -p ferry-bench -p ferry-daemon
+target/release/ferry-bench shm --smoke > "$WORK/bench.jsonl"
+python3 - "$WORK/bench.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+keys = {"bench", "case", "unit", "value", "baseline", "baseline_value"}
+assert rows, "no benchmark output"
+for r in rows:
+    assert keys <= r.keys(), r
+    assert r["value"] > 0 and r["baseline_value"] > 0, r
+print(f"{len(rows)} benchmark results, all well-formed")
+PY
+
+echo
+echo "all tests passed"
