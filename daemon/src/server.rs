@@ -98,6 +98,8 @@ pub struct Server {
     started: Instant,
     draining: Option<Instant>,
     events: Vec<(u64, u32)>,
+    /// Scratch list of session ids, reused by every loop iteration.
+    scratch: Vec<SessionId>,
 }
 
 /// Removes a stale socket file, refusing if a live daemon still answers.
@@ -182,6 +184,7 @@ impl Server {
             started: Instant::now(),
             draining: None,
             events: Vec::with_capacity(64),
+            scratch: Vec::with_capacity(64),
             cfg,
         };
         for s in server.cfg.streams.clone() {
@@ -706,13 +709,17 @@ impl Server {
 
     /// Processes every submission ring. Returns descriptors handled.
     fn poll_rings(&mut self) -> usize {
-        let ids: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| rings_of(&s.role).is_some())
-            .map(|(id, _)| *id)
-            .collect();
-        ids.into_iter().map(|id| self.drain_session(id)).sum()
+        let mut ids = std::mem::take(&mut self.scratch);
+        ids.clear();
+        ids.extend(
+            self.sessions
+                .iter()
+                .filter(|(_, s)| rings_of(&s.role).is_some())
+                .map(|(id, _)| *id),
+        );
+        let n = ids.iter().map(|&id| self.drain_session(id)).sum();
+        self.scratch = ids;
+        n
     }
 
     fn drain_session(&mut self, id: SessionId) -> usize {
