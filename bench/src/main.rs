@@ -118,6 +118,8 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Marks the last batch of a run.
 const END: &[u8] = b"END";
+/// Every run moves at least this many batches.
+const MIN_BATCHES: u64 = 4;
 
 fn emit(case: &str, unit: &str, value: f64, baseline: &str, baseline_value: f64) {
     let ratio = if baseline_value > 0.0 {
@@ -280,7 +282,8 @@ fn produce(socket: &Path, stream: &str, batch: u64, millis: u64, pace_us: u64) -
     let mut p = client.producer(stream, None)?;
     let end = Instant::now() + Duration::from_millis(millis);
     let mut seq = 0u64;
-    while Instant::now() < end {
+    // At least a few batches, so that even a tiny run yields a rate.
+    while Instant::now() < end || seq < MIN_BATCHES {
         let slot = p.reserve(Some(Duration::from_secs(10)))?;
         // SAFETY: the reserved slot is ours for `capacity` bytes until
         // published; `batch` is at most the slot size (stream created so).
@@ -319,9 +322,13 @@ fn consume(socket: &Path, stream: &str, spin_us: u32, prefetch: u32) -> Res<()> 
         }
         let ts = u64::from_le_bytes(meta.try_into().map_err(|_| "bad meta")?);
         lat.push(now.saturating_sub(ts));
-        first.get_or_insert_with(Instant::now);
         sink = sink.wrapping_add(touch(data));
-        bytes += data.len() as u64;
+        // The clock starts when the first batch arrives; count what follows
+        // (the Unix-socket baseline is counted the same way).
+        if first.is_some() {
+            bytes += data.len() as u64;
+        }
+        first.get_or_insert_with(Instant::now);
         count += 1;
         c.release(b.token)?;
     }
@@ -429,7 +436,7 @@ fn uds_stream(batch: usize, millis: u64) -> Res<f64> {
     let mut buf = vec![0u8; batch];
     let end = Instant::now() + Duration::from_millis(millis);
     let mut seq = 0u64;
-    while Instant::now() < end {
+    while Instant::now() < end || seq < MIN_BATCHES {
         generate(&mut buf, seq);
         s.write_all(&buf)?;
         seq += 1;

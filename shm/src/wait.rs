@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+#[cfg(not(loom))]
 use crate::ring::{RingConsumer, RingError, SLEEPING};
 use crate::sys;
 
