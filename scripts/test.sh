@@ -25,7 +25,7 @@ step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "build"
-cargo build --workspace --bins --quiet
+cargo build --workspace --quiet   # binaries and libferry.so
 
 step "Rust tests"
 cargo test --workspace --quiet

@@ -88,6 +88,9 @@ typedef struct ferry_consumer_config {
 
 // A delivered batch, read in place. Valid until released.
 typedef struct ferry_batch {
+  // Name of the stream (owned by the consumer handle; valid until it is
+  // freed).
+  const char *stream;
   const uint8_t *data;
   uint64_t len;
   const uint8_t *meta;

@@ -84,6 +84,9 @@ pub struct ferry_slot {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ferry_batch {
+    /// Name of the stream (owned by the consumer handle; valid until it is
+    /// freed).
+    pub stream: *const c_char,
     pub data: *const u8,
     pub len: u64,
     pub meta: *const u8,
@@ -108,6 +111,7 @@ pub struct ferry_producer {
 /// A consumer-group member on one stream.
 pub struct ferry_consumer {
     inner: Mutex<Consumer>,
+    stream: CString,
 }
 
 thread_local! {
@@ -461,13 +465,13 @@ pub unsafe extern "C" fn ferry_consumer_next(
 ) -> i32 {
     guard(|| {
         // SAFETY: per the contract.
-        let Some(c) = (unsafe { consumer.as_ref() }) else {
+        let Some(handle) = (unsafe { consumer.as_ref() }) else {
             return invalid("consumer is NULL");
         };
         if out.is_null() {
             return invalid("out is NULL");
         }
-        let mut c = match c.inner.lock() {
+        let mut c = match handle.inner.lock() {
             Ok(g) => g,
             Err(_) => return fail_poisoned(),
         };
@@ -476,6 +480,7 @@ pub unsafe extern "C" fn ferry_consumer_next(
                 // SAFETY: out is valid per the contract.
                 unsafe {
                     *out = ferry_batch {
+                        stream: handle.stream.as_ptr(),
                         data: b.data,
                         len: b.len,
                         meta: b.meta,

@@ -26,7 +26,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        "{} not built: run `cargo build --workspace` first (scripts/test.sh does)",
         p.display()
     );
     p

@@ -90,6 +90,7 @@ class _Slot(ctypes.Structure):
 
 class _Batch(ctypes.Structure):
     _fields_ = [
+        ("stream", ctypes.c_char_p),
         ("data", ctypes.c_void_p),
         ("len", ctypes.c_uint64),
         ("meta", ctypes.c_void_p),
@@ -310,6 +311,7 @@ class Batch:
     def __init__(self, consumer, raw):
         self._consumer = consumer
         self._raw = raw
+        self.stream = raw.stream.decode()
         self.partition = raw.partition
         self.offset = raw.offset
         self.address = raw.data or 0

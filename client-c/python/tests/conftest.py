@@ -16,7 +16,7 @@ def _bin(name):
     for cand in ([pathlib.Path(d)] if d else []) + [ROOT / "target" / "debug", ROOT / "target" / "release"]:
         if (cand / name).exists():
             return cand / name
-    pytest.fail(f"{name} not built: run `cargo build --workspace --bins` (scripts/test.sh does)")
+    pytest.fail(f"{name} not built: run `cargo build --workspace` (scripts/test.sh does)")
 
 
 class Daemon:

@@ -21,7 +21,7 @@ def test_round_trip_zero_copy(daemon):
     prod.send(payload, meta=b"m1", key=7)
     b = cons.next(timeout=5)
     assert bytes(b.data) == payload
-    assert b.meta == b"m1"
+    assert (b.stream, b.meta) == ("py", b"m1")
     assert b.data.readonly
     # The memoryview points into the shared pool, not at a Python copy.
     assert isinstance(b.data.obj, ctypes.Array)

@@ -74,6 +74,7 @@ static void test_round_trip(ferry_client *client) {
 
         ferry_batch b;
         EXPECT(ferry_consumer_next(c, 5000, &b), FERRY_OK);
+        CHECK(strcmp(b.stream, "c-abi") == 0);
         CHECK(b.len == 100 + i);
         CHECK(b.meta_len == sizeof i);
         uint64_t got;
