@@ -439,12 +439,12 @@ pub unsafe extern "C" fn ferry_consumer_open(
         let client = unsafe { &*client };
         match client.inner.consumer(stream, group, opts) {
             Ok(c) => {
-                // SAFETY: out is valid per the contract.
-                unsafe {
-                    *out = Box::into_raw(Box::new(ferry_consumer {
-                        inner: Mutex::new(c),
-                    }))
+                let handle = ferry_consumer {
+                    inner: Mutex::new(c),
+                    stream: CString::new(stream).unwrap_or_default(),
                 };
+                // SAFETY: out is valid per the contract.
+                unsafe { *out = Box::into_raw(Box::new(handle)) };
                 FERRY_OK
             }
             Err(e) => fail(e),
