@@ -32,6 +32,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+
+#[cfg(feature = "iceoryx2")]
+mod ix;
 use ferry::{Client, ConsumerOptions, StreamSpec};
 use ferry_shm::sys::monotonic_ns;
 
@@ -79,6 +82,17 @@ enum Cmd {
     Loopback { socket: PathBuf, millis: u64 },
     #[command(hide = true)]
     UdsEcho { path: PathBuf, size: usize },
+    #[cfg(feature = "iceoryx2")]
+    #[command(hide = true)]
+    IxSub { name: String },
+    #[cfg(feature = "iceoryx2")]
+    #[command(hide = true)]
+    IxPub {
+        name: String,
+        size: usize,
+        millis: u64,
+        pace_us: u64,
+    },
     #[command(hide = true)]
     UdsSink { path: PathBuf, batch: usize },
 }
@@ -107,6 +121,15 @@ fn main() {
         Cmd::Loopback { socket, millis } => loopback(&socket, millis),
         Cmd::UdsEcho { path, size } => uds_echo(&path, size),
         Cmd::UdsSink { path, batch } => uds_sink(&path, batch),
+        #[cfg(feature = "iceoryx2")]
+        Cmd::IxSub { name } => ix::sub(&name),
+        #[cfg(feature = "iceoryx2")]
+        Cmd::IxPub {
+            name,
+            size,
+            millis,
+            pace_us,
+        } => ix::publish(&name, size, millis, pace_us),
     };
     if let Err(e) = res {
         eprintln!("ferry-bench: {e}");
@@ -513,86 +536,111 @@ fn bench_shm(quick: bool, smoke: bool, ferryd: Option<PathBuf>) -> Res<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100u64);
+    let us = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(0.0) / 1000.0;
+    let (uds50, uds99) = (uds50 as f64 / 1000.0, uds99 as f64 / 1000.0);
+    let mut busy_poll: Vec<(&str, f64, f64)> = Vec::new();
     for (case, daemon, spin) in [
         ("handoff_busy_poll", &busy, 10_000_000u32),
         ("handoff_sleeping", &d, 0),
     ] {
         let r = ferry_run(daemon, case, desc as u64, ms, 2, spin, 1, pace)?;
-        let p50 = r["p50_ns"].as_f64().unwrap_or(0.0) / 1000.0;
-        let p99 = r["p99_ns"].as_f64().unwrap_or(0.0) / 1000.0;
+        let (p50, p99) = (us(&r, "p50_ns"), us(&r, "p99_ns"));
         emit(
             &format!("{case}_p50"),
             "us",
             p50,
             "uds_pingpong_oneway_p50",
-            uds50 as f64 / 1000.0,
+            uds50,
         );
         emit(
             &format!("{case}_p99"),
             "us",
             p99,
             "uds_pingpong_oneway_p99",
-            uds99 as f64 / 1000.0,
+            uds99,
         );
+        if spin > 0 {
+            busy_poll.push((case, p50, p99));
+        }
     }
 
     let out = Command::new(me())
         .args(["loopback", busy.socket.to_str().unwrap(), &ms.to_string()])
         .output()?;
     let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let p50 = r["p50_ns"].as_f64().unwrap_or(0.0) / 1000.0;
-    let p99 = r["p99_ns"].as_f64().unwrap_or(0.0) / 1000.0;
+    let (p50, p99) = (us(&r, "p50_ns"), us(&r, "p99_ns"));
     emit(
         "handoff_busy_poll_2proc_p50",
         "us",
         p50,
         "uds_pingpong_oneway_p50",
-        uds50 as f64 / 1000.0,
+        uds50,
     );
     emit(
         "handoff_busy_poll_2proc_p99",
         "us",
         p99,
         "uds_pingpong_oneway_p99",
-        uds99 as f64 / 1000.0,
+        uds99,
     );
+    busy_poll.push(("handoff_busy_poll_2proc", p50, p99));
+
+    #[cfg(feature = "iceoryx2")]
+    {
+        // iceoryx2: the publisher paced like Ferry's producer, the
+        // subscriber busy-polling; two processes, no daemon in between.
+        let r = ix::run("lat", desc, ms, pace)?;
+        let (i50, i99) = (us(&r, "p50_ns"), us(&r, "p99_ns"));
+        for (case, p50, p99) in &busy_poll {
+            emit(
+                &format!("{case}_p50"),
+                "us",
+                *p50,
+                "iceoryx2_pubsub_busy_poll_p50",
+                i50,
+            );
+            emit(
+                &format!("{case}_p99"),
+                "us",
+                *p99,
+                "iceoryx2_pubsub_busy_poll_p99",
+                i99,
+            );
+        }
+    }
+    #[cfg(not(feature = "iceoryx2"))]
+    let _ = busy_poll;
 
     // Throughput, producer process -> consumer process; the consumer
     // touches every byte once.
+    let gib = (1u64 << 30) as f64;
     for (name, batch, slots) in [
         ("64KiB", 64u64 << 10, 64u32),
         ("1MiB", 1 << 20, 32),
         ("16MiB", 16 << 20, 8),
     ] {
-        let r = ferry_run(
-            &d,
-            &format!("tput-{name}"),
-            batch,
-            ms,
-            slots,
-            ferry::client::DEFAULT_SPIN_US,
-            8,
-            0,
-        )?;
+        let spin = ferry::client::DEFAULT_SPIN_US;
+        let r = ferry_run(&d, &format!("tput-{name}"), batch, ms, slots, spin, 8, 0)?;
         let ferry_bps =
             r["bytes"].as_f64().unwrap_or(0.0) / r["secs"].as_f64().unwrap_or(1.0).max(1e-9);
         let uds_bps = uds_stream(batch as usize, ms)?;
         let mc = memcpy_rate(batch as usize, ms.min(1000));
-        let gib = (1u64 << 30) as f64;
-        emit(
-            &format!("throughput_{name}"),
-            "GiB/s",
-            ferry_bps / gib,
-            "uds_stream",
-            uds_bps / gib,
-        );
-        emit(
-            &format!("throughput_{name}"),
-            "GiB/s",
-            ferry_bps / gib,
-            "memcpy_1thread",
-            mc / gib,
-        );
+        let case = format!("throughput_{name}");
+        emit(&case, "GiB/s", ferry_bps / gib, "uds_stream", uds_bps / gib);
+        emit(&case, "GiB/s", ferry_bps / gib, "memcpy_1thread", mc / gib);
+        #[cfg(feature = "iceoryx2")]
+        if name == "1MiB" {
+            let r = ix::run("tput", batch as usize, ms, 0)?;
+            let ix_bps =
+                r["bytes"].as_f64().unwrap_or(0.0) / r["secs"].as_f64().unwrap_or(1.0).max(1e-9);
+            emit(
+                &case,
+                "GiB/s",
+                ferry_bps / gib,
+                "iceoryx2_pubsub",
+                ix_bps / gib,
+            );
+        }
     }
     Ok(())
 }

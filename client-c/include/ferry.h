@@ -8,6 +8,10 @@
 #include <stdint.h>
 #include <stddef.h>
 
+// Version of this C ABI (struct layouts, signatures). Bumped on any
+// incompatible change; bindings compare it with `ferry_abi_version()`.
+#define FERRY_ABI_VERSION 1
+
 // Success.
 #define FERRY_OK 0
 
@@ -108,6 +112,10 @@ extern "C" {
 
 // The library version, e.g. "0.1.0". Static; never free it.
 const char *ferry_version(void);
+
+// The ABI version of the loaded library (FERRY_ABI_VERSION when built).
+// A program built against another ferry.h must not use it.
+uint32_t ferry_abi_version(void);
 
 // A short static description of a status code.
 const char *ferry_status_str(int32_t status);

@@ -40,26 +40,11 @@ pub enum Status {
 }
 
 impl Status {
+    /// A short description for people. The same text as the C ABI's
+    /// `ferry_status_str`.
     pub fn describe(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Timeout => "timed out",
-            Status::InvalidArgument => "invalid argument",
-            Status::NotRunning => "ferryd is not running (cannot connect to its socket)",
-            Status::Disconnected => "ferryd closed the session",
-            Status::UnknownStream => "no such stream",
-            Status::StreamMismatch => "stream exists with a different configuration",
-            Status::TooLarge => "payload or metadata larger than the slot allows",
-            Status::NotHeld => {
-                "batch or slot not held (released twice, or never delivered to this handle)"
-            }
-            Status::PermissionDenied => "permission denied by ferryd's peer policy",
-            Status::Protocol => "protocol error between client and ferryd",
-            Status::OffsetGone => "offset out of range or no longer retained",
-            Status::Limit => "resource limit reached",
-            Status::ShuttingDown => "ferryd is shutting down",
-            Status::Internal => "internal error",
-        }
+        let text = STATUS_TEXT[self as usize];
+        &text[..text.len() - 1]
     }
 
     pub fn from_code(code: ErrorCode) -> Status {
@@ -76,6 +61,26 @@ impl Status {
         }
     }
 }
+
+/// Descriptions of the status codes, indexed by code, NUL-terminated so
+/// that the C ABI can hand them out as they are.
+pub(crate) const STATUS_TEXT: [&str; 15] = [
+    "ok\0",
+    "timed out\0",
+    "invalid argument\0",
+    "ferryd is not running (cannot connect to its socket)\0",
+    "ferryd closed the session\0",
+    "no such stream\0",
+    "stream exists with a different configuration\0",
+    "payload or metadata larger than the slot allows\0",
+    "batch or slot not held (released twice, or never delivered to this handle)\0",
+    "permission denied by ferryd's peer policy\0",
+    "protocol error between client and ferryd\0",
+    "offset out of range or no longer retained\0",
+    "resource limit reached\0",
+    "ferryd is shutting down\0",
+    "internal error\0",
+];
 
 /// A failed call: a status code and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq)]

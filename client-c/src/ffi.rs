@@ -19,6 +19,10 @@ use std::time::Duration;
 use crate::client::{Client, Consumer, ConsumerOptions, Error, Producer, Status};
 use ferry_shm::proto::StreamSpec;
 
+/// Version of this C ABI (struct layouts, signatures). Bumped on any
+/// incompatible change; bindings compare it with `ferry_abi_version()`.
+pub const FERRY_ABI_VERSION: u32 = 1;
+
 /// Success.
 pub const FERRY_OK: i32 = 0;
 /// The wait ended before anything arrived.
@@ -173,30 +177,22 @@ pub extern "C" fn ferry_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
+/// The ABI version of the loaded library (FERRY_ABI_VERSION when built).
+/// A program built against another ferry.h must not use it.
+#[no_mangle]
+pub extern "C" fn ferry_abi_version() -> u32 {
+    FERRY_ABI_VERSION
+}
+
 /// A short static description of a status code.
 #[no_mangle]
 pub extern "C" fn ferry_status_str(status: i32) -> *const c_char {
-    let s: &'static str = match status {
-        FERRY_OK => "ok\0",
-        FERRY_E_TIMEOUT => "timed out\0",
-        FERRY_E_INVALID_ARGUMENT => "invalid argument\0",
-        FERRY_E_NOT_RUNNING => "ferryd is not running (cannot connect to its socket)\0",
-        FERRY_E_DISCONNECTED => "ferryd closed the session\0",
-        FERRY_E_UNKNOWN_STREAM => "no such stream\0",
-        FERRY_E_STREAM_MISMATCH => "stream exists with a different configuration\0",
-        FERRY_E_TOO_LARGE => "payload or metadata larger than the slot allows\0",
-        FERRY_E_NOT_HELD => {
-            "batch or slot not held (released twice, or never delivered to this handle)\0"
-        }
-        FERRY_E_PERMISSION_DENIED => "permission denied by ferryd's peer policy\0",
-        FERRY_E_PROTOCOL => "protocol error between client and ferryd\0",
-        FERRY_E_OFFSET_GONE => "offset out of range or no longer retained\0",
-        FERRY_E_LIMIT => "resource limit reached\0",
-        FERRY_E_SHUTTING_DOWN => "ferryd is shutting down\0",
-        FERRY_E_INTERNAL => "internal error\0",
-        _ => "unknown status code\0",
-    };
-    s.as_ptr().cast()
+    let text = usize::try_from(status)
+        .ok()
+        .and_then(|i| crate::client::STATUS_TEXT.get(i))
+        .copied()
+        .unwrap_or("unknown status code\0");
+    text.as_ptr().cast()
 }
 
 /// Detail of the last failed call on this thread (names the socket path,
@@ -599,6 +595,7 @@ mod tests {
 
     #[test]
     fn status_codes_match_the_rust_enum() {
+        assert_eq!(Status::Timeout.describe(), "timed out");
         assert_eq!(Status::Timeout as i32, FERRY_E_TIMEOUT);
         assert_eq!(Status::NotHeld as i32, FERRY_E_NOT_HELD);
         assert_eq!(Status::Internal as i32, FERRY_E_INTERNAL);

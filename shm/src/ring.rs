@@ -96,11 +96,23 @@ unsafe impl Send for Ring {}
 // SAFETY: see Send; `&Ring` exposes only atomic operations.
 unsafe impl Sync for Ring {}
 
-fn check_capacity(capacity: u32) -> Result<(), RingError> {
+/// Checks capacity and memory; returns the header and slot pointers.
+fn check_memory(
+    ptr: *mut u8,
+    len: usize,
+    capacity: u32,
+) -> Result<(*mut RingHeader, *mut Desc), RingError> {
     if !(2..=MAX_CAPACITY).contains(&capacity) || !capacity.is_power_of_two() {
         return Err(RingError::BadCapacity(capacity));
     }
-    Ok(())
+    if len < ring_bytes(capacity) || !(ptr as usize).is_multiple_of(64) {
+        return Err(RingError::BadMemory);
+    }
+    // In bounds: len >= ring_bytes(capacity) > size_of::<RingHeader>().
+    let slots = ptr
+        .wrapping_add(std::mem::size_of::<RingHeader>())
+        .cast::<Desc>();
+    Ok((ptr.cast::<RingHeader>(), slots))
 }
 
 impl Ring {
@@ -115,11 +127,7 @@ impl Ring {
         capacity: u32,
         keep: Arc<dyn Any + Send + Sync>,
     ) -> Result<Ring, RingError> {
-        check_capacity(capacity)?;
-        if len < ring_bytes(capacity) || !(ptr as usize).is_multiple_of(64) {
-            return Err(RingError::BadMemory);
-        }
-        let hdr = ptr.cast::<RingHeader>();
+        let (hdr, slots) = check_memory(ptr, len, capacity)?;
         // SAFETY: the caller guarantees the memory is ours, writable and large
         // enough; it is 64-byte aligned as checked above.
         unsafe {
@@ -139,8 +147,6 @@ impl Ring {
             // INIT_DONE sees the whole header.
             (*hdr).meta.0.init.store(INIT_DONE, Ordering::Release);
         }
-        // SAFETY: in bounds (len >= ring_bytes(capacity)).
-        let slots = unsafe { ptr.add(std::mem::size_of::<RingHeader>()) }.cast::<Desc>();
         Ok(Ring {
             hdr,
             slots,
@@ -160,11 +166,7 @@ impl Ring {
         capacity: u32,
         keep: Arc<dyn Any + Send + Sync>,
     ) -> Result<Ring, RingError> {
-        check_capacity(capacity)?;
-        if len < ring_bytes(capacity) || !(ptr as usize).is_multiple_of(64) {
-            return Err(RingError::BadMemory);
-        }
-        let hdr = ptr.cast::<RingHeader>();
+        let (hdr, slots) = check_memory(ptr, len, capacity)?;
         // SAFETY: the memory is mapped, aligned and large enough for the
         // header (checked above); reading it is fine even if it is garbage.
         let meta = unsafe { &(*hdr).meta.0 };
@@ -183,8 +185,6 @@ impl Ring {
         if meta.capacity != capacity {
             return Err(RingError::BadCapacity(meta.capacity));
         }
-        // SAFETY: in bounds (len >= ring_bytes(capacity)).
-        let slots = unsafe { ptr.add(std::mem::size_of::<RingHeader>()) }.cast::<Desc>();
         Ok(Ring {
             hdr,
             slots,

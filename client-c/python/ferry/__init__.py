@@ -131,9 +131,22 @@ def _load():
     )
 
 
+# Must equal FERRY_ABI_VERSION in ferry.h: the struct layouts below mirror it.
+ABI_VERSION = 1
+
 _lib = _load()
 _p = ctypes.c_void_p
 _i32 = ctypes.c_int32
+_found_abi = None
+if hasattr(_lib, "ferry_abi_version"):
+    _lib.ferry_abi_version.argtypes = []
+    _lib.ferry_abi_version.restype = ctypes.c_uint32
+    _found_abi = _lib.ferry_abi_version()
+if _found_abi != ABI_VERSION:
+    raise ImportError(
+        f"{_lib._name} has C ABI version {_found_abi}, this package needs {ABI_VERSION}: "
+        "rebuild libferry (cargo build -p ferry-client) or point FERRY_LIB at a matching one"
+    )
 _sigs = {
     "ferry_version": ([], ctypes.c_char_p),
     "ferry_status_str": ([_i32], ctypes.c_char_p),
@@ -196,9 +209,32 @@ def _view(address, length, readonly):
     return mv.toreadonly() if readonly else mv
 
 
-class Client:
+class _Handle:
+    """Owns one libferry handle; closed by close(), a with-block, or GC."""
+
+    _free = None  # name of the libferry function that frees the handle
+    _h = None
+
+    def close(self):
+        if self._h:
+            getattr(_lib, self._free)(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class Client(_Handle):
     """A connection to ferryd. ``socket`` defaults to $FERRY_SOCKET, else
     /run/ferry/ferryd.sock (root) or $XDG_RUNTIME_DIR/ferry/ferryd.sock."""
+
+    _free = "ferry_client_free"
 
     def __init__(self, socket=None):
         handle = _p()
@@ -216,20 +252,6 @@ class Client:
         """Joins consumer group ``group`` of ``stream``."""
         return Consumer(self, stream, group, prefetch, spin_us, auto_release)
 
-    def close(self):
-        if getattr(self, "_h", None):
-            _lib.ferry_client_free(self._h)
-            self._h = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
 
 class Slot:
     """A reserved slot. ``data`` is a writable memoryview of ``capacity``
@@ -241,7 +263,9 @@ class Slot:
         self.data = _view(raw.data, raw.capacity, readonly=False)
 
 
-class Producer:
+class Producer(_Handle):
+    _free = "ferry_producer_free"
+
     def __init__(self, client, stream, partitions, slot_size, slot_count):
         cfg = None
         if partitions is not None or slot_size is not None or slot_count is not None:
@@ -289,20 +313,6 @@ class Producer:
         slot.data[: src.nbytes] = src
         self.publish(slot, src.nbytes, meta, key)
 
-    def close(self):
-        if getattr(self, "_h", None):
-            _lib.ferry_producer_free(self._h)
-            self._h = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
 
 class Batch:
     """A delivered batch, read in place. ``data`` is a read-only
@@ -342,7 +352,9 @@ class Batch:
             self.release()
 
 
-class Consumer:
+class Consumer(_Handle):
+    _free = "ferry_consumer_free"
+
     def __init__(self, client, stream, group, prefetch, spin_us, auto_release):
         cfg = _ConsumerConfig(prefetch, spin_us)
         handle = _p()
@@ -399,20 +411,6 @@ class Consumer:
     def seek(self, partition, offset):
         """Replays ``partition`` from ``offset`` (while retained) or skips to it."""
         _check(_lib.ferry_consumer_seek(self._h, partition, offset))
-
-    def close(self):
-        if getattr(self, "_h", None):
-            _lib.ferry_consumer_free(self._h)
-            self._h = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
 
 
 def iterable_dataset(stream, group, socket=None, dtype=None, shape=None, timeout=None, **consumer_options):

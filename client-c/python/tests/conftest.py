@@ -8,15 +8,17 @@ import time
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
+# Test the build scripts/test.sh just made (debug), not whatever else lies
+# around: ferryd and libferry.so from the same directory.
+BIN_DIR = pathlib.Path(os.environ.get("FERRY_BIN_DIR", ROOT / "target" / "debug"))
+os.environ.setdefault("FERRY_LIB", str(BIN_DIR / "libferry.so"))
 sys.path.insert(0, str(ROOT / "client-c" / "python"))
 
 
 def _bin(name):
-    d = os.environ.get("FERRY_BIN_DIR")
-    for cand in ([pathlib.Path(d)] if d else []) + [ROOT / "target" / "debug", ROOT / "target" / "release"]:
-        if (cand / name).exists():
-            return cand / name
-    pytest.fail(f"{name} not built: run `cargo build --workspace` (scripts/test.sh does)")
+    if (BIN_DIR / name).exists():
+        return BIN_DIR / name
+    pytest.fail(f"{BIN_DIR / name} not built: run `cargo build --workspace` (scripts/test.sh does)")
 
 
 class Daemon:

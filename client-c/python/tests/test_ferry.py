@@ -11,6 +11,7 @@ import ferry
 
 def test_version():
     assert ferry.version().count(".") == 2
+    assert ferry._lib.ferry_abi_version() == ferry.ABI_VERSION
 
 
 def test_round_trip_zero_copy(daemon):

@@ -25,6 +25,7 @@ static int passed = 0;
 
 static void test_static_strings(void) {
     CHECK(strlen(ferry_version()) > 0);
+    CHECK(ferry_abi_version() == FERRY_ABI_VERSION);
     CHECK(strcmp(ferry_status_str(FERRY_OK), "ok") == 0);
     CHECK(strstr(ferry_status_str(FERRY_E_NOT_HELD), "released twice") != NULL);
     CHECK(strcmp(ferry_status_str(12345), "unknown status code") == 0);
