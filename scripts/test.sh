@@ -3,7 +3,9 @@
 # workspace integration against real ferryd processes), the C ABI tests under
 # AddressSanitizer and UndefinedBehaviorSanitizer, the Python tests, the
 # ferry.h staleness check, the loom models of the rings, and a smoke run of
-# the benchmark binary. Installs what it needs first (scripts/setup.sh).
+# the benchmark binary (shm and fabric). With FERRY_FUZZ_SECONDS set, also
+# fuzzes the soft fabric's frame decoder for that long. Installs what it
+# needs first (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -59,6 +61,7 @@ RUSTFLAGS="--cfg loom" cargo test --quiet -p ferry-shm --test loom_ring --releas
 step "benchmark smoke run (checks it runs, not speed)"
 cargo build --release --quiet -p ferry-bench -p ferry-daemon
 target/release/ferry-bench shm --smoke > "$WORK/bench.jsonl"
+target/release/ferry-bench fabric --smoke >> "$WORK/bench.jsonl"
 python3 - "$WORK/bench.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -69,6 +72,14 @@ for r in rows:
     assert r["value"] > 0 and r["baseline_value"] > 0, r
 print(f"{len(rows)} benchmark results, all well-formed")
 PY
+
+if [[ -n "${FERRY_FUZZ_SECONDS:-}" ]]; then
+    step "fuzzing the soft backend's frame decoder for ${FERRY_FUZZ_SECONDS} s"
+    command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz --version 0.13.2
+    # cargo-fuzz asks for nightly-only sanitizer flags; RUSTC_BOOTSTRAP lets
+    # the stable toolchain accept them (no other toolchain can be fetched).
+    (cd verbs/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run frame -- -max_total_time="$FERRY_FUZZ_SECONDS")
+fi
 
 echo
 echo "all tests passed"

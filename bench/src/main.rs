@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+mod fabric;
 #[cfg(feature = "iceoryx2")]
 mod ix;
 use ferry::{Client, ConsumerOptions, StreamSpec};
@@ -61,6 +62,15 @@ enum Cmd {
         /// The ferryd binary (default: beside this one).
         #[arg(long)]
         ferryd: Option<PathBuf>,
+    },
+    /// The fabric: the soft backend on loopback against plain TCP.
+    Fabric {
+        /// Finish in under 30 seconds.
+        #[arg(long)]
+        quick: bool,
+        /// A few milliseconds per case: checks the benchmark runs (for tests).
+        #[arg(long, conflicts_with = "quick")]
+        smoke: bool,
     },
     #[command(hide = true)]
     Produce {
@@ -105,6 +115,7 @@ fn main() {
             smoke,
             ferryd,
         } => bench_shm(quick, smoke, ferryd),
+        Cmd::Fabric { quick, smoke } => fabric::bench_fabric(quick, smoke),
         Cmd::Produce {
             socket,
             stream,
@@ -145,6 +156,18 @@ const END: &[u8] = b"END";
 const MIN_BATCHES: u64 = 4;
 
 fn emit(case: &str, unit: &str, value: f64, baseline: &str, baseline_value: f64) {
+    emit_for("shm", case, unit, value, baseline, baseline_value);
+}
+
+/// Prints one result line of benchmark `bench`.
+pub(crate) fn emit_for(
+    bench: &str,
+    case: &str,
+    unit: &str,
+    value: f64,
+    baseline: &str,
+    baseline_value: f64,
+) {
     let ratio = if baseline_value > 0.0 {
         value / baseline_value
     } else {
@@ -153,7 +176,7 @@ fn emit(case: &str, unit: &str, value: f64, baseline: &str, baseline_value: f64)
     println!(
         "{}",
         serde_json::json!({
-            "bench": "shm",
+            "bench": bench,
             "case": case,
             "unit": unit,
             "value": round3(value),

@@ -1,0 +1,124 @@
+//! The fabric conformance suite on the soft (TCP) backend.
+
+mod conformance;
+
+conformance_suite!(ferry_verbs::soft::SoftProvider::default());
+
+#[test]
+fn soft_peer_that_never_answers_times_out() {
+    // A "peer" that connects, says hello, and then never answers: the
+    // request must fail with RetryExceeded after the endpoint's timeout.
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let p = ferry_verbs::soft::SoftProvider::default();
+    let dom = p.open("soft0").unwrap();
+    let cq = dom.create_cq(16).unwrap();
+    let mut c = cfg();
+    c.timeout = Duration::from_millis(500);
+    let pending = dom.endpoint(&c, &cq, &cq).unwrap();
+    let mine = pending.info();
+    // Port 1 sorts below any ephemeral port, so this peer is the one that
+    // dials, and we wait for it.
+    let silent = EndpointInfo {
+        gid: [0; 16],
+        qpn: 0,
+        psn: 0,
+        mtu: 4096,
+        addr: Some("127.0.0.1:1".parse().unwrap()),
+    };
+    let target = mine.addr.unwrap();
+    let my_qpn = mine.qpn;
+    let holder = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(target).unwrap();
+        let mut hello = Vec::new();
+        hello.extend_from_slice(&0x5346_4552u32.to_le_bytes());
+        hello.extend_from_slice(&my_qpn.to_le_bytes());
+        hello.extend_from_slice(&0u32.to_le_bytes());
+        s.write_all(&hello).unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    });
+    let ep = pending.connect(&silent).unwrap();
+    let mut buf = vec![0u8; 64];
+    let mr = unsafe { dom.register(buf.as_mut_ptr(), 64, access::ALL) }.unwrap();
+    let sge = [mr.sge(0, 8)];
+    let start = std::time::Instant::now();
+    unsafe {
+        ep.post_send(&SendWr {
+            wr_id: 1,
+            op: SendOp::Write {
+                remote_addr: 0,
+                rkey: 0,
+                imm: None,
+            },
+            sges: &sge,
+            signaled: true,
+        })
+        .unwrap()
+    };
+    let c = next(&*cq);
+    assert_eq!((c.wr_id, c.status), (1, WcStatus::RetryExceeded));
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "took {took:?}"
+    );
+    drop(ep);
+    holder.join().unwrap();
+    drop(mr);
+    drop(buf);
+}
+
+#[test]
+fn malformed_frame_closes_the_connection_with_an_error() {
+    // A peer that sends garbage instead of a frame header: pending work
+    // fails (no panic, no hang) and the endpoint refuses new work.
+    use std::io::Write;
+    use std::net::TcpStream;
+    let p = ferry_verbs::soft::SoftProvider::default();
+    let dom = p.open("soft0").unwrap();
+    let cq = dom.create_cq(16).unwrap();
+    let pending = dom.endpoint(&cfg(), &cq, &cq).unwrap();
+    let mine = pending.info();
+    let garbage_peer = EndpointInfo {
+        gid: [0; 16],
+        qpn: 0,
+        psn: 0,
+        mtu: 4096,
+        addr: Some("127.0.0.1:1".parse().unwrap()),
+    };
+    let (target, my_qpn) = (mine.addr.unwrap(), mine.qpn);
+    let t = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(target).unwrap();
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&0x5346_4552u32.to_le_bytes());
+        msg.extend_from_slice(&my_qpn.to_le_bytes());
+        msg.extend_from_slice(&0u32.to_le_bytes());
+        msg.extend_from_slice(&[0xEE; 40]);
+        s.write_all(&msg).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let ep = pending.connect(&garbage_peer).unwrap();
+    let mut buf = vec![0u8; 64];
+    let mr = unsafe { dom.register(buf.as_mut_ptr(), 64, access::ALL) }.unwrap();
+    unsafe { ep.post_recv(9, &[mr.sge(0, 64)]).unwrap() };
+    let c = next(&*cq);
+    assert_eq!((c.wr_id, c.status), (9, WcStatus::WrFlush), "{c:?}");
+    // Later work is flushed too.
+    let sge = [mr.sge(0, 8)];
+    unsafe {
+        ep.post_send(&SendWr {
+            wr_id: 1,
+            op: SendOp::Send { imm: None },
+            sges: &sge,
+            signaled: true,
+        })
+        .unwrap()
+    };
+    let c = next(&*cq);
+    assert_eq!((c.wr_id, c.status), (1, WcStatus::WrFlush), "{c:?}");
+    t.join().unwrap();
+    drop(ep);
+    drop(mr);
+    drop(buf);
+}
