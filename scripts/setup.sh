@@ -4,7 +4,9 @@
 # apt when pip cannot). Safe to run again. Sourced by demo.sh and test.sh.
 set -euo pipefail
 
-APT_PACKAGES=(build-essential pkg-config zlib1g-dev python3)
+# cmake, clang and libclang-dev build rdma-mummy-sys (the verbs crate's
+# rdma-core binding, loaded at run time).
+APT_PACKAGES=(build-essential pkg-config zlib1g-dev python3 cmake clang libclang-dev)
 
 log() { echo "[setup] $*" >&2; }
 

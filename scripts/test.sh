@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, clippy, the Rust tests (unit,
-# workspace integration against real ferryd processes), the C ABI tests under
+# workspace integration against real ferryd processes, the fabric conformance
+# suite on the soft backend), the same conformance suite on real kernel verbs
+# (soft-RoCE in a qemu VM, scripts/rxe-vm.sh), the C ABI tests under
 # AddressSanitizer and UndefinedBehaviorSanitizer, the Python tests, the
 # ferry.h staleness check, the loom models of the rings, and a smoke run of
 # the benchmark binary (shm and fabric). With FERRY_FUZZ_SECONDS set, also
@@ -51,6 +53,16 @@ for prog in producer consumer; do
         -L target/debug -lferry -lz -Wl,-rpath,"$ROOT/target/debug" -o "$WORK/$prog"
 done
 kill "$DAEMON_PID"; wait "$DAEMON_PID" || true; DAEMON_PID=
+
+step "fabric conformance suite on kernel soft-RoCE (rdma_rxe in a qemu VM)"
+IBV_TEST=$(cargo test --quiet -p ferry-verbs --test ibv --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "ibv":
+        print(m["executable"])')
+[[ -x "$IBV_TEST" ]] || { echo "could not build the ibv conformance tests" >&2; exit 1; }
+scripts/rxe-vm.sh "$IBV_TEST" --include-ignored
 
 step "Python tests"
 (cd client-c/python && python3 -m pytest -q -p no:cacheprovider tests)

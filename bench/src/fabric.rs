@@ -1,12 +1,16 @@
-//! `ferry-bench fabric`: the soft backend on loopback against a plain TCP
-//! socket loop of the same sizes, in the same run.
+//! `ferry-bench fabric`: write-with-immediate bandwidth (64 KiB, 1 MiB) and
+//! 8-byte latency through a fabric backend, each against a baseline in the
+//! same run: for `soft`, a plain TCP socket loop on loopback; for `ibv`,
+//! perftest's ib_write_bw / ib_write_lat on the same device (run it in the
+//! rxe VM with scripts/bench-rxe.sh).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_verbs::soft::{SoftDomain, SoftProvider};
+use ferry_verbs::ibv::IbvProvider;
+use ferry_verbs::soft::SoftProvider;
 use ferry_verbs::*;
 
 use crate::{percentile, Res};
@@ -15,20 +19,22 @@ fn emit(case: &str, unit: &str, value: f64, baseline: &str, baseline_value: f64)
     crate::emit_for("fabric", case, unit, value, baseline, baseline_value);
 }
 
-struct End {
-    ep: <SoftDomain as Domain>::Ep,
-    send_cq: Arc<<SoftDomain as Domain>::Cq>,
-    recv_cq: Arc<<SoftDomain as Domain>::Cq>,
-    mr: <SoftDomain as Domain>::Mr,
+struct End<D: Domain> {
+    ep: D::Ep,
+    send_cq: Arc<D::Cq>,
+    recv_cq: Arc<D::Cq>,
+    mr: D::Mr,
     _buf: Box<[u8]>,
-    _dom: SoftDomain,
+    _dom: D,
 }
 
-fn pair(size: usize) -> Res<(End, End)> {
-    let p = SoftProvider::default();
+/// Two connected ends of one backend.
+type Pair<D> = (End<D>, End<D>);
+
+fn pair<P: Provider>(p: &P, device: &str, size: usize) -> Res<Pair<P::Domain>> {
     let cfg = EndpointConfig::default();
     let mk = || -> Res<_> {
-        let dom = p.open("soft0")?;
+        let dom = p.open(device)?;
         let send_cq = dom.create_cq(4096)?;
         let recv_cq = dom.create_cq(4096)?;
         let mut buf = vec![1u8; size].into_boxed_slice();
@@ -66,31 +72,14 @@ fn pair(size: usize) -> Res<(End, End)> {
     ))
 }
 
-fn wait<C: CompletionQueue>(cq: &C, out: &mut Vec<Completion>) -> Res<Completion> {
-    let start = Instant::now();
-    loop {
-        out.clear();
-        if cq.poll(out, 1) == 1 {
-            if out[0].status != WcStatus::Success {
-                return Err(format!("completion failed: {:?}", out[0]).into());
-            }
-            return Ok(out[0]);
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            return Err("no completion in 30 s".into());
-        }
-        cq.wait(Duration::from_millis(10));
-    }
-}
-
 /// One signalled write in this many.
 const MODERATION: u64 = 8;
 
 /// Write-with-immediate stream with `window` writes in flight; bytes per
 /// second at the receiver. One thread drives both ends, taking every
 /// completion available at each turn.
-fn soft_bandwidth(size: usize, millis: u64) -> Res<f64> {
-    let (a, b) = pair(size)?;
+fn bandwidth<P: Provider>(p: &P, device: &str, size: usize, millis: u64) -> Res<f64> {
+    let (a, b) = pair(p, device, size)?;
     let window = 32u64;
     for i in 0..window * 2 {
         // SAFETY: receives name no memory.
@@ -99,7 +88,7 @@ fn soft_bandwidth(size: usize, millis: u64) -> Res<f64> {
     let sge = [a.mr.sge(0, size as u32)];
     let post = |i: u64| -> Res<()> {
         // SAFETY: a's buffer outlives the run; every write is waited for.
-        unsafe {
+        let r: Result<()> = unsafe {
             a.ep.post_send(&SendWr {
                 wr_id: i,
                 op: SendOp::Write {
@@ -110,9 +99,9 @@ fn soft_bandwidth(size: usize, millis: u64) -> Res<f64> {
                 sges: &sge,
                 // Selective signalling, as perftest moderates its CQ.
                 signaled: i % MODERATION == MODERATION - 1,
-            })?
+            })
         };
-        Ok(())
+        r.map_err(|e| format!("write {i}: {e}").into())
     };
     for i in 0..window {
         post(i)?;
@@ -141,8 +130,11 @@ fn soft_bandwidth(size: usize, millis: u64) -> Res<f64> {
             if c.status != WcStatus::Success {
                 return Err(format!("write failed: {c:?}").into());
             }
+
             for _ in 0..MODERATION {
-                post(sent)?;
+                post(sent).map_err(|e| {
+                    format!("{e} (sent {sent}, received {received}, last completion {c:?})")
+                })?;
                 sent += 1;
             }
         }
@@ -193,67 +185,109 @@ fn tcp_bandwidth(size: usize, millis: u64) -> Res<f64> {
     Ok(n as f64 * size as f64 / secs)
 }
 
+/// Spins (yielding) until `cq` has a completion; as perftest, no sleeping.
+fn spin_next<C: CompletionQueue>(
+    cq: &C,
+    out: &mut Vec<Completion>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Option<Completion> {
+    let mut spins = 0u32;
+    loop {
+        out.clear();
+        if cq.poll(out, 1) == 1 {
+            return Some(out[0]);
+        }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(64) {
+            // Let the backend's threads (soft) or the kernel's (rxe) run.
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// One signalled write in this many on the latency path (verbs frees send
+/// queue slots of unsignalled work only through a later signalled one).
+const LAT_SIGNAL_EVERY: u64 = 64;
+
 /// 8-byte write-with-immediate ping-pong; round-trip p50 and p99 in ns.
-fn soft_rtt(millis: u64) -> Res<(u64, u64)> {
-    let (a, b) = pair(64)?;
+fn rtt<P: Provider>(p: &P, device: &str, millis: u64) -> Res<(u64, u64)>
+where
+    P::Domain: 'static,
+{
+    let (a, b) = pair(p, device, 64)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let st = stop.clone();
     let (ra, rb) = ((a.mr.addr(), a.mr.rkey()), (b.mr.addr(), b.mr.rkey()));
     let echo = std::thread::spawn(move || -> std::result::Result<(), String> {
         let e = |e: VerbsError| e.to_string();
         let mut out = Vec::new();
+        let mut sink = Vec::new();
         let sge = [b.mr.sge(0, 8)];
         // SAFETY: receives name no memory.
         unsafe { b.ep.post_recv(0, &[]).map_err(e)? };
-        while !st.load(std::sync::atomic::Ordering::Relaxed) {
-            out.clear();
-            if b.recv_cq.poll(&mut out, 1) == 0 {
-                b.recv_cq.wait(Duration::from_millis(10));
-                continue;
+        let mut n = 0u64;
+        while let Some(c) = spin_next(&*b.recv_cq, &mut out, &st) {
+            if c.status != WcStatus::Success {
+                return Err(format!("echo receive: {c:?}"));
             }
+            n += 1;
             // SAFETY: b's buffer outlives the run.
             unsafe {
                 b.ep.post_recv(0, &[]).map_err(e)?;
                 b.ep.post_send(&SendWr {
-                    wr_id: 0,
+                    wr_id: n,
                     op: SendOp::Write {
                         remote_addr: ra.0,
                         rkey: ra.1,
                         imm: Some(1),
                     },
                     sges: &sge,
-                    signaled: false,
+                    signaled: n.is_multiple_of(LAT_SIGNAL_EVERY),
                 })
                 .map_err(e)?;
             }
+            sink.clear();
+            b.send_cq.poll(&mut sink, 16);
         }
         Ok(())
     });
     let mut out = Vec::new();
+    let mut sink = Vec::new();
     let sge = [a.mr.sge(0, 8)];
     let mut rtts = Vec::new();
+    let never = std::sync::atomic::AtomicBool::new(false);
     let start = Instant::now();
+    let mut i = 0u64;
     while start.elapsed() < Duration::from_millis(millis) || rtts.len() < 4 {
+        i += 1;
+        // SAFETY: receives name no memory.
+        unsafe { a.ep.post_recv(0, &[])? };
+        let t = Instant::now();
         // SAFETY: a's buffer outlives the run.
         unsafe {
-            a.ep.post_recv(0, &[])?;
-        }
-        let t = Instant::now();
-        // SAFETY: as above.
-        unsafe {
             a.ep.post_send(&SendWr {
-                wr_id: 0,
+                wr_id: i,
                 op: SendOp::Write {
                     remote_addr: rb.0,
                     rkey: rb.1,
                     imm: Some(0),
                 },
                 sges: &sge,
-                signaled: false,
+                signaled: i.is_multiple_of(LAT_SIGNAL_EVERY),
             })?;
         }
-        wait(&*a.recv_cq, &mut out)?;
+        let c = spin_next(&*a.recv_cq, &mut out, &never).expect("never stops");
         rtts.push(t.elapsed().as_nanos() as u64);
+        if c.status != WcStatus::Success {
+            return Err(format!("latency receive: {c:?}").into());
+        }
+        sink.clear();
+        a.send_cq.poll(&mut sink, 16);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     echo.join().map_err(|_| "echo thread panicked")??;
@@ -286,17 +320,52 @@ fn tcp_rtt(millis: u64) -> Res<(u64, u64)> {
     Ok((percentile(&mut rtts, 50.0), percentile(&mut rtts, 99.0)))
 }
 
-pub fn bench_fabric(quick: bool, smoke: bool) -> Res<()> {
-    let ms = if smoke {
-        100
-    } else if quick {
-        1500
-    } else {
-        5000
-    };
+/// Runs perftest's `tool` as server and client on `device` and returns the
+/// client's result line split in columns.
+fn perftest(
+    tool: &str,
+    device: &str,
+    gid_index: u32,
+    host: &str,
+    args: &[String],
+) -> Res<Vec<f64>> {
+    use std::process::{Command, Stdio};
+    let common: Vec<String> = ["-d", device, "-x", &gid_index.to_string(), "-F"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(args.iter().cloned())
+        .collect();
+    let mut server = Command::new(tool)
+        .args(&common)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {tool} (install perftest): {e}"))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = Command::new(tool).args(&common).arg(host).output()?;
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The result line is the first line after the "#bytes" header.
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("#bytes"));
+    lines.next();
+    let row = lines
+        .next()
+        .ok_or_else(|| format!("{tool} printed no result:\n{text}"))?;
+    row.split_whitespace()
+        .map(|c| {
+            c.parse::<f64>()
+                .map_err(|e| format!("{tool}: {e} in {row:?}").into())
+        })
+        .collect()
+}
+
+fn bench_soft(ms: u64) -> Res<()> {
+    let p = SoftProvider::default();
     let gib = (1u64 << 30) as f64;
     for (name, size) in [("64KiB", 64usize << 10), ("1MiB", 1 << 20)] {
-        let soft = soft_bandwidth(size, ms)?;
+        let soft = bandwidth(&p, "soft0", size, ms)?;
         let tcp = tcp_bandwidth(size, ms)?;
         emit(
             &format!("soft_write_imm_bw_{name}"),
@@ -306,7 +375,7 @@ pub fn bench_fabric(quick: bool, smoke: bool) -> Res<()> {
             tcp / gib,
         );
     }
-    let (s50, s99) = soft_rtt(ms)?;
+    let (s50, s99) = rtt(&p, "soft0", ms)?;
     let (t50, t99) = tcp_rtt(ms)?;
     emit(
         "soft_rtt_8B_p50",
@@ -323,4 +392,89 @@ pub fn bench_fabric(quick: bool, smoke: bool) -> Res<()> {
         t99 as f64 / 1000.0,
     );
     Ok(())
+}
+
+fn bench_ibv(ms: u64, device: &str, gid_index: u32, host: &str) -> Res<()> {
+    let p = IbvProvider;
+    let gib = (1u64 << 30) as f64;
+    for (name, size) in [("64KiB", 64usize << 10), ("1MiB", 1 << 20)] {
+        let ours =
+            bandwidth(&p, device, size, ms).map_err(|e| format!("ibv bandwidth {name}: {e}"))?;
+        // Iteration mode (duration mode completes nothing at emulated
+        // speed with large messages): about 32 MiB per case, 32 in flight
+        // like our window.
+        let iters = ((32usize << 20) / size).max(32);
+        let cols = perftest(
+            "ib_write_bw",
+            device,
+            gid_index,
+            host,
+            &[
+                "-s".into(),
+                size.to_string(),
+                "-n".into(),
+                iters.to_string(),
+                "-t".into(),
+                "32".into(),
+                "--report_gbits".into(),
+            ],
+        )?;
+        // #bytes #iterations BW-peak BW-average[Gb/sec] MsgRate
+        let perf = cols
+            .get(3)
+            .copied()
+            .ok_or("ib_write_bw: no average column")?
+            * 1e9
+            / 8.0;
+        emit(
+            &format!("ibv_write_imm_bw_{name}"),
+            "GiB/s",
+            ours / gib,
+            "perftest_ib_write_bw",
+            perf / gib,
+        );
+    }
+    let (r50, _) = rtt(&p, device, ms).map_err(|e| format!("ibv latency: {e}"))?;
+    let cols = perftest(
+        "ib_write_lat",
+        device,
+        gid_index,
+        host,
+        &["-s".into(), "8".into(), "-n".into(), "2000".into()],
+    )?;
+    // #bytes #iterations t_min t_max t_typical ...; perftest reports one way.
+    let typical = cols
+        .get(4)
+        .copied()
+        .ok_or("ib_write_lat: no t_typical column")?;
+    emit(
+        "ibv_lat_8B_p50_oneway",
+        "us",
+        r50 as f64 / 2000.0,
+        "perftest_ib_write_lat_typical",
+        typical,
+    );
+    Ok(())
+}
+
+pub fn bench_fabric(
+    provider: &str,
+    device: &str,
+    gid_index: u32,
+    host: &str,
+    quick: bool,
+    smoke: bool,
+) -> Res<()> {
+    let ms = if smoke {
+        100
+    } else if quick {
+        1500
+    } else {
+        5000
+    };
+    match provider {
+        "soft" => bench_soft(ms),
+        "ibv" => bench_ibv(ms, device, gid_index, host),
+        other => Err(format!("unknown provider {other:?} (soft or ibv)").into()),
+    }
 }

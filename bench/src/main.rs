@@ -63,7 +63,8 @@ enum Cmd {
         #[arg(long)]
         ferryd: Option<PathBuf>,
     },
-    /// The fabric: the soft backend on loopback against plain TCP.
+    /// The fabric: a backend's write-with-immediate bandwidth and latency
+    /// against plain TCP (soft) or perftest on the same device (ibv).
     Fabric {
         /// Finish in under 30 seconds.
         #[arg(long)]
@@ -71,6 +72,18 @@ enum Cmd {
         /// A few milliseconds per case: checks the benchmark runs (for tests).
         #[arg(long, conflicts_with = "quick")]
         smoke: bool,
+        /// soft or ibv.
+        #[arg(long, default_value = "soft")]
+        provider: String,
+        /// The ibv device (both ends use it, as in the rxe VM).
+        #[arg(long, default_value = "rxe0")]
+        device: String,
+        /// GID index perftest uses (1: the IPv4-mapped GID on rxe).
+        #[arg(long, default_value_t = 1)]
+        gid_index: u32,
+        /// Address perftest's client dials (the device's IPv4 address).
+        #[arg(long, default_value = "192.0.2.1")]
+        perftest_host: String,
     },
     #[command(hide = true)]
     Produce {
@@ -115,7 +128,14 @@ fn main() {
             smoke,
             ferryd,
         } => bench_shm(quick, smoke, ferryd),
-        Cmd::Fabric { quick, smoke } => fabric::bench_fabric(quick, smoke),
+        Cmd::Fabric {
+            quick,
+            smoke,
+            provider,
+            device,
+            gid_index,
+            perftest_host,
+        } => fabric::bench_fabric(&provider, &device, gid_index, &perftest_host, quick, smoke),
         Cmd::Produce {
             socket,
             stream,

@@ -152,16 +152,24 @@ pub enum WcStatus {
     LocalLength,
     /// An sge named memory outside its registration, or a bad lkey.
     LocalProtection,
+    /// A local queue-pair operation error (what soft-RoCE reports for a bad
+    /// lkey where other devices report `LocalProtection`).
+    LocalQpOperation,
     /// The peer refused: bad rkey, address outside the region, or no right.
     RemoteAccess,
     /// The peer's receive buffer was too small for a send.
     RemoteInvalidRequest,
+    /// The peer failed the operation (soft-RoCE's answer to a receive
+    /// buffer too small, where other devices say `RemoteInvalidRequest`).
+    RemoteOperation,
     /// The peer did not answer in time or vanished.
     RetryExceeded,
     /// The peer had no receive posted in time.
     RnrRetryExceeded,
     /// Flushed because the endpoint entered the error state.
     WrFlush,
+    /// Another verbs status (the numeric `ibv_wc_status`).
+    Other(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +180,8 @@ pub enum WcOpcode {
     Recv,
     /// A receive consumed by the peer's write with immediate.
     RecvWriteImm,
+    /// Verbs leaves the operation of an error completion undefined.
+    Unknown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,7 +189,8 @@ pub struct Completion {
     pub wr_id: u64,
     pub status: WcStatus,
     pub opcode: WcOpcode,
-    /// Bytes received (receives) or transferred.
+    /// Bytes received. Defined for receives only (as in verbs); send-side
+    /// completions may report anything.
     pub byte_len: u32,
     pub imm: Option<u32>,
 }

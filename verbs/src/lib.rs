@@ -23,11 +23,12 @@
 //! which no safe signature can promise. The layer above keeps buffers in an
 //! in-flight table keyed by work-request id.
 //!
-//! Backends: [`soft`] (the same semantics over TCP, on any machine). The
-//! rdma-core backend (`ibv`, through sideway) is not written yet.
+//! Backends: [`ibv`] (rdma-core through sideway, loaded at run time) and
+//! [`soft`] (the same semantics over TCP, on any machine).
 
 mod api;
 pub mod frame;
+pub mod ibv;
 mod mem;
 pub mod soft;
 

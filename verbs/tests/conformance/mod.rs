@@ -175,14 +175,17 @@ pub unsafe fn write<D: Domain>(
     }
 }
 
+/// `conformance_suite!(provider)`, or with attributes for every test, e.g.
+/// `conformance_suite!(provider, #[ignore = "requires an RDMA device"])`.
 #[macro_export]
 macro_rules! conformance_suite {
-    ($provider:expr) => {
+    ($provider:expr $(, #[$attr:meta])* $(,)?) => {
         use ferry_verbs::*;
         use std::time::Duration;
         use $crate::conformance::*;
 
         #[test]
+        $(#[$attr])*
         fn discovers_a_device_with_an_active_port() {
             let devs = $provider.devices().unwrap();
             assert!(!devs.is_empty());
@@ -191,6 +194,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn path_mtu_is_the_minimum_of_both_sides() {
             let mut small = cfg();
             small.mtu = 1024;
@@ -200,6 +204,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn write_with_imm_lands_bytes_and_immediate() {
             let (mut a, b) = pair(&$provider, 1 << 16);
             fill(&mut a.buf[..4096], 7);
@@ -234,6 +239,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn sends_arrive_in_order_with_their_immediates() {
             let (mut a, b) = pair(&$provider, 1 << 16);
             let n = 50u32;
@@ -270,6 +276,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn large_tiny_and_empty_transfers() {
             let big = 8 << 20;
             let (mut a, b) = pair(&$provider, big);
@@ -289,6 +296,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn many_outstanding_unsignaled_writes() {
             let (mut a, b) = pair(&$provider, 1 << 20);
             fill(&mut a.buf, 9);
@@ -321,6 +329,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn unsignaled_writes_alone_never_time_out() {
             let mut c = cfg();
             c.timeout = Duration::from_millis(400);
@@ -340,6 +349,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn read_after_write_sees_the_write() {
             let (mut a, b) = pair(&$provider, 8192);
             fill(&mut a.buf[..1024], 11);
@@ -363,6 +373,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn scatter_gather_both_ways() {
             let (mut a, b) = pair(&$provider, 4096);
             fill(&mut a.buf, 1);
@@ -380,7 +391,7 @@ macro_rules! conformance_suite {
                 })
                 .unwrap()
             };
-            assert_eq!(next(&*a.send_cq).byte_len, 60);
+            assert_eq!(next(&*a.send_cq).status, WcStatus::Success);
             assert_eq!(&b.buf[..10], &a.buf[..10]);
             assert_eq!(&b.buf[10..30], &a.buf[100..120]);
             assert_eq!(&b.buf[30..60], &a.buf[500..530]);
@@ -402,6 +413,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn read_fetches_remote_bytes() {
             let (a, mut b) = pair(&$provider, 1 << 16);
             fill(&mut b.buf, 5);
@@ -420,13 +432,13 @@ macro_rules! conformance_suite {
             };
             let c = next(&*a.send_cq);
             assert_eq!(
-                (c.wr_id, c.status, c.opcode, c.byte_len),
-                (8, WcStatus::Success, WcOpcode::Read, 5000)
+                (c.wr_id, c.status, c.opcode), (8, WcStatus::Success, WcOpcode::Read)
             );
             assert_eq!(&a.buf[100..5100], &b.buf[300..5300]);
         }
 
         #[test]
+        $(#[$attr])*
         fn wrong_rkey_is_a_remote_access_error_and_flushes_the_rest() {
             let (a, b) = pair(&$provider, 4096);
             unsafe { write(&a, 1, 0, 8, b.mr.addr(), b.mr.rkey() ^ 0x5555, None, true).unwrap() };
@@ -442,6 +454,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn write_outside_the_region_is_a_remote_access_error() {
             let (a, b) = pair(&$provider, 4096);
             unsafe {
@@ -462,6 +475,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn missing_access_rights_are_enforced() {
             let (a, b) = pair_with(&$provider, 4096, access::ALL, access::LOCAL_WRITE, &cfg());
             unsafe { write(&a, 1, 0, 8, b.mr.addr(), b.mr.rkey(), None, true).unwrap() };
@@ -498,6 +512,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn bad_lkey_is_a_local_protection_error() {
             let (a, b) = pair(&$provider, 4096);
             let sge = [Sge {
@@ -518,10 +533,14 @@ macro_rules! conformance_suite {
                 })
                 .unwrap()
             };
-            assert_eq!(next(&*a.send_cq).status, WcStatus::LocalProtection);
+            // Devices differ here: NICs say LocalProtection, rxe says
+            // LocalQpOperation; both are local errors that fail the request.
+            let st = next(&*a.send_cq).status;
+            assert!(matches!(st, WcStatus::LocalProtection | WcStatus::LocalQpOperation), "{st:?}");
         }
 
         #[test]
+        $(#[$attr])*
         fn send_without_a_posted_receive_fails_after_the_rnr_timeout() {
             let (a, _b) = pair(&$provider, 4096);
             let sge = [a.mr.sge(0, 8)];
@@ -540,6 +559,7 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        $(#[$attr])*
         fn receive_too_small_for_a_send_fails_both_sides() {
             let (a, b) = pair(&$provider, 4096);
             unsafe { b.ep.post_recv(1, &[b.mr.sge(0, 4)]).unwrap() };
@@ -553,11 +573,16 @@ macro_rules! conformance_suite {
                 })
                 .unwrap()
             };
-            assert_eq!(next(&*a.send_cq).status, WcStatus::RemoteInvalidRequest);
-            assert_eq!(next(&*b.recv_cq).status, WcStatus::LocalLength);
+            // NICs say RemoteInvalidRequest, rxe says RemoteOperation.
+            let st = next(&*a.send_cq).status;
+            assert!(matches!(st, WcStatus::RemoteInvalidRequest | WcStatus::RemoteOperation), "{st:?}");
+            // NICs say LocalLength, rxe says LocalQpOperation.
+            let st = next(&*b.recv_cq).status;
+            assert!(matches!(st, WcStatus::LocalLength | WcStatus::LocalQpOperation), "{st:?}");
         }
 
         #[test]
+        $(#[$attr])*
         fn vanished_peer_fails_pending_work_in_bounded_time() {
             let (a, b) = pair(&$provider, 4096);
             unsafe { a.ep.post_recv(50, &[a.mr.sge(0, 64)]).unwrap() };
