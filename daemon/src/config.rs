@@ -38,7 +38,25 @@ pub struct Config {
     #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
+    pub fabric: FabricConfig,
+    #[serde(default)]
     pub streams: Vec<StreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FabricConfig {
+    /// "auto" (ibv when a device has an active port, else soft), "ibv" or
+    /// "soft". The FERRY_FABRIC environment variable overrides it.
+    pub provider: String,
+}
+
+impl Default for FabricConfig {
+    fn default() -> Self {
+        FabricConfig {
+            provider: "auto".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -110,6 +128,7 @@ impl Default for Config {
         Config {
             version: CONFIG_VERSION,
             daemon: DaemonConfig::default(),
+            fabric: FabricConfig::default(),
             streams: Vec::new(),
         }
     }
@@ -209,6 +228,13 @@ impl Config {
                 "daemon.spin_us must be at most 1000000, got {}",
                 d.spin_us
             ));
+        }
+        if let Err(e) = self
+            .fabric
+            .provider
+            .parse::<ferry_verbs::select::Preference>()
+        {
+            return bad(format!("fabric.provider: {e}"));
         }
         let mut seen = std::collections::HashSet::new();
         for s in &self.streams {
@@ -323,6 +349,7 @@ slot_count = 16
             ("[daemon]\nring_capacity = 100", "power of two"),
             ("[daemon]\nsocket_mode = \"rw\"", "octal"),
             ("[daemon]\nbogus = 1", "unknown field"),
+            ("[fabric]\nprovider = \"infiniband\"", "auto, ibv or soft"),
             ("[[streams]]\nname = \"a b\"\nslot_size = 10\nslot_count = 4", "stream name"),
             ("[[streams]]\nname = \"a\"\nslot_size = 0\nslot_count = 4", "slot_size"),
             ("[[streams]]\nname = \"a\"\nslot_size = 10\nslot_count = 1", "slot_count"),

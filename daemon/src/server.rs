@@ -97,6 +97,9 @@ pub struct Server {
     allowed_uids: Vec<u32>,
     started: Instant,
     draining: Option<Instant>,
+    /// The fabric backend chosen at start-up, and why (not yet used for
+    /// data: moving batches between hosts comes with the peers work).
+    fabric: String,
     events: Vec<(u64, u32)>,
     /// Scratch list of session ids, reused by every loop iteration.
     scratch: Vec<SessionId>,
@@ -167,6 +170,13 @@ impl Server {
         epoll.add(signals.as_raw_fd(), TOK_SIGNAL)?;
         epoll.add(doorbell.as_raw_fd(), TOK_DOORBELL)?;
 
+        let pref: ferry_verbs::select::Preference = cfg.fabric.provider.parse()?;
+        let sel = ferry_verbs::select::select(pref).context("choosing the fabric")?;
+        let fabric = match &sel.choice {
+            ferry_verbs::select::Choice::Ibv { device } => format!("ibv {device} ({})", sel.reason),
+            ferry_verbs::select::Choice::Soft => format!("soft ({})", sel.reason),
+        };
+        info!(fabric = %fabric, "fabric chosen");
         let allowed_uids = cfg.allowed_uids();
         let mut server = Server {
             socket_path,
@@ -183,6 +193,7 @@ impl Server {
             allowed_uids,
             started: Instant::now(),
             draining: None,
+            fabric,
             events: Vec::with_capacity(64),
             scratch: Vec::with_capacity(64),
             cfg,
@@ -1096,6 +1107,7 @@ impl Server {
             uptime_s: self.started.elapsed().as_secs(),
             socket: self.socket_path.display().to_string(),
             draining: self.draining.is_some(),
+            fabric: self.fabric.clone(),
             sessions: self.sessions.len(),
             streams,
         }
@@ -1117,6 +1129,9 @@ pub struct Status {
     pub uptime_s: u64,
     pub socket: String,
     pub draining: bool,
+    /// The fabric backend and why it was chosen.
+    #[serde(default)]
+    pub fabric: String,
     pub sessions: usize,
     pub streams: Vec<StreamStatus>,
 }

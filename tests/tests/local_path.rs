@@ -338,6 +338,24 @@ fn bad_input_gets_a_clear_status() {
 }
 
 #[test]
+fn fabric_choice_is_logged_and_an_impossible_one_refused() {
+    let d = Daemon::start("", "");
+    assert!(d.log().contains("fabric chosen"), "{}", d.log());
+    assert!(!d.status().fabric.is_empty());
+    if !std::path::Path::new("/sys/class/infiniband").exists() {
+        // No RDMA here: asking for ibv explicitly must fail clearly.
+        let out = Command::new(bin("ferryd"))
+            .args(["--socket", "/tmp/ferry-ibv-refused/f.sock"])
+            .env("FERRY_FABRIC", "ibv")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("ibv requested by FERRY_FABRIC"), "{err}");
+    }
+}
+
+#[test]
 fn daemon_not_running_names_the_socket() {
     let path = std::path::Path::new("/tmp/ferry-no-such-daemon/ferryd.sock");
     let e = ferry::Client::connect(Some(path)).err().unwrap();

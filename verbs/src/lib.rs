@@ -30,6 +30,7 @@ mod api;
 pub mod frame;
 pub mod ibv;
 mod mem;
+pub mod select;
 pub mod soft;
 
 pub use api::*;

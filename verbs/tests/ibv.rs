@@ -19,6 +19,20 @@ fn discovery_never_fails_for_want_of_rdma() {
         .expect("devices() is not an error");
     if std::env::var_os("FERRY_RXE_VM").is_some() {
         assert!(devs.iter().any(|d| d.name == "rxe0"), "{devs:?}");
+        let port = &devs[0].ports[0];
+        assert!(
+            port.active && port.link_layer == LinkLayer::Ethernet && port.active_mtu == 1024,
+            "{port:?}"
+        );
+        // With a usable device, automatic selection takes ibv.
+        let sel = ferry_verbs::select::choose(ferry_verbs::select::Preference::Auto, "test", &devs)
+            .unwrap();
+        assert_eq!(
+            sel.choice,
+            ferry_verbs::select::Choice::Ibv {
+                device: "rxe0".into()
+            }
+        );
     } else if !std::path::Path::new("/sys/class/infiniband").exists() {
         assert!(devs.is_empty(), "{devs:?}");
     }

@@ -69,6 +69,7 @@ fn print_status(st: &Status) {
         st.sessions,
         if st.draining { ", DRAINING" } else { "" }
     );
+    println!("fabric: {}", st.fabric);
     if st.streams.is_empty() {
         println!("no streams");
     }
