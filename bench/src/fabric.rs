@@ -24,8 +24,18 @@ struct End<D: Domain> {
     send_cq: Arc<D::Cq>,
     recv_cq: Arc<D::Cq>,
     mr: D::Mr,
-    _buf: Box<[u8]>,
+    buf: Box<[u8]>,
     _dom: D,
+}
+
+impl<D: Domain> End<D> {
+    /// The first 8 bytes of the registered buffer, as the peer last wrote
+    /// them (a volatile read: the fabric writes this memory behind our back).
+    fn word(&self) -> u64 {
+        // SAFETY: the buffer holds at least 8 bytes and lives as long as
+        // self; a volatile read of a plain byte array is always defined.
+        u64::from_le_bytes(unsafe { std::ptr::read_volatile(self.buf.as_ptr() as *const [u8; 8]) })
+    }
 }
 
 /// Two connected ends of one backend.
@@ -58,7 +68,7 @@ fn pair<P: Provider>(p: &P, device: &str, size: usize) -> Res<Pair<P::Domain>> {
             send_cq: sa,
             recv_cq: ra,
             mr: ma,
-            _buf: ba,
+            buf: ba,
             _dom: da,
         },
         End {
@@ -66,7 +76,7 @@ fn pair<P: Provider>(p: &P, device: &str, size: usize) -> Res<Pair<P::Domain>> {
             send_cq: sb,
             recv_cq: rb,
             mr: mb,
-            _buf: bb,
+            buf: bb,
             _dom: db,
         },
     ))
@@ -295,6 +305,94 @@ where
     Ok((percentile(&mut rtts, 50.0), percentile(&mut rtts, 99.0)))
 }
 
+/// 8-byte RDMA write ping-pong where each side polls its memory for the
+/// peer's sequence number (what perftest's ib_write_lat does): round-trip
+/// p50 in ns. No receives, no receive completions.
+fn rtt_memory_poll<P: Provider>(p: &P, device: &str, millis: u64) -> Res<u64>
+where
+    P::Domain: 'static,
+{
+    let (mut a, mut b) = pair(p, device, 64)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    let (ra, rb) = ((a.mr.addr(), a.mr.rkey()), (b.mr.addr(), b.mr.rkey()));
+    let echo = std::thread::spawn(move || -> std::result::Result<(), String> {
+        let mut sink = Vec::new();
+        let mut seen = 0u64;
+        let mut spins = 0u32;
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            let w = b.word();
+            if w == seen {
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(64) {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            seen = w;
+            // Answer from a separate word so our own buffer stays readable.
+            b.buf[8..16].copy_from_slice(&w.to_le_bytes());
+            let sge = [b.mr.sge(8, 8)];
+            // SAFETY: b's buffer outlives the run.
+            unsafe {
+                b.ep.post_send(&SendWr {
+                    wr_id: w,
+                    op: SendOp::Write {
+                        remote_addr: ra.0,
+                        rkey: ra.1,
+                        imm: None,
+                    },
+                    sges: &sge,
+                    signaled: w.is_multiple_of(LAT_SIGNAL_EVERY),
+                })
+                .map_err(|e| e.to_string())?;
+            }
+            sink.clear();
+            b.send_cq.poll(&mut sink, 16);
+        }
+        Ok(())
+    });
+    let mut sink = Vec::new();
+    let mut rtts = Vec::new();
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_millis(millis) || rtts.len() < 4 {
+        i += 1;
+        a.buf[8..16].copy_from_slice(&i.to_le_bytes());
+        let sge = [a.mr.sge(8, 8)];
+        let t = Instant::now();
+        // SAFETY: a's buffer outlives the run.
+        unsafe {
+            a.ep.post_send(&SendWr {
+                wr_id: i,
+                op: SendOp::Write {
+                    remote_addr: rb.0,
+                    rkey: rb.1,
+                    imm: None,
+                },
+                sges: &sge,
+                signaled: i.is_multiple_of(LAT_SIGNAL_EVERY),
+            })?;
+        }
+        let mut spins = 0u32;
+        while a.word() != i {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(64) {
+                std::thread::yield_now();
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err("memory-poll ping-pong stalled".into());
+            }
+        }
+        rtts.push(t.elapsed().as_nanos() as u64);
+        sink.clear();
+        a.send_cq.poll(&mut sink, 16);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    echo.join().map_err(|_| "echo thread panicked")??;
+    Ok(percentile(&mut rtts, 50.0))
+}
+
 /// 8-byte TCP ping-pong round trip p50 and p99 in ns.
 fn tcp_rtt(millis: u64) -> Res<(u64, u64)> {
     let (mut a, mut b) = tcp_pair()?;
@@ -451,6 +549,15 @@ fn bench_ibv(ms: u64, device: &str, gid_index: u32, host: &str) -> Res<()> {
         "ibv_lat_8B_p50_oneway",
         "us",
         r50 as f64 / 2000.0,
+        "perftest_ib_write_lat_typical",
+        typical,
+    );
+    let m50 =
+        rtt_memory_poll(&p, device, ms).map_err(|e| format!("ibv memory-poll latency: {e}"))?;
+    emit(
+        "ibv_write_lat_8B_p50_oneway_memory_poll",
+        "us",
+        m50 as f64 / 2000.0,
         "perftest_ib_write_lat_typical",
         typical,
     );

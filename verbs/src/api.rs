@@ -98,6 +98,10 @@ pub struct EndpointConfig {
     pub rnr_timeout: Duration,
     /// Largest MTU this side offers.
     pub mtu: u32,
+    /// Sends and writes up to this many bytes are posted inline (copied into
+    /// the work request, so the buffer is free at once) where the device
+    /// allows it; 0 disables.
+    pub max_inline: u32,
 }
 
 impl Default for EndpointConfig {
@@ -108,6 +112,7 @@ impl Default for EndpointConfig {
             timeout: Duration::from_secs(4),
             rnr_timeout: Duration::from_secs(2),
             mtu: 4096,
+            max_inline: 64,
         }
     }
 }

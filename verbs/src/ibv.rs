@@ -20,10 +20,7 @@ use sideway::ibverbs::device::{DeviceInfo as _, DeviceList};
 use sideway::ibverbs::device_context::{DeviceContext, LinkLayer as SwLinkLayer, Mtu, PortState};
 use sideway::ibverbs::memory_region::MemoryRegion as SwMr;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
-use sideway::ibverbs::queue_pair::{
-    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState,
-    SetScatterGatherEntry, WorkRequestFlags,
-};
+use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair, QueuePairAttribute, QueuePairState};
 use sideway::ibverbs::AccessFlags;
 
 use crate::api::*;
@@ -163,6 +160,7 @@ impl Provider for IbvProvider {
             .alloc_pd()
             .map_err(|e| VerbsError::Connect(format!("allocating a protection domain: {e}")))?;
         Ok(IbvDomain {
+            regions: Regions::default(),
             ctx,
             pd,
             port,
@@ -173,8 +171,15 @@ impl Provider for IbvProvider {
     }
 }
 
+/// Regions registered through a domain, by lkey: (address, length). Used
+/// to decide whether a request may be inlined (devices do not check lkeys
+/// of inline data, so only requests inside known regions are inlined and
+/// anything else goes to the device, which reports the error).
+type Regions = Arc<std::sync::RwLock<std::collections::HashMap<u32, (u64, u64)>>>;
+
 /// An opened rdma-core device with its protection domain.
 pub struct IbvDomain {
+    regions: Regions,
     ctx: Arc<DeviceContext>,
     pd: Arc<ProtectionDomain>,
     port: u8,
@@ -187,6 +192,16 @@ pub struct IbvMr {
     mr: Arc<SwMr>,
     addr: u64,
     len: usize,
+    regions: Regions,
+}
+
+impl Drop for IbvMr {
+    fn drop(&mut self) {
+        self.regions
+            .write()
+            .expect("regions")
+            .remove(&self.mr.lkey());
+    }
 }
 
 impl MemoryRegion for IbvMr {
@@ -448,10 +463,15 @@ impl Domain for IbvDomain {
                 .reg_mr(addr as usize, len, access_flags(access_bits))
         }
         .map_err(|e| VerbsError::InvalidArgument(format!("registering {len} bytes: {e}")))?;
+        self.regions
+            .write()
+            .expect("regions")
+            .insert(mr.lkey(), (addr as u64, len as u64));
         Ok(IbvMr {
             mr,
             addr: addr as u64,
             len,
+            regions: self.regions.clone(),
         })
     }
 
@@ -483,20 +503,37 @@ impl Domain for IbvDomain {
         send_cq: &Arc<IbvCq>,
         recv_cq: &Arc<IbvCq>,
     ) -> Result<IbvPending> {
-        let mut qp = self
-            .pd
-            .create_qp_builder()
-            .setup_max_send_wr(cfg.max_send_wr)
-            .setup_max_recv_wr(cfg.max_recv_wr)
-            .setup_max_send_sge(8)
-            .setup_max_recv_sge(8)
-            .setup_send_cq(GenericCompletionQueue::from(Arc::clone(&send_cq.cq)))
-            .setup_recv_cq(GenericCompletionQueue::from(Arc::clone(&recv_cq.cq)))
-            // The classic ibv_post_send path: rxe's extended work-request
-            // path (ibv_wr_set_sge_list) dropped the third of three SGEs
-            // in the conformance suite.
-            .build()
-            .map_err(|e| VerbsError::InvalidArgument(format!("creating a queue pair: {e}")))?;
+        let build = |max_inline: u32| {
+            self.pd
+                .create_qp_builder()
+                .setup_max_send_wr(cfg.max_send_wr)
+                .setup_max_recv_wr(cfg.max_recv_wr)
+                .setup_max_send_sge(MAX_SGE as u32)
+                .setup_max_recv_sge(MAX_SGE as u32)
+                .setup_max_inline_data(max_inline)
+                .setup_send_cq(GenericCompletionQueue::from(Arc::clone(&send_cq.cq)))
+                .setup_recv_cq(GenericCompletionQueue::from(Arc::clone(&recv_cq.cq)))
+                // The classic ibv_post_send path: rxe's extended work-request
+                // path (ibv_wr_set_sge_list) dropped the third of three SGEs
+                // in the conformance suite.
+                .build()
+        };
+        // Inline data where the device allows it; a device that refuses the
+        // size gets a queue pair without.
+        let (mut qp, max_inline) = match build(cfg.max_inline) {
+            Ok(qp) => (qp, cfg.max_inline),
+            Err(_) if cfg.max_inline > 0 => (
+                build(0).map_err(|e| {
+                    VerbsError::InvalidArgument(format!("creating a queue pair: {e}"))
+                })?,
+                0,
+            ),
+            Err(e) => {
+                return Err(VerbsError::InvalidArgument(format!(
+                    "creating a queue pair: {e}"
+                )))
+            }
+        };
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::Init)
             .setup_pkey_index(0)
@@ -514,6 +551,8 @@ impl Domain for IbvDomain {
             gid_index: self.gid_index,
             gid: self.gid,
             mtu: cfg.mtu.min(self.active_mtu),
+            max_inline,
+            regions: self.regions.clone(),
             cfg: cfg.clone(),
             _keep: (
                 Arc::clone(send_cq),
@@ -527,6 +566,8 @@ impl Domain for IbvDomain {
 /// A queue pair in INIT, waiting for the peer's info.
 pub struct IbvPending {
     qp: BasicQueuePair,
+    max_inline: u32,
+    regions: Regions,
     psn: u32,
     port: u8,
     gid_index: u32,
@@ -587,6 +628,8 @@ impl PendingEndpoint for IbvPending {
             .map_err(|e| VerbsError::Connect(format!("queue pair to RTS: {e}")))?;
         Ok(IbvEndpoint {
             qp: Mutex::new(self.qp),
+            max_inline: self.max_inline,
+            regions: self.regions,
             mtu,
             _keep: self._keep,
         })
@@ -596,6 +639,8 @@ impl PendingEndpoint for IbvPending {
 /// A connected RC queue pair.
 pub struct IbvEndpoint {
     qp: Mutex<BasicQueuePair>,
+    max_inline: u32,
+    regions: Regions,
     mtu: u32,
     _keep: (Arc<IbvCq>, Arc<IbvCq>, Arc<ProtectionDomain>),
 }
@@ -605,14 +650,45 @@ unsafe impl Send for IbvEndpoint {}
 // SAFETY: as for Send.
 unsafe impl Sync for IbvEndpoint {}
 
-fn sge_list(sges: &[Sge]) -> Vec<ibv_sge> {
-    sges.iter()
-        .map(|s| ibv_sge {
+/// Most sges one work request may carry (the queue pair's max_*_sge).
+const MAX_SGE: usize = 8;
+
+/// The sges on the stack, in verbs' layout.
+fn sge_array(sges: &[Sge]) -> Result<([ibv_sge; MAX_SGE], usize)> {
+    if sges.len() > MAX_SGE {
+        return Err(VerbsError::InvalidArgument(format!(
+            "{} scatter-gather entries, at most {MAX_SGE}",
+            sges.len()
+        )));
+    }
+    let mut out = [ibv_sge {
+        addr: 0,
+        length: 0,
+        lkey: 0,
+    }; MAX_SGE];
+    for (d, s) in out.iter_mut().zip(sges) {
+        *d = ibv_sge {
             addr: s.addr,
             length: s.len,
             lkey: s.lkey,
-        })
-        .collect()
+        };
+    }
+    Ok((out, sges.len()))
+}
+
+fn post_result(rc: i32, what: &str) -> Result<()> {
+    match rc {
+        0 => Ok(()),
+        libc::ENOMEM => Err(VerbsError::QueueFull(if what == "send" {
+            "send queue"
+        } else {
+            "receive queue"
+        })),
+        e => Err(VerbsError::InvalidArgument(format!(
+            "posting a {what}: {}",
+            std::io::Error::from_raw_os_error(e)
+        ))),
+    }
 }
 
 impl Endpoint for IbvEndpoint {
@@ -621,47 +697,95 @@ impl Endpoint for IbvEndpoint {
     }
 
     unsafe fn post_send(&self, wr: &SendWr<'_>) -> Result<()> {
-        let list = sge_list(wr.sges);
-        let mut qp = self.qp.lock().expect("qp");
-        let mut guard = qp.start_post_send();
-        let flags = if wr.signaled {
-            WorkRequestFlags::Signaled
-        } else {
-            WorkRequestFlags::none()
-        };
-        let h = guard.construct_wr(wr.wr_id, flags);
-        let h = match wr.op {
-            SendOp::Send { imm: None } => h.setup_send(),
-            SendOp::Send { imm: Some(i) } => h.setup_send_imm(i),
+        use rdma_mummy_sys::{ibv_send_flags, ibv_send_wr, ibv_wr_opcode};
+        let (sges, n) = sge_array(wr.sges)?;
+        let total: u64 = wr.sges.iter().map(|g| g.len as u64).sum();
+        let inline = self.max_inline > 0
+            && total > 0
+            && total <= self.max_inline as u64
+            && !matches!(wr.op, SendOp::Read { .. })
+            && {
+                let regions = self.regions.read().expect("regions");
+                wr.sges.iter().all(|g| {
+                    regions
+                        .get(&g.lkey)
+                        .is_some_and(|&(a, l)| g.addr >= a && g.addr + g.len as u64 <= a + l)
+                })
+            };
+        // SAFETY: ibv_send_wr is plain C data; all-zero is its neutral value.
+        let mut w: ibv_send_wr = unsafe { std::mem::MaybeUninit::zeroed().assume_init() };
+        let mut sges = sges;
+        w.wr_id = wr.wr_id;
+        w.sg_list = sges.as_mut_ptr();
+        w.num_sge = n as i32;
+        w.send_flags = 0;
+        if wr.signaled {
+            w.send_flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+        }
+        if inline {
+            // The provider copies the bytes during the post; every sge lies
+            // in a region registered through this domain (checked above).
+            w.send_flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+        }
+        let (opcode, rdma, imm) = match wr.op {
+            SendOp::Send { imm: None } => (ibv_wr_opcode::IBV_WR_SEND, None, None),
+            SendOp::Send { imm: Some(i) } => (ibv_wr_opcode::IBV_WR_SEND_WITH_IMM, None, Some(i)),
             SendOp::Write {
                 remote_addr,
                 rkey,
                 imm: None,
-            } => h.setup_write(rkey, remote_addr),
+            } => (
+                ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+                Some((remote_addr, rkey)),
+                None,
+            ),
             SendOp::Write {
                 remote_addr,
                 rkey,
                 imm: Some(i),
-            } => h.setup_write_imm(rkey, remote_addr, i),
-            SendOp::Read { remote_addr, rkey } => h.setup_read(rkey, remote_addr),
+            } => (
+                ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
+                Some((remote_addr, rkey)),
+                Some(i),
+            ),
+            SendOp::Read { remote_addr, rkey } => (
+                ibv_wr_opcode::IBV_WR_RDMA_READ,
+                Some((remote_addr, rkey)),
+                None,
+            ),
         };
-        // SAFETY: the caller keeps the memory valid until completion (this
-        // function's contract).
-        unsafe { h.setup_sge_list(&list) };
-        guard
-            .post()
-            .map_err(|e| VerbsError::InvalidArgument(format!("posting a send: {e}")))
+        w.opcode = opcode;
+        if let Some((remote_addr, rkey)) = rdma {
+            w.wr.rdma.remote_addr = remote_addr;
+            w.wr.rdma.rkey = rkey;
+        }
+        if let Some(i) = imm {
+            // Opaque 32 bits, carried as given (both ends are ours).
+            w.imm_data_invalidated_rkey_union.imm_data = i;
+        }
+        let qp = self.qp.lock().expect("qp");
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: the QP is live (held by `qp`); `w` and `sges` live on this
+        // stack frame for the duration of the call, which copies them (and,
+        // inline, the data); the caller keeps the memory the sges name valid
+        // until completion (this function's contract).
+        let rc = unsafe { rdma_mummy_sys::ibv_post_send(qp.qp().as_ptr(), &mut w, &mut bad) };
+        post_result(rc, "send")
     }
 
     unsafe fn post_recv(&self, wr_id: u64, sges: &[Sge]) -> Result<()> {
-        let list = sge_list(sges);
-        let mut qp = self.qp.lock().expect("qp");
-        let mut guard = qp.start_post_recv();
-        let h = guard.construct_wr(wr_id);
-        // SAFETY: the caller keeps the memory valid until completion.
-        unsafe { h.setup_sge_list(&list) };
-        guard
-            .post()
-            .map_err(|e| VerbsError::InvalidArgument(format!("posting a receive: {e}")))
+        let (mut list, n) = sge_array(sges)?;
+        let mut w = rdma_mummy_sys::ibv_recv_wr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            sg_list: list.as_mut_ptr(),
+            num_sge: n as i32,
+        };
+        let qp = self.qp.lock().expect("qp");
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: as in post_send; the caller keeps the receive memory valid
+        // and unaliased until completion.
+        let rc = unsafe { rdma_mummy_sys::ibv_post_recv(qp.qp().as_ptr(), &mut w, &mut bad) };
+        post_result(rc, "receive")
     }
 }

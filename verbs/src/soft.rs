@@ -411,6 +411,8 @@ struct State {
 enum Out {
     /// A request: header, then the bytes of `sges`.
     Request(Header, Vec<Sge>),
+    /// A small request whose bytes were copied at post time (inline).
+    Inline(Header, Vec<u8>),
     /// An ack or nak.
     Control(Header),
     /// A read response: header, then `len` bytes at `addr`.
@@ -693,7 +695,20 @@ impl Endpoint for SoftEndpoint {
             h.flags |= FLAG_ACK_REQ;
         }
         h.status = 0;
-        if !inner.send_out(Out::Request(h, sges)) {
+        // Inline, as a NIC does: small payloads are copied now, so the
+        // caller may reuse the buffer as soon as this returns.
+        let out = if h.kind != Kind::ReadReq && total <= inner.cfg.max_inline as u64 {
+            let mut bytes = Vec::with_capacity(total as usize);
+            for g in &sges {
+                // SAFETY: checked against the region table above (sges_ok);
+                // valid per this function's contract.
+                bytes.extend_from_slice(unsafe { mem::slice(g.addr, g.len as usize) });
+            }
+            Out::Inline(h, bytes)
+        } else {
+            Out::Request(h, sges)
+        };
+        if !inner.send_out(out) {
             inner.fail(WcStatus::RetryExceeded);
         }
         Ok(())
@@ -773,11 +788,11 @@ fn writer(ep: Arc<EpInner>, mut s: TcpStream, rx: mpsc::Receiver<Out>) {
                 }
                 // The last request of a burst asks for an Ack, so that
                 // unsignalled work never waits for a later request.
-                if let Some(Out::Request(h, _)) = burst
-                    .iter_mut()
-                    .rev()
-                    .find(|o| matches!(o, Out::Request(..)))
-                {
+                let last_request = burst.iter_mut().rev().find_map(|o| match o {
+                    Out::Request(h, _) | Out::Inline(h, _) => Some(h),
+                    _ => None,
+                });
+                if let Some(h) = last_request {
                     if h.kind != Kind::ReadReq {
                         h.flags |= FLAG_ACK_REQ;
                     }
@@ -788,6 +803,9 @@ fn writer(ep: Arc<EpInner>, mut s: TcpStream, rx: mpsc::Receiver<Out>) {
                             let parts: Vec<(u64, u32)> =
                                 sges.iter().map(|g| (g.addr, g.len)).collect();
                             write_frame(&mut s, &h, &parts)
+                        }
+                        Out::Inline(h, bytes) => {
+                            s.write_all(&h.encode()).and_then(|_| s.write_all(&bytes))
                         }
                         Out::Control(h) => write_frame(&mut s, &h, &[]),
                         Out::ReadResp(h, addr, len) => write_frame(&mut s, &h, &[(addr, len)]),

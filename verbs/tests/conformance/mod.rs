@@ -28,6 +28,7 @@ pub fn cfg() -> EndpointConfig {
         timeout: Duration::from_secs(3),
         rnr_timeout: Duration::from_millis(300),
         mtu: 4096,
+        max_inline: 64,
     }
 }
 
@@ -370,6 +371,26 @@ macro_rules! conformance_suite {
             let c = next(&*a.send_cq);
             assert_eq!((c.wr_id, c.status), (2, WcStatus::Success));
             assert_eq!(&a.buf[4096..5120], &a.buf[..1024]);
+        }
+
+        #[test]
+        $(#[$attr])*
+        fn inline_sends_free_the_buffer_at_once() {
+            let big = 2 << 20;
+            let (mut a, b) = pair(&$provider, big + 4096);
+            unsafe { b.ep.post_recv(1, &[b.mr.sge(big, 64)]).unwrap() };
+            // A large write first keeps the sender busy, so a backend that
+            // read the small send's buffer late would see the overwrite.
+            unsafe { write(&a, 0, 0, big as u32, b.mr.addr(), b.mr.rkey(), None, false).unwrap() };
+            a.buf[big..big + 8].copy_from_slice(b"original");
+            let sge = [a.mr.sge(big, 8)];
+            unsafe { a.ep.post_send(&SendWr { wr_id: 1, op: SendOp::Send { imm: None }, sges: &sge, signaled: true }).unwrap() };
+            // max_inline is 64: the bytes were copied when posted.
+            a.buf[big..big + 8].copy_from_slice(b"CHANGED!");
+            let c = next(&*a.send_cq);
+            assert_eq!((c.wr_id, c.status), (1, WcStatus::Success));
+            assert_eq!(next(&*b.recv_cq).byte_len, 8);
+            assert_eq!(&b.buf[big..big + 8], b"original");
         }
 
         #[test]
