@@ -88,11 +88,26 @@ fn gid_of(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct MrEntry {
     addr: u64,
     len: u64,
     access: u32,
+    /// Remote-initiated copies in progress into or out of this region.
+    pins: Arc<AtomicU32>,
+}
+
+/// Keeps a region registered while a copy into or out of it runs: dropping
+/// the region waits until no pin is left (as deregistration on a NIC waits
+/// for DMA in flight), and after that no copy touches its memory.
+struct Pin(Arc<AtomicU32>);
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        // Release pairs with the Acquire load in SoftMr::drop: the copy is
+        // finished before the count drops.
+        self.0.fetch_sub(1, Ordering::Release);
+    }
 }
 
 struct DomainInner {
@@ -109,12 +124,22 @@ impl DomainInner {
     /// Checks that `[addr, addr + len)` lies inside region `key` and that
     /// the region grants `need`.
     fn check(&self, key: u32, addr: u64, len: u64, need: u32) -> bool {
+        self.pin(key, addr, len, need).is_some()
+    }
+
+    /// Checks like `check` and, if allowed, pins the region for the copy.
+    fn pin(&self, key: u32, addr: u64, len: u64, need: u32) -> Option<Pin> {
         let mrs = self.mrs.read().expect("mr table");
-        let Some(e) = mrs.get(&key) else { return false };
-        let Some(end) = addr.checked_add(len) else {
-            return false;
-        };
-        e.access & need == need && addr >= e.addr && end <= e.addr + e.len
+        let e = mrs.get(&key)?;
+        let end = addr.checked_add(len)?;
+        if e.access & need == need && addr >= e.addr && end <= e.addr + e.len {
+            // Under the table's read lock: SoftMr::drop removes the entry
+            // under the write lock before it waits for pins to drain.
+            e.pins.fetch_add(1, Ordering::Acquire);
+            Some(Pin(e.pins.clone()))
+        } else {
+            None
+        }
     }
 }
 
@@ -207,7 +232,14 @@ impl MemoryRegion for SoftMr {
 
 impl Drop for SoftMr {
     fn drop(&mut self) {
-        self.domain.mrs.write().expect("mr table").remove(&self.key);
+        let entry = self.domain.mrs.write().expect("mr table").remove(&self.key);
+        // New accesses now fail the check; wait for copies in flight.
+        if let Some(e) = entry {
+            // Acquire pairs with the Release in Pin::drop.
+            while e.pins.load(Ordering::Acquire) != 0 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
     }
 }
 
@@ -279,6 +311,7 @@ impl Domain for SoftDomain {
                 addr: addr as u64,
                 len: len as u64,
                 access,
+                pins: Arc::new(AtomicU32::new(0)),
             },
         );
         Ok(SoftMr {
@@ -416,7 +449,7 @@ enum Out {
     /// An ack or nak.
     Control(Header),
     /// A read response: header, then `len` bytes at `addr`.
-    ReadResp(Header, u64, u32),
+    ReadResp(Header, u64, u32, Pin),
 }
 
 struct EpInner {
@@ -434,6 +467,7 @@ struct EpInner {
 /// A connected soft endpoint. Dropping it closes the connection.
 pub struct SoftEndpoint {
     inner: Arc<EpInner>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl SoftEndpoint {
@@ -464,21 +498,32 @@ impl SoftEndpoint {
         });
         let reader_stream = stream.try_clone()?;
         let r = inner.clone();
-        std::thread::Builder::new()
+        let rx_thread = std::thread::Builder::new()
             .name("ferry-soft-rx".into())
             .spawn(move || reader(r, reader_stream))?;
         let w = inner.clone();
-        std::thread::Builder::new()
+        let tx_thread = std::thread::Builder::new()
             .name("ferry-soft-tx".into())
             .spawn(move || writer(w, stream, rx))?;
-        Ok(SoftEndpoint { inner })
+        Ok(SoftEndpoint {
+            inner,
+            threads: vec![rx_thread, tx_thread],
+        })
     }
 }
 
 impl Drop for SoftEndpoint {
+    /// Like destroying a queue pair: outstanding work is flushed, the
+    /// connection closed, and both progress threads have stopped when this
+    /// returns, so no copy touches the caller's memory afterwards.
     fn drop(&mut self) {
+        self.inner.fail(WcStatus::WrFlush);
         self.inner.tx.lock().expect("tx").take();
         let _ = self.inner.stream.shutdown(Shutdown::Both);
+        self.inner.recv_posted.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -808,7 +853,9 @@ fn writer(ep: Arc<EpInner>, mut s: TcpStream, rx: mpsc::Receiver<Out>) {
                             s.write_all(&h.encode()).and_then(|_| s.write_all(&bytes))
                         }
                         Out::Control(h) => write_frame(&mut s, &h, &[]),
-                        Out::ReadResp(h, addr, len) => write_frame(&mut s, &h, &[(addr, len)]),
+                        Out::ReadResp(h, addr, len, _pin) => {
+                            write_frame(&mut s, &h, &[(addr, len)])
+                        }
                     };
                     if let Err(e) = res {
                         debug!("soft: write failed: {e}");
@@ -905,15 +952,16 @@ fn reader_loop(ep: &EpInner, s: &mut impl Read) -> std::result::Result<(), Strin
         match h.kind {
             Kind::Write => {
                 let len = h.payload_len;
-                if !ep
-                    .domain
-                    .check(h.rkey, h.remote_addr, len as u64, access::REMOTE_WRITE)
-                {
+                let Some(pin) =
+                    ep.domain
+                        .pin(h.rkey, h.remote_addr, len as u64, access::REMOTE_WRITE)
+                else {
                     discard(s, len).map_err(io)?;
                     ep.send_out(nak(h.seq, NakStatus::RemoteAccess));
                     continue;
-                }
+                };
                 read_into(s, h.remote_addr, len).map_err(io)?;
+                drop(pin);
                 if let Some(imm) = h.imm() {
                     let Some((wr_id, _)) = ep.take_recv() else {
                         ep.send_out(nak(h.seq, NakStatus::RnrRetryExceeded));
@@ -960,18 +1008,19 @@ fn reader_loop(ep: &EpInner, s: &mut impl Read) -> std::result::Result<(), Strin
                 }
             }
             Kind::ReadReq => {
-                if !ep.domain.check(
+                let Some(pin) = ep.domain.pin(
                     h.rkey,
                     h.remote_addr,
                     h.read_len as u64,
                     access::REMOTE_READ,
-                ) {
+                ) else {
                     ep.send_out(nak(h.seq, NakStatus::RemoteAccess));
                     continue;
-                }
+                };
                 let mut r = Header::new(Kind::ReadResp, h.seq);
                 r.payload_len = h.read_len;
-                ep.send_out(Out::ReadResp(r, h.remote_addr, h.read_len));
+                // The pin travels with the response until it is written.
+                ep.send_out(Out::ReadResp(r, h.remote_addr, h.read_len, pin));
             }
             Kind::ReadResp => {
                 let o = ep.answered(h.seq).ok_or_else(|| {

@@ -122,3 +122,96 @@ fn malformed_frame_closes_the_connection_with_an_error() {
     drop(mr);
     drop(buf);
 }
+
+#[test]
+fn dropping_a_region_waits_for_a_copy_in_flight() {
+    // A hand-made peer sends a write into our region, half its payload,
+    // then stalls. Dropping the region must wait for the copy to finish
+    // (the memory may be freed right after), and later writes are refused.
+    use ferry_verbs::frame::{Header, Kind, FLAG_ACK_REQ};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+    let p = ferry_verbs::soft::SoftProvider::default();
+    let dom = p.open("soft0").unwrap();
+    let cq = dom.create_cq(16).unwrap();
+    let pending = dom.endpoint(&cfg(), &cq, &cq).unwrap();
+    let mine = pending.info();
+    let peer = EndpointInfo {
+        gid: [0; 16],
+        qpn: 0,
+        psn: 0,
+        mtu: 4096,
+        addr: Some("127.0.0.1:1".parse().unwrap()),
+    };
+    let len = 1 << 20;
+    let mut buf = vec![0u8; len];
+    let mr = unsafe { dom.register(buf.as_mut_ptr(), len, access::ALL) }.unwrap();
+    let (addr, rkey) = (mr.addr(), mr.rkey());
+    let (target, my_qpn) = (mine.addr.unwrap(), mine.qpn);
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (half_tx, half_rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(target).unwrap();
+        let mut hello = Vec::new();
+        hello.extend_from_slice(&0x5346_4552u32.to_le_bytes());
+        hello.extend_from_slice(&my_qpn.to_le_bytes());
+        hello.extend_from_slice(&0u32.to_le_bytes());
+        s.write_all(&hello).unwrap();
+        let mut h = Header::new(Kind::Write, 1);
+        h.remote_addr = addr;
+        h.rkey = rkey;
+        h.payload_len = len as u32;
+        h.flags = FLAG_ACK_REQ;
+        s.write_all(&h.encode()).unwrap();
+        s.write_all(&vec![0xAB; len / 2]).unwrap();
+        half_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(&vec![0xAB; len / 2]).unwrap();
+        // A second write to the same rkey, after deregistration.
+        let mut h2 = Header::new(Kind::Write, 2);
+        h2.remote_addr = addr;
+        h2.rkey = rkey;
+        h2.payload_len = 8;
+        h2.flags = FLAG_ACK_REQ;
+        s.write_all(&h2.encode()).unwrap();
+        s.write_all(&[0xCD; 8]).unwrap();
+        // Read the answers: an Ack for 1, a Nak (remote access) for 2.
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            let mut hb = [0u8; 40];
+            s.read_exact(&mut hb).unwrap();
+            answers.push(Header::decode(&hb).unwrap());
+        }
+        answers
+    });
+    let ep = pending.connect(&peer).unwrap();
+    half_rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(50)); // the copy is under way
+    go_tx.send(()).unwrap();
+    let start = Instant::now();
+    drop(mr);
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200),
+        "drop returned after {waited:?}, before the copy finished"
+    );
+    assert!(
+        buf.iter().all(|&x| x == 0xAB),
+        "the copy in flight completed"
+    );
+    let answers = t.join().unwrap();
+    assert_eq!((answers[0].kind, answers[0].seq), (Kind::Ack, 1));
+    assert_eq!(
+        (answers[1].kind, answers[1].seq),
+        (Kind::Nak, 2),
+        "writes after deregistration are refused"
+    );
+    assert!(
+        buf.iter().all(|&x| x == 0xAB),
+        "nothing written after deregistration"
+    );
+    drop(ep);
+    drop(buf);
+}

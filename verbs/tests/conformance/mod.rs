@@ -395,6 +395,31 @@ macro_rules! conformance_suite {
 
         #[test]
         $(#[$attr])*
+        fn deregistered_region_is_never_written_again() {
+            let size = 1 << 20;
+            let (mut a, mut b) = pair(&$provider, size);
+            fill(&mut a.buf, 2);
+            let (addr, rkey) = (b.mr.addr(), b.mr.rkey());
+            // Writes in flight while the region goes away.
+            for i in 0..16u64 {
+                let off = (i as usize % 16) * (size / 16);
+                unsafe { write(&a, i, off, (size / 16) as u32, addr + off as u64, rkey, None, false).unwrap() };
+            }
+            drop(std::mem::replace(&mut b.mr, unsafe { b.dom.register(b.buf.as_mut_ptr(), 64, access::LOCAL_WRITE) }.unwrap()));
+            // From here on the old rkey names nothing.
+            b.buf.fill(0);
+            unsafe { write(&a, 99, 0, 4096, addr, rkey, None, true).unwrap() };
+            let mut last = next(&*a.send_cq);
+            while last.wr_id != 99 && last.status != WcStatus::RemoteAccess {
+                last = next(&*a.send_cq);
+            }
+            assert_eq!(last.status, WcStatus::RemoteAccess, "{last:?}");
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(b.buf.iter().all(|&x| x == 0), "memory written after deregistration");
+        }
+
+        #[test]
+        $(#[$attr])*
         fn scatter_gather_both_ways() {
             let (mut a, b) = pair(&$provider, 4096);
             fill(&mut a.buf, 1);
