@@ -254,6 +254,21 @@ pub trait Domain: Send + Sync + Sized {
     /// and write it (per `access`) at any time meanwhile.
     unsafe fn register(&self, addr: *mut u8, len: usize, access: u32) -> Result<Self::Mr>;
 
+    /// Registers `len` bytes at `offset` of a dma-buf (GPU memory exported
+    /// by its driver), addressed in sges from `iova`. Backends or devices
+    /// that cannot do this say `Unsupported`.
+    ///
+    /// # Safety
+    /// `fd` must be a dma-buf that stays alive until the region is dropped.
+    unsafe fn register_dmabuf(
+        &self,
+        fd: std::os::fd::RawFd,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        access: u32,
+    ) -> Result<Self::Mr>;
+
     fn create_cq(&self, depth: u32) -> Result<std::sync::Arc<Self::Cq>>;
 
     /// Creates an endpoint whose completions go to `send_cq` and `recv_cq`.

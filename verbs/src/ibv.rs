@@ -475,6 +475,49 @@ impl Domain for IbvDomain {
         })
     }
 
+    unsafe fn register_dmabuf(
+        &self,
+        fd: RawFd,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        access_bits: u32,
+    ) -> Result<IbvMr> {
+        if len == 0 || fd < 0 {
+            return Err(VerbsError::InvalidArgument(format!(
+                "registering dma-buf fd {fd}: empty range or bad fd"
+            )));
+        }
+        // SAFETY: the caller keeps the dma-buf alive for the region's
+        // lifetime (this function's contract).
+        let mr = unsafe {
+            self.pd
+                .reg_dmabuf_mr(offset, len, iova, fd, access_flags(access_bits))
+        }
+        .map_err(|e| {
+            let text = e.to_string();
+            let os = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .and_then(|io| io.raw_os_error());
+            match os {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    VerbsError::Unsupported("dma-buf memory regions on this device")
+                }
+                _ => VerbsError::InvalidArgument(format!("registering dma-buf fd {fd}: {text}")),
+            }
+        })?;
+        self.regions
+            .write()
+            .expect("regions")
+            .insert(mr.lkey(), (iova, len as u64));
+        Ok(IbvMr {
+            mr,
+            addr: iova,
+            len,
+            regions: self.regions.clone(),
+        })
+    }
+
     fn create_cq(&self, depth: u32) -> Result<Arc<IbvCq>> {
         let channel = self
             .ctx

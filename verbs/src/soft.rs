@@ -322,6 +322,19 @@ impl Domain for SoftDomain {
         })
     }
 
+    unsafe fn register_dmabuf(
+        &self,
+        _fd: RawFd,
+        _offset: u64,
+        _len: usize,
+        _iova: u64,
+        _access: u32,
+    ) -> Result<SoftMr> {
+        Err(VerbsError::Unsupported(
+            "dma-buf memory regions (soft backend)",
+        ))
+    }
+
     fn create_cq(&self, _depth: u32) -> Result<Arc<SoftCq>> {
         Ok(Arc::new(SoftCq {
             q: Mutex::new(VecDeque::new()),

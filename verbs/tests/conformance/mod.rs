@@ -420,6 +420,30 @@ macro_rules! conformance_suite {
 
         #[test]
         $(#[$attr])*
+        fn dmabuf_registration_of_a_non_dmabuf_is_refused_clearly() {
+            // A memfd is not a dma-buf: the backend must refuse it with an
+            // error (Unsupported where dma-buf regions do not exist at all).
+            let dev = $provider.devices().unwrap().into_iter().next().unwrap();
+            let dom = $provider.open(&dev.name).unwrap();
+            let name = std::ffi::CString::new("not-a-dmabuf").unwrap();
+            let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0);
+            unsafe { libc::ftruncate(fd, 4096) };
+            let r = unsafe { dom.register_dmabuf(fd, 0, 4096, 0, access::ALL) };
+            match r {
+                Err(VerbsError::Unsupported(_)) | Err(VerbsError::InvalidArgument(_)) => {}
+                Err(e) => panic!("unexpected error kind: {e}"),
+                Ok(_) => panic!("a memfd was registered as a dma-buf"),
+            }
+            assert!(matches!(
+                unsafe { dom.register_dmabuf(-1, 0, 4096, 0, access::ALL) },
+                Err(VerbsError::InvalidArgument(_)) | Err(VerbsError::Unsupported(_))
+            ));
+            unsafe { libc::close(fd) };
+        }
+
+        #[test]
+        $(#[$attr])*
         fn scatter_gather_both_ways() {
             let (mut a, b) = pair(&$provider, 4096);
             fill(&mut a.buf, 1);
