@@ -2,9 +2,10 @@
 # Runs a command inside a qemu VM whose kernel has soft-RoCE: the Debian
 # 6.1 kernel's rdma_rxe module, with rxe0 created on a veth device. The
 # guest sees this machine's root file system read-only (9p) and chroots into
-# it, so binaries built here run there by the same path; a writable share
-# carries the log and the exit status back, and this script exits with the
-# command's status.
+# it, so installed programs and libraries are there; an executable named by
+# path (a test binary) is copied into a writable share and run from it
+# (working directory /mnt/work). The share carries the log and the exit
+# status back, and this script exits with the command's status.
 #
 #   scripts/rxe-vm.sh COMMAND [ARG...]      e.g. scripts/rxe-vm.sh ibv_devinfo
 #
@@ -110,10 +111,17 @@ fi
 SHARE=$(mktemp -d /tmp/ferry-rxe.XXXXXX)
 trap 'rm -rf "$SHARE"' EXIT
 mkdir -p "$SHARE/work"
+# The guest sees this machine's root read-only, but with its own tmpfs on
+# /tmp, so a checkout under /tmp is invisible there: an executable given by
+# path travels in the share and runs from there.
+cmd=("$@")
+if [[ "${cmd[0]}" == */* && -f "${cmd[0]}" ]]; then
+    cp "${cmd[0]}" "$SHARE/work/"
+    cmd[0]="/mnt/work/$(basename "${cmd[0]}")"
+fi
 {
-    echo "cd '$PWD' || exit 97"
     printf 'export FERRY_RXE_VM=1 RUST_BACKTRACE=1\n'
-    printf '%q ' "$@"
+    printf '%q ' "${cmd[@]}"
     echo
 } > "$SHARE/run.sh"
 
