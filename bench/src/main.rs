@@ -369,7 +369,15 @@ fn produce(socket: &Path, stream: &str, batch: u64, millis: u64, pace_us: u64) -
 
 fn consume(socket: &Path, stream: &str, spin_us: u32, prefetch: u32) -> Res<()> {
     let client = Client::connect(Some(socket))?;
-    let mut c = client.consumer(stream, "bench", ConsumerOptions { prefetch, spin_us })?;
+    let mut c = client.consumer(
+        stream,
+        "bench",
+        ConsumerOptions {
+            prefetch,
+            spin_us,
+            device: None,
+        },
+    )?;
     println!("ready");
     std::io::stdout().flush()?;
     let mut lat = Vec::with_capacity(1 << 16);
@@ -431,6 +439,7 @@ fn loopback(socket: &Path, millis: u64) -> Res<()> {
         ConsumerOptions {
             prefetch: 1,
             spin_us: 10_000_000,
+            device: None,
         },
     )?;
     let mut lat = Vec::new();

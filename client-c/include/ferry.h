@@ -10,7 +10,7 @@
 
 // Version of this C ABI (struct layouts, signatures). Bumped on any
 // incompatible change; bindings compare it with `ferry_abi_version()`.
-#define FERRY_ABI_VERSION 1
+#define FERRY_ABI_VERSION 2
 
 // Success.
 #define FERRY_OK 0
@@ -57,6 +57,12 @@
 // A bug (including a caught panic).
 #define FERRY_E_INTERNAL 14
 
+// The requested device does not exist (GPU delivery without that GPU).
+#define FERRY_E_NO_DEVICE 15
+
+// The request is valid but this ferryd cannot do it.
+#define FERRY_E_UNSUPPORTED 16
+
 // A connection to ferryd.
 typedef struct ferry_client ferry_client;
 
@@ -88,6 +94,9 @@ typedef struct ferry_consumer_config {
   uint32_t prefetch;
   // Microseconds `ferry_consumer_next` busy-polls before sleeping.
   uint32_t spin_us;
+  // Where batches are delivered: NULL or "cpu" for host memory,
+  // "cuda:N" for GPU N.
+  const char *device;
 } ferry_consumer_config;
 
 // A delivered batch, read in place. Valid until released.

@@ -37,6 +37,8 @@ pub enum Status {
     Limit = 12,
     ShuttingDown = 13,
     Internal = 14,
+    NoDevice = 15,
+    Unsupported = 16,
 }
 
 impl Status {
@@ -57,6 +59,8 @@ impl Status {
             ErrorCode::OffsetGone => Status::OffsetGone,
             ErrorCode::Limit => Status::Limit,
             ErrorCode::ShuttingDown => Status::ShuttingDown,
+            ErrorCode::NoDevice => Status::NoDevice,
+            ErrorCode::Unsupported => Status::Unsupported,
             _ => Status::Internal,
         }
     }
@@ -64,7 +68,7 @@ impl Status {
 
 /// Descriptions of the status codes, indexed by code, NUL-terminated so
 /// that the C ABI can hand them out as they are.
-pub(crate) const STATUS_TEXT: [&str; 15] = [
+pub(crate) const STATUS_TEXT: [&str; 17] = [
     "ok\0",
     "timed out\0",
     "invalid argument\0",
@@ -80,6 +84,8 @@ pub(crate) const STATUS_TEXT: [&str; 15] = [
     "resource limit reached\0",
     "ferryd is shutting down\0",
     "internal error\0",
+    "no such device (e.g. GPU delivery on a host without that GPU)\0",
+    "not supported by this ferryd\0",
 ];
 
 /// A failed call: a status code and a sentence for people.
@@ -264,6 +270,7 @@ impl Client {
                 stream: stream.to_string(),
                 group: group.to_string(),
                 prefetch: opts.prefetch,
+                device: opts.device,
             },
             false,
         )?;
@@ -293,6 +300,24 @@ pub struct ConsumerOptions {
     pub prefetch: u32,
     /// Microseconds `next` spins before sleeping.
     pub spin_us: u32,
+    /// Deliver into this GPU (`cuda:N`); `None`: host memory.
+    pub device: Option<u32>,
+}
+
+/// Parses a device name: "cpu" (or empty) for host memory, "cuda:N".
+pub fn parse_device(s: &str) -> Result<Option<u32>> {
+    match s.trim() {
+        "" | "cpu" | "host" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        t => t
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<u32>().ok())
+            .map(Some)
+            .ok_or_else(|| Error {
+                status: Status::InvalidArgument,
+                message: format!("device {s:?}: expected \"cpu\" or \"cuda:N\""),
+            }),
+    }
 }
 
 impl Default for ConsumerOptions {
@@ -300,6 +325,7 @@ impl Default for ConsumerOptions {
         ConsumerOptions {
             prefetch: 0,
             spin_us: DEFAULT_SPIN_US,
+            device: None,
         }
     }
 }

@@ -21,7 +21,7 @@ use ferry_shm::proto::StreamSpec;
 
 /// Version of this C ABI (struct layouts, signatures). Bumped on any
 /// incompatible change; bindings compare it with `ferry_abi_version()`.
-pub const FERRY_ABI_VERSION: u32 = 1;
+pub const FERRY_ABI_VERSION: u32 = 2;
 
 /// Success.
 pub const FERRY_OK: i32 = 0;
@@ -53,6 +53,10 @@ pub const FERRY_E_LIMIT: i32 = 12;
 pub const FERRY_E_SHUTTING_DOWN: i32 = 13;
 /// A bug (including a caught panic).
 pub const FERRY_E_INTERNAL: i32 = 14;
+/// The requested device does not exist (GPU delivery without that GPU).
+pub const FERRY_E_NO_DEVICE: i32 = 15;
+/// The request is valid but this ferryd cannot do it.
+pub const FERRY_E_UNSUPPORTED: i32 = 16;
 
 /// Configuration of a stream a producer may create.
 #[repr(C)]
@@ -72,6 +76,9 @@ pub struct ferry_consumer_config {
     pub prefetch: u32,
     /// Microseconds `ferry_consumer_next` busy-polls before sleeping.
     pub spin_us: u32,
+    /// Where batches are delivered: NULL or "cpu" for host memory,
+    /// "cuda:N" for GPU N.
+    pub device: *const c_char,
 }
 
 /// A reserved slot: write up to `capacity` bytes at `data`, then publish.
@@ -430,6 +437,17 @@ pub unsafe extern "C" fn ferry_consumer_open(
         if let Some(c) = unsafe { config.as_ref() } {
             opts.prefetch = c.prefetch;
             opts.spin_us = c.spin_us;
+            if !c.device.is_null() {
+                // SAFETY: non-null and NUL-terminated per the contract.
+                let d = match unsafe { str_arg(c.device, "config->device") } {
+                    Ok(d) => d,
+                    Err(code) => return code,
+                };
+                opts.device = match crate::client::parse_device(d) {
+                    Ok(v) => v,
+                    Err(e) => return fail(e),
+                };
+            }
         }
         // SAFETY: client is live per the contract.
         let client = unsafe { &*client };
@@ -599,7 +617,8 @@ mod tests {
         assert_eq!(Status::Timeout as i32, FERRY_E_TIMEOUT);
         assert_eq!(Status::NotHeld as i32, FERRY_E_NOT_HELD);
         assert_eq!(Status::Internal as i32, FERRY_E_INTERNAL);
-        for code in 0..=FERRY_E_INTERNAL {
+        assert_eq!(Status::Unsupported as i32, FERRY_E_UNSUPPORTED);
+        for code in 0..=FERRY_E_UNSUPPORTED {
             // SAFETY (test): static NUL-terminated strings.
             let s = unsafe { CStr::from_ptr(ferry_status_str(code)) }
                 .to_str()

@@ -100,6 +100,8 @@ pub struct Server {
     /// The fabric backend chosen at start-up, and why (not yet used for
     /// data: moving batches between hosts comes with the peers work).
     fabric: String,
+    /// GPUs found at start-up, or why there are none.
+    gpus: Result<ferry_cuda::Probe, ferry_cuda::CudaError>,
     events: Vec<(u64, u32)>,
     /// Scratch list of session ids, reused by every loop iteration.
     scratch: Vec<SessionId>,
@@ -177,6 +179,28 @@ impl Server {
             ferry_verbs::select::Choice::Soft => format!("soft ({})", sel.reason),
         };
         info!(fabric = %fabric, "fabric chosen");
+        let gpus = ferry_cuda::probe();
+        match &gpus {
+            Ok(p) => {
+                info!(
+                    driver = p.driver_version,
+                    count = p.gpus.len(),
+                    "CUDA driver found"
+                );
+                for g in &p.gpus {
+                    info!(
+                        ordinal = g.ordinal,
+                        name = %g.name,
+                        pci = %g.pci_bus_id,
+                        memory = g.total_memory,
+                        dma_buf = g.dma_buf,
+                        gpudirect_rdma = g.gpudirect_rdma,
+                        "GPU"
+                    );
+                }
+            }
+            Err(e) => info!("no GPUs: {e}"),
+        }
         let allowed_uids = cfg.allowed_uids();
         let mut server = Server {
             socket_path,
@@ -194,6 +218,7 @@ impl Server {
             started: Instant::now(),
             draining: None,
             fabric,
+            gpus,
             events: Vec::with_capacity(64),
             scratch: Vec::with_capacity(64),
             cfg,
@@ -539,7 +564,8 @@ impl Server {
                 stream,
                 group,
                 prefetch,
-            } => self.open_consumer(id, stream, group, prefetch),
+                device,
+            } => self.open_consumer(id, stream, group, prefetch, device),
             Request::Seek { partition, offset } => self.seek(id, partition, offset),
         }
     }
@@ -641,9 +667,32 @@ impl Server {
         self.reply(id, &Response::Opened(info), &fds);
     }
 
-    fn open_consumer(&mut self, id: SessionId, name: String, group: String, prefetch: u32) {
+    fn open_consumer(
+        &mut self,
+        id: SessionId,
+        name: String,
+        group: String,
+        prefetch: u32,
+        device: Option<u32>,
+    ) {
         let res = (|| {
             self.check_open(id)?;
+            if let Some(n) = device {
+                return Err(match &self.gpus {
+                    Err(e) => (
+                        ErrorCode::NoDevice,
+                        format!("GPU delivery to cuda:{n} was requested, but this host has no CUDA GPU ({e})"),
+                    ),
+                    Ok(p) if n as usize >= p.gpus.len() => (
+                        ErrorCode::NoDevice,
+                        format!("there is no cuda:{n}: this host has {} GPU(s)", p.gpus.len()),
+                    ),
+                    Ok(_) => (
+                        ErrorCode::Unsupported,
+                        format!("GPU delivery (cuda:{n}) is not implemented in this ferryd yet; use host delivery"),
+                    ),
+                });
+            }
             if !proto::valid_name(&group) {
                 return Err((
                     ErrorCode::InvalidArgument,
@@ -1108,6 +1157,14 @@ impl Server {
             socket: self.socket_path.display().to_string(),
             draining: self.draining.is_some(),
             fabric: self.fabric.clone(),
+            gpus: match &self.gpus {
+                Ok(p) => p.gpus.clone(),
+                Err(_) => Vec::new(),
+            },
+            gpu_note: match &self.gpus {
+                Ok(p) => format!("CUDA driver {}", p.driver_version),
+                Err(e) => e.to_string(),
+            },
             sessions: self.sessions.len(),
             streams,
         }
@@ -1132,6 +1189,12 @@ pub struct Status {
     /// The fabric backend and why it was chosen.
     #[serde(default)]
     pub fabric: String,
+    /// GPUs found at start-up.
+    #[serde(default)]
+    pub gpus: Vec<ferry_cuda::GpuInfo>,
+    /// The CUDA driver version, or why there are no GPUs.
+    #[serde(default)]
+    pub gpu_note: String,
     pub sessions: usize,
     pub streams: Vec<StreamStatus>,
 }

@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to these messages or the shared layouts.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest message either side sends or accepts.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Longest stream or group name.
@@ -38,11 +38,13 @@ pub enum Request {
         spec: Option<StreamSpec>,
     },
     /// Become a member of consumer group `group` of `stream`. At most
-    /// `prefetch` batches are delivered and unreleased at a time.
+    /// `prefetch` batches are delivered and unreleased at a time. `device`:
+    /// deliver into this GPU's memory (`None`: host memory).
     OpenConsumer {
         stream: String,
         group: String,
         prefetch: u32,
+        device: Option<u32>,
     },
     /// Consumer: redeliver `partition` from `offset` (or skip to it).
     Seek {
@@ -92,6 +94,10 @@ pub enum ErrorCode {
     Limit,
     ShuttingDown,
     Internal,
+    /// The requested device (a GPU) does not exist on this host.
+    NoDevice,
+    /// The request is valid but this ferryd cannot do it.
+    Unsupported,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +157,7 @@ mod tests {
             stream: "s".into(),
             group: "g".into(),
             prefetch: 4,
+            device: Some(1),
         };
         let b = encode(&r).unwrap();
         assert_eq!(decode::<Request>(&b).unwrap(), r);

@@ -356,6 +356,59 @@ fn fabric_choice_is_logged_and_an_impossible_one_refused() {
 }
 
 #[test]
+fn gpu_delivery_without_that_gpu_is_refused_and_host_consumers_keep_working() {
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let mut p = client.producer("s", spec(1, 64, 8)).unwrap();
+    let gpu = ConsumerOptions {
+        device: Some(0),
+        ..Default::default()
+    };
+    let e = client.consumer("s", "g", gpu).err().unwrap();
+    if d.status().gpus.is_empty() {
+        assert_eq!(e.status, Status::NoDevice, "{}", e.message);
+        assert!(
+            e.message.contains("cuda:0") && e.message.contains("no CUDA GPU"),
+            "{}",
+            e.message
+        );
+    } else {
+        assert_eq!(e.status, Status::Unsupported, "{}", e.message);
+    }
+    let e = client
+        .consumer(
+            "s",
+            "g",
+            ConsumerOptions {
+                device: Some(99),
+                ..Default::default()
+            },
+        )
+        .err()
+        .unwrap();
+    assert_eq!(e.status, Status::NoDevice);
+    assert!(ferry::client::parse_device("gpu0").is_err());
+    assert_eq!(ferry::client::parse_device("cuda:2").unwrap(), Some(2));
+    // The daemon still serves host-memory consumers.
+    let mut c = client
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    p.send(b"host", b"", None, T).unwrap();
+    let b = c.next(T).unwrap();
+    // SAFETY (test): held until released.
+    assert_eq!(unsafe { b.data() }, b"host");
+    c.release(b.token).unwrap();
+    let out = Command::new(bin("ferry"))
+        .args(["status", "--admin-socket", d.admin.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("gpu"),
+        "status shows GPUs or why there are none"
+    );
+}
+
+#[test]
 fn daemon_not_running_names_the_socket() {
     let path = std::path::Path::new("/tmp/ferry-no-such-daemon/ferryd.sock");
     let e = ferry::Client::connect(Some(path)).err().unwrap();

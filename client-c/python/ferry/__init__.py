@@ -48,6 +48,8 @@ E_OFFSET_GONE = 11
 E_LIMIT = 12
 E_SHUTTING_DOWN = 13
 E_INTERNAL = 14
+E_NO_DEVICE = 15
+E_UNSUPPORTED = 16
 
 
 class FerryError(Exception):
@@ -76,7 +78,7 @@ class _Stream(ctypes.Structure):
 
 
 class _ConsumerConfig(ctypes.Structure):
-    _fields_ = [("prefetch", ctypes.c_uint32), ("spin_us", ctypes.c_uint32)]
+    _fields_ = [("prefetch", ctypes.c_uint32), ("spin_us", ctypes.c_uint32), ("device", ctypes.c_char_p)]
 
 
 class _Slot(ctypes.Structure):
@@ -132,7 +134,7 @@ def _load():
 
 
 # Must equal FERRY_ABI_VERSION in ferry.h: the struct layouts below mirror it.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lib = _load()
 _p = ctypes.c_void_p
@@ -248,9 +250,11 @@ class Client(_Handle):
         1 partition, 16 slots); an existing stream must match them."""
         return Producer(self, stream, partitions, slot_size, slot_count)
 
-    def consumer(self, stream, group, prefetch=0, spin_us=50, auto_release=True):
-        """Joins consumer group ``group`` of ``stream``."""
-        return Consumer(self, stream, group, prefetch, spin_us, auto_release)
+    def consumer(self, stream, group, prefetch=0, spin_us=50, auto_release=True, device=None):
+        """Joins consumer group ``group`` of ``stream``. ``device``: None or
+        "cpu" for host memory; "cuda:N" asks for GPU delivery (refused with
+        E_NO_DEVICE without that GPU, E_UNSUPPORTED until ferryd does it)."""
+        return Consumer(self, stream, group, prefetch, spin_us, auto_release, device)
 
 
 class Slot:
@@ -355,8 +359,8 @@ class Batch:
 class Consumer(_Handle):
     _free = "ferry_consumer_free"
 
-    def __init__(self, client, stream, group, prefetch, spin_us, auto_release):
-        cfg = _ConsumerConfig(prefetch, spin_us)
+    def __init__(self, client, stream, group, prefetch, spin_us, auto_release, device=None):
+        cfg = _ConsumerConfig(prefetch, spin_us, None if device is None else device.encode())
         handle = _p()
         _check(_lib.ferry_consumer_open(client._h, stream.encode(), group.encode(), ctypes.byref(cfg), ctypes.byref(handle)))
         self._h = handle

@@ -96,6 +96,19 @@ def test_errors_are_clear(daemon, tmp_path):
         cons.next(timeout=-1)
 
 
+def test_gpu_delivery_is_refused_clearly_without_that_gpu(daemon):
+    client = ferry.Client(str(daemon.socket))
+    client.producer("g", slot_size=16, slot_count=2)
+    with pytest.raises(ferry.FerryError) as e:
+        client.consumer("g", "trainers", device="cuda:0")
+    assert e.value.status in (ferry.E_NO_DEVICE, ferry.E_UNSUPPORTED)
+    assert "cuda:0" in str(e.value)
+    with pytest.raises(ferry.FerryError) as e:
+        client.consumer("g", "trainers", device="gpu0")
+    assert e.value.status == ferry.E_INVALID_ARGUMENT
+    client.consumer("g", "trainers", device="cpu").close()
+
+
 def test_consumer_process_killed_mid_batch_is_redelivered(daemon):
     client = ferry.Client(str(daemon.socket))
     prod = client.producer("kill", slot_size=64, slot_count=8)

@@ -120,6 +120,22 @@ static void test_round_trip(ferry_client *client) {
     ferry_producer_free(p);
 }
 
+static void test_gpu_delivery_requests(ferry_client *client) {
+    ferry_consumer *c = NULL;
+    ferry_consumer_config gpu = {.prefetch = 4, .spin_us = 10, .device = "cuda:0"};
+    int st = ferry_consumer_open(client, "c-abi", "gpu", &gpu, &c);
+    /* No GPU here: NO_DEVICE; a GPU host: UNSUPPORTED until GPU delivery lands. */
+    CHECK(st == FERRY_E_NO_DEVICE || st == FERRY_E_UNSUPPORTED);
+    CHECK(strstr(ferry_last_error(), "cuda:0") != NULL);
+    ferry_consumer_config bad = {.prefetch = 4, .spin_us = 10, .device = "gpu0"};
+    EXPECT(ferry_consumer_open(client, "c-abi", "gpu", &bad, &c), FERRY_E_INVALID_ARGUMENT);
+    CHECK(strstr(ferry_last_error(), "cuda:N") != NULL);
+    CHECK(c == NULL);
+    ferry_consumer_config host = {.prefetch = 4, .spin_us = 10, .device = "cpu"};
+    EXPECT(ferry_consumer_open(client, "c-abi", "host", &host, &c), FERRY_OK);
+    ferry_consumer_free(c);
+}
+
 static void test_unknown_and_mismatched_streams(ferry_client *client) {
     ferry_producer *p = NULL;
     ferry_consumer *c = NULL;
@@ -140,6 +156,7 @@ int main(void) {
     test_null_arguments(client);
     test_round_trip(client);
     test_unknown_and_mismatched_streams(client);
+    test_gpu_delivery_requests(client);
     ferry_client_free(client);
     printf("%d passed, 0 failed\n", passed);
     return 0;

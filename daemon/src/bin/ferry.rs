@@ -70,6 +70,20 @@ fn print_status(st: &Status) {
         if st.draining { ", DRAINING" } else { "" }
     );
     println!("fabric: {}", st.fabric);
+    if st.gpus.is_empty() {
+        println!("gpus: none ({})", st.gpu_note);
+    }
+    for g in &st.gpus {
+        println!(
+            "gpu cuda:{} {} at {}: {} MiB, dma-buf {}, GPUDirect RDMA {}",
+            g.ordinal,
+            g.name,
+            g.pci_bus_id,
+            g.total_memory >> 20,
+            if g.dma_buf { "yes" } else { "no" },
+            if g.gpudirect_rdma { "yes" } else { "no" }
+        );
+    }
     if st.streams.is_empty() {
         println!("no streams");
     }

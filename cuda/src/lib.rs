@@ -1,0 +1,96 @@
+//! Ferry's GPU side, through cudarc with run-time loading: on a host
+//! without the CUDA driver every entry point reports "not present" cleanly
+//! (no panic, no link error). Knows nothing of verbs.
+//!
+//! What exists: the probe (devices, PCI bus ids, memory, dma-buf export and
+//! GPUDirect RDMA support, driver version) and device names. GPU pools,
+//! CUDA IPC hand-off and staged copies are not written yet.
+
+mod raw;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CudaError {
+    /// No CUDA driver library on this host (or it would not initialise).
+    #[error("CUDA not present: {0}")]
+    NotPresent(String),
+    /// A driver call failed.
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+}
+
+/// One GPU as the driver describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub ordinal: u32,
+    pub name: String,
+    /// PCI address like "0000:17:00.0" (lower case, as sysfs writes it).
+    pub pci_bus_id: String,
+    pub total_memory: u64,
+    /// The device can export its memory as a dma-buf
+    /// (cuMemGetHandleForAddressRange), which NICs can register.
+    pub dma_buf: bool,
+    pub gpudirect_rdma: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// e.g. 12080 for CUDA 12.8.
+    pub driver_version: i32,
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// Looks for the CUDA driver and its devices. `Err(NotPresent)` on a host
+/// without it, never a panic.
+pub fn probe() -> Result<Probe, CudaError> {
+    raw::probe()
+}
+
+/// Where a consumer wants its batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Device {
+    Host,
+    Cuda(u32),
+}
+
+/// Parses "cpu" (or "host", or empty) and "cuda:N" (or "cuda" for 0).
+pub fn parse_device(s: &str) -> Result<Device, String> {
+    let t = s.trim();
+    match t {
+        "" | "cpu" | "host" => Ok(Device::Host),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => t
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<u32>().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("device {s:?}: expected \"cpu\" or \"cuda:N\"")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu"), Ok(Device::Host));
+        assert_eq!(parse_device(""), Ok(Device::Host));
+        assert_eq!(parse_device("cuda"), Ok(Device::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(Device::Cuda(3)));
+        for bad in ["gpu0", "cuda:", "cuda:-1", "cuda:x", "cuda:1:2"] {
+            let e = parse_device(bad).unwrap_err();
+            assert!(e.contains("cuda:N"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn probe_never_panics() {
+        match probe() {
+            Ok(p) => assert!(p.driver_version > 0),
+            Err(CudaError::NotPresent(why)) => assert!(!why.is_empty()),
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+}
