@@ -572,13 +572,7 @@ pub fn bench_fabric(
     quick: bool,
     smoke: bool,
 ) -> Res<()> {
-    let ms = if smoke {
-        100
-    } else if quick {
-        1500
-    } else {
-        5000
-    };
+    let ms = crate::run_millis(quick, smoke);
     match provider {
         "soft" => bench_soft(ms),
         "ibv" => bench_ibv(ms, device, gid_index, host),

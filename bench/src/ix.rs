@@ -2,13 +2,11 @@
 //! with `--features iceoryx2`): a publisher process and a subscriber
 //! process, no daemon in between.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iceoryx2::prelude::*;
 
-use crate::{me, monotonic_ns, percentile, touch, Res, END, MIN_BATCHES};
+use crate::{monotonic_ns, percentile, touch, Res, END, MIN_BATCHES};
 
 fn service_name(tag: &str) -> String {
     format!("ferry-bench/{}/{tag}", std::process::id())
@@ -110,30 +108,13 @@ pub fn publish(name: &str, size: usize, millis: u64, pace_us: u64) -> Res<()> {
 /// Runs a publisher and a subscriber process; returns the subscriber's report.
 pub fn run(tag: &str, size: usize, millis: u64, pace_us: u64) -> Res<serde_json::Value> {
     let name = service_name(tag);
-    let mut sub = Command::new(me())
-        .args(["ix-sub", &name])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut out = BufReader::new(sub.stdout.take().unwrap());
-    let mut ready = String::new();
-    out.read_line(&mut ready)?;
-    if ready.trim() != "ready" {
-        return Err(format!("iceoryx2 subscriber said {ready:?}").into());
-    }
-    let st = Command::new(me())
-        .args([
-            "ix-pub",
-            &name,
-            &size.to_string(),
-            &millis.to_string(),
-            &pace_us.to_string(),
-        ])
-        .status()?;
-    if !st.success() {
-        return Err("iceoryx2 publisher failed".into());
-    }
-    let mut report = String::new();
-    out.read_to_string(&mut report)?;
-    sub.wait()?;
-    Ok(serde_json::from_str(report.trim())?)
+    let reader = ["ix-sub".to_string(), name.clone()];
+    let writer = [
+        "ix-pub".to_string(),
+        name,
+        size.to_string(),
+        millis.to_string(),
+        pace_us.to_string(),
+    ];
+    crate::run_pair(&reader, &writer, || {})
 }

@@ -307,40 +307,63 @@ fn ferry_run(
             slot_count: slots,
         }),
     )?;
-    let mut consumer = Command::new(me())
-        .args([
-            "consume",
-            d.socket.to_str().unwrap(),
-            stream,
-            &spin_us.to_string(),
-            &prefetch.to_string(),
-        ])
+    let reader = [
+        "consume".to_string(),
+        d.socket.display().to_string(),
+        stream.to_string(),
+        spin_us.to_string(),
+        prefetch.to_string(),
+    ];
+    let writer = [
+        "produce".to_string(),
+        d.socket.display().to_string(),
+        stream.to_string(),
+        batch.to_string(),
+        millis.to_string(),
+        pace_us.to_string(),
+    ];
+    // The stream exists (made above) before the reader joins; the producer
+    // handle itself is not needed once the reader is in.
+    run_pair(&reader, &writer, move || drop(_p))
+}
+
+/// Runs this binary as a reader process (which prints "ready" once it can
+/// receive, then its JSON report at the end) and as a writer process;
+/// returns the reader's report. `when_ready` runs between the two.
+pub(crate) fn run_pair(
+    reader: &[String],
+    writer: &[String],
+    when_ready: impl FnOnce(),
+) -> Res<serde_json::Value> {
+    let mut child = Command::new(me())
+        .args(reader)
         .stdout(Stdio::piped())
         .spawn()?;
-    let mut out = BufReader::new(consumer.stdout.take().unwrap());
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
     let mut ready = String::new();
     out.read_line(&mut ready)?;
     if ready.trim() != "ready" {
-        return Err(format!("consumer said {ready:?}").into());
+        return Err(format!("{} said {ready:?} instead of ready", reader[0]).into());
     }
-    drop(_p);
-    let status = Command::new(me())
-        .args([
-            "produce",
-            d.socket.to_str().unwrap(),
-            stream,
-            &batch.to_string(),
-            &millis.to_string(),
-            &pace_us.to_string(),
-        ])
-        .status()?;
-    if !status.success() {
-        return Err("producer failed".into());
+    when_ready();
+    if !Command::new(me()).args(writer).status()?.success() {
+        return Err(format!("{} failed", writer[0]).into());
     }
     let mut report = String::new();
     out.read_to_string(&mut report)?;
-    consumer.wait()?;
+    child.wait()?;
     Ok(serde_json::from_str(report.trim())?)
+}
+
+/// How long each case runs: `--smoke` a moment, `--quick` under 30 s in all.
+pub(crate) fn run_millis(quick: bool, smoke: bool) -> u64 {
+    if smoke {
+        100
+    } else if quick {
+        1500
+    } else {
+        5000
+    }
 }
 
 fn produce(socket: &Path, stream: &str, batch: u64, millis: u64, pace_us: u64) -> Res<()> {
@@ -571,13 +594,7 @@ fn bench_shm(quick: bool, smoke: bool, ferryd: Option<PathBuf>) -> Res<()> {
         .unwrap_or(100u64);
     let d = start_daemon(&ferryd, default_spin)?;
     let busy = start_daemon(&ferryd, 1_000_000)?;
-    let ms = if smoke {
-        100
-    } else if quick {
-        1500
-    } else {
-        5000
-    };
+    let ms = run_millis(quick, smoke);
     let desc = 64usize;
 
     // Hand-off latency. Two slots and one producer grant: each batch is

@@ -4,12 +4,36 @@ mod conformance;
 
 conformance_suite!(ferry_verbs::soft::SoftProvider::default());
 
+/// Dials a soft domain as a hand-made peer (qpn 0) of its endpoint `qpn`,
+/// saying the hello a real soft endpoint says.
+fn fake_peer(target: std::net::SocketAddr, qpn: u32) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(target).unwrap();
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&0x5346_4552u32.to_le_bytes());
+    hello.extend_from_slice(&qpn.to_le_bytes());
+    hello.extend_from_slice(&0u32.to_le_bytes());
+    s.write_all(&hello).unwrap();
+    s
+}
+
+/// The info of a peer that dials us: port 1 sorts below any ephemeral
+/// port, so our endpoint waits for it instead of dialing.
+fn dialing_peer() -> EndpointInfo {
+    EndpointInfo {
+        gid: [0; 16],
+        qpn: 0,
+        psn: 0,
+        mtu: 4096,
+        addr: Some("127.0.0.1:1".parse().unwrap()),
+    }
+}
+
 #[test]
 fn soft_peer_that_never_answers_times_out() {
     // A "peer" that connects, says hello, and then never answers: the
     // request must fail with RetryExceeded after the endpoint's timeout.
     use std::io::{Read, Write};
-    use std::net::TcpStream;
     let p = ferry_verbs::soft::SoftProvider::default();
     let dom = p.open("soft0").unwrap();
     let cq = dom.create_cq(16).unwrap();
@@ -19,21 +43,12 @@ fn soft_peer_that_never_answers_times_out() {
     let mine = pending.info();
     // Port 1 sorts below any ephemeral port, so this peer is the one that
     // dials, and we wait for it.
-    let silent = EndpointInfo {
-        gid: [0; 16],
-        qpn: 0,
-        psn: 0,
-        mtu: 4096,
-        addr: Some("127.0.0.1:1".parse().unwrap()),
-    };
+    let silent = dialing_peer();
     let target = mine.addr.unwrap();
     let my_qpn = mine.qpn;
     let holder = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(target).unwrap();
+        let mut s = fake_peer(target, my_qpn);
         let mut hello = Vec::new();
-        hello.extend_from_slice(&0x5346_4552u32.to_le_bytes());
-        hello.extend_from_slice(&my_qpn.to_le_bytes());
-        hello.extend_from_slice(&0u32.to_le_bytes());
         s.write_all(&hello).unwrap();
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
@@ -74,26 +89,16 @@ fn malformed_frame_closes_the_connection_with_an_error() {
     // A peer that sends garbage instead of a frame header: pending work
     // fails (no panic, no hang) and the endpoint refuses new work.
     use std::io::Write;
-    use std::net::TcpStream;
     let p = ferry_verbs::soft::SoftProvider::default();
     let dom = p.open("soft0").unwrap();
     let cq = dom.create_cq(16).unwrap();
     let pending = dom.endpoint(&cfg(), &cq, &cq).unwrap();
     let mine = pending.info();
-    let garbage_peer = EndpointInfo {
-        gid: [0; 16],
-        qpn: 0,
-        psn: 0,
-        mtu: 4096,
-        addr: Some("127.0.0.1:1".parse().unwrap()),
-    };
+    let garbage_peer = dialing_peer();
     let (target, my_qpn) = (mine.addr.unwrap(), mine.qpn);
     let t = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(target).unwrap();
+        let mut s = fake_peer(target, my_qpn);
         let mut msg = Vec::new();
-        msg.extend_from_slice(&0x5346_4552u32.to_le_bytes());
-        msg.extend_from_slice(&my_qpn.to_le_bytes());
-        msg.extend_from_slice(&0u32.to_le_bytes());
         msg.extend_from_slice(&[0xEE; 40]);
         s.write_all(&msg).unwrap();
         std::thread::sleep(Duration::from_millis(500));
@@ -130,20 +135,13 @@ fn dropping_a_region_waits_for_a_copy_in_flight() {
     // (the memory may be freed right after), and later writes are refused.
     use ferry_verbs::frame::{Header, Kind, FLAG_ACK_REQ};
     use std::io::{Read, Write};
-    use std::net::TcpStream;
     use std::time::Instant;
     let p = ferry_verbs::soft::SoftProvider::default();
     let dom = p.open("soft0").unwrap();
     let cq = dom.create_cq(16).unwrap();
     let pending = dom.endpoint(&cfg(), &cq, &cq).unwrap();
     let mine = pending.info();
-    let peer = EndpointInfo {
-        gid: [0; 16],
-        qpn: 0,
-        psn: 0,
-        mtu: 4096,
-        addr: Some("127.0.0.1:1".parse().unwrap()),
-    };
+    let peer = dialing_peer();
     let len = 1 << 20;
     let mut buf = vec![0u8; len];
     let mr = unsafe { dom.register(buf.as_mut_ptr(), len, access::ALL) }.unwrap();
@@ -152,11 +150,8 @@ fn dropping_a_region_waits_for_a_copy_in_flight() {
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let (half_tx, half_rx) = std::sync::mpsc::channel::<()>();
     let t = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(target).unwrap();
+        let mut s = fake_peer(target, my_qpn);
         let mut hello = Vec::new();
-        hello.extend_from_slice(&0x5346_4552u32.to_le_bytes());
-        hello.extend_from_slice(&my_qpn.to_le_bytes());
-        hello.extend_from_slice(&0u32.to_le_bytes());
         s.write_all(&hello).unwrap();
         let mut h = Header::new(Kind::Write, 1);
         h.remote_addr = addr;
