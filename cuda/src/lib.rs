@@ -3,10 +3,16 @@
 //! (no panic, no link error). Knows nothing of verbs.
 //!
 //! What exists: the probe (devices, PCI bus ids, memory, dma-buf export and
-//! GPUDirect RDMA support, driver version) and device names. GPU pools,
-//! CUDA IPC hand-off and staged copies are not written yet.
+//! GPUDirect RDMA support, driver version) and the memory primitives in
+//! [`gpu`] (device buffers, IPC handles, dma-buf export, pinned memory,
+//! asynchronous copies with events), which have only been compiled, not run:
+//! no GPU was available when they were written (`tests/gpu.rs`, ignored,
+//! runs them on a GPU machine). ferryd does not use them yet.
 
+pub mod gpu;
 mod raw;
+
+pub use gpu::{DeviceBuffer, Event, Gpu, IpcHandle, IpcMapping, PinnedBuffer, Stream};
 
 use serde::{Deserialize, Serialize};
 

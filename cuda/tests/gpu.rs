@@ -27,3 +27,143 @@ fn without_a_driver_probe_says_not_present() {
         other => panic!("expected NotPresent on a host without a GPU, got {other:?}"),
     }
 }
+
+#[test]
+fn opening_a_gpu_without_one_is_not_present() {
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        return; // a GPU host: covered by the ignored tests
+    }
+    assert!(matches!(
+        ferry_cuda::Gpu::open(0),
+        Err(ferry_cuda::CudaError::NotPresent(_))
+    ));
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU (run with --ignored on a GPU machine)"]
+fn device_buffer_round_trip_and_bounds() {
+    let gpu = ferry_cuda::Gpu::open(0).unwrap();
+    let buf = gpu.alloc(1 << 20).unwrap();
+    let data = pattern(1 << 20, 3);
+    buf.write(0, &data).unwrap();
+    let mut back = vec![0u8; 1 << 20];
+    buf.read(0, &mut back).unwrap();
+    assert!(back == data, "every byte back from the GPU");
+    assert!(
+        buf.write((1 << 20) - 4, &[0; 8]).is_err(),
+        "writes past the end are refused"
+    );
+    assert!(buf.read(usize::MAX, &mut [0; 1]).is_err());
+}
+
+/// The child half of the IPC test: opens the parent's buffer, checks it,
+/// writes an answer. Does nothing unless the parent started it.
+#[test]
+#[ignore = "requires a CUDA GPU; started by ipc_hand_off_to_another_process"]
+fn ipc_child() {
+    let Ok(hex) = std::env::var("FERRY_TEST_IPC_HANDLE") else {
+        return;
+    };
+    let len: usize = std::env::var("FERRY_TEST_IPC_LEN")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bytes: Vec<u8> = (0..64)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let handle = ferry_cuda::IpcHandle(bytes.try_into().unwrap());
+    let gpu = ferry_cuda::Gpu::open(0).unwrap();
+    let map = ferry_cuda::IpcMapping::open(&gpu, &handle, len).unwrap();
+    let mut seen = vec![0u8; len];
+    map.read(0, &mut seen).unwrap();
+    assert!(seen == pattern(len, 7), "the child sees the parent's bytes");
+    map.write(0, &pattern(len, 9)).unwrap();
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU (run with --ignored on a GPU machine)"]
+fn ipc_hand_off_to_another_process() {
+    let gpu = ferry_cuda::Gpu::open(0).unwrap();
+    let len = 4 << 20;
+    let buf = gpu.alloc(len).unwrap();
+    buf.write(0, &pattern(len, 7)).unwrap();
+    let hex: String = buf
+        .ipc_handle()
+        .unwrap()
+        .0
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "ipc_child", "--ignored", "--nocapture"])
+        .env("FERRY_TEST_IPC_HANDLE", hex)
+        .env("FERRY_TEST_IPC_LEN", len.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "child failed");
+    let mut back = vec![0u8; len];
+    buf.read(0, &mut back).unwrap();
+    assert!(
+        back == pattern(len, 9),
+        "the parent sees the child's answer"
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU (run with --ignored on a GPU machine)"]
+fn dmabuf_export_where_supported() {
+    let probe = ferry_cuda::probe().unwrap();
+    let gpu = ferry_cuda::Gpu::open(0).unwrap();
+    let buf = gpu.alloc(2 << 20).unwrap();
+    match buf.export_dmabuf() {
+        Ok(fd) => {
+            assert!(
+                probe.gpus[0].dma_buf,
+                "export worked though the attribute says no"
+            );
+            use std::os::fd::AsRawFd;
+            assert!(fd.as_raw_fd() >= 0);
+        }
+        Err(ferry_cuda::CudaError::NotPresent(why)) => assert!(!probe.gpus[0].dma_buf, "{why}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU (run with --ignored on a GPU machine)"]
+fn pinned_staging_with_several_copies_in_flight() {
+    let gpu = ferry_cuda::Gpu::open(0).unwrap();
+    let chunk = 16 << 20;
+    let n = 4;
+    let mut staging = gpu.alloc_pinned(chunk * n).unwrap();
+    for (i, c) in staging.as_mut_slice().chunks_mut(chunk).enumerate() {
+        c.copy_from_slice(&pattern(chunk, i as u8));
+    }
+    let dst = gpu.alloc(chunk * n).unwrap();
+    let stream = gpu.stream().unwrap();
+    // SAFETY (test): staging and dst outlive the events, which are waited on.
+    let events: Vec<_> = (0..n)
+        .map(|i| {
+            unsafe { stream.copy_to_device(&dst, i * chunk, &staging, i * chunk, chunk) }.unwrap()
+        })
+        .collect();
+    for e in &events {
+        e.wait().unwrap();
+        assert!(e.is_done().unwrap());
+    }
+    for i in 0..n {
+        let mut back = vec![0u8; chunk];
+        dst.read(i * chunk, &mut back).unwrap();
+        assert!(back == pattern(chunk, i as u8), "chunk {i}");
+    }
+    assert!(
+        unsafe { stream.copy_to_device(&dst, chunk * n - 1, &staging, 0, 2) }.is_err(),
+        "out of range"
+    );
+}

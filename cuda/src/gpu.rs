@@ -1,0 +1,433 @@
+//! GPU memory: device buffers (cuMemAlloc, SYNC_MEMOPS set so the NIC can
+//! register them), CUDA IPC handles for trainer processes, dma-buf export,
+//! pinned host memory for staging, and asynchronous copies on streams with
+//! events. Every driver call is checked; ranges are bounds-checked before
+//! any copy. Written without a GPU at hand: `tests/gpu.rs` (ignored unless
+//! run with `--ignored` on a GPU machine) exercises all of it.
+
+use std::ffi::{c_int, c_uint, c_void};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys};
+use serde::{Deserialize, Serialize};
+
+use crate::CudaError;
+
+fn driver(what: &str) -> impl Fn(result::DriverError) -> CudaError + '_ {
+    move |e| CudaError::Driver(format!("{what}: {e:?}"))
+}
+
+fn range(len: usize, offset: usize, n: usize) -> Result<(), CudaError> {
+    match offset.checked_add(n) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(CudaError::Driver(format!(
+            "range {offset}+{n} outside a {len}-byte buffer"
+        ))),
+    }
+}
+
+/// One GPU, through its primary context.
+pub struct Gpu {
+    pub ordinal: u32,
+    dev: sys::CUdevice,
+    ctx: sys::CUcontext,
+}
+
+// SAFETY: a primary context may be made current on any thread; all use of
+// `ctx` goes through cuCtxSetCurrent first.
+unsafe impl Send for Gpu {}
+// SAFETY: as for Send; the handle is never mutated.
+unsafe impl Sync for Gpu {}
+
+impl Gpu {
+    /// Opens GPU `ordinal`. `NotPresent` without a driver or that GPU.
+    pub fn open(ordinal: u32) -> Result<Arc<Gpu>, CudaError> {
+        let probe = crate::probe()?;
+        if ordinal as usize >= probe.gpus.len() {
+            return Err(CudaError::NotPresent(format!(
+                "there is no cuda:{ordinal} (this host has {} GPU(s))",
+                probe.gpus.len()
+            )));
+        }
+        let dev = result::device::get(ordinal as c_int).map_err(driver("cuDeviceGet"))?;
+        // SAFETY: dev is a valid device (from cuDeviceGet); the retained
+        // context is released in Drop.
+        let ctx = unsafe { result::primary_ctx::retain(dev) }
+            .map_err(driver("cuDevicePrimaryCtxRetain"))?;
+        let gpu = Arc::new(Gpu { ordinal, dev, ctx });
+        gpu.bind()?;
+        Ok(gpu)
+    }
+
+    /// Makes this GPU's context current on the calling thread.
+    pub fn bind(&self) -> Result<(), CudaError> {
+        // SAFETY: ctx is a live primary context (retained until Drop).
+        unsafe { result::ctx::set_current(self.ctx) }.map_err(driver("cuCtxSetCurrent"))
+    }
+
+    /// Device memory from cuMemAlloc with SYNC_MEMOPS set.
+    pub fn alloc(self: &Arc<Self>, len: usize) -> Result<DeviceBuffer, CudaError> {
+        if len == 0 {
+            return Err(CudaError::Driver("zero-byte allocation".into()));
+        }
+        self.bind()?;
+        // SAFETY: the context is current; the pointer is freed in Drop.
+        let ptr = unsafe { result::malloc_sync(len) }.map_err(driver("cuMemAlloc"))?;
+        let buf = DeviceBuffer {
+            gpu: self.clone(),
+            ptr,
+            len,
+        };
+        let one: c_uint = 1;
+        // SAFETY: ptr is a live allocation; the attribute value is a live
+        // unsigned int, as cuPointerSetAttribute(SYNC_MEMOPS) expects.
+        unsafe {
+            sys::cuPointerSetAttribute(
+                (&one as *const c_uint).cast::<c_void>(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_SYNC_MEMOPS,
+                ptr,
+            )
+        }
+        .result()
+        .map_err(driver("cuPointerSetAttribute(SYNC_MEMOPS)"))?;
+        Ok(buf)
+    }
+
+    /// Page-locked host memory for staging copies.
+    pub fn alloc_pinned(self: &Arc<Self>, len: usize) -> Result<PinnedBuffer, CudaError> {
+        if len == 0 {
+            return Err(CudaError::Driver("zero-byte allocation".into()));
+        }
+        self.bind()?;
+        // SAFETY: the context is current; the memory is freed in Drop.
+        let ptr = unsafe { result::malloc_host(len, 0) }.map_err(driver("cuMemHostAlloc"))?;
+        Ok(PinnedBuffer {
+            gpu: self.clone(),
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    pub fn stream(self: &Arc<Self>) -> Result<Stream, CudaError> {
+        self.bind()?;
+        let s = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(driver("cuStreamCreate"))?;
+        Ok(Stream {
+            gpu: self.clone(),
+            s,
+        })
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // SAFETY: releases the retain taken in `open`.
+        unsafe {
+            sys::cuDevicePrimaryCtxRelease_v2(self.dev);
+        }
+    }
+}
+
+/// Copies between host bytes and device memory at `ptr` (bounds-checked).
+fn write_device(
+    gpu: &Gpu,
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    offset: usize,
+    data: &[u8],
+) -> Result<(), CudaError> {
+    range(len, offset, data.len())?;
+    gpu.bind()?;
+    // SAFETY: [ptr+offset, +data.len()) lies inside the allocation (checked).
+    unsafe { result::memcpy_htod_sync(ptr + offset as u64, data) }.map_err(driver("cuMemcpyHtoD"))
+}
+
+fn read_device(
+    gpu: &Gpu,
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    offset: usize,
+    out: &mut [u8],
+) -> Result<(), CudaError> {
+    range(len, offset, out.len())?;
+    gpu.bind()?;
+    // SAFETY: as in write_device.
+    unsafe { result::memcpy_dtoh_sync(out, ptr + offset as u64) }.map_err(driver("cuMemcpyDtoH"))
+}
+
+/// GPU memory owned by this process.
+pub struct DeviceBuffer {
+    gpu: Arc<Gpu>,
+    ptr: sys::CUdeviceptr,
+    len: usize,
+}
+
+/// A CUDA IPC memory handle: opaque bytes another process opens with
+/// [`IpcMapping::open`]. Travels over ferryd's session socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcHandle(#[serde(with = "handle_bytes")] pub [u8; 64]);
+
+mod handle_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
+        let v: Vec<u8> = Deserialize::deserialize(d)?;
+        v.try_into()
+            .map_err(|_| serde::de::Error::custom("an IPC handle is 64 bytes"))
+    }
+}
+
+impl DeviceBuffer {
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), CudaError> {
+        write_device(&self.gpu, self.ptr, self.len, offset, data)
+    }
+
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<(), CudaError> {
+        read_device(&self.gpu, self.ptr, self.len, offset, out)
+    }
+
+    /// The handle a trainer process opens to see this memory.
+    pub fn ipc_handle(&self) -> Result<IpcHandle, CudaError> {
+        self.gpu.bind()?;
+        // SAFETY: CUipcMemHandle is plain bytes; zero is a valid value.
+        let mut h: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
+        // SAFETY: h is a live out-parameter; ptr is a live allocation.
+        unsafe { sys::cuIpcGetMemHandle(&mut h, self.ptr) }
+            .result()
+            .map_err(driver("cuIpcGetMemHandle"))?;
+        Ok(IpcHandle(h.reserved.map(|c| c as u8)))
+    }
+
+    /// Exports the whole buffer as a dma-buf fd (for NIC registration).
+    /// Devices without dma-buf support answer `NotPresent`.
+    pub fn export_dmabuf(&self) -> Result<OwnedFd, CudaError> {
+        self.gpu.bind()?;
+        let mut fd: c_int = -1;
+        // SAFETY: fd is a live out-parameter of the size the driver writes
+        // for CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD (an int); the range is the
+        // whole live allocation.
+        let r = unsafe {
+            sys::cuMemGetHandleForAddressRange(
+                (&mut fd as *mut c_int).cast::<c_void>(),
+                self.ptr,
+                self.len,
+                sys::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+                0,
+            )
+        };
+        match r.result() {
+            // SAFETY: the driver returned a fresh fd that we now own.
+            Ok(()) if fd >= 0 => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+            Ok(()) => Err(CudaError::Driver(
+                "cuMemGetHandleForAddressRange returned no fd".into(),
+            )),
+            Err(e) if r == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED => Err(CudaError::NotPresent(
+                format!("dma-buf export on cuda:{}: {e:?}", self.gpu.ordinal),
+            )),
+            Err(e) => Err(CudaError::Driver(format!(
+                "cuMemGetHandleForAddressRange: {e:?}"
+            ))),
+        }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        let _ = self.gpu.bind();
+        // SAFETY: frees the allocation made in Gpu::alloc, once.
+        unsafe {
+            let _ = result::free_sync(self.ptr);
+        }
+    }
+}
+
+/// Another process's GPU memory, opened through its IPC handle.
+pub struct IpcMapping {
+    gpu: Arc<Gpu>,
+    ptr: sys::CUdeviceptr,
+    len: usize,
+}
+
+impl IpcMapping {
+    /// Opens `handle` (of a buffer of `len` bytes) on `gpu`.
+    pub fn open(gpu: &Arc<Gpu>, handle: &IpcHandle, len: usize) -> Result<IpcMapping, CudaError> {
+        gpu.bind()?;
+        // SAFETY: CUipcMemHandle is plain bytes.
+        let mut h: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
+        for (d, s) in h.reserved.iter_mut().zip(handle.0) {
+            *d = s as _;
+        }
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: ptr is a live out-parameter; the handle bytes came from
+        // cuIpcGetMemHandle in the exporting process (the driver validates).
+        unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                h,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as c_uint,
+            )
+        }
+        .result()
+        .map_err(driver("cuIpcOpenMemHandle"))?;
+        Ok(IpcMapping {
+            gpu: gpu.clone(),
+            ptr,
+            len,
+        })
+    }
+
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), CudaError> {
+        write_device(&self.gpu, self.ptr, self.len, offset, data)
+    }
+
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<(), CudaError> {
+        read_device(&self.gpu, self.ptr, self.len, offset, out)
+    }
+}
+
+impl Drop for IpcMapping {
+    fn drop(&mut self) {
+        let _ = self.gpu.bind();
+        // SAFETY: closes the mapping opened in `open`, once.
+        unsafe {
+            sys::cuIpcCloseMemHandle(self.ptr);
+        }
+    }
+}
+
+/// Page-locked host memory.
+pub struct PinnedBuffer {
+    gpu: Arc<Gpu>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain host memory owned by this value.
+unsafe impl Send for PinnedBuffer {}
+
+impl PinnedBuffer {
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is our allocation, alive until Drop.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice; &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        let _ = self.gpu.bind();
+        // SAFETY: frees the allocation made in alloc_pinned, once.
+        unsafe {
+            let _ = result::free_host(self.ptr.cast());
+        }
+    }
+}
+
+/// A CUDA stream for asynchronous copies.
+pub struct Stream {
+    gpu: Arc<Gpu>,
+    s: sys::CUstream,
+}
+
+/// Marks the completion of the work queued before it on a stream.
+pub struct Event {
+    gpu: Arc<Gpu>,
+    e: sys::CUevent,
+}
+
+impl Stream {
+    /// Queues a copy of `len` bytes from `src[src_off..]` to
+    /// `dst[dst_off..]` and returns an event that completes with it.
+    ///
+    /// # Safety
+    /// `src` must not be modified or dropped, and `dst` not dropped, until
+    /// the returned event completed.
+    pub unsafe fn copy_to_device(
+        &self,
+        dst: &DeviceBuffer,
+        dst_off: usize,
+        src: &PinnedBuffer,
+        src_off: usize,
+        len: usize,
+    ) -> Result<Event, CudaError> {
+        range(dst.len, dst_off, len)?;
+        range(src.len, src_off, len)?;
+        self.gpu.bind()?;
+        let bytes = &src.as_slice()[src_off..src_off + len];
+        // SAFETY: both ranges were checked; the caller keeps them alive and
+        // unmodified until the event completes (this function's contract).
+        unsafe { result::memcpy_htod_async(dst.ptr + dst_off as u64, bytes, self.s) }
+            .map_err(driver("cuMemcpyHtoDAsync"))?;
+        let e = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(driver("cuEventCreate"))?;
+        let ev = Event {
+            gpu: self.gpu.clone(),
+            e,
+        };
+        // SAFETY: event and stream are live.
+        unsafe { result::event::record(ev.e, self.s) }.map_err(driver("cuEventRecord"))?;
+        Ok(ev)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let _ = self.gpu.bind();
+        // SAFETY: waits for queued work, then destroys the stream once.
+        unsafe {
+            let _ = result::stream::synchronize(self.s);
+            let _ = result::stream::destroy(self.s);
+        }
+    }
+}
+
+impl Event {
+    /// True once the work before the event finished.
+    pub fn is_done(&self) -> Result<bool, CudaError> {
+        // SAFETY: the event is live.
+        match unsafe { sys::cuEventQuery(self.e) } {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            other => Err(CudaError::Driver(format!("cuEventQuery: {other:?}"))),
+        }
+    }
+
+    /// Waits for the event.
+    pub fn wait(&self) -> Result<(), CudaError> {
+        // SAFETY: the event is live.
+        unsafe { result::event::synchronize(self.e) }.map_err(driver("cuEventSynchronize"))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        let _ = self.gpu.bind();
+        // SAFETY: destroys the event created in copy_to_device, once.
+        unsafe {
+            let _ = result::event::destroy(self.e);
+        }
+    }
+}
