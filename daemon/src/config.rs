@@ -87,6 +87,9 @@ pub struct DaemonConfig {
     pub max_pool_bytes: u64,
     /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides it.
     pub log: String,
+    /// A connection that has not said Hello within this many milliseconds
+    /// is closed.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for DaemonConfig {
@@ -102,6 +105,7 @@ impl Default for DaemonConfig {
             drain_timeout_ms: 10_000,
             max_pool_bytes: 16 << 30,
             log: "info".into(),
+            handshake_timeout_ms: 5_000,
         }
     }
 }

@@ -70,6 +70,12 @@ struct Session {
     sock: OwnedFd,
     cred: PeerCred,
     role: Role,
+    since: Instant,
+}
+
+/// A status request from the admin thread; the loop answers with JSON.
+struct AdminRequest {
+    reply: std::sync::mpsc::Sender<String>,
 }
 
 struct StreamEntry {
@@ -87,7 +93,7 @@ pub struct Server {
     admin_path: PathBuf,
     epoll: Epoll,
     listener: Option<OwnedFd>,
-    admin: Option<UnixListener>,
+    admin_rx: std::sync::mpsc::Receiver<AdminRequest>,
     signals: OwnedFd,
     doorbell: OwnedFd,
     sessions: BTreeMap<SessionId, Session>,
@@ -168,7 +174,6 @@ impl Server {
         let epoll = Epoll::new()?;
         let doorbell = sys::eventfd()?;
         epoll.add(listener.as_raw_fd(), TOK_LISTENER)?;
-        epoll.add(admin.as_raw_fd(), TOK_ADMIN)?;
         epoll.add(signals.as_raw_fd(), TOK_SIGNAL)?;
         epoll.add(doorbell.as_raw_fd(), TOK_DOORBELL)?;
 
@@ -202,12 +207,18 @@ impl Server {
             Err(e) => info!("no GPUs: {e}"),
         }
         let allowed_uids = cfg.allowed_uids();
+        let admin_rx = spawn_admin(
+            admin,
+            allowed_uids.clone(),
+            cfg.daemon.allowed_gids.clone(),
+            doorbell.try_clone()?,
+        )?;
         let mut server = Server {
             socket_path,
             admin_path,
             epoll,
             listener: Some(listener),
-            admin: Some(admin),
+            admin_rx,
             signals,
             doorbell,
             sessions: BTreeMap::new(),
@@ -331,6 +342,7 @@ impl Server {
             for (id, why) in bad {
                 self.fail_session(id, &why);
             }
+            self.expire_handshakes();
             let timeout = if !can_sleep {
                 0
             } else if self.draining.is_some() {
@@ -394,7 +406,7 @@ impl Server {
         for &(token, _ev) in &events {
             match token {
                 TOK_LISTENER => self.accept_all(),
-                TOK_ADMIN => self.serve_admin(),
+                TOK_ADMIN => {}
                 TOK_SIGNAL => {
                     while let Some(sig) = sys::signalfd_read(&self.signals) {
                         self.start_drain(sig);
@@ -406,7 +418,26 @@ impl Server {
             }
         }
         self.events = events;
+        while let Ok(req) = self.admin_rx.try_recv() {
+            let json = serde_json::to_string(&self.status())
+                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+            let _ = req.reply.send(json);
+        }
         Ok(())
+    }
+
+    /// Closes connections that did not say Hello in time.
+    fn expire_handshakes(&mut self) {
+        let limit = Duration::from_millis(self.cfg.daemon.handshake_timeout_ms);
+        let late: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| matches!(s.role, Role::Fresh) && s.since.elapsed() > limit)
+            .map(|s| s.id)
+            .collect();
+        for id in late {
+            self.fail_session(id, &format!("no Hello within {} ms", limit.as_millis()));
+        }
     }
 
     fn accept_all(&mut self) {
@@ -437,6 +468,7 @@ impl Server {
                             sock,
                             cred,
                             role: Role::Fresh,
+                            since: Instant::now(),
                         },
                     );
                 }
@@ -1026,47 +1058,6 @@ impl Server {
         }
     }
 
-    fn serve_admin(&mut self) {
-        loop {
-            let Some(admin) = self.admin.as_ref() else {
-                return;
-            };
-            let (mut conn, _) = match admin.accept() {
-                Ok(c) => c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    warn!("admin accept: {e}");
-                    return;
-                }
-            };
-            let _ = conn.set_nonblocking(false);
-            let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-            let _ = conn.set_write_timeout(Some(Duration::from_millis(500)));
-            let allowed = sys::peer_cred(&conn)
-                .map(|c| self.allowed(&c))
-                .unwrap_or(false);
-            let mut line = Vec::new();
-            let mut byte = [0u8; 1];
-            while line.len() < 256 {
-                match conn.read(&mut byte) {
-                    Ok(1) if byte[0] != b'\n' => line.push(byte[0]),
-                    _ => break,
-                }
-            }
-            let cmd = String::from_utf8_lossy(&line).trim().to_string();
-            let reply = if !allowed {
-                "{\"error\":\"permission denied\"}".to_string()
-            } else if cmd == "status" {
-                serde_json::to_string(&self.status())
-                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-            } else {
-                serde_json::json!({ "error": format!("unknown admin command {cmd:?} (try \"status\")") }).to_string()
-            };
-            let _ = conn.write_all(reply.as_bytes());
-            let _ = conn.write_all(b"\n");
-        }
-    }
-
     pub fn status(&self) -> Status {
         let streams = self
             .streams
@@ -1169,6 +1160,54 @@ impl Server {
             streams,
         }
     }
+}
+
+/// Serves the admin socket on its own thread, so that a slow or silent
+/// admin client never stalls the data-plane loop. Status requests go to the
+/// loop over a channel; the doorbell wakes it.
+fn spawn_admin(
+    listener: UnixListener,
+    allowed_uids: Vec<u32>,
+    allowed_gids: Vec<u32>,
+    doorbell: OwnedFd,
+) -> anyhow::Result<std::sync::mpsc::Receiver<AdminRequest>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    listener.set_nonblocking(false)?;
+    std::thread::Builder::new().name("ferryd-admin".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+            let allowed = sys::peer_cred(&conn)
+                .map(|c| allowed_uids.contains(&c.uid) || allowed_gids.contains(&c.gid))
+                .unwrap_or(false);
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while line.len() < 256 {
+                match conn.read(&mut byte) {
+                    Ok(1) if byte[0] != b'\n' => line.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let cmd = String::from_utf8_lossy(&line).trim().to_string();
+            let reply = if !allowed {
+                "{\"error\":\"permission denied\"}".to_string()
+            } else if cmd == "status" {
+                let (rtx, rrx) = std::sync::mpsc::channel();
+                if tx.send(AdminRequest { reply: rtx }).is_err() {
+                    return; // the loop is gone
+                }
+                sys::eventfd_signal(doorbell.as_raw_fd());
+                rrx.recv_timeout(Duration::from_secs(5))
+                    .unwrap_or_else(|_| "{\"error\":\"ferryd did not answer\"}".into())
+            } else {
+                serde_json::json!({ "error": format!("unknown admin command {cmd:?} (try \"status\")") }).to_string()
+            };
+            let _ = conn.write_all(reply.as_bytes());
+            let _ = conn.write_all(b"\n");
+        }
+    })?;
+    Ok(rx)
 }
 
 fn rings_of(role: &Role) -> Option<&Rings> {

@@ -409,6 +409,33 @@ fn gpu_delivery_without_that_gpu_is_refused_and_host_consumers_keep_working() {
 }
 
 #[test]
+fn silent_connections_are_closed_and_silent_admin_clients_stall_nothing() {
+    let d = Daemon::start("handshake_timeout_ms = 300", "");
+    // A session-socket connection that never says Hello.
+    let silent = ferry_shm::sys::seqpacket_connect(&d.socket).unwrap();
+    // An admin connection that never sends its command.
+    let _admin_silent = std::os::unix::net::UnixStream::connect(&d.admin).unwrap();
+    // Data still flows and status still answers meanwhile.
+    let client = d.client();
+    let mut p = client.producer("s", spec(1, 16, 4)).unwrap();
+    let mut c = client
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    p.send(b"x", b"", None, T).unwrap();
+    let b = c.next(T).unwrap();
+    c.release(b.token).unwrap();
+    assert!(!d.status().streams.is_empty());
+    assert!(
+        eventually(Duration::from_secs(5), || ferry_shm::sys::peer_hung_up(
+            &silent
+        )),
+        "a connection without Hello is closed\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("no Hello within 300 ms"), "{}", d.log());
+}
+
+#[test]
 fn daemon_not_running_names_the_socket() {
     let path = std::path::Path::new("/tmp/ferry-no-such-daemon/ferryd.sock");
     let e = ferry::Client::connect(Some(path)).err().unwrap();
