@@ -111,6 +111,8 @@ pub struct Server {
     events: Vec<(u64, u32)>,
     /// Scratch list of session ids, reused by every loop iteration.
     scratch: Vec<SessionId>,
+    /// Sessions to wake after a pump, reused likewise.
+    wake_scratch: Vec<SessionId>,
 }
 
 /// Removes a stale socket file, refusing if a live daemon still answers.
@@ -232,6 +234,7 @@ impl Server {
             gpus,
             events: Vec::with_capacity(64),
             scratch: Vec::with_capacity(64),
+            wake_scratch: Vec::with_capacity(64),
             cfg,
         };
         for s in server.cfg.streams.clone() {
@@ -873,7 +876,8 @@ impl Server {
     /// every stream whose state changed. Returns descriptors pushed.
     fn pump(&mut self) -> usize {
         let mut pushed = 0;
-        let mut to_wake: Vec<SessionId> = Vec::new();
+        let mut to_wake = std::mem::take(&mut self.wake_scratch);
+        to_wake.clear();
         let mut failed: Vec<(SessionId, String)> = Vec::new();
         let draining = self.draining.is_some();
         for entry in &mut self.streams {
@@ -930,71 +934,56 @@ impl Server {
             for g in 0..entry.stream.groups.len() {
                 let sid = entry.stream.id;
                 let pool_layout = entry.layout;
-                // What each member may take now (prefetch minus unreleased).
-                let credits: HashMap<SessionId, u32> = entry.stream.groups[g]
-                    .members
-                    .iter()
-                    .map(|m| {
-                        let c = match sessions.get(m) {
-                            Some(Session {
-                                role: Role::Consumer(c),
-                                ..
-                            }) => c.prefetch.saturating_sub(c.inflight),
-                            _ => 0,
-                        };
-                        (*m, c)
-                    })
-                    .collect();
-                let n = entry.stream.deliver(
-                    g,
-                    |m| credits.get(&m).copied().unwrap_or(0),
-                    |m, dv| {
-                        let Some(Session {
-                            role: Role::Consumer(c),
-                            ..
-                        }) = sessions.get_mut(&m)
-                        else {
-                            return false;
-                        };
-                        debug_assert!(pool_layout.slot_offset(dv.entry.slot).is_some());
-                        let d = Desc {
-                            op: desc::OP_DELIVER,
-                            stream: sid,
-                            partition: dv.part,
-                            slot: dv.entry.slot,
-                            len: dv.entry.len,
-                            meta_len: dv.entry.meta_len.min(META_MAX),
-                            offset: dv.offset,
-                            ..Desc::default()
-                        };
-                        match c.rings.comp.push(&d) {
-                            Ok(()) => {
-                                c.inflight += 1;
-                                c.delivered += 1;
-                                to_wake.push(m);
-                                true
-                            }
-                            Err(e) => {
-                                if !matches!(e, ferry_shm::RingError::Full) {
-                                    failed.push((m, e.to_string()));
-                                }
-                                false
-                            }
+                let n = entry.stream.deliver(g, |m, dv| {
+                    let Some(Session {
+                        role: Role::Consumer(c),
+                        ..
+                    }) = sessions.get_mut(&m)
+                    else {
+                        return false;
+                    };
+                    if c.inflight >= c.prefetch {
+                        return false; // no credit: prefetch batches unreleased
+                    }
+                    debug_assert!(pool_layout.slot_offset(dv.entry.slot).is_some());
+                    let d = Desc {
+                        op: desc::OP_DELIVER,
+                        stream: sid,
+                        partition: dv.part,
+                        slot: dv.entry.slot,
+                        len: dv.entry.len,
+                        meta_len: dv.entry.meta_len.min(META_MAX),
+                        offset: dv.offset,
+                        ..Desc::default()
+                    };
+                    match c.rings.comp.push(&d) {
+                        Ok(()) => {
+                            c.inflight += 1;
+                            c.delivered += 1;
+                            to_wake.push(m);
+                            true
                         }
-                    },
-                );
+                        Err(e) => {
+                            if !matches!(e, ferry_shm::RingError::Full) {
+                                failed.push((m, e.to_string()));
+                            }
+                            false
+                        }
+                    }
+                });
                 pushed += n;
             }
         }
         to_wake.sort_unstable();
         to_wake.dedup();
-        for id in to_wake {
-            if let Some(r) = self.sessions.get(&id).and_then(|s| rings_of(&s.role)) {
+        for id in to_wake.iter() {
+            if let Some(r) = self.sessions.get(id).and_then(|s| rings_of(&s.role)) {
                 if r.comp.wake_needed() {
                     sys::futex_wake(r.comp.ring().sleep_word());
                 }
             }
         }
+        self.wake_scratch = to_wake;
         for (id, why) in failed {
             self.fail_session(id, &why);
         }

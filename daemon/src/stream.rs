@@ -366,24 +366,21 @@ impl Stream {
         group.rebalance();
     }
 
-    /// Delivers to the members of group `g`. `credit(session)` says how
-    /// many more batches a member may take now; `sink` hands one over and
-    /// returns false when it could not.
+    /// Delivers to the members of group `g`: `sink(member, batch)` hands
+    /// one batch over and returns false when that member cannot take more
+    /// now (no credit, ring full); the batch is then kept for later.
+    /// Allocation-free: this runs on every publish and release.
     pub fn deliver(
         &mut self,
         g: usize,
-        mut credit: impl FnMut(SessionId) -> u32,
         mut sink: impl FnMut(SessionId, Delivery) -> bool,
     ) -> usize {
         let mut count = 0;
-        let nparts = self.parts.len();
-        let mut credits: HashMap<SessionId, u32> = HashMap::new();
-        for p in 0..nparts {
+        for p in 0..self.parts.len() {
             let Some(owner) = self.groups[g].assign[p] else {
                 continue;
             };
-            let left = credits.entry(owner).or_insert_with(|| credit(owner));
-            while *left > 0 {
+            loop {
                 let gp = &mut self.groups[g].parts[p];
                 let (o, from_redeliver) = if let Some(o) = gp.redeliver.pop_first() {
                     (o, true)
@@ -417,11 +414,9 @@ impl Stream {
                     } else {
                         gp.next -= 1;
                     }
-                    *left = 0;
                     break;
                 }
                 self.groups[g].parts[p].inflight.insert(o, owner);
-                *left -= 1;
                 count += 1;
             }
         }
@@ -590,14 +585,10 @@ mod tests {
 
     fn take_all(s: &mut Stream, g: usize) -> Vec<(SessionId, Delivery)> {
         let mut out = Vec::new();
-        s.deliver(
-            g,
-            |_| 1000,
-            |m, d| {
-                out.push((m, d));
-                true
-            },
-        );
+        s.deliver(g, |m, d| {
+            out.push((m, d));
+            true
+        });
         out
     }
 
@@ -723,27 +714,22 @@ mod tests {
         let g = s.join("g", 1);
         publish(&mut s, 10);
         let mut n = 0;
-        s.deliver(
-            g,
-            |_| 3,
-            |_, _| {
-                n += 1;
-                true
-            },
-        );
+        s.deliver(g, |_, _| {
+            if n == 3 {
+                return false; // no credit left
+            }
+            n += 1;
+            true
+        });
         assert_eq!(n, 3);
         let mut seen = Vec::new();
-        s.deliver(
-            g,
-            |_| 100,
-            |_, d| {
-                if seen.len() == 2 {
-                    return false;
-                }
-                seen.push(d.offset);
-                true
-            },
-        );
+        s.deliver(g, |_, d| {
+            if seen.len() == 2 {
+                return false;
+            }
+            seen.push(d.offset);
+            true
+        });
         assert_eq!(seen, vec![3, 4]);
         let rest = take_all(&mut s, g);
         assert_eq!(
