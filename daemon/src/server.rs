@@ -73,8 +73,15 @@ struct Session {
     since: Instant,
 }
 
-/// A status request from the admin thread; the loop answers with JSON.
+/// What the admin socket can ask.
+enum AdminCmd {
+    Status,
+    DeleteGroup { stream: String, group: String },
+}
+
+/// A request from the admin thread; the loop answers with JSON.
 struct AdminRequest {
+    cmd: AdminCmd,
     reply: std::sync::mpsc::Sender<String>,
 }
 
@@ -422,11 +429,31 @@ impl Server {
         }
         self.events = events;
         while let Ok(req) = self.admin_rx.try_recv() {
-            let json = serde_json::to_string(&self.status())
-                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+            let json = match req.cmd {
+                AdminCmd::Status => serde_json::to_string(&self.status())
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+                AdminCmd::DeleteGroup { stream, group } => {
+                    self.delete_group(&stream, &group).to_string()
+                }
+            };
             let _ = req.reply.send(json);
         }
         Ok(())
+    }
+
+    fn delete_group(&mut self, stream: &str, group: &str) -> serde_json::Value {
+        let Some(&idx) = self.by_name.get(stream) else {
+            return serde_json::json!({ "error": format!("no stream named {stream:?}") });
+        };
+        let entry = &mut self.streams[idx];
+        match entry.stream.delete_group(group) {
+            Ok(held) => {
+                entry.dirty = true;
+                info!(stream, group, held, "consumer group deleted");
+                serde_json::json!({ "ok": format!("deleted group {group} of stream {stream} ({held} batches it held)") })
+            }
+            Err(e) => serde_json::json!({ "error": e }),
+        }
     }
 
     /// Closes connections that did not say Hello in time.
@@ -1085,6 +1112,7 @@ impl Server {
                     groups: s
                         .groups
                         .iter()
+                        .filter(|g| !g.deleted)
                         .map(|g| {
                             let parts: Vec<GroupPartStatus> = g
                                 .parts
@@ -1181,16 +1209,31 @@ fn spawn_admin(
             let cmd = String::from_utf8_lossy(&line).trim().to_string();
             let reply = if !allowed {
                 "{\"error\":\"permission denied\"}".to_string()
-            } else if cmd == "status" {
-                let (rtx, rrx) = std::sync::mpsc::channel();
-                if tx.send(AdminRequest { reply: rtx }).is_err() {
-                    return; // the loop is gone
-                }
-                sys::eventfd_signal(doorbell.as_raw_fd());
-                rrx.recv_timeout(Duration::from_secs(5))
-                    .unwrap_or_else(|_| "{\"error\":\"ferryd did not answer\"}".into())
             } else {
-                serde_json::json!({ "error": format!("unknown admin command {cmd:?} (try \"status\")") }).to_string()
+                let words: Vec<&str> = cmd.split_whitespace().collect();
+                let parsed = match words.as_slice() {
+                    ["status"] => Some(AdminCmd::Status),
+                    ["delete-group", stream, group] => Some(AdminCmd::DeleteGroup {
+                        stream: stream.to_string(),
+                        group: group.to_string(),
+                    }),
+                    _ => None,
+                };
+                match parsed {
+                    None => serde_json::json!({
+                        "error": format!("unknown admin command {cmd:?} (status, or delete-group STREAM GROUP)")
+                    })
+                    .to_string(),
+                    Some(cmd) => {
+                        let (rtx, rrx) = std::sync::mpsc::channel();
+                        if tx.send(AdminRequest { cmd, reply: rtx }).is_err() {
+                            return; // the loop is gone
+                        }
+                        sys::eventfd_signal(doorbell.as_raw_fd());
+                        rrx.recv_timeout(Duration::from_secs(5))
+                            .unwrap_or_else(|_| "{\"error\":\"ferryd did not answer\"}".into())
+                    }
+                }
             };
             let _ = conn.write_all(reply.as_bytes());
             let _ = conn.write_all(b"\n");
@@ -1282,22 +1325,34 @@ pub struct GroupPartStatus {
     pub redeliver: u32,
 }
 
-/// Asks a running daemon for its status over the admin socket.
-pub fn query_status(admin: &Path) -> anyhow::Result<Status> {
+/// Sends one command line to a running daemon's admin socket and returns
+/// its JSON answer; an `{"error": ...}` answer is an error.
+pub fn admin_command(admin: &Path, line: &str) -> anyhow::Result<serde_json::Value> {
     let mut conn = std::os::unix::net::UnixStream::connect(admin).with_context(|| {
         format!(
             "connecting to ferryd's admin socket {} (is ferryd running?)",
             admin.display()
         )
     })?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    conn.write_all(b"status\n")?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.write_all(line.as_bytes())?;
+    conn.write_all(b"\n")?;
     let mut text = String::new();
     conn.read_to_string(&mut text)?;
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-        if let Some(e) = v.get("error") {
-            anyhow::bail!("ferryd: {e}");
-        }
+    let v: serde_json::Value = serde_json::from_str(&text).context("decoding ferryd's answer")?;
+    if let Some(e) = v.get("error") {
+        anyhow::bail!(
+            "ferryd: {}",
+            e.as_str()
+                .map(String::from)
+                .unwrap_or_else(|| e.to_string())
+        );
     }
-    serde_json::from_str(&text).context("decoding ferryd's status")
+    Ok(v)
+}
+
+/// Asks a running daemon for its status over the admin socket.
+pub fn query_status(admin: &Path) -> anyhow::Result<Status> {
+    let v = admin_command(admin, "status")?;
+    serde_json::from_value(v).context("decoding ferryd's status")
 }

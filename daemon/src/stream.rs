@@ -68,6 +68,9 @@ pub struct Group {
     /// Owner of each partition.
     pub assign: Vec<Option<SessionId>>,
     pub parts: Vec<GroupPart>,
+    /// Deleted by an operator (kept as a tombstone: sessions refer to
+    /// groups by index).
+    pub deleted: bool,
 }
 
 impl Group {
@@ -241,11 +244,12 @@ impl Stream {
                 meta_len,
             },
         );
-        let orphan = self.groups.is_empty();
+        let live = self.live_groups();
+        let orphan = live == 0;
         self.slots[slot as usize] = Slot::Held {
             part,
             offset,
-            holders: if orphan { 1 } else { self.groups.len() as u32 },
+            holders: if orphan { 1 } else { live as u32 },
             orphan,
         };
         self.published += 1;
@@ -297,7 +301,54 @@ impl Stream {
     }
 
     pub fn group_index(&self, name: &str) -> Option<usize> {
-        self.groups.iter().position(|g| g.name == name)
+        self.groups
+            .iter()
+            .position(|g| !g.deleted && g.name == name)
+    }
+
+    /// Groups not deleted.
+    pub fn live_groups(&self) -> usize {
+        self.groups.iter().filter(|g| !g.deleted).count()
+    }
+
+    /// Deletes group `name`, which must have no members. Its holds on
+    /// batches other groups still hold are released (freeing slots held
+    /// only for it); if it was the last group, the batches it had not
+    /// released are kept for the next group that forms, as batches
+    /// published before any group are. Returns how many batches it held.
+    pub fn delete_group(&mut self, name: &str) -> Result<u64, String> {
+        let g = self
+            .group_index(name)
+            .ok_or_else(|| format!("stream {} has no group {name:?}", self.name))?;
+        let members = self.groups[g].members.len();
+        if members > 0 {
+            return Err(format!(
+                "group {name} still has {members} member(s); stop them first"
+            ));
+        }
+        let last = self.live_groups() == 1;
+        let mut held = 0u64;
+        for p in 0..self.parts.len() {
+            let gp = std::mem::take(&mut self.groups[g].parts[p]);
+            let mut offsets: BTreeSet<u64> = gp.redeliver;
+            offsets.extend(gp.inflight.keys().copied());
+            offsets.extend(self.parts[p].index.range(gp.next..).map(|(o, _)| *o));
+            for o in offsets {
+                held += 1;
+                if last {
+                    // Keep it for the next group, as an orphan.
+                    if let Some(e) = self.parts[p].index.get(&o).copied() {
+                        if let Slot::Held { orphan, .. } = &mut self.slots[e.slot as usize] {
+                            *orphan = true;
+                        }
+                    }
+                } else {
+                    self.unhold(p as u32, o);
+                }
+            }
+        }
+        self.groups[g].deleted = true;
+        Ok(held)
     }
 
     /// Adds `session` to group `name` (creating the group) and rebalances.
@@ -326,6 +377,7 @@ impl Stream {
                     members: Vec::new(),
                     assign: vec![None; nparts],
                     parts,
+                    deleted: false,
                 });
                 for (p, start) in starts.into_iter().enumerate() {
                     let offsets: Vec<u64> = self.parts[p]
@@ -802,6 +854,33 @@ mod tests {
         s.commit(g, 1, None, 0).unwrap();
         assert_eq!(s.groups[g].parts[0].committed, 2);
         assert!(s.commit(g, 1, Some(0), 99).is_err());
+    }
+
+    #[test]
+    fn deleting_an_abandoned_group_frees_its_slots_or_keeps_them_for_the_next() {
+        let mut s = stream(1, 4);
+        let a = s.join("a", 1);
+        let b = s.join("b", 2);
+        publish(&mut s, 4);
+        for (m, d) in take_all(&mut s, a) {
+            s.release(a, m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        let _ = take_all(&mut s, b);
+        assert!(s.delete_group("b").unwrap_err().contains("member"));
+        s.leave(b, 2);
+        assert!(s.grant(9).is_none(), "b holds every slot");
+        assert_eq!(s.delete_group("b").unwrap(), 4);
+        assert_eq!(s.slot_counts().0, 4, "slots held only for b are free");
+        assert!(s.delete_group("b").is_err(), "gone");
+        check(&s);
+        // The last group: its unreleased batches wait for the next group.
+        publish(&mut s, 2);
+        s.leave(a, 1);
+        assert_eq!(s.delete_group("a").unwrap(), 2);
+        assert_eq!(s.slot_counts().2, 2, "still held, for the next group");
+        let c = s.join("c", 3);
+        assert_eq!(take_all(&mut s, c).len(), 2);
+        check(&s);
     }
 
     #[test]

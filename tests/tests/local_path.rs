@@ -436,6 +436,61 @@ fn silent_connections_are_closed_and_silent_admin_clients_stall_nothing() {
 }
 
 #[test]
+fn deleting_an_abandoned_group_unblocks_producers() {
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let mut p = client.producer("s", spec(1, 16, 4)).unwrap();
+    let mut active = client
+        .consumer("s", "active", ConsumerOptions::default())
+        .unwrap();
+    let abandoned = client
+        .consumer("s", "old-job", ConsumerOptions::default())
+        .unwrap();
+    drop(abandoned); // the job ended; its group stays and holds batches
+    for i in 0..4u64 {
+        p.send(&i.to_le_bytes(), b"", None, T).unwrap();
+        let b = active.next(T).unwrap();
+        active.release(b.token).unwrap();
+    }
+    assert_eq!(
+        p.reserve(Some(Duration::from_millis(200)))
+            .unwrap_err()
+            .status,
+        Status::Timeout
+    );
+    let ferry = |args: &[&str]| {
+        Command::new(bin("ferry"))
+            .args(args)
+            .args(["--admin-socket", d.admin.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let busy = ferry(&["group", "delete", "s", "active"]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("member"),
+        "{busy:?}"
+    );
+    let unknown = ferry(&["group", "delete", "s", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no group"),
+        "{unknown:?}"
+    );
+    let ok = ferry(&["group", "delete", "s", "old-job"]);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("4 batches"),
+        "{ok:?}"
+    );
+    // The producer goes on; the deleted group is gone from status.
+    p.send(b"more", b"", None, T).unwrap();
+    let st = d.status();
+    assert_eq!(st.streams[0].groups.len(), 1);
+    assert_eq!(st.streams[0].groups[0].name, "active");
+}
+
+#[test]
 fn daemon_not_running_names_the_socket() {
     let path = std::path::Path::new("/tmp/ferry-no-such-daemon/ferryd.sock");
     let e = ferry::Client::connect(Some(path)).err().unwrap();

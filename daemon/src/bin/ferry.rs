@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use ferry_daemon::config::{admin_path_for, default_socket_path};
-use ferry_daemon::server::{query_status, Status};
+use ferry_daemon::server::{admin_command, query_status, Status};
 
 /// Inspect a running ferryd.
 #[derive(Parser, Debug)]
@@ -26,6 +26,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Manage consumer groups.
+    Group {
+        #[command(subcommand)]
+        action: GroupCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCmd {
+    /// Delete a consumer group that has no members (e.g. left behind by a
+    /// finished job): the batches it held no longer hold slots for it. If
+    /// it is the stream's last group, they are kept for the next group.
+    Delete { stream: String, group: String },
 }
 
 fn main() {
@@ -40,6 +53,15 @@ fn main() {
             admin_path_for(&sock)
         });
     match args.cmd {
+        Cmd::Group {
+            action: GroupCmd::Delete { stream, group },
+        } => match admin_command(&admin, &format!("delete-group {stream} {group}")) {
+            Ok(v) => println!("{}", v.get("ok").and_then(|o| o.as_str()).unwrap_or("ok")),
+            Err(e) => {
+                eprintln!("ferry: {e:#}");
+                std::process::exit(1);
+            }
+        },
         Cmd::Status { json } => match query_status(&admin) {
             Ok(st) => {
                 if json {
