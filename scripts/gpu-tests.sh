@@ -17,13 +17,7 @@ case "${1:-}" in
 build)
     source scripts/setup.sh
     cargo build --release --quiet -p ferry-daemon -p ferry-client
-    test_bin=$(cargo test --release --quiet -p ferry-cuda --test gpu --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
-        print(m["executable"])')
-    [[ -x "$test_bin" ]] || { echo "could not build the cuda GPU tests" >&2; exit 1; }
+    test_bin=$(scripts/test-binary.sh ferry-cuda gpu --release)
     rm -rf "$CARRY"
     mkdir -p "$CARRY"
     cp "$test_bin" "$CARRY/cuda-gpu-tests"

@@ -55,13 +55,7 @@ done
 kill "$DAEMON_PID"; wait "$DAEMON_PID" || true; DAEMON_PID=
 
 step "fabric conformance suite on kernel soft-RoCE (rdma_rxe in a qemu VM)"
-IBV_TEST=$(cargo test --quiet -p ferry-verbs --test ibv --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "ibv":
-        print(m["executable"])')
-[[ -x "$IBV_TEST" ]] || { echo "could not build the ibv conformance tests" >&2; exit 1; }
+IBV_TEST=$(scripts/test-binary.sh ferry-verbs ibv)
 scripts/rxe-vm.sh "$IBV_TEST" --include-ignored
 
 step "Python tests"

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use iceoryx2::prelude::*;
 
-use crate::{monotonic_ns, percentile, touch, Res, END, MIN_BATCHES};
+use crate::{monotonic_ns, Res, END, MIN_BATCHES};
 
 fn service_name(tag: &str) -> String {
     format!("ferry-bench/{}/{tag}", std::process::id())
@@ -38,9 +38,7 @@ pub fn sub(name: &str) -> Res<()> {
     println!("ready");
     use std::io::Write;
     std::io::stdout().flush()?;
-    let mut lat = Vec::new();
-    let (mut bytes, mut count, mut sink) = (0u64, 0u64, 0u64);
-    let mut first: Option<Instant> = None;
+    let mut rec = crate::Recorder::default();
     let give_up = Instant::now() + Duration::from_secs(120);
     loop {
         let Some(sample) = subscriber.receive()? else {
@@ -55,21 +53,9 @@ pub fn sub(name: &str) -> Res<()> {
         if data == END {
             break;
         }
-        let ts = u64::from_le_bytes(data[..8].try_into()?);
-        lat.push(now.saturating_sub(ts));
-        sink = sink.wrapping_add(touch(data));
-        if first.is_some() {
-            bytes += data.len() as u64;
-        }
-        first.get_or_insert_with(Instant::now);
-        count += 1;
+        rec.record(now, u64::from_le_bytes(data[..8].try_into()?), data);
     }
-    let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
-    println!(
-        "{}",
-        serde_json::json!({"count": count, "bytes": bytes, "secs": secs,
-            "p50_ns": percentile(&mut lat, 50.0), "p99_ns": percentile(&mut lat, 99.0), "sink": sink % 2})
-    );
+    println!("{}", rec.report());
     Ok(())
 }
 

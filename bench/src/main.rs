@@ -403,11 +403,7 @@ fn consume(socket: &Path, stream: &str, spin_us: u32, prefetch: u32) -> Res<()> 
     )?;
     println!("ready");
     std::io::stdout().flush()?;
-    let mut lat = Vec::with_capacity(1 << 16);
-    let mut bytes = 0u64;
-    let mut count = 0u64;
-    let mut first: Option<Instant> = None;
-    let mut sink = 0u64;
+    let mut rec = Recorder::default();
     loop {
         let b = c.next(Some(Duration::from_secs(30)))?;
         let now = monotonic_ns();
@@ -418,34 +414,50 @@ fn consume(socket: &Path, stream: &str, spin_us: u32, prefetch: u32) -> Res<()> 
             break;
         }
         let ts = u64::from_le_bytes(meta.try_into().map_err(|_| "bad meta")?);
-        lat.push(now.saturating_sub(ts));
-        sink = sink.wrapping_add(touch(data));
-        // The clock starts when the first batch arrives; count what follows
-        // (the Unix-socket baseline is counted the same way).
-        if first.is_some() {
-            bytes += data.len() as u64;
-        }
-        first.get_or_insert_with(Instant::now);
-        count += 1;
+        rec.record(now, ts, data);
         c.release(b.token)?;
     }
-    let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
-    let report = serde_json::json!({
-        "count": count,
-        "bytes": bytes,
-        "secs": secs,
-        "p50_ns": percentile(&mut lat, 50.0),
-        "p99_ns": percentile(&mut lat, 99.0),
-        "sink": sink % 2,
-    });
-    println!("{report}");
+    println!("{}", rec.report());
     Ok(())
 }
 
-/// Producer and consumer sessions in this process, ferryd in another: a
-/// publish crosses to ferryd and comes back as a delivery. Only two busy
-/// processes, so on a 2-core machine nobody is preempted and the sample is
-/// the hand-off mechanism's own cost (one process hop each way).
+/// What a benchmark reader measures: hand-off latency per batch, and bytes
+/// per second from the first batch's arrival on (the Unix-socket baseline
+/// counts the same way); every byte is touched once.
+#[derive(Default)]
+pub(crate) struct Recorder {
+    lat: Vec<u64>,
+    bytes: u64,
+    count: u64,
+    sink: u64,
+    first: Option<Instant>,
+}
+
+impl Recorder {
+    /// A batch that arrived at `now` (ns) and was sent at `sent` (ns).
+    pub(crate) fn record(&mut self, now: u64, sent: u64, data: &[u8]) {
+        self.lat.push(now.saturating_sub(sent));
+        self.sink = self.sink.wrapping_add(touch(data));
+        if self.first.is_some() {
+            self.bytes += data.len() as u64;
+        }
+        self.first.get_or_insert_with(Instant::now);
+        self.count += 1;
+    }
+
+    pub(crate) fn report(mut self) -> serde_json::Value {
+        let secs = self.first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
+        serde_json::json!({
+            "count": self.count,
+            "bytes": self.bytes,
+            "secs": secs,
+            "p50_ns": percentile(&mut self.lat, 50.0),
+            "p99_ns": percentile(&mut self.lat, 99.0),
+            "sink": self.sink % 2,
+        })
+    }
+}
+
 fn loopback(socket: &Path, millis: u64) -> Res<()> {
     let client = Client::connect(Some(socket))?;
     let mut p = client.producer(

@@ -306,18 +306,10 @@ pub struct ConsumerOptions {
 
 /// Parses a device name: "cpu" (or empty) for host memory, "cuda:N".
 pub fn parse_device(s: &str) -> Result<Option<u32>> {
-    match s.trim() {
-        "" | "cpu" | "host" => Ok(None),
-        "cuda" => Ok(Some(0)),
-        t => t
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<u32>().ok())
-            .map(Some)
-            .ok_or_else(|| Error {
-                status: Status::InvalidArgument,
-                message: format!("device {s:?}: expected \"cpu\" or \"cuda:N\""),
-            }),
-    }
+    proto::parse_device(s).map_err(|message| Error {
+        status: Status::InvalidArgument,
+        message,
+    })
 }
 
 impl Default for ConsumerOptions {
@@ -422,7 +414,8 @@ impl Session {
     /// Puts one descriptor on the submission ring and rings the doorbell if
     /// ferryd sleeps. Waits (bounded) while the ring is full.
     fn submit(&mut self, d: &Desc) -> Result<()> {
-        let start = Instant::now();
+        // Read the clock only once the ring turns out to be full.
+        let mut full_since: Option<Instant> = None;
         let mut spinner = Spinner::new();
         loop {
             match self.sub.push(d) {
@@ -437,7 +430,7 @@ impl Session {
                     if sys::peer_hung_up(&self.sock) {
                         return Err(self.disconnected());
                     }
-                    if start.elapsed() > SUBMIT_PATIENCE {
+                    if full_since.get_or_insert_with(Instant::now).elapsed() > SUBMIT_PATIENCE {
                         return err(
                             Status::Timeout,
                             "ferryd is not draining this session's ring",

@@ -54,42 +54,9 @@ pub fn probe() -> Result<Probe, CudaError> {
     raw::probe()
 }
 
-/// Where a consumer wants its batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Device {
-    Host,
-    Cuda(u32),
-}
-
-/// Parses "cpu" (or "host", or empty) and "cuda:N" (or "cuda" for 0).
-pub fn parse_device(s: &str) -> Result<Device, String> {
-    let t = s.trim();
-    match t {
-        "" | "cpu" | "host" => Ok(Device::Host),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => t
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<u32>().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| format!("device {s:?}: expected \"cpu\" or \"cuda:N\"")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn devices_parse() {
-        assert_eq!(parse_device("cpu"), Ok(Device::Host));
-        assert_eq!(parse_device(""), Ok(Device::Host));
-        assert_eq!(parse_device("cuda"), Ok(Device::Cuda(0)));
-        assert_eq!(parse_device("cuda:3"), Ok(Device::Cuda(3)));
-        for bad in ["gpu0", "cuda:", "cuda:-1", "cuda:x", "cuda:1:2"] {
-            let e = parse_device(bad).unwrap_err();
-            assert!(e.contains("cuda:N"), "{bad}: {e}");
-        }
-    }
 
     #[test]
     fn probe_never_panics() {

@@ -138,6 +138,20 @@ pub fn default_socket_path(euid: u32) -> std::path::PathBuf {
     }
 }
 
+/// Parses where a consumer wants its batches: "cpu" (or "host", or empty)
+/// for host memory, "cuda:N" (or "cuda" for 0) for GPU N.
+pub fn parse_device(s: &str) -> Result<Option<u32>, String> {
+    match s.trim() {
+        "" | "cpu" | "host" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        t => t
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<u32>().ok())
+            .map(Some)
+            .ok_or_else(|| format!("device {s:?}: expected \"cpu\" or \"cuda:N\"")),
+    }
+}
+
 /// Stream and group names: 1 to 128 of `[A-Za-z0-9._-]`.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -175,6 +189,18 @@ mod tests {
             decode::<Request>(&vec![0u8; MAX_MESSAGE + 1]),
             Err(CodecError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu"), Ok(None));
+        assert_eq!(parse_device(""), Ok(None));
+        assert_eq!(parse_device("cuda"), Ok(Some(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(Some(3)));
+        for bad in ["gpu0", "cuda:", "cuda:-1", "cuda:x", "cuda:1:2"] {
+            let e = parse_device(bad).unwrap_err();
+            assert!(e.contains("cuda:N"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -97,6 +97,15 @@ struct MrEntry {
     pins: Arc<AtomicU32>,
 }
 
+impl MrEntry {
+    /// `[addr, addr + len)` lies inside the region, which grants `need`.
+    fn allows(&self, addr: u64, len: u64, need: u32) -> bool {
+        addr.checked_add(len).is_some_and(|end| {
+            self.access & need == need && addr >= self.addr && end <= self.addr + self.len
+        })
+    }
+}
+
 /// Keeps a region registered while a copy into or out of it runs: dropping
 /// the region waits until no pin is left (as deregistration on a NIC waits
 /// for DMA in flight), and after that no copy touches its memory.
@@ -124,15 +133,15 @@ impl DomainInner {
     /// Checks that `[addr, addr + len)` lies inside region `key` and that
     /// the region grants `need`.
     fn check(&self, key: u32, addr: u64, len: u64, need: u32) -> bool {
-        self.pin(key, addr, len, need).is_some()
+        let mrs = self.mrs.read().expect("mr table");
+        mrs.get(&key).is_some_and(|e| e.allows(addr, len, need))
     }
 
     /// Checks like `check` and, if allowed, pins the region for the copy.
     fn pin(&self, key: u32, addr: u64, len: u64, need: u32) -> Option<Pin> {
         let mrs = self.mrs.read().expect("mr table");
         let e = mrs.get(&key)?;
-        let end = addr.checked_add(len)?;
-        if e.access & need == need && addr >= e.addr && end <= e.addr + e.len {
+        if e.allows(addr, len, need) {
             // Under the table's read lock: SoftMr::drop removes the entry
             // under the write lock before it waits for pins to drain.
             e.pins.fetch_add(1, Ordering::Acquire);
