@@ -501,7 +501,7 @@ fn bench_ibv(ms: u64, device: &str, gid_index: u32, host: &str) -> Res<()> {
         // Iteration mode (duration mode completes nothing at emulated
         // speed with large messages): about 32 MiB per case, 32 in flight
         // like our window.
-        let iters = ((32usize << 20) / size).max(32);
+        let iters = ((32usize << 20) / size).max(64);
         let cols = perftest(
             "ib_write_bw",
             device,
@@ -524,6 +524,9 @@ fn bench_ibv(ms: u64, device: &str, gid_index: u32, host: &str) -> Res<()> {
             .ok_or("ib_write_bw: no average column")?
             * 1e9
             / 8.0;
+        if perf <= 0.0 {
+            return Err(format!("ib_write_bw reported no bandwidth for {name}: {cols:?}").into());
+        }
         emit(
             &format!("ibv_write_imm_bw_{name}"),
             "GiB/s",
