@@ -109,6 +109,33 @@ impl Gpu {
         })
     }
 
+    /// Page-locks `mem` (cuMemHostRegister) so copies from and to it run
+    /// as asynchronous DMA. Where the driver refuses (some kernels will not
+    /// pin shared mappings), the range still works for copies, which then
+    /// go through the driver's own staging: `HostRange::pinned` says which.
+    pub fn register_host(
+        self: &Arc<Self>,
+        mem: Arc<dyn HostMemory>,
+    ) -> Result<Arc<HostRange>, CudaError> {
+        let (ptr, len) = mem.host_range();
+        if len == 0 {
+            return Err(CudaError::Driver("registering an empty host range".into()));
+        }
+        self.bind()?;
+        // SAFETY: [ptr, ptr+len) is mapped for as long as `mem` lives (the
+        // HostMemory contract), and the HostRange keeps `mem` alive until
+        // after it unregisters.
+        let r =
+            unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE) };
+        Ok(Arc::new(HostRange {
+            gpu: self.clone(),
+            _mem: mem,
+            ptr,
+            len,
+            pinned: r == sys::CUresult::CUDA_SUCCESS,
+        }))
+    }
+
     pub fn stream(self: &Arc<Self>) -> Result<Stream, CudaError> {
         self.bind()?;
         let s = result::stream::create(result::stream::StreamKind::NonBlocking)
@@ -183,6 +210,10 @@ mod handle_bytes {
 impl DeviceBuffer {
     pub fn device_ptr(&self) -> u64 {
         self.ptr
+    }
+
+    pub fn ordinal(&self) -> u32 {
+        self.gpu.ordinal
     }
 
     pub fn len(&self) -> usize {
@@ -295,6 +326,14 @@ impl IpcMapping {
         self.ptr
     }
 
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), CudaError> {
         write_device(&self.gpu, self.ptr, self.len, offset, data)
     }
@@ -323,6 +362,15 @@ pub struct PinnedBuffer {
 
 // SAFETY: plain host memory owned by this value.
 unsafe impl Send for PinnedBuffer {}
+// SAFETY: shared access only reads (as_slice); writing needs &mut.
+unsafe impl Sync for PinnedBuffer {}
+
+// SAFETY: PinnedBuffer's memory stays mapped until it is dropped.
+unsafe impl HostMemory for PinnedBuffer {
+    fn host_range(&self) -> (*mut u8, usize) {
+        (self.ptr, self.len)
+    }
+}
 
 impl PinnedBuffer {
     pub fn as_slice(&self) -> &[u8] {
@@ -346,50 +394,175 @@ impl Drop for PinnedBuffer {
     }
 }
 
+/// Host memory that stays mapped at one address for as long as the value
+/// lives: what [`Gpu::register_host`] may page-lock and copies may read.
+///
+/// # Safety
+/// `host_range` must return the same mapped, readable and writable range
+/// on every call, valid until the value is dropped.
+pub unsafe trait HostMemory: Send + Sync + 'static {
+    fn host_range(&self) -> (*mut u8, usize);
+}
+
+// SAFETY: a Region's mapping is made once at creation, read-write for the
+// daemon's regions, and unmapped only in its Drop.
+unsafe impl HostMemory for ferry_shm::Region {
+    fn host_range(&self) -> (*mut u8, usize) {
+        (self.as_ptr(), self.len())
+    }
+}
+
+/// Host memory known to the driver (page-locked where it allowed).
+pub struct HostRange {
+    gpu: Arc<Gpu>,
+    _mem: Arc<dyn HostMemory>,
+    ptr: *mut u8,
+    len: usize,
+    /// Page-locked: copies are true asynchronous DMA.
+    pub pinned: bool,
+}
+
+// SAFETY: the range is plain memory kept alive by `_mem` (Send + Sync);
+// this value only passes its address to the driver.
+unsafe impl Send for HostRange {}
+// SAFETY: as for Send.
+unsafe impl Sync for HostRange {}
+
+impl HostRange {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for HostRange {
+    fn drop(&mut self) {
+        if self.pinned {
+            let _ = self.gpu.bind();
+            // SAFETY: undoes the registration made in register_host, once,
+            // before `_mem` (which keeps the mapping) is dropped.
+            unsafe {
+                sys::cuMemHostUnregister(self.ptr.cast());
+            }
+        }
+    }
+}
+
+/// One side of a copy: memory kept alive by the [`Event`] of every copy
+/// that touches it.
+#[derive(Clone)]
+pub enum Mem {
+    Host(Arc<HostRange>),
+    Pinned(Arc<PinnedBuffer>),
+    Device(Arc<DeviceBuffer>),
+    Mapped(Arc<IpcMapping>),
+}
+
+enum Addr {
+    Host(*mut u8),
+    Device(sys::CUdeviceptr, sys::CUcontext, u32),
+}
+
+impl Mem {
+    pub fn len(&self) -> usize {
+        match self {
+            Mem::Host(h) => h.len,
+            Mem::Pinned(p) => p.len,
+            Mem::Device(d) => d.len,
+            Mem::Mapped(m) => m.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn addr(&self, offset: usize) -> Addr {
+        match self {
+            Mem::Host(h) => Addr::Host(h.ptr.wrapping_add(offset)),
+            Mem::Pinned(p) => Addr::Host(p.ptr.wrapping_add(offset)),
+            Mem::Device(d) => Addr::Device(d.ptr + offset as u64, d.gpu.ctx, d.gpu.ordinal),
+            Mem::Mapped(m) => Addr::Device(m.ptr + offset as u64, m.gpu.ctx, m.gpu.ordinal),
+        }
+    }
+}
+
 /// A CUDA stream for asynchronous copies.
 pub struct Stream {
     gpu: Arc<Gpu>,
     s: sys::CUstream,
 }
 
-/// Marks the completion of the work queued before it on a stream.
+/// Marks the completion of the copy queued before it on a stream, and
+/// keeps both sides of that copy alive until it completed: dropping an
+/// unfinished event waits for it.
 pub struct Event {
     gpu: Arc<Gpu>,
     e: sys::CUevent,
+    _keep: [Mem; 2],
 }
 
 impl Stream {
     /// Queues a copy of `len` bytes from `src[src_off..]` to
-    /// `dst[dst_off..]` and returns an event that completes with it.
-    ///
-    /// # Safety
-    /// `src` must not be modified or dropped, and `dst` not dropped, until
-    /// the returned event completed.
-    pub unsafe fn copy_to_device(
+    /// `dst[dst_off..]` (host to device, device to host, or device to
+    /// device, also across GPUs) and returns the event that completes with
+    /// it. Both ranges are bounds-checked; the event keeps both memories
+    /// alive. The bytes of `src` should not change until the event is done
+    /// (they are shared memory: a change is a torn copy, never a fault).
+    pub fn copy(
         &self,
-        dst: &DeviceBuffer,
+        dst: &Mem,
         dst_off: usize,
-        src: &PinnedBuffer,
+        src: &Mem,
         src_off: usize,
         len: usize,
     ) -> Result<Event, CudaError> {
-        range(dst.len, dst_off, len)?;
-        range(src.len, src_off, len)?;
+        range(dst.len(), dst_off, len)?;
+        range(src.len(), src_off, len)?;
         self.gpu.bind()?;
-        let bytes = &src.as_slice()[src_off..src_off + len];
-        // SAFETY: both ranges were checked; the caller keeps them alive and
-        // unmodified until the event completes (this function's contract).
-        unsafe { result::memcpy_htod_async(dst.ptr + dst_off as u64, bytes, self.s) }
-            .map_err(driver("cuMemcpyHtoDAsync"))?;
+        let r = match (dst.addr(dst_off), src.addr(src_off)) {
+            // SAFETY (all arms): both ranges were checked against live
+            // allocations, which the returned event keeps alive (and waits
+            // for on drop) until the copy finished.
+            (Addr::Device(d, _, _), Addr::Host(h)) => unsafe {
+                sys::cuMemcpyHtoDAsync_v2(d, h.cast_const().cast(), len, self.s)
+            },
+            (Addr::Host(h), Addr::Device(d, _, _)) => unsafe {
+                sys::cuMemcpyDtoHAsync_v2(h.cast(), d, len, self.s)
+            },
+            (Addr::Device(d, _, dg), Addr::Device(s, _, sg)) if dg == sg => unsafe {
+                sys::cuMemcpyDtoDAsync_v2(d, s, len, self.s)
+            },
+            (Addr::Device(d, dctx, _), Addr::Device(s, sctx, _)) => unsafe {
+                sys::cuMemcpyPeerAsync(d, dctx, s, sctx, len, self.s)
+            },
+            (Addr::Host(_), Addr::Host(_)) => {
+                return Err(CudaError::Driver(
+                    "host-to-host copies do not go through CUDA".into(),
+                ))
+            }
+        };
+        r.result().map_err(driver("cuMemcpyAsync"))?;
         let e = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
             .map_err(driver("cuEventCreate"))?;
         let ev = Event {
             gpu: self.gpu.clone(),
             e,
+            _keep: [dst.clone(), src.clone()],
         };
         // SAFETY: event and stream are live.
         unsafe { result::event::record(ev.e, self.s) }.map_err(driver("cuEventRecord"))?;
         Ok(ev)
+    }
+
+    /// Waits for everything queued on the stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.gpu.bind()?;
+        // SAFETY: the stream is live.
+        unsafe { result::stream::synchronize(self.s) }.map_err(driver("cuStreamSynchronize"))
     }
 }
 
@@ -407,6 +580,7 @@ impl Drop for Stream {
 impl Event {
     /// True once the work before the event finished.
     pub fn is_done(&self) -> Result<bool, CudaError> {
+        let _ = self.gpu.bind();
         // SAFETY: the event is live.
         match unsafe { sys::cuEventQuery(self.e) } {
             sys::CUresult::CUDA_SUCCESS => Ok(true),
@@ -417,6 +591,7 @@ impl Event {
 
     /// Waits for the event.
     pub fn wait(&self) -> Result<(), CudaError> {
+        self.gpu.bind()?;
         // SAFETY: the event is live.
         unsafe { result::event::synchronize(self.e) }.map_err(driver("cuEventSynchronize"))
     }
@@ -425,8 +600,10 @@ impl Event {
 impl Drop for Event {
     fn drop(&mut self) {
         let _ = self.gpu.bind();
-        // SAFETY: destroys the event created in copy_to_device, once.
+        // SAFETY: waits until the copy no longer touches the memories kept
+        // in `_keep` (dropped after this), then destroys the event once.
         unsafe {
+            let _ = result::event::synchronize(self.e);
             let _ = result::event::destroy(self.e);
         }
     }

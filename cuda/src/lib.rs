@@ -4,15 +4,21 @@
 //!
 //! What exists: the probe (devices, PCI bus ids, memory, dma-buf export and
 //! GPUDirect RDMA support, driver version) and the memory primitives in
-//! [`gpu`] (device buffers, IPC handles, dma-buf export, pinned memory,
-//! asynchronous copies with events), which have only been compiled, not run:
-//! no GPU was available when they were written (`tests/gpu.rs`, ignored,
-//! runs them on a GPU machine). ferryd does not use them yet.
+//! [`gpu`]: device buffers, IPC handles, dma-buf export, pinned and
+//! registered host memory, asynchronous copies with events that keep both
+//! sides of a copy alive. ferryd uses them for GPU delivery, libferry to
+//! open a consumer's GPU pool. `tests/gpu.rs` (ignored) runs them on a GPU
+//! machine; `scripts/test.sh` also runs them against the fake driver in
+//! `tests/fakecuda` (host memory standing in for device memory), which
+//! checks Ferry's logic but not the real driver.
 
 pub mod gpu;
 mod raw;
 
-pub use gpu::{DeviceBuffer, Event, Gpu, IpcHandle, IpcMapping, PinnedBuffer, Stream};
+pub use gpu::{
+    DeviceBuffer, Event, Gpu, HostMemory, HostRange, IpcHandle, IpcMapping, Mem, PinnedBuffer,
+    Stream,
+};
 
 use serde::{Deserialize, Serialize};
 

@@ -138,6 +138,8 @@ fn dmabuf_export_where_supported() {
 #[test]
 #[ignore = "requires a CUDA GPU (run with --ignored on a GPU machine)"]
 fn pinned_staging_with_several_copies_in_flight() {
+    use ferry_cuda::Mem;
+    use std::sync::Arc;
     let gpu = ferry_cuda::Gpu::open(0).unwrap();
     let chunk = 16 << 20;
     let n = 4;
@@ -145,12 +147,15 @@ fn pinned_staging_with_several_copies_in_flight() {
     for (i, c) in staging.as_mut_slice().chunks_mut(chunk).enumerate() {
         c.copy_from_slice(&pattern(chunk, i as u8));
     }
-    let dst = gpu.alloc(chunk * n).unwrap();
+    let staging = Mem::Pinned(Arc::new(staging));
+    let dst = Arc::new(gpu.alloc(chunk * n).unwrap());
+    let dmem = Mem::Device(dst.clone());
     let stream = gpu.stream().unwrap();
-    // SAFETY (test): staging and dst outlive the events, which are waited on.
     let events: Vec<_> = (0..n)
         .map(|i| {
-            unsafe { stream.copy_to_device(&dst, i * chunk, &staging, i * chunk, chunk) }.unwrap()
+            stream
+                .copy(&dmem, i * chunk, &staging, i * chunk, chunk)
+                .unwrap()
         })
         .collect();
     for e in &events {
@@ -163,7 +168,31 @@ fn pinned_staging_with_several_copies_in_flight() {
         assert!(back == pattern(chunk, i as u8), "chunk {i}");
     }
     assert!(
-        unsafe { stream.copy_to_device(&dst, chunk * n - 1, &staging, 0, 2) }.is_err(),
+        stream.copy(&dmem, chunk * n - 1, &staging, 0, 2).is_err(),
         "out of range"
     );
+    // Device to device, and back to registered host memory.
+    let other = Mem::Device(Arc::new(gpu.alloc(chunk).unwrap()));
+    stream
+        .copy(&other, 0, &dmem, chunk, chunk)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let region = Arc::new(ferry_shm::Region::create("gpu-test", chunk as u64).unwrap());
+    let host = gpu.register_host(region.clone()).unwrap();
+    println!("shared-memory region page-locked: {}", host.pinned);
+    let hmem = Mem::Host(host);
+    // Dropping the event before it completed waits for it.
+    drop(stream.copy(&hmem, 0, &other, 0, chunk).unwrap());
+    let mut back = vec![0u8; chunk];
+    back.copy_from_slice(region_bytes(&region, chunk));
+    assert!(back == pattern(chunk, 1), "device -> device -> host");
+    assert!(stream.copy(&hmem, 0, &hmem, 0, 1).is_err(), "host to host");
+}
+
+/// Reads a region's bytes (the test owns it; nothing writes it now).
+fn region_bytes(region: &ferry_shm::Region, len: usize) -> &[u8] {
+    let p = region.range_ptr(0, len as u64).unwrap();
+    // SAFETY: the range was bounds-checked; no copy is in flight any more.
+    unsafe { std::slice::from_raw_parts(p, len) }
 }
