@@ -5,7 +5,8 @@
 # (soft-RoCE in a qemu VM, scripts/rxe-vm.sh), the C ABI tests under
 # AddressSanitizer and UndefinedBehaviorSanitizer, the Python tests, the
 # ferry.h staleness check, the loom models of the rings, and a smoke run of
-# the benchmark binary (shm and fabric). With FERRY_FUZZ_SECONDS set, also
+# the benchmark binary (shm, fabric, gpu), and the GPU paths against a fake
+# CUDA driver (tests/fakecuda). With FERRY_FUZZ_SECONDS set, also
 # fuzzes the soft fabric's frame decoder for that long. Installs what it
 # needs first (scripts/setup.sh).
 set -euo pipefail
@@ -53,6 +54,24 @@ for prog in producer consumer; do
         -L target/debug -lferry -lz -Wl,-rpath,"$ROOT/target/debug" -o "$WORK/$prog"
 done
 kill "$DAEMON_PID"; wait "$DAEMON_PID" || true; DAEMON_PID=
+
+step "GPU paths against the fake CUDA driver (tests/fakecuda: host memory, async copies)"
+# Not a GPU: it proves ferryd's and libferry's GPU logic (pools, IPC
+# hand-off, copy ordering, releases, redelivery), not the real driver.
+FAKE="$ROOT/target/fakecuda"
+mkdir -p "$FAKE"
+gcc -std=gnu11 -Wall -Wextra -Werror -shared -fPIC -O1 -pthread -o "$FAKE/libcuda.so" tests/fakecuda/fakecuda.c
+export FERRY_FAKE_CUDA=1
+LD_LIBRARY_PATH="$FAKE" cargo test --quiet -p ferry-cuda --test gpu -- --ignored --test-threads=1
+LD_LIBRARY_PATH="$FAKE" cargo test --quiet -p ferry-tests --test gpu_delivery -- --ignored
+LD_LIBRARY_PATH="$FAKE" target/debug/ferryd --config "$WORK/ferryd.toml" 2> "$WORK/ferryd-gpu.log" &
+DAEMON_PID=$!
+for _ in $(seq 100); do [[ -S "$WORK/ferryd.sock" ]] && break; sleep 0.05; done
+LD_LIBRARY_PATH="$FAKE" FERRY_SOCKET="$WORK/ferryd.sock" ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+    "$WORK/test_abi" || { cat "$WORK/ferryd-gpu.log"; exit 1; }
+kill "$DAEMON_PID"; wait "$DAEMON_PID" || true; DAEMON_PID=
+(cd client-c/python && LD_LIBRARY_PATH="$FAKE" python3 -m pytest -q -p no:cacheprovider tests -k gpu)
+unset FERRY_FAKE_CUDA
 
 step "fabric conformance suite on kernel soft-RoCE (rdma_rxe in a qemu VM)"
 IBV_TEST=$(scripts/test-binary.sh ferry-verbs ibv)

@@ -10,7 +10,7 @@
 
 // Version of this C ABI (struct layouts, signatures). Bumped on any
 // incompatible change; bindings compare it with `ferry_abi_version()`.
-#define FERRY_ABI_VERSION 2
+#define FERRY_ABI_VERSION 3
 
 // Success.
 #define FERRY_OK 0
@@ -95,7 +95,10 @@ typedef struct ferry_consumer_config {
   // Microseconds `ferry_consumer_next` busy-polls before sleeping.
   uint32_t spin_us;
   // Where batches are delivered: NULL or "cpu" for host memory,
-  // "cuda:N" for GPU N.
+  // "cuda:N" for GPU N as this process numbers them (libferry then
+  // loads libcuda, opens the consumer's GPU pool through its CUDA IPC
+  // handle in GPU N's primary context, and each batch's payload is at
+  // `ferry_batch.device_data`).
   const char *device;
 } ferry_consumer_config;
 
@@ -104,6 +107,7 @@ typedef struct ferry_batch {
   // Name of the stream (owned by the consumer handle; valid until it is
   // freed).
   const char *stream;
+  // The payload in host memory; NULL when it was delivered to a GPU.
   const uint8_t *data;
   uint64_t len;
   const uint8_t *meta;
@@ -113,6 +117,14 @@ typedef struct ferry_batch {
   uint64_t offset;
   // Identifies the batch to `ferry_consumer_release`.
   uint64_t token;
+  // With GPU delivery: the payload's address in GPU memory (a
+  // CUdeviceptr, valid in this process's current CUDA context of GPU
+  // `device`); 0 otherwise.
+  uint64_t device_data;
+  // The GPU holding the payload (this process's ordinal), or -1 for
+  // host memory.
+  int32_t device;
+  uint32_t _reserved;
 } ferry_batch;
 
 #ifdef __cplusplus

@@ -260,10 +260,17 @@ impl Client {
         })
     }
 
-    /// Joins consumer group `group` of `stream`.
+    /// Joins consumer group `group` of `stream`. With `opts.device`, the
+    /// batches arrive in that GPU's memory (this loads libcuda).
     pub fn consumer(&self, stream: &str, group: &str, opts: ConsumerOptions) -> Result<Consumer> {
         check_name("stream", stream)?;
         check_name("group", group)?;
+        // GPU ordinals are this process's (CUDA_VISIBLE_DEVICES); ferryd
+        // finds the same GPU by its PCI bus id.
+        let device_bus = match opts.device {
+            None => None,
+            Some(n) => Some(local_gpu(n)?.pci_bus_id),
+        };
         let mut s = Session::open(
             &self.path,
             Request::OpenConsumer {
@@ -271,11 +278,23 @@ impl Client {
                 group: group.to_string(),
                 prefetch: opts.prefetch,
                 device: opts.device,
+                device_bus,
             },
             false,
         )?;
         s.spin = Duration::from_micros(opts.spin_us as u64);
+        let gpu = match (opts.device, s.info.gpu.take()) {
+            (None, None) => None,
+            (Some(n), Some(pool)) => Some(GpuPool::open(n, &pool, &s.info)?),
+            (want, got) => {
+                return err(
+                    Status::Protocol,
+                    format!("asked for device {want:?}, ferryd answered with GPU pool {got:?}"),
+                )
+            }
+        };
         Ok(Consumer {
+            gpu,
             s,
             inflight: HashMap::new(),
             next_token: 1,
@@ -302,6 +321,66 @@ pub struct ConsumerOptions {
     pub spin_us: u32,
     /// Deliver into this GPU (`cuda:N`); `None`: host memory.
     pub device: Option<u32>,
+}
+
+/// GPU `n` as this process sees it, or NoDevice.
+fn local_gpu(n: u32) -> Result<ferry_cuda::GpuInfo> {
+    let probe = ferry_cuda::probe().map_err(|e| Error {
+        status: Status::NoDevice,
+        message: format!("GPU delivery to cuda:{n} needs the CUDA driver in this process: {e}"),
+    })?;
+    let count = probe.gpus.len();
+    probe.gpus.into_iter().nth(n as usize).ok_or_else(|| Error {
+        status: Status::NoDevice,
+        message: format!("there is no cuda:{n}: this process sees {count} GPU(s)"),
+    })
+}
+
+/// A consumer's GPU pool, opened through its CUDA IPC handle.
+struct GpuPool {
+    device: u32,
+    map: ferry_cuda::IpcMapping,
+    stride: u64,
+    slots: u32,
+}
+
+impl GpuPool {
+    fn open(device: u32, pool: &proto::GpuPoolInfo, info: &SessionInfo) -> Result<GpuPool> {
+        let handle: [u8; 64] = pool.ipc_handle.as_slice().try_into().map_err(|_| Error {
+            status: Status::Protocol,
+            message: format!(
+                "ferryd sent a {}-byte CUDA IPC handle",
+                pool.ipc_handle.len()
+            ),
+        })?;
+        if pool.stride < info.slot_size
+            || pool.slots == 0
+            || pool.stride.checked_mul(pool.slots as u64) != Some(pool.len)
+            || pool.len > usize::MAX as u64
+        {
+            return err(
+                Status::Protocol,
+                format!(
+                    "ferryd sent an unusable GPU pool ({} slots of {} bytes in {}, for {}-byte batches)",
+                    pool.slots, pool.stride, pool.len, info.slot_size
+                ),
+            );
+        }
+        let cuda = |e: ferry_cuda::CudaError| Error {
+            status: Status::NoDevice,
+            message: format!("opening the GPU pool on cuda:{device}: {e}"),
+        };
+        let gpu = ferry_cuda::Gpu::open(device).map_err(cuda)?;
+        let map =
+            ferry_cuda::IpcMapping::open(&gpu, &ferry_cuda::IpcHandle(handle), pool.len as usize)
+                .map_err(cuda)?;
+        Ok(GpuPool {
+            device,
+            map,
+            stride: pool.stride,
+            slots: pool.slots,
+        })
+    }
 }
 
 /// Parses a device name: "cpu" (or empty) for host memory, "cuda:N".
@@ -622,10 +701,15 @@ impl Producer {
 }
 
 /// A delivered batch: zero-copy views into the stream's pool, valid until
-/// released.
+/// released. With GPU delivery the payload is in GPU memory at
+/// `device_data` (a CUdeviceptr of GPU `device`, in this process's
+/// numbering) and `data` is null; the metadata is always in host memory.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch {
     pub data: *const u8,
+    pub device_data: u64,
+    /// -1: host memory.
+    pub device: i32,
     pub len: u64,
     pub meta: *const u8,
     pub meta_len: u32,
@@ -642,6 +726,9 @@ impl Batch {
     /// batch not yet released: after release, ferryd reuses the slot and
     /// the bytes change under the slice.
     pub unsafe fn data(&self) -> &[u8] {
+        if self.data.is_null() {
+            return &[]; // delivered to a GPU
+        }
         // SAFETY: `data..data+len` was bounds-checked against the mapped
         // pool in `Consumer::next`; the caller keeps the mapping alive and
         // the slot ours (not released), so nobody writes it meanwhile.
@@ -660,8 +747,11 @@ impl Batch {
 
 /// One member of a consumer group.
 pub struct Consumer {
+    /// Declared before `s`: the IPC mapping closes before the session.
+    gpu: Option<GpuPool>,
     s: Session,
-    inflight: HashMap<u64, (u32, u32, u64)>,
+    /// token -> (slot, GPU slot, partition, offset)
+    inflight: HashMap<u64, (u32, u32, u32, u64)>,
     next_token: u64,
 }
 
@@ -672,6 +762,33 @@ impl Consumer {
 
     pub fn prefetch(&self) -> u32 {
         self.s.info.credits
+    }
+
+    /// The GPU (this process's ordinal) batches are delivered into, if any.
+    pub fn device(&self) -> Option<u32> {
+        self.gpu.as_ref().map(|g| g.device)
+    }
+
+    /// Copies a GPU-delivered batch's payload back to host memory (for
+    /// checks and tools; trainers use the device pointer in place).
+    pub fn copy_from_device(&self, batch: &Batch, out: &mut [u8]) -> Result<()> {
+        let Some(g) = &self.gpu else {
+            return err(
+                Status::InvalidArgument,
+                "this consumer delivers to host memory",
+            );
+        };
+        let off = batch.device_data.wrapping_sub(g.map.device_ptr());
+        if batch.device_data < g.map.device_ptr() || out.len() as u64 > batch.len {
+            return err(
+                Status::InvalidArgument,
+                "not a batch of this consumer, or out is larger than it",
+            );
+        }
+        g.map.read(off as usize, out).map_err(|e| Error {
+            status: Status::Internal,
+            message: format!("reading GPU memory: {e}"),
+        })
     }
 
     /// Batches delivered to this handle and not yet released.
@@ -697,12 +814,33 @@ impl Consumer {
                 ),
             );
         }
-        let off = self.s.layout.slot_offset(d.slot).expect("slot checked");
-        let data = self
-            .s
-            .pool
-            .range_ptr(off, d.len)
-            .expect("pool size checked at attach");
+        let on_device = d.flags & desc::FLAG_DEVICE != 0;
+        let (data, device_data, device) = match (&self.gpu, on_device) {
+            (None, false) => {
+                let off = self.s.layout.slot_offset(d.slot).expect("slot checked");
+                let data = self
+                    .s
+                    .pool
+                    .range_ptr(off, d.len)
+                    .expect("pool size checked at attach");
+                (data.cast_const(), 0, -1)
+            }
+            (Some(g), true) if d.dslot < g.slots => (
+                std::ptr::null(),
+                g.map.device_ptr() + d.dslot as u64 * g.stride,
+                g.device as i32,
+            ),
+            _ => {
+                return err(
+                    Status::Protocol,
+                    format!(
+                        "ferryd delivered a malformed descriptor (device flag {on_device}, GPU slot {}, GPU pool {})",
+                        d.dslot,
+                        self.gpu.is_some()
+                    ),
+                )
+            }
+        };
         let moff = self.s.layout.meta_offset(d.slot).expect("slot checked");
         let meta = self
             .s
@@ -711,9 +849,12 @@ impl Consumer {
             .expect("pool size checked at attach");
         let token = self.next_token;
         self.next_token += 1;
-        self.inflight.insert(token, (d.slot, d.partition, d.offset));
+        self.inflight
+            .insert(token, (d.slot, d.dslot, d.partition, d.offset));
         Ok(Batch {
             data,
+            device_data,
+            device,
             len: d.len,
             meta,
             meta_len: d.meta_len,
@@ -725,7 +866,7 @@ impl Consumer {
 
     /// Returns a batch's slot. Releasing twice is `NotHeld`.
     pub fn release(&mut self, token: u64) -> Result<()> {
-        let Some(&(slot, partition, offset)) = self.inflight.get(&token) else {
+        let Some(&(slot, dslot, partition, offset)) = self.inflight.get(&token) else {
             return err(
                 Status::NotHeld,
                 "batch is not held by this consumer (already released, or from another consumer)",
@@ -736,6 +877,7 @@ impl Consumer {
             stream: self.s.info.stream_id,
             partition,
             slot,
+            dslot,
             offset,
             ..Desc::default()
         })?;

@@ -21,7 +21,7 @@ use ferry_shm::proto::StreamSpec;
 
 /// Version of this C ABI (struct layouts, signatures). Bumped on any
 /// incompatible change; bindings compare it with `ferry_abi_version()`.
-pub const FERRY_ABI_VERSION: u32 = 2;
+pub const FERRY_ABI_VERSION: u32 = 3;
 
 /// Success.
 pub const FERRY_OK: i32 = 0;
@@ -77,7 +77,10 @@ pub struct ferry_consumer_config {
     /// Microseconds `ferry_consumer_next` busy-polls before sleeping.
     pub spin_us: u32,
     /// Where batches are delivered: NULL or "cpu" for host memory,
-    /// "cuda:N" for GPU N.
+    /// "cuda:N" for GPU N as this process numbers them (libferry then
+    /// loads libcuda, opens the consumer's GPU pool through its CUDA IPC
+    /// handle in GPU N's primary context, and each batch's payload is at
+    /// `ferry_batch.device_data`).
     pub device: *const c_char,
 }
 
@@ -98,6 +101,7 @@ pub struct ferry_batch {
     /// Name of the stream (owned by the consumer handle; valid until it is
     /// freed).
     pub stream: *const c_char,
+    /// The payload in host memory; NULL when it was delivered to a GPU.
     pub data: *const u8,
     pub len: u64,
     pub meta: *const u8,
@@ -107,6 +111,14 @@ pub struct ferry_batch {
     pub offset: u64,
     /// Identifies the batch to `ferry_consumer_release`.
     pub token: u64,
+    /// With GPU delivery: the payload's address in GPU memory (a
+    /// CUdeviceptr, valid in this process's current CUDA context of GPU
+    /// `device`); 0 otherwise.
+    pub device_data: u64,
+    /// The GPU holding the payload (this process's ordinal), or -1 for
+    /// host memory.
+    pub device: i32,
+    pub _reserved: u32,
 }
 
 /// A connection to ferryd.
@@ -502,6 +514,9 @@ pub unsafe extern "C" fn ferry_consumer_next(
                         partition: b.partition,
                         offset: b.offset,
                         token: b.token,
+                        device_data: b.device_data,
+                        device: b.device,
+                        _reserved: 0,
                     }
                 };
                 FERRY_OK

@@ -2,5 +2,6 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod gpu;
 pub mod server;
 pub mod stream;

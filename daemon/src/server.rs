@@ -25,6 +25,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::config::{check_stream_spec, Config};
+use crate::gpu::{GpuDelivery, Gpus};
 use crate::stream::{SessionId, Stream, Violation};
 
 const TOK_LISTENER: u64 = 1;
@@ -54,6 +55,8 @@ struct ConsumerState {
     prefetch: u32,
     inflight: u32,
     delivered: u64,
+    /// GPU delivery: the consumer's GPU pool and copies in flight.
+    gpu: Option<GpuDelivery>,
 }
 
 enum Role {
@@ -113,8 +116,10 @@ pub struct Server {
     /// The fabric backend chosen at start-up, and why (not yet used for
     /// data: moving batches between hosts comes with the peers work).
     fabric: String,
-    /// GPUs found at start-up, or why there are none.
-    gpus: Result<ferry_cuda::Probe, ferry_cuda::CudaError>,
+    /// GPUs found at start-up (or why there are none), opened on demand.
+    gpus: Gpus,
+    /// Consumers with GPU delivery (0: skip the GPU work entirely).
+    gpu_consumers: usize,
     events: Vec<(u64, u32)>,
     /// Scratch list of session ids, reused by every loop iteration.
     scratch: Vec<SessionId>,
@@ -238,7 +243,8 @@ impl Server {
             started: Instant::now(),
             draining: None,
             fabric,
-            gpus,
+            gpus: Gpus::new(gpus),
+            gpu_consumers: 0,
             events: Vec::with_capacity(64),
             scratch: Vec::with_capacity(64),
             wake_scratch: Vec::with_capacity(64),
@@ -310,7 +316,7 @@ impl Server {
         let mut iter: u32 = 0;
         loop {
             iter = iter.wrapping_add(1);
-            let work = self.poll_rings() + self.pump();
+            let work = self.poll_rings() + self.pump() + self.progress_gpu();
             if let Some(since) = self.draining {
                 if self.drained() {
                     info!("drained: every published batch was delivered and released");
@@ -329,7 +335,7 @@ impl Server {
                 }
                 continue;
             }
-            if last_work.elapsed() < spin {
+            if last_work.elapsed() < spin || self.copies_pending() {
                 spinner.spin();
                 if iter.is_multiple_of(128) {
                     self.poll_events(0)?;
@@ -627,7 +633,8 @@ impl Server {
                 group,
                 prefetch,
                 device,
-            } => self.open_consumer(id, stream, group, prefetch, device),
+                device_bus,
+            } => self.open_consumer(id, stream, group, prefetch, (device, device_bus)),
             Request::Seek { partition, offset } => self.seek(id, partition, offset),
         }
     }
@@ -714,6 +721,7 @@ impl Server {
             slot_count: spec.slot_count,
             ring_capacity: self.cfg.daemon.ring_capacity,
             credits,
+            gpu: None,
         };
         let fds = [region.fd(), entry.pool.fd(), self.doorbell.as_raw_fd()];
         if let Some(s) = self.sessions.get_mut(&id) {
@@ -735,26 +743,20 @@ impl Server {
         name: String,
         group: String,
         prefetch: u32,
-        device: Option<u32>,
+        device: (Option<u32>, Option<String>),
     ) {
+        let cap = self.cfg.daemon.ring_capacity;
+        let prefetch = if prefetch == 0 {
+            8.min(cap)
+        } else {
+            prefetch.min(cap)
+        };
         let res = (|| {
             self.check_open(id)?;
-            if let Some(n) = device {
-                return Err(match &self.gpus {
-                    Err(e) => (
-                        ErrorCode::NoDevice,
-                        format!("GPU delivery to cuda:{n} was requested, but this host has no CUDA GPU ({e})"),
-                    ),
-                    Ok(p) if n as usize >= p.gpus.len() => (
-                        ErrorCode::NoDevice,
-                        format!("there is no cuda:{n}: this host has {} GPU(s)", p.gpus.len()),
-                    ),
-                    Ok(_) => (
-                        ErrorCode::Unsupported,
-                        format!("GPU delivery (cuda:{n}) is not implemented in this ferryd yet; use host delivery"),
-                    ),
-                });
-            }
+            let ordinal = match &device {
+                (None, None) => None,
+                (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
+            };
             if !proto::valid_name(&group) {
                 return Err((
                     ErrorCode::InvalidArgument,
@@ -767,18 +769,25 @@ impl Server {
                     format!("no stream named {name:?} (a producer creates it, or declare it in the config)"),
                 )
             })?;
+            let gpu = match ordinal {
+                None => None,
+                Some(n) => {
+                    let entry = &self.streams[idx];
+                    Some(self.gpus.delivery(
+                        n,
+                        idx,
+                        &entry.pool,
+                        entry.stream.spec.slot_size,
+                        prefetch,
+                    )?)
+                }
+            };
             let (rings, region) = self.new_rings(id)?;
-            Ok((idx, rings, region))
+            Ok((idx, rings, region, gpu))
         })();
-        let (idx, rings, region) = match res {
+        let (idx, rings, region, gpu) = match res {
             Ok(v) => v,
             Err((code, msg)) => return self.refuse(id, code, msg),
-        };
-        let cap = self.cfg.daemon.ring_capacity;
-        let prefetch = if prefetch == 0 {
-            8.min(cap)
-        } else {
-            prefetch.min(cap)
         };
         let entry = &mut self.streams[idx];
         let g = entry.stream.join(&group, id);
@@ -792,10 +801,21 @@ impl Server {
             slot_count: spec.slot_count,
             ring_capacity: cap,
             credits: prefetch,
+            gpu: gpu.as_ref().map(|g| g.info.clone()),
         };
         let fds = [region.fd(), entry.pool.fd(), self.doorbell.as_raw_fd()];
+        if gpu.is_some() {
+            self.gpu_consumers += 1;
+        }
         if let Some(s) = self.sessions.get_mut(&id) {
-            info!(session = id, pid = s.cred.pid, stream = %name, group = %group, "consumer joined");
+            info!(
+                session = id,
+                pid = s.cred.pid,
+                stream = %name,
+                group = %group,
+                device = gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal)).unwrap_or_else(|| "host".into()),
+                "consumer joined"
+            );
             s.role = Role::Consumer(ConsumerState {
                 stream: idx,
                 group: g,
@@ -803,6 +823,7 @@ impl Server {
                 prefetch,
                 inflight: 0,
                 delivered: 0,
+                gpu,
             });
         }
         self.reply(id, &Response::Opened(info), &fds);
@@ -879,6 +900,9 @@ impl Server {
                 while let Some(d) = c.rings.sub.pop().map_err(|e| Violation(e.to_string()))? {
                     match d.op {
                         desc::OP_RELEASE => {
+                            if let Some(g) = &mut c.gpu {
+                                g.release(d.partition, d.offset, d.dslot)?;
+                            }
                             entry
                                 .stream
                                 .release(c.group, id, d.partition, d.offset, d.slot)?;
@@ -972,7 +996,6 @@ impl Server {
                     if c.inflight >= c.prefetch {
                         return false; // no credit: prefetch batches unreleased
                     }
-                    debug_assert!(pool_layout.slot_offset(dv.entry.slot).is_some());
                     let d = Desc {
                         op: desc::OP_DELIVER,
                         stream: sid,
@@ -983,6 +1006,26 @@ impl Server {
                         offset: dv.offset,
                         ..Desc::default()
                     };
+                    if let Some(g) = &mut c.gpu {
+                        // The descriptor goes out when the copy is done
+                        // (progress_gpu).
+                        let Some(src) = pool_layout.slot_offset(dv.entry.slot) else {
+                            return false;
+                        };
+                        return match g.start(d, src) {
+                            Ok(true) => {
+                                c.inflight += 1;
+                                c.delivered += 1;
+                                true
+                            }
+                            Ok(false) => false,
+                            Err(e) => {
+                                failed.push((m, e));
+                                false
+                            }
+                        };
+                    }
+                    debug_assert!(pool_layout.slot_offset(dv.entry.slot).is_some());
                     match c.rings.comp.push(&d) {
                         Ok(()) => {
                             c.inflight += 1;
@@ -1015,6 +1058,59 @@ impl Server {
             self.fail_session(id, &why);
         }
         pushed
+    }
+
+    /// Puts the descriptors of finished GPU copies on their consumers'
+    /// rings. Returns descriptors pushed.
+    fn progress_gpu(&mut self) -> usize {
+        if self.gpu_consumers == 0 {
+            return 0;
+        }
+        let mut pushed = 0;
+        let mut failed: Vec<(SessionId, String)> = Vec::new();
+        for (&id, s) in self.sessions.iter_mut() {
+            let Role::Consumer(c) = &mut s.role else {
+                continue;
+            };
+            let Some(g) = &mut c.gpu else {
+                continue;
+            };
+            if g.pending() == 0 {
+                continue;
+            }
+            let comp = &mut c.rings.comp;
+            let mut ring_err = None;
+            let res = g.complete(|d| match comp.push(d) {
+                Ok(()) => true,
+                Err(ferry_shm::RingError::Full) => false,
+                Err(e) => {
+                    ring_err = Some(e.to_string());
+                    false
+                }
+            });
+            match (res, ring_err) {
+                (Err(e), _) | (_, Some(e)) => failed.push((id, e)),
+                (Ok(0), None) => {}
+                (Ok(n), None) => {
+                    pushed += n;
+                    if comp.wake_needed() {
+                        sys::futex_wake(comp.ring().sleep_word());
+                    }
+                }
+            }
+        }
+        for (id, why) in failed {
+            self.fail_session(id, &why);
+        }
+        pushed
+    }
+
+    /// GPU copies in flight anywhere (the loop keeps polling for them).
+    fn copies_pending(&self) -> bool {
+        self.gpu_consumers > 0
+            && self.sessions.values().any(|s| {
+                matches!(&s.role, Role::Consumer(ConsumerState { gpu: Some(g), .. }) if g.pending() > 0)
+            })
     }
 
     /// A client broke the protocol: close its session, keep serving others.
@@ -1058,7 +1154,14 @@ impl Server {
                     "producer closed"
                 );
             }
-            Role::Consumer(c) => {
+            Role::Consumer(mut c) => {
+                if let Some(g) = &mut c.gpu {
+                    // Copies still reading host slots finish before those
+                    // slots can go to anybody else.
+                    g.quiesce();
+                    self.gpu_consumers -= 1;
+                }
+                drop(c.gpu.take());
                 let entry = &mut self.streams[c.stream];
                 entry.stream.leave(c.group, id);
                 entry.dirty = true;
@@ -1148,6 +1251,18 @@ impl Server {
                                             inflight: c.inflight,
                                             delivered: c.delivered,
                                             ring_occupancy: c.rings.comp.ring().occupancy(),
+                                            device: c
+                                                .gpu
+                                                .as_ref()
+                                                .map(|g| format!("cuda:{}", g.info.ordinal)),
+                                            gpu_copies_in_flight: c
+                                                .gpu
+                                                .as_ref()
+                                                .map_or(0, |g| g.pending() as u32),
+                                            gpu_bytes_copied: c
+                                                .gpu
+                                                .as_ref()
+                                                .map_or(0, |g| g.copied_bytes),
                                         })
                                     })
                                     .collect(),
@@ -1165,11 +1280,11 @@ impl Server {
             socket: self.socket_path.display().to_string(),
             draining: self.draining.is_some(),
             fabric: self.fabric.clone(),
-            gpus: match &self.gpus {
+            gpus: match &self.gpus.probe {
                 Ok(p) => p.gpus.clone(),
                 Err(_) => Vec::new(),
             },
-            gpu_note: match &self.gpus {
+            gpu_note: match &self.gpus.probe {
                 Ok(p) => format!("CUDA driver {}", p.driver_version),
                 Err(e) => e.to_string(),
             },
@@ -1311,6 +1426,13 @@ pub struct MemberStatus {
     pub inflight: u32,
     pub delivered: u64,
     pub ring_occupancy: u32,
+    /// "cuda:N" for GPU delivery (ferryd's numbering); absent for host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub gpu_copies_in_flight: u32,
+    #[serde(default)]
+    pub gpu_bytes_copied: u64,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]

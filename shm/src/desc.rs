@@ -27,7 +27,11 @@ pub struct Desc {
     pub key: u64,
     /// Free for the sender (request ids, timestamps); echoed nowhere.
     pub cookie: u64,
-    pub reserved: u64,
+    /// `OP_DELIVER` with `FLAG_DEVICE` (and the matching `OP_RELEASE`):
+    /// the slot of the consumer's GPU pool that holds the payload.
+    pub dslot: u32,
+    /// Reserved; zero.
+    pub reserved: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<Desc>() == 64);
@@ -51,6 +55,10 @@ pub const OP_DELIVER: u16 = 17;
 
 /// `OP_PUBLISH`: `key` is valid and picks the partition.
 pub const FLAG_HAS_KEY: u16 = 1;
+
+/// `OP_DELIVER`: the payload was copied into the consumer's GPU pool, slot
+/// `dslot`; the metadata stays in the stream's (host) pool, slot `slot`.
+pub const FLAG_DEVICE: u16 = 2;
 
 /// `OP_COMMIT` partition value meaning "every partition I own".
 pub const COMMIT_ALL: u32 = u32::MAX;

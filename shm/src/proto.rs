@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to these messages or the shared layouts.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest message either side sends or accepts.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Longest stream or group name.
@@ -39,12 +39,15 @@ pub enum Request {
     },
     /// Become a member of consumer group `group` of `stream`. At most
     /// `prefetch` batches are delivered and unreleased at a time. `device`:
-    /// deliver into this GPU's memory (`None`: host memory).
+    /// deliver into this GPU's memory (`None`: host memory), named by its
+    /// PCI bus id when the client knows it (`device_bus`, which wins: GPU
+    /// ordinals differ between processes under CUDA_VISIBLE_DEVICES).
     OpenConsumer {
         stream: String,
         group: String,
         prefetch: u32,
         device: Option<u32>,
+        device_bus: Option<String>,
     },
     /// Consumer: redeliver `partition` from `offset` (or skip to it).
     Seek {
@@ -63,6 +66,25 @@ pub struct SessionInfo {
     pub ring_capacity: u32,
     /// Producer: slots the daemon keeps granted ahead. Consumer: prefetch.
     pub credits: u32,
+    /// Consumer with GPU delivery: its GPU pool.
+    pub gpu: Option<GpuPoolInfo>,
+}
+
+/// A consumer's pool in GPU memory: `slots` slots of `stride` bytes, which
+/// the consumer opens once through the CUDA IPC handle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuPoolInfo {
+    /// ferryd's ordinal of the GPU (informational: ordinals differ between
+    /// processes).
+    pub ordinal: u32,
+    /// PCI bus id of the GPU, lower case ("0000:17:00.0").
+    pub pci_bus_id: String,
+    /// The CUDA IPC memory handle (64 bytes).
+    pub ipc_handle: Vec<u8>,
+    /// Bytes in the allocation.
+    pub len: u64,
+    pub stride: u64,
+    pub slots: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,9 +194,29 @@ mod tests {
             group: "g".into(),
             prefetch: 4,
             device: Some(1),
+            device_bus: Some("0000:17:00.0".into()),
         };
         let b = encode(&r).unwrap();
         assert_eq!(decode::<Request>(&b).unwrap(), r);
+        let info = Response::Opened(SessionInfo {
+            session: 1,
+            stream_id: 0,
+            partitions: 2,
+            slot_size: 4096,
+            slot_count: 8,
+            ring_capacity: 256,
+            credits: 4,
+            gpu: Some(GpuPoolInfo {
+                ordinal: 0,
+                pci_bus_id: "0000:17:00.0".into(),
+                ipc_handle: vec![7; 64],
+                len: 16384,
+                stride: 4096,
+                slots: 4,
+            }),
+        });
+        let b = encode(&info).unwrap();
+        assert_eq!(decode::<Response>(&b).unwrap(), info);
     }
 
     #[test]

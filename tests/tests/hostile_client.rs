@@ -162,6 +162,7 @@ fn garbage_descriptors_of_every_kind_are_rejected() {
             offset: u64::MAX,
             key: 0x0123_4567_89AB_CDEF,
             cookie: 1,
+            dslot: u32::MAX,
             reserved: 2,
         },
     ];

@@ -364,16 +364,16 @@ fn gpu_delivery_without_that_gpu_is_refused_and_host_consumers_keep_working() {
         device: Some(0),
         ..Default::default()
     };
-    let e = client.consumer("s", "g", gpu).err().unwrap();
     if d.status().gpus.is_empty() {
+        // Refused in this process already (no libcuda to open a GPU
+        // pool with); the daemon's own refusal is tested in gpu_delivery.
+        let e = client.consumer("s", "g", gpu).err().unwrap();
         assert_eq!(e.status, Status::NoDevice, "{}", e.message);
         assert!(
-            e.message.contains("cuda:0") && e.message.contains("no CUDA GPU"),
+            e.message.contains("cuda:0") && e.message.contains("CUDA"),
             "{}",
             e.message
         );
-    } else {
-        assert_eq!(e.status, Status::Unsupported, "{}", e.message);
     }
     let e = client
         .consumer(

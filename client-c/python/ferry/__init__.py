@@ -100,6 +100,9 @@ class _Batch(ctypes.Structure):
         ("partition", ctypes.c_uint32),
         ("offset", ctypes.c_uint64),
         ("token", ctypes.c_uint64),
+        ("device_data", ctypes.c_uint64),
+        ("device", ctypes.c_int32),
+        ("_reserved", ctypes.c_uint32),
     ]
 
 
@@ -134,7 +137,7 @@ def _load():
 
 
 # Must equal FERRY_ABI_VERSION in ferry.h: the struct layouts below mirror it.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _lib = _load()
 _p = ctypes.c_void_p
@@ -319,8 +322,14 @@ class Producer(_Handle):
 
 
 class Batch:
-    """A delivered batch, read in place. ``data`` is a read-only
-    memoryview into the data pool, valid until the batch is released."""
+    """A delivered batch, read in place, valid until it is released.
+
+    Host delivery: ``data`` is a read-only memoryview into the data pool.
+    GPU delivery (``device="cuda:N"``): the bytes are in GPU memory at
+    ``device_data``, ``data`` is None, and the batch exposes
+    ``__cuda_array_interface__`` (so ``torch.as_tensor(batch,
+    device="cuda:N")``, CuPy or Numba view it without a copy); ``tensor()``
+    does that for PyTorch. ``meta`` is always host bytes."""
 
     def __init__(self, consumer, raw):
         self._consumer = consumer
@@ -328,20 +337,65 @@ class Batch:
         self.stream = raw.stream.decode()
         self.partition = raw.partition
         self.offset = raw.offset
+        self.device = None if raw.device < 0 else raw.device
+        self.device_data = raw.device_data
         self.address = raw.data or 0
-        self.data = _view(raw.data or 0, raw.len, readonly=True)
+        self.data = None if self.device is not None else _view(raw.data or 0, raw.len, readonly=True)
         self.meta = ctypes.string_at(raw.meta, raw.meta_len) if raw.meta_len else b""
         self.released = False
 
     def __len__(self):
         return self._raw.len
 
+    @property
+    def __cuda_array_interface__(self):
+        if self.device is None:
+            raise AttributeError("batch was delivered to host memory")
+        if self.released:
+            raise ValueError("batch was released")
+        return {
+            "shape": (self._raw.len,),
+            "typestr": "|u1",
+            # Zero-length batches still get a non-null address.
+            "data": (self.device_data, False),
+            "version": 3,
+            # The copy finished before the batch was delivered: no stream
+            # to wait on.
+            "stream": None,
+        }
+
     def numpy(self, dtype="uint8", shape=None):
-        """A NumPy array over the batch's bytes, without a copy."""
+        """A NumPy array over the batch's bytes, without a copy (host
+        delivery only)."""
         import numpy as np
 
+        if self.data is None:
+            raise ValueError(f"batch is in GPU memory (cuda:{self.device}); use tensor()")
         arr = np.frombuffer(self.data, dtype=dtype)
         return arr.reshape(shape) if shape is not None else arr
+
+    def tensor(self, dtype=None, shape=None):
+        """A PyTorch tensor over the batch's bytes, without a copy: on the
+        GPU for GPU delivery, on the CPU otherwise. Read-only in spirit:
+        ferryd's pool is shared. Valid until the batch is released."""
+        import torch
+
+        if self.device is None:
+            if len(self) == 0:
+                t = torch.empty(0, dtype=torch.uint8)
+            else:
+                import warnings
+
+                with warnings.catch_warnings():
+                    # The pool is mapped read-only; torch warns about
+                    # non-writable buffers. Do not write to the tensor.
+                    warnings.simplefilter("ignore", UserWarning)
+                    t = torch.frombuffer(self.data, dtype=torch.uint8)
+        else:
+            t = torch.as_tensor(self, device=f"cuda:{self.device}")
+        if dtype is not None:
+            t = t.view(dtype)
+        return t.reshape(shape) if shape is not None else t
 
     def release(self):
         """Returns the slot to ferryd. A second release raises FerryError
@@ -379,7 +433,8 @@ class Consumer(_Handle):
         _check(_lib.ferry_consumer_release(self._h, ctypes.byref(batch._raw)))
         batch.released = True
         try:
-            batch.data.release()
+            if batch.data is not None:
+                batch.data.release()
         except (BufferError, ValueError):
             # Still exported (e.g. a NumPy array views it): leave the view;
             # the caller promised not to use it after release.
@@ -420,15 +475,16 @@ class Consumer(_Handle):
 def iterable_dataset(stream, group, socket=None, dtype=None, shape=None, timeout=None, **consumer_options):
     """A ``torch.utils.data.IterableDataset`` over a Ferry stream.
 
-    Each item is a CPU tensor viewing the batch in place (torch.frombuffer,
-    no copy), valid until the next item is requested. Use it with
-    ``DataLoader(ds, batch_size=None)`` so that no collation copies it. With
-    ``num_workers > 0`` every worker joins the consumer group, so the
-    stream's partitions are spread over the workers.
+    Each item is a tensor viewing the batch in place (no copy), valid until
+    the next item is requested: a CPU tensor, or with
+    ``device="cuda:N"`` a CUDA tensor in that GPU's memory, copied there by
+    ferryd before the batch was handed over. Use it with
+    ``DataLoader(ds, batch_size=None)`` so that no collation copies it
+    (and, for CUDA tensors, ``num_workers=0``: CUDA memory does not cross
+    worker processes). With ``num_workers > 0`` every worker joins the
+    consumer group, so the stream's partitions are spread over the workers.
     """
     import torch
-
-    tdtype = dtype or torch.uint8
 
     class FerryIterableDataset(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -436,17 +492,7 @@ def iterable_dataset(stream, group, socket=None, dtype=None, shape=None, timeout
             cons = client.consumer(stream, group, **consumer_options)
             try:
                 for batch in cons.batches(timeout):
-                    if len(batch) == 0:
-                        t = torch.empty(0, dtype=tdtype)
-                    else:
-                        import warnings
-
-                        with warnings.catch_warnings():
-                            # The pool is mapped read-only; torch warns about
-                            # non-writable buffers. Do not write to the tensor.
-                            warnings.simplefilter("ignore", UserWarning)
-                            t = torch.frombuffer(batch.data, dtype=tdtype)
-                    yield t.reshape(shape) if shape is not None else t
+                    yield batch.tensor(dtype, shape)
             finally:
                 cons.close()
                 client.close()

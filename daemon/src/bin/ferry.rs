@@ -136,8 +136,15 @@ fn print_status(st: &Status) {
                 g.lag
             );
             for m in &g.members {
+                let device = match &m.device {
+                    Some(d) => format!(
+                        ", into {d} ({} copies in flight, {} bytes copied)",
+                        m.gpu_copies_in_flight, m.gpu_bytes_copied
+                    ),
+                    None => String::new(),
+                };
                 println!(
-                    "    member session {} pid {}: partitions {:?}, {}/{} in flight, {} delivered, ring {}",
+                    "    member session {} pid {}: partitions {:?}, {}/{} in flight, {} delivered, ring {}{device}",
                     m.session, m.pid, m.partitions, m.inflight, m.prefetch, m.delivered, m.ring_occupancy
                 );
             }

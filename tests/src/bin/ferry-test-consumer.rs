@@ -1,6 +1,7 @@
 //! A consumer process for tests that kill consumers: joins a group, takes
 //! `count` batches without releasing them, prints "held P:O" for each, then
-//! waits to be killed.
+//! waits to be killed. An optional fifth argument names the device
+//! ("cuda:0") to deliver into.
 
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ fn main() {
             group,
             ferry::ConsumerOptions {
                 prefetch: count as u32,
+                device: ferry::client::parse_device(args.get(5).map_or("cpu", |s| s.as_str()))
+                    .expect("device"),
                 ..Default::default()
             },
         )

@@ -1,0 +1,282 @@
+//! GPU delivery end to end: real ferryd, real client sessions. The tests
+//! that move data need a CUDA driver, so they are ignored by default; they
+//! run on a GPU machine (scripts/gpu-tests.sh) and, in scripts/test.sh,
+//! against the fake driver in tests/fakecuda (host memory standing in for
+//! GPU memory, asynchronous copies on worker threads), which checks
+//! ferryd's and libferry's logic but not the real driver.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ferry::{ConsumerOptions, StreamSpec};
+use ferry_shm::proto::{self, ErrorCode, Request, Response};
+use ferry_shm::sys;
+use ferry_tests::{bin, eventually, Daemon};
+
+const T: Option<Duration> = Some(Duration::from_secs(10));
+
+fn spec(partitions: u32, slot_size: u64, slot_count: u32) -> Option<StreamSpec> {
+    Some(StreamSpec {
+        partitions,
+        slot_size,
+        slot_count,
+    })
+}
+
+fn payload(i: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|j| (i as usize * 131 + j * 7 + 1) as u8)
+        .collect()
+}
+
+fn gpu0(prefetch: u32) -> ConsumerOptions {
+    ConsumerOptions {
+        prefetch,
+        device: Some(0),
+        ..Default::default()
+    }
+}
+
+/// The daemon's own check: a GPU named by a PCI bus id it does not have
+/// is refused with NoDevice (asked by hand, as a client with a GPU the
+/// daemon cannot see would), and the session stays usable.
+#[test]
+fn daemon_refuses_a_gpu_it_does_not_have() {
+    let d = Daemon::start("", "");
+    d.client().producer("s", spec(1, 64, 4)).unwrap();
+    let sock = sys::seqpacket_connect(&d.socket).unwrap();
+    let mut buf = vec![0u8; proto::MAX_MESSAGE];
+    let mut ask = |r: &Request| {
+        sys::send_with_fds(&sock, &proto::encode(r).unwrap(), &[]).unwrap();
+        let (n, _) = sys::recv_with_fds(&sock, &mut buf, false).unwrap().unwrap();
+        proto::decode::<Response>(&buf[..n]).unwrap()
+    };
+    ask(&Request::Hello {
+        protocol: proto::PROTOCOL_VERSION,
+        client: "test".into(),
+    });
+    let r = ask(&Request::OpenConsumer {
+        stream: "s".into(),
+        group: "g".into(),
+        prefetch: 4,
+        device: Some(0),
+        device_bus: Some("0000:99:00.0".into()),
+    });
+    let Response::Error { code, message } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(code, ErrorCode::NoDevice, "{message}");
+    assert!(
+        message.contains("0000:99:00.0") || message.contains("no usable CUDA GPU"),
+        "{message}"
+    );
+    // Still a control session: a host consumer opens on it.
+    let r = ask(&Request::OpenConsumer {
+        stream: "s".into(),
+        group: "g".into(),
+        prefetch: 4,
+        device: None,
+        device_bus: None,
+    });
+    assert!(
+        matches!(r, Response::Opened(ref i) if i.gpu.is_none()),
+        "{r:?}"
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU (scripts/gpu-tests.sh) or the fake driver (scripts/test.sh)"]
+fn every_byte_arrives_in_gpu_memory_in_order_with_copies_in_flight() {
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let slot = 1 << 20;
+    let mut p = client.producer("s", spec(2, slot as u64, 16)).unwrap();
+    let mut c = client.consumer("s", "g", gpu0(4)).unwrap();
+    assert_eq!(c.device(), Some(0));
+    let n = 40u64;
+    let lens: Vec<usize> = (0..n)
+        .map(|i| match i % 5 {
+            0 => 0,
+            1 => 1,
+            2 => slot,
+            _ => (i as usize * 7919) % slot,
+        })
+        .collect();
+    let mut seen = std::collections::BTreeMap::new();
+    let mut next = 0u64;
+    let mut last = [None::<u64>; 2];
+    while (seen.len() as u64) < n {
+        // Keep several batches (and copies) in flight before reading.
+        while next < n && next < seen.len() as u64 + 6 {
+            let data = payload(next, lens[next as usize]);
+            p.send(&data, &next.to_le_bytes(), Some(next), T).unwrap();
+            next += 1;
+        }
+        let b = c.next(T).unwrap();
+        assert!(b.data.is_null() && b.device == 0 && b.device_data != 0);
+        // SAFETY (test): held until released.
+        let i = u64::from_le_bytes(unsafe { b.meta() }.try_into().unwrap());
+        assert_eq!(b.len as usize, lens[i as usize], "batch {i}");
+        let mut back = vec![0u8; b.len as usize];
+        c.copy_from_device(&b, &mut back).unwrap();
+        assert!(back == payload(i, lens[i as usize]), "bytes of batch {i}");
+        assert!(
+            seen.insert(i, (b.partition, b.offset)).is_none(),
+            "{i} twice"
+        );
+        // Within a partition, in offset order without gaps.
+        let want = last[b.partition as usize].map_or(0, |o| o + 1);
+        assert_eq!(b.offset, want, "partition {}", b.partition);
+        last[b.partition as usize] = Some(b.offset);
+        c.release(b.token).unwrap();
+    }
+    let st = d.status();
+    let m = &st.streams[0].groups[0].members[0];
+    assert_eq!(m.device.as_deref(), Some("cuda:0"));
+    assert_eq!(m.gpu_bytes_copied, lens.iter().sum::<usize>() as u64);
+    assert_eq!(m.gpu_copies_in_flight, 0);
+    assert!(d.log().contains("stream pool registered with the GPU"));
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU (scripts/gpu-tests.sh) or the fake driver (scripts/test.sh)"]
+fn gpu_and_host_consumers_share_a_group_and_a_killed_gpu_consumer_is_redelivered() {
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let mut p = client.producer("s", spec(2, 4096, 16)).unwrap();
+    let mut host = client
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    // A GPU consumer in another process takes its partition's batches and
+    // is killed without releasing them.
+    let mut child = Command::new(bin("ferry-test-consumer"))
+        .args([d.socket.to_str().unwrap(), "s", "g", "3", "cuda:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || d.status().streams[0]
+        .groups[0]
+        .members
+        .len()
+        == 2));
+    for i in 0..12u64 {
+        p.send(&payload(i, 3000), &i.to_le_bytes(), None, T)
+            .unwrap();
+    }
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut held = Vec::new();
+    loop {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        if line.trim() == "ready" || line.is_empty() {
+            break;
+        }
+        held.push(line.trim().to_string());
+    }
+    assert_eq!(held.len(), 3, "{held:?}");
+    let st = d.status();
+    let gpu_member = st.streams[0].groups[0]
+        .members
+        .iter()
+        .find(|m| m.device.is_some())
+        .expect("a GPU member in status");
+    assert_eq!(gpu_member.device.as_deref(), Some("cuda:0"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Every batch reaches the host consumer intact: its own partition's,
+    // and the dead GPU consumer's, redelivered.
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < 12 {
+        let b = host.next(T).unwrap();
+        // SAFETY (test): held until released.
+        let i = u64::from_le_bytes(unsafe { b.meta() }.try_into().unwrap());
+        assert_eq!(unsafe { b.data() }, &payload(i, 3000)[..]);
+        got.insert(i);
+        host.release(b.token).unwrap();
+    }
+    let log = d.log();
+    assert!(log.contains("consumer left"), "{log}");
+}
+
+/// A GPU consumer speaking the protocol by hand releases a batch naming
+/// the wrong GPU slot: ferryd closes that session, and the batch goes to
+/// the next member, intact.
+#[test]
+#[ignore = "requires a CUDA GPU (scripts/gpu-tests.sh) or the fake driver (scripts/test.sh)"]
+fn a_release_naming_the_wrong_gpu_slot_closes_that_session_only() {
+    use ferry_shm::desc::{self, Desc};
+    use ferry_shm::layout::SessionLayout;
+    use ferry_shm::{attach_ring, Region, RingConsumer, RingProducer};
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let mut p = client.producer("s", spec(1, 4096, 8)).unwrap();
+    let bus = ferry_cuda::probe().unwrap().gpus[0].pci_bus_id.clone();
+    let sock = sys::seqpacket_connect(&d.socket).unwrap();
+    let mut buf = vec![0u8; proto::MAX_MESSAGE];
+    let mut ask = |r: &Request| {
+        sys::send_with_fds(&sock, &proto::encode(r).unwrap(), &[]).unwrap();
+        let (n, fds) = sys::recv_with_fds(&sock, &mut buf, false).unwrap().unwrap();
+        (proto::decode::<Response>(&buf[..n]).unwrap(), fds)
+    };
+    ask(&Request::Hello {
+        protocol: proto::PROTOCOL_VERSION,
+        client: "forger".into(),
+    });
+    let (r, fds) = ask(&Request::OpenConsumer {
+        stream: "s".into(),
+        group: "g".into(),
+        prefetch: 2,
+        device: Some(0),
+        device_bus: Some(bus),
+    });
+    let Response::Opened(info) = r else {
+        panic!("{r:?}")
+    };
+    let pool = info.gpu.expect("a GPU pool");
+    assert_eq!((pool.slots, pool.ipc_handle.len()), (2, 64));
+    assert!(pool.stride >= 4096 && pool.stride % 4096 == 0);
+    let mut fds = fds.into_iter();
+    let layout = SessionLayout::new(info.ring_capacity);
+    let region = Arc::new(Region::attach(fds.next().unwrap(), layout.total, true).unwrap());
+    let _pool = fds.next().unwrap();
+    let doorbell = fds.next().unwrap();
+    let ring = |off| attach_ring(&region, off, layout.ring_len, info.ring_capacity).unwrap();
+    let mut sub = RingProducer::new(ring(layout.sub_offset));
+    let mut comp = RingConsumer::new(ring(layout.comp_offset));
+
+    p.send(b"precious", b"", None, T).unwrap();
+    let mut got = None;
+    assert!(eventually(Duration::from_secs(5), || {
+        got = comp.pop().unwrap();
+        got.is_some()
+    }));
+    let dv = got.unwrap();
+    assert_eq!(dv.op, desc::OP_DELIVER);
+    assert!(dv.flags & desc::FLAG_DEVICE != 0 && dv.dslot < 2, "{dv:?}");
+    sub.push(&Desc {
+        op: desc::OP_RELEASE,
+        stream: dv.stream,
+        partition: dv.partition,
+        slot: dv.slot,
+        dslot: dv.dslot ^ 1,
+        offset: dv.offset,
+        ..Desc::default()
+    })
+    .unwrap();
+    sys::eventfd_signal(doorbell.as_raw_fd());
+    assert!(eventually(Duration::from_secs(5), || sys::peer_hung_up(
+        &sock
+    )));
+    assert!(d.log().contains("GPU slot"), "{}", d.log());
+    // The batch was never released: the next member gets it.
+    let mut c = client.consumer("s", "g", gpu0(2)).unwrap();
+    let b = c.next(T).unwrap();
+    let mut back = vec![0u8; b.len as usize];
+    c.copy_from_device(&b, &mut back).unwrap();
+    assert_eq!(back, b"precious");
+    c.release(b.token).unwrap();
+}
