@@ -7,8 +7,13 @@
 #
 # `run` executes the cuda crate's ignored tests (device buffers, a
 # two-process CUDA IPC hand-off, dma-buf export, pinned staging with copies
-# in flight) and the Python tests, which include the PyTorch IterableDataset
-# test there (torch is installed on those machines). CI never runs this.
+# in flight), the GPU delivery tests through a real ferryd (every byte
+# checked in GPU memory, a killed GPU consumer redelivered, a forged
+# release), the C ABI tests and the Python tests (PyTorch CUDA tensors and
+# the IterableDataset there), then the benchmarks: `ferry-bench gpu` and
+# bench/train_loop.py. Results (JSON lines) go to $OUT when set, else
+# target/gpu-results. CI never runs this (scripts/test.sh runs the same
+# tests against the fake driver in tests/fakecuda instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=target/gpu-carry
@@ -16,12 +21,15 @@ CARRY=target/gpu-carry
 case "${1:-}" in
 build)
     source scripts/setup.sh
-    cargo build --release --quiet -p ferry-daemon -p ferry-client
-    test_bin=$(scripts/test-binary.sh ferry-cuda gpu --release)
+    cargo build --release --quiet -p ferry-daemon -p ferry-client -p ferry-bench -p ferry-tests
     rm -rf "$CARRY"
     mkdir -p "$CARRY"
-    cp "$test_bin" "$CARRY/cuda-gpu-tests"
-    cp target/release/ferryd target/release/ferry target/release/libferry.so "$CARRY/"
+    cp "$(scripts/test-binary.sh ferry-cuda gpu --release)" "$CARRY/cuda-gpu-tests"
+    cp "$(scripts/test-binary.sh ferry-tests gpu_delivery --release)" "$CARRY/gpu-delivery-tests"
+    cp target/release/ferryd target/release/ferry target/release/libferry.so \
+        target/release/ferry-bench target/release/ferry-test-consumer "$CARRY/"
+    gcc -std=c11 -O1 -g -I client-c/include client-c/tests/c/test_abi.c \
+        -L "$CARRY" -lferry -Wl,-rpath,'$ORIGIN' -o "$CARRY/test_abi"
     # The device machines take at most 64 MiB along: drop debug info.
     strip --strip-debug "$CARRY"/*
     echo "built $CARRY ($(du -sh "$CARRY" | cut -f1)); carry it and run: scripts/gpu-tests.sh run"
@@ -32,10 +40,24 @@ run)
         exit 2
     fi
     [[ -x "$CARRY/cuda-gpu-tests" ]] || { echo "$CARRY missing: run 'scripts/gpu-tests.sh build' first and carry it" >&2; exit 2; }
+    results=${OUT:-target/gpu-results}
+    mkdir -p "$results"
+    nvidia-smi -L || true
     status=0
     "$CARRY/cuda-gpu-tests" --include-ignored --test-threads=1 --nocapture || status=1
+    FERRY_BIN_DIR="$PWD/$CARRY" "$CARRY/gpu-delivery-tests" --include-ignored --test-threads=1 || status=1
+    dir=$(mktemp -d)
+    printf '[daemon]\nsocket = "%s/ferryd.sock"\n' "$dir" > "$dir/ferryd.toml"
+    "$CARRY/ferryd" --config "$dir/ferryd.toml" 2> "$dir/ferryd.log" &
+    pid=$!
+    for _ in $(seq 100); do [[ -S "$dir/ferryd.sock" ]] && break; sleep 0.05; done
+    FERRY_SOCKET="$dir/ferryd.sock" "$CARRY/test_abi" || { status=1; cat "$dir/ferryd.log"; }
+    kill $pid; wait $pid || true
     FERRY_BIN_DIR="$PWD/$CARRY" FERRY_LIB="$PWD/$CARRY/libferry.so" \
         python3 -m pytest -q -p no:cacheprovider client-c/python/tests || status=1
+    "$CARRY/ferry-bench" gpu --quick | tee "$results/bench-gpu.jsonl" || status=1
+    FERRY_BIN_DIR="$PWD/$CARRY" python3 bench/train_loop.py ${FERRY_TRAIN_ARGS:-} \
+        | tee "$results/train-loop.jsonl" || status=1
     exit $status
     ;;
 *)

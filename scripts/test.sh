@@ -87,6 +87,9 @@ step "benchmark smoke run (checks it runs, not speed)"
 cargo build --release --quiet -p ferry-bench -p ferry-daemon
 target/release/ferry-bench shm --smoke > "$WORK/bench.jsonl"
 target/release/ferry-bench fabric --smoke >> "$WORK/bench.jsonl"
+# On the fake CUDA driver: proves the GPU benchmark runs, measures nothing.
+FAKECUDA_COPY_DELAY_US=0 LD_LIBRARY_PATH="$FAKE" target/release/ferry-bench gpu --smoke >> "$WORK/bench.jsonl"
+python3 -m py_compile bench/train_loop.py
 python3 - "$WORK/bench.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 mod fabric;
+mod gpu;
 #[cfg(feature = "iceoryx2")]
 mod ix;
 use ferry::{Client, ConsumerOptions, StreamSpec};
@@ -85,6 +86,28 @@ enum Cmd {
         #[arg(long, default_value = "192.0.2.1")]
         perftest_host: String,
     },
+    /// GPU delivery: staged host-to-GPU throughput through ferryd against a
+    /// pinned host-to-device copy (needs a CUDA GPU).
+    Gpu {
+        /// Finish in under 30 seconds.
+        #[arg(long)]
+        quick: bool,
+        /// A few milliseconds per case: checks the benchmark runs (for tests).
+        #[arg(long, conflicts_with = "quick")]
+        smoke: bool,
+        /// The ferryd binary (default: beside this one).
+        #[arg(long)]
+        ferryd: Option<PathBuf>,
+    },
+    #[command(hide = true)]
+    GpuProduce {
+        socket: PathBuf,
+        stream: String,
+        size: u64,
+        millis: u64,
+    },
+    #[command(hide = true)]
+    GpuConsume { socket: PathBuf, stream: String },
     #[command(hide = true)]
     Produce {
         socket: PathBuf,
@@ -136,6 +159,18 @@ fn main() {
             gid_index,
             perftest_host,
         } => fabric::bench_fabric(&provider, &device, gid_index, &perftest_host, quick, smoke),
+        Cmd::Gpu {
+            quick,
+            smoke,
+            ferryd,
+        } => gpu::bench_gpu(quick, smoke, ferryd),
+        Cmd::GpuProduce {
+            socket,
+            stream,
+            size,
+            millis,
+        } => gpu::produce(&socket, &stream, size, millis),
+        Cmd::GpuConsume { socket, stream } => gpu::consume(&socket, &stream),
         Cmd::Produce {
             socket,
             stream,

@@ -527,7 +527,10 @@ pub unsafe extern "C" fn ferry_consumer_next(
 }
 
 /// Returns a batch's slot to ferryd. Releasing the same batch twice gives
-/// FERRY_E_NOT_HELD.
+/// FERRY_E_NOT_HELD. For a batch delivered to a GPU, release it only once
+/// the GPU work reading it has finished (synchronize the stream that reads
+/// it, or wait for an event recorded after that work): ferryd copies the
+/// next batch into the same GPU slot as soon as it is released.
 ///
 /// # Safety
 /// `consumer` is a live handle; `batch` points to a batch (its token is

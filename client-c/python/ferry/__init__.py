@@ -17,10 +17,12 @@ the end of a ``with batch:`` block, or (when iterating with the default
 ``auto_release=True``) when the next batch is requested.
 """
 
+import collections
 import ctypes
 import ctypes.util
 import os
 import pathlib
+import sys
 
 __all__ = [
     "Batch",
@@ -255,8 +257,8 @@ class Client(_Handle):
 
     def consumer(self, stream, group, prefetch=0, spin_us=50, auto_release=True, device=None):
         """Joins consumer group ``group`` of ``stream``. ``device``: None or
-        "cpu" for host memory; "cuda:N" asks for GPU delivery (refused with
-        E_NO_DEVICE without that GPU, E_UNSUPPORTED until ferryd does it)."""
+        "cpu" for host memory; "cuda:N" asks for GPU delivery into GPU N
+        (as this process numbers them; E_NO_DEVICE without that GPU)."""
         return Consumer(self, stream, group, prefetch, spin_us, auto_release, device)
 
 
@@ -421,6 +423,7 @@ class Consumer(_Handle):
         self.stream = stream
         self.group = group
         self.auto_release = auto_release
+        self.prefetch = prefetch
         self._last = None
 
     def next(self, timeout=None):
@@ -443,12 +446,23 @@ class Consumer(_Handle):
     def batches(self, timeout=None):
         """Yields batches until none arrives within ``timeout`` seconds
         (None: forever). With auto_release, each batch is released when
-        the next one is requested, and the last one when iteration ends."""
+        the next one is requested, and the last one when iteration ends.
+
+        GPU batches are released only once the GPU work queued on them has
+        finished: when PyTorch is in use, the release waits for an event
+        recorded on the current CUDA stream when the next batch is
+        requested, so the training step still running on one batch
+        overlaps the hand-over of the next (at most one batch is kept back
+        that way, when prefetch allows). Without PyTorch, release GPU
+        batches yourself once your GPU work on them is done."""
+        deferred = collections.deque()
+        keep = 1 if self.prefetch == 0 or self.prefetch >= 3 else 0
         try:
             while True:
                 if self.auto_release and self._last is not None and not self._last.released:
-                    self.release(self._last)
+                    self._retire(self._last, deferred)
                 self._last = None
+                self._reap(deferred, keep)
                 try:
                     b = self.next(timeout)
                 except Timeout:
@@ -456,9 +470,27 @@ class Consumer(_Handle):
                 self._last = b
                 yield b
         finally:
-            if self.auto_release and self._last is not None and not self._last.released and self._h:
-                self.release(self._last)
+            if self._h:
+                if self.auto_release and self._last is not None and not self._last.released:
+                    self._retire(self._last, deferred)
                 self._last = None
+                self._reap(deferred, 0)
+
+    def _retire(self, batch, deferred):
+        torch = sys.modules.get("torch")
+        if batch.device is None or torch is None or not torch.cuda.is_available():
+            self.release(batch)
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(batch.device))
+        deferred.append((batch, ev))
+
+    def _reap(self, deferred, keep):
+        while deferred and (len(deferred) > keep or deferred[0][1].query()):
+            batch, ev = deferred.popleft()
+            ev.synchronize()
+            if not batch.released:
+                self.release(batch)
 
     def __iter__(self):
         return self.batches(None)

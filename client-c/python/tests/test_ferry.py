@@ -210,3 +210,46 @@ def test_torch_iterable_dataset(daemon):
     loader = torch.utils.data.DataLoader(ds, batch_size=None)
     seen = [int(t[0]) for t in loader]
     assert seen == [0, 1, 2]
+
+
+@pytest.mark.skipif(not FAKE_CUDA, reason="uses a stand-in torch; runs with scripts/test.sh's fake driver")
+def test_gpu_batches_are_released_after_the_gpu_work_on_them(daemon, monkeypatch):
+    """batches() keeps a GPU batch until an event recorded after it was
+    used has completed (a stand-in torch records what happens)."""
+    import types
+
+    log = []
+
+    class Event:
+        def __init__(self):
+            self.done = False
+
+        def record(self, stream):
+            log.append(("record", stream))
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            log.append("sync")
+            self.done = True
+
+    cuda = types.SimpleNamespace(Event=Event, is_available=lambda: True, current_stream=lambda dev: f"stream{dev}")
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    client = ferry.Client(str(daemon.socket))
+    prod = client.producer("defer", slot_size=64, slot_count=8)
+    cons = client.consumer("defer", "g", device="cuda:0", prefetch=4)
+    for i in range(4):
+        prod.send(bytes([i]) * 8)
+    it = cons.batches(timeout=0.5)
+    first = next(it)
+    second = next(it)
+    # The first batch was retired with an event, not released: its GPU
+    # work may still run.
+    assert not first.released and log == [("record", "stream0")]
+    third = next(it)
+    # Only one is kept back: the first is released after its event.
+    assert first.released and not second.released and log.count("sync") == 1
+    rest = list(it)
+    assert len(rest) == 1 and second.released and third.released and rest[0].released
+    assert [b.offset for b in (first, second, third, *rest)] == [0, 1, 2, 3]
