@@ -82,10 +82,17 @@ typedef struct ferry_stream_config {
 
 // A reserved slot: write up to `capacity` bytes at `data`, then publish.
 typedef struct ferry_slot {
+  // Where to write the payload in host memory; NULL for a producer that
+  // publishes from a GPU.
   uint8_t *data;
   uint64_t capacity;
   uint32_t slot;
   uint32_t reserved;
+  // For a producer that publishes from a GPU: where to write the payload
+  // in GPU memory (a CUdeviceptr valid in this process's context of the
+  // producer's GPU); 0 otherwise. Publish only after those writes
+  // completed.
+  uint64_t device_data;
 } ferry_slot;
 
 // Consumer options; pass NULL for defaults.
@@ -171,6 +178,21 @@ int32_t ferry_producer_open(const struct ferry_client *client,
                             const char *stream,
                             const struct ferry_stream_config *create,
                             struct ferry_producer **out);
+
+// As `ferry_producer_open`, publishing from `device`: NULL or "cpu" for
+// host memory, "cuda:N" for GPU N as this process numbers them. A GPU
+// producer's slots are in the stream's mirror on that GPU
+// (`ferry_slot.device_data`); ferryd copies each published batch to host
+// memory for host consumers and straight from GPU memory for GPU
+// consumers. FERRY_E_NO_DEVICE without that GPU or without libcuda.
+//
+// # Safety
+// As `ferry_producer_open`; `device` NULL or a NUL-terminated string.
+int32_t ferry_producer_open_device(const struct ferry_client *client,
+                                   const char *stream,
+                                   const struct ferry_stream_config *create,
+                                   const char *device,
+                                   struct ferry_producer **out);
 
 // Reserves a free slot, waiting up to `timeout_ms` (negative: forever;
 // 0: do not wait) while every slot is in use downstream.

@@ -244,16 +244,48 @@ impl Client {
     /// Opens a producer on `stream`. With `create`, a missing stream is
     /// created with that configuration (an existing one must match it).
     pub fn producer(&self, stream: &str, create: Option<StreamSpec>) -> Result<Producer> {
+        self.producer_on(stream, create, None)
+    }
+
+    /// Opens a producer that publishes from GPU `device` (this process's
+    /// ordinal; None: host memory, as `producer`). Its slots are in the
+    /// stream's mirror on that GPU: write the batch at
+    /// `SlotBuf::device_ptr`, and publish once those writes completed.
+    pub fn producer_on(
+        &self,
+        stream: &str,
+        create: Option<StreamSpec>,
+        device: Option<u32>,
+    ) -> Result<Producer> {
         check_name("stream", stream)?;
-        let s = Session::open(
+        let device_bus = match device {
+            None => None,
+            Some(n) => Some(local_gpu(n)?.pci_bus_id),
+        };
+        let mut s = Session::open(
             &self.path,
             Request::OpenProducer {
                 stream: stream.to_string(),
                 spec: create,
+                device,
+                device_bus,
             },
             true,
         )?;
+        let gpu = match (device, s.info.gpu.take()) {
+            (None, None) => None,
+            (Some(n), Some(pool)) if pool.slots == s.info.slot_count => {
+                Some(GpuPool::open(n, &pool, &s.info)?)
+            }
+            (want, got) => {
+                return err(
+                    Status::Protocol,
+                    format!("asked for device {want:?}, ferryd answered with GPU pool {got:?}"),
+                )
+            }
+        };
         Ok(Producer {
+            gpu,
             s,
             granted: HashSet::new(),
             spare: Vec::new(),
@@ -557,16 +589,21 @@ impl Session {
     }
 }
 
-/// A reserved slot in the stream's pool, writable until published.
+/// A reserved slot in the stream's pool, writable until published. For a
+/// producer publishing from a GPU, the payload goes to `device_ptr` (GPU
+/// memory) and `ptr` is null.
 #[derive(Debug, Clone, Copy)]
 pub struct SlotBuf {
     pub slot: u32,
     pub ptr: *mut u8,
+    pub device_ptr: u64,
     pub capacity: u64,
 }
 
 /// Publishes batches into one stream.
 pub struct Producer {
+    /// Declared before `s`: the IPC mapping closes before the session.
+    gpu: Option<GpuPool>,
     s: Session,
     granted: HashSet<u32>,
     /// Grants popped from the ring but not handed out (kept for reserve).
@@ -580,6 +617,11 @@ impl Producer {
 
     pub fn slot_size(&self) -> u64 {
         self.s.info.slot_size
+    }
+
+    /// The GPU (this process's ordinal) this producer publishes from.
+    pub fn device(&self) -> Option<u32> {
+        self.gpu.as_ref().map(|g| g.device)
     }
 
     /// Takes a free slot, waiting up to `timeout` (None: forever) while all
@@ -598,16 +640,25 @@ impl Producer {
                 d.slot
             }
         };
+        self.granted.insert(slot);
+        if let Some(g) = &self.gpu {
+            return Ok(SlotBuf {
+                slot,
+                ptr: std::ptr::null_mut(),
+                device_ptr: g.map.device_ptr() + slot as u64 * g.stride,
+                capacity: self.s.info.slot_size,
+            });
+        }
         let off = self.s.layout.slot_offset(slot).expect("slot checked above");
         let ptr = self
             .s
             .pool
             .range_ptr(off, self.s.info.slot_size)
             .expect("pool size checked at attach");
-        self.granted.insert(slot);
         Ok(SlotBuf {
             slot,
             ptr,
+            device_ptr: 0,
             capacity: self.s.info.slot_size,
         })
     }
@@ -659,6 +710,9 @@ impl Producer {
             d.key = k;
             d.flags |= desc::FLAG_HAS_KEY;
         }
+        if self.gpu.is_some() {
+            d.flags |= desc::FLAG_DEVICE;
+        }
         self.s.submit(&d)?;
         self.granted.remove(&slot);
         Ok(())
@@ -689,13 +743,22 @@ impl Producer {
             );
         }
         let slot = self.reserve(timeout)?;
-        let off = self
-            .s
-            .layout
-            .slot_offset(slot.slot)
-            .expect("granted slot in range");
-        let written = self.s.pool.write(off, data);
-        debug_assert!(written, "size checked above");
+        if let Some(g) = &self.gpu {
+            // Host bytes into the GPU slot (a synchronous copy).
+            if let Err(e) = g.map.write(slot.slot as usize * g.stride as usize, data) {
+                self.spare.push(slot.slot);
+                self.granted.remove(&slot.slot);
+                return err(Status::Internal, format!("writing GPU memory: {e}"));
+            }
+        } else {
+            let off = self
+                .s
+                .layout
+                .slot_offset(slot.slot)
+                .expect("granted slot in range");
+            let written = self.s.pool.write(off, data);
+            debug_assert!(written, "size checked above");
+        }
         self.publish(slot.slot, data.len() as u64, meta, key)
     }
 }

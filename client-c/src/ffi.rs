@@ -88,10 +88,17 @@ pub struct ferry_consumer_config {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ferry_slot {
+    /// Where to write the payload in host memory; NULL for a producer that
+    /// publishes from a GPU.
     pub data: *mut u8,
     pub capacity: u64,
     pub slot: u32,
     pub reserved: u32,
+    /// For a producer that publishes from a GPU: where to write the payload
+    /// in GPU memory (a CUdeviceptr valid in this process's context of the
+    /// producer's GPU); 0 otherwise. Publish only after those writes
+    /// completed.
+    pub device_data: u64,
 }
 
 /// A delivered batch, read in place. Valid until released.
@@ -283,10 +290,44 @@ pub unsafe extern "C" fn ferry_producer_open(
     create: *const ferry_stream_config,
     out: *mut *mut ferry_producer,
 ) -> i32 {
+    // SAFETY: the same contract.
+    unsafe { ferry_producer_open_device(client, stream, create, std::ptr::null(), out) }
+}
+
+/// As `ferry_producer_open`, publishing from `device`: NULL or "cpu" for
+/// host memory, "cuda:N" for GPU N as this process numbers them. A GPU
+/// producer's slots are in the stream's mirror on that GPU
+/// (`ferry_slot.device_data`); ferryd copies each published batch to host
+/// memory for host consumers and straight from GPU memory for GPU
+/// consumers. FERRY_E_NO_DEVICE without that GPU or without libcuda.
+///
+/// # Safety
+/// As `ferry_producer_open`; `device` NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_producer_open_device(
+    client: *const ferry_client,
+    stream: *const c_char,
+    create: *const ferry_stream_config,
+    device: *const c_char,
+    out: *mut *mut ferry_producer,
+) -> i32 {
     guard(|| {
         if client.is_null() || out.is_null() {
             return invalid("client or out is NULL");
         }
+        let device = if device.is_null() {
+            None
+        } else {
+            // SAFETY: per the contract.
+            let d = match unsafe { str_arg(device, "device") } {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            match crate::client::parse_device(d) {
+                Ok(d) => d,
+                Err(e) => return fail(e),
+            }
+        };
         // SAFETY: per the contract.
         let stream = match unsafe { str_arg(stream, "stream") } {
             Ok(s) => s,
@@ -300,7 +341,7 @@ pub unsafe extern "C" fn ferry_producer_open(
         });
         // SAFETY: client is a live handle per the contract.
         let client = unsafe { &*client };
-        match client.inner.producer(stream, spec) {
+        match client.inner.producer_on(stream, spec, device) {
             Ok(p) => {
                 // SAFETY: out is valid per the contract.
                 unsafe {
@@ -347,6 +388,7 @@ pub unsafe extern "C" fn ferry_producer_reserve(
                         capacity: s.capacity,
                         slot: s.slot,
                         reserved: 0,
+                        device_data: s.device_ptr,
                     }
                 };
                 FERRY_OK

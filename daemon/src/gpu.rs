@@ -9,6 +9,15 @@
 //! the batch frees the GPU slot (and, as for every consumer, the host
 //! slot). The host slot is held by the group until that release, so a copy
 //! never reads a slot a producer is refilling.
+//!
+//! A producer may publish from GPU memory: it then writes into the
+//! stream's mirror on its GPU (one GPU slot per host slot, the same index,
+//! shared by that GPU's producers of the stream) and publishes as usual.
+//! ferryd copies the payload to the host slot (for host consumers, replay
+//! and redelivery) on the producer's CUDA stream and puts the batch into
+//! the stream once that copy completed, in publish order. GPU consumers of
+//! such a batch get it by a device-to-device copy from the mirror (a peer
+//! copy when their GPU is another one), not from host memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -31,6 +40,8 @@ pub struct Gpus {
     open: HashMap<u32, Arc<Gpu>>,
     /// Each stream's host pool, registered with each GPU that reads it.
     hosts: HashMap<(u32, usize), Mem>,
+    /// Each stream's mirror on each GPU its producers publish from.
+    mirrors: HashMap<(usize, u32), (Mem, GpuPoolInfo)>,
 }
 
 impl Gpus {
@@ -39,6 +50,7 @@ impl Gpus {
             probe,
             open: HashMap::new(),
             hosts: HashMap::new(),
+            mirrors: HashMap::new(),
         }
     }
 
@@ -98,33 +110,37 @@ impl Gpus {
         Ok(g)
     }
 
-    /// Sets up GPU delivery of stream `stream` (host pool `host`) to one
-    /// consumer: `slots` GPU slots of at least `slot_size` bytes.
-    pub fn delivery(
+    /// Stream `stream`'s host pool as GPU `ordinal` sees it (registered
+    /// once).
+    fn host(
         &mut self,
-        ordinal: u32,
+        gpu: &Arc<Gpu>,
         stream: usize,
         host: &Arc<Region>,
+    ) -> Result<Mem, CudaError> {
+        if let Some(m) = self.hosts.get(&(gpu.ordinal, stream)) {
+            return Ok(m.clone());
+        }
+        let r = gpu.register_host(host.clone())?;
+        info!(
+            gpu = gpu.ordinal,
+            bytes = r.len(),
+            pinned = r.pinned,
+            "stream pool registered with the GPU"
+        );
+        let m = Mem::Host(r);
+        self.hosts.insert((gpu.ordinal, stream), m.clone());
+        Ok(m)
+    }
+
+    /// A pool of `slots` GPU slots of at least `slot_size` bytes.
+    fn pool(
+        &self,
+        gpu: &Arc<Gpu>,
         slot_size: u64,
         slots: u32,
-    ) -> Result<GpuDelivery, (ErrorCode, String)> {
-        let internal = |e: CudaError| (ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
-        let gpu = self.gpu(ordinal).map_err(internal)?;
-        let host = match self.hosts.get(&(ordinal, stream)) {
-            Some(m) => m.clone(),
-            None => {
-                let r = gpu.register_host(host.clone()).map_err(internal)?;
-                info!(
-                    gpu = ordinal,
-                    bytes = r.len(),
-                    pinned = r.pinned,
-                    "stream pool registered with the GPU"
-                );
-                let m = Mem::Host(r);
-                self.hosts.insert((ordinal, stream), m.clone());
-                m
-            }
-        };
+    ) -> Result<(Mem, GpuPoolInfo), (ErrorCode, String)> {
+        let ordinal = gpu.ordinal;
         let stride = slot_size.max(1).div_ceil(STRIDE_ALIGN) * STRIDE_ALIGN;
         let len = stride
             .checked_mul(slots as u64)
@@ -139,8 +155,9 @@ impl Gpus {
                 format!("allocating a {len}-byte GPU pool on cuda:{ordinal}: {e}"),
             )
         })?;
-        let handle = pool.ipc_handle().map_err(internal)?;
-        let stream = gpu.stream().map_err(internal)?;
+        let handle = pool
+            .ipc_handle()
+            .map_err(|e| (ErrorCode::Internal, format!("cuda:{ordinal}: {e}")))?;
         let pci_bus_id = match &self.probe {
             Ok(p) => p
                 .gpus
@@ -150,23 +167,87 @@ impl Gpus {
                 .unwrap_or_default(),
             Err(_) => String::new(),
         };
+        let info = GpuPoolInfo {
+            ordinal,
+            pci_bus_id,
+            ipc_handle: handle.0.to_vec(),
+            len,
+            stride,
+            slots,
+        };
+        Ok((Mem::Device(Arc::new(pool)), info))
+    }
+
+    /// Sets up GPU delivery of stream `stream` (host pool `host`) to one
+    /// consumer: `slots` GPU slots of at least `slot_size` bytes.
+    pub fn delivery(
+        &mut self,
+        ordinal: u32,
+        stream: usize,
+        host: &Arc<Region>,
+        slot_size: u64,
+        slots: u32,
+    ) -> Result<GpuDelivery, (ErrorCode, String)> {
+        let internal = |e: CudaError| (ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
+        let gpu = self.gpu(ordinal).map_err(internal)?;
+        let host = self.host(&gpu, stream, host).map_err(internal)?;
+        let (pool, info) = self.pool(&gpu, slot_size, slots)?;
+        let cuda_stream = gpu.stream().map_err(internal)?;
         Ok(GpuDelivery {
-            info: GpuPoolInfo {
-                ordinal,
-                pci_bus_id,
-                ipc_handle: handle.0.to_vec(),
-                len,
-                stride,
-                slots,
-            },
-            pool: Mem::Device(Arc::new(pool)),
+            info,
+            pool,
             host,
             free: (0..slots).rev().collect(),
-            stream,
+            stream: cuda_stream,
             pending: VecDeque::with_capacity(slots as usize),
             held: HashMap::with_capacity(slots as usize),
             copied_bytes: 0,
+            d2d_bytes: 0,
         })
+    }
+
+    /// Sets up publishing from GPU `ordinal` into stream `stream`: the
+    /// stream's mirror on that GPU (made by the first such producer).
+    pub fn publisher(
+        &mut self,
+        ordinal: u32,
+        stream: usize,
+        host: &Arc<Region>,
+        slot_size: u64,
+        slot_count: u32,
+    ) -> Result<GpuPublish, (ErrorCode, String)> {
+        let internal = |e: CudaError| (ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
+        let gpu = self.gpu(ordinal).map_err(internal)?;
+        let host = self.host(&gpu, stream, host).map_err(internal)?;
+        let (mirror, info) = match self.mirrors.get(&(stream, ordinal)) {
+            Some(m) => m.clone(),
+            None => {
+                let m = self.pool(&gpu, slot_size, slot_count)?;
+                info!(
+                    gpu = ordinal,
+                    bytes = m.1.len,
+                    "stream mirror allocated on the GPU"
+                );
+                self.mirrors.insert((stream, ordinal), m.clone());
+                m
+            }
+        };
+        let cuda_stream = gpu.stream().map_err(internal)?;
+        Ok(GpuPublish {
+            info,
+            mirror,
+            host,
+            stream: cuda_stream,
+            pending: VecDeque::new(),
+            copied_bytes: 0,
+        })
+    }
+
+    /// Where a GPU consumer copies a batch from: the mirror on `device`
+    /// when the batch was published from there, else the host pool.
+    pub fn source(&self, stream: usize, device: Option<u32>, slot: u32) -> Option<(Mem, u64)> {
+        let (m, info) = self.mirrors.get(&(stream, device?))?;
+        Some((m.clone(), slot as u64 * info.stride))
     }
 }
 
@@ -186,6 +267,8 @@ pub struct GpuDelivery {
     /// Delivered and not released: (partition, offset) -> GPU slot.
     held: HashMap<(u32, u64), u32>,
     pub copied_bytes: u64,
+    /// Of those, copied from GPU memory (a producer's mirror).
+    pub d2d_bytes: u64,
 }
 
 impl GpuDelivery {
@@ -194,10 +277,16 @@ impl GpuDelivery {
         self.pending.len()
     }
 
-    /// Queues the copy of a batch (`d` is its descriptor, host slot
-    /// payload at `src_off` in the host pool). False when no GPU slot is
-    /// free; an error when the driver refused the copy.
-    pub fn start(&mut self, mut d: Desc, src_off: u64) -> Result<bool, String> {
+    /// Queues the copy of a batch (`d` is its descriptor; the payload is at
+    /// `src_off` in the host pool, or at `from` when a producer published
+    /// it from GPU memory). False when no GPU slot is free; an error when
+    /// the driver refused the copy.
+    pub fn start(
+        &mut self,
+        mut d: Desc,
+        src_off: u64,
+        from: Option<(Mem, u64)>,
+    ) -> Result<bool, String> {
         let Some(dslot) = self.free.pop() else {
             return Ok(false);
         };
@@ -205,11 +294,18 @@ impl GpuDelivery {
         let event = if d.len == 0 {
             None
         } else {
+            let (src, off) = match &from {
+                Some((m, off)) => {
+                    self.d2d_bytes += d.len;
+                    (m, *off)
+                }
+                None => (&self.host, src_off),
+            };
             match self.stream.copy(
                 &self.pool,
                 dst_off as usize,
-                &self.host,
-                src_off as usize,
+                src,
+                off as usize,
                 d.len as usize,
             ) {
                 Ok(e) => Some(e),
@@ -272,5 +368,80 @@ impl GpuDelivery {
     pub fn quiesce(&mut self) {
         let _ = self.stream.synchronize();
         self.pending.clear();
+    }
+}
+
+/// A producer publishing from GPU memory: the stream's mirror on its GPU,
+/// and the copies of its batches to the host pool, in publish order.
+pub struct GpuPublish {
+    pub info: GpuPoolInfo,
+    mirror: Mem,
+    host: Mem,
+    stream: ferry_cuda::Stream,
+    pending: VecDeque<Pending>,
+    pub copied_bytes: u64,
+}
+
+impl GpuPublish {
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Queues a publish. With `FLAG_DEVICE` the payload is copied from the
+    /// mirror slot to the host slot at `host_off` first; the publish takes
+    /// effect (`complete`) after that copy, and after every publish queued
+    /// before it.
+    pub fn queue(&mut self, d: Desc, host_off: u64) -> Result<(), String> {
+        let event = if d.flags & desc::FLAG_DEVICE != 0 && d.len > 0 {
+            let src = d.slot as u64 * self.info.stride;
+            let e = self
+                .stream
+                .copy(
+                    &self.host,
+                    host_off as usize,
+                    &self.mirror,
+                    src as usize,
+                    d.len as usize,
+                )
+                .map_err(|e| format!("copy from cuda:{}: {e}", self.info.ordinal))?;
+            self.copied_bytes += d.len;
+            Some(e)
+        } else {
+            None
+        };
+        self.pending.push_back(Pending { desc: d, event });
+        Ok(())
+    }
+
+    /// Hands the publishes whose copies finished, in order, to `publish`.
+    pub fn complete(
+        &mut self,
+        mut publish: impl FnMut(&Desc) -> Result<(), Violation>,
+    ) -> Result<usize, String> {
+        let mut n = 0;
+        while let Some(front) = self.pending.front() {
+            if let Some(e) = &front.event {
+                match e.is_done() {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => return Err(format!("copy from cuda:{}: {e}", self.info.ordinal)),
+                }
+            }
+            let p = self.pending.pop_front().expect("front exists");
+            publish(&p.desc).map_err(|v| v.0)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Waits for every copy in flight, then completes every publish.
+    pub fn finish(
+        &mut self,
+        publish: impl FnMut(&Desc) -> Result<(), Violation>,
+    ) -> Result<usize, String> {
+        self.stream
+            .synchronize()
+            .map_err(|e| format!("cuda:{}: {e}", self.info.ordinal))?;
+        self.complete(publish)
     }
 }

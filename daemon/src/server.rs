@@ -25,7 +25,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::config::{check_stream_spec, Config};
-use crate::gpu::{GpuDelivery, Gpus};
+use crate::gpu::{GpuDelivery, GpuPublish, Gpus};
 use crate::stream::{SessionId, Stream, Violation};
 
 const TOK_LISTENER: u64 = 1;
@@ -46,6 +46,9 @@ struct ProducerState {
     granted: HashSet<u32>,
     credits: u32,
     published: u64,
+    /// Publishing from GPU memory: the stream's mirror on that GPU and the
+    /// copies to host slots in flight.
+    gpu: Option<GpuPublish>,
 }
 
 struct ConsumerState {
@@ -118,8 +121,8 @@ pub struct Server {
     fabric: String,
     /// GPUs found at start-up (or why there are none), opened on demand.
     gpus: Gpus,
-    /// Consumers with GPU delivery (0: skip the GPU work entirely).
-    gpu_consumers: usize,
+    /// Sessions using a GPU (0: skip the GPU work entirely).
+    gpu_sessions: usize,
     events: Vec<(u64, u32)>,
     /// Scratch list of session ids, reused by every loop iteration.
     scratch: Vec<SessionId>,
@@ -244,7 +247,7 @@ impl Server {
             draining: None,
             fabric,
             gpus: Gpus::new(gpus),
-            gpu_consumers: 0,
+            gpu_sessions: 0,
             events: Vec::with_capacity(64),
             scratch: Vec::with_capacity(64),
             wake_scratch: Vec::with_capacity(64),
@@ -627,7 +630,12 @@ impl Server {
                 );
             }
             _ if fresh => self.fail_session(id, "request before Hello"),
-            Request::OpenProducer { stream, spec } => self.open_producer(id, stream, spec),
+            Request::OpenProducer {
+                stream,
+                spec,
+                device,
+                device_bus,
+            } => self.open_producer(id, stream, spec, (device, device_bus)),
             Request::OpenConsumer {
                 stream,
                 group,
@@ -673,9 +681,19 @@ impl Server {
         }
     }
 
-    fn open_producer(&mut self, id: SessionId, name: String, spec: Option<StreamSpec>) {
+    fn open_producer(
+        &mut self,
+        id: SessionId,
+        name: String,
+        spec: Option<StreamSpec>,
+        device: (Option<u32>, Option<String>),
+    ) {
         let res = (|| {
             self.check_open(id)?;
+            let ordinal = match &device {
+                (None, None) => None,
+                (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
+            };
             let idx = match (self.by_name.get(&name).copied(), spec) {
                 (Some(idx), None) => idx,
                 (Some(idx), Some(want)) => {
@@ -699,13 +717,29 @@ impl Server {
                     ))
                 }
             };
+            let gpu = match ordinal {
+                None => None,
+                Some(n) => {
+                    let entry = &self.streams[idx];
+                    Some(self.gpus.publisher(
+                        n,
+                        idx,
+                        &entry.pool,
+                        entry.stream.spec.slot_size,
+                        entry.stream.spec.slot_count,
+                    )?)
+                }
+            };
             let (rings, region) = self.new_rings(id)?;
-            Ok((idx, rings, region))
+            Ok((idx, rings, region, gpu))
         })();
-        let (idx, rings, region) = match res {
+        let (idx, rings, region, gpu) = match res {
             Ok(v) => v,
             Err((code, msg)) => return self.refuse(id, code, msg),
         };
+        if gpu.is_some() {
+            self.gpu_sessions += 1;
+        }
         let entry = &mut self.streams[idx];
         let spec = entry.stream.spec.clone();
         let credits = (spec.slot_count / 4)
@@ -721,17 +755,24 @@ impl Server {
             slot_count: spec.slot_count,
             ring_capacity: self.cfg.daemon.ring_capacity,
             credits,
-            gpu: None,
+            gpu: gpu.as_ref().map(|g| g.info.clone()),
         };
         let fds = [region.fd(), entry.pool.fd(), self.doorbell.as_raw_fd()];
         if let Some(s) = self.sessions.get_mut(&id) {
-            info!(session = id, pid = s.cred.pid, stream = %name, "producer opened");
+            info!(
+                session = id,
+                pid = s.cred.pid,
+                stream = %name,
+                device = gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal)).unwrap_or_else(|| "host".into()),
+                "producer opened"
+            );
             s.role = Role::Producer(ProducerState {
                 stream: idx,
                 rings,
                 granted: HashSet::new(),
                 credits,
                 published: 0,
+                gpu,
             });
         }
         self.reply(id, &Response::Opened(info), &fds);
@@ -805,7 +846,7 @@ impl Server {
         };
         let fds = [region.fd(), entry.pool.fd(), self.doorbell.as_raw_fd()];
         if gpu.is_some() {
-            self.gpu_consumers += 1;
+            self.gpu_sessions += 1;
         }
         if let Some(s) = self.sessions.get_mut(&id) {
             info!(
@@ -888,7 +929,25 @@ impl Server {
                         return Err(Violation(format!("producer sent op {}", d.op)));
                     }
                     let key = (d.flags & desc::FLAG_HAS_KEY != 0).then_some(d.key);
-                    entry.stream.publish(id, d.slot, d.len, d.meta_len, key)?;
+                    if let Some(g) = &mut p.gpu {
+                        // Takes effect once its copy to the host slot is
+                        // done (progress_gpu), in order.
+                        entry.stream.check_publish(id, d.slot, d.len, d.meta_len)?;
+                        let off = entry.layout.slot_offset(d.slot).ok_or_else(|| {
+                            Violation(format!("publish of slot {} out of range", d.slot))
+                        })?;
+                        g.queue(d, off).map_err(Violation)?;
+                        n += 1;
+                        continue;
+                    }
+                    if d.flags & desc::FLAG_DEVICE != 0 {
+                        return Err(Violation(
+                            "publish from GPU memory by a producer opened for host memory".into(),
+                        ));
+                    }
+                    entry
+                        .stream
+                        .publish(id, d.slot, d.len, d.meta_len, key, None)?;
                     p.granted.remove(&d.slot);
                     p.published += 1;
                     entry.dirty = true;
@@ -931,7 +990,8 @@ impl Server {
         to_wake.clear();
         let mut failed: Vec<(SessionId, String)> = Vec::new();
         let draining = self.draining.is_some();
-        for entry in &mut self.streams {
+        let gpus = &self.gpus;
+        for (idx, entry) in self.streams.iter_mut().enumerate() {
             if !entry.dirty {
                 continue;
             }
@@ -1012,7 +1072,8 @@ impl Server {
                         let Some(src) = pool_layout.slot_offset(dv.entry.slot) else {
                             return false;
                         };
-                        return match g.start(d, src) {
+                        let from = gpus.source(idx, dv.entry.device, dv.entry.slot);
+                        return match g.start(d, src, from) {
                             Ok(true) => {
                                 c.inflight += 1;
                                 c.delivered += 1;
@@ -1063,12 +1124,28 @@ impl Server {
     /// Puts the descriptors of finished GPU copies on their consumers'
     /// rings. Returns descriptors pushed.
     fn progress_gpu(&mut self) -> usize {
-        if self.gpu_consumers == 0 {
+        if self.gpu_sessions == 0 {
             return 0;
         }
         let mut pushed = 0;
         let mut failed: Vec<(SessionId, String)> = Vec::new();
+        let streams = &mut self.streams;
         for (&id, s) in self.sessions.iter_mut() {
+            if let Role::Producer(p) = &mut s.role {
+                if let Some(g) = &mut p.gpu {
+                    if g.pending() > 0 {
+                        let entry = &mut streams[p.stream];
+                        let (granted, published) = (&mut p.granted, &mut p.published);
+                        let dev = g.info.ordinal;
+                        match g.complete(|d| publish_copied(entry, id, d, dev, granted, published))
+                        {
+                            Ok(n) => pushed += n,
+                            Err(e) => failed.push((id, e)),
+                        }
+                    }
+                }
+                continue;
+            }
             let Role::Consumer(c) = &mut s.role else {
                 continue;
             };
@@ -1107,9 +1184,11 @@ impl Server {
 
     /// GPU copies in flight anywhere (the loop keeps polling for them).
     fn copies_pending(&self) -> bool {
-        self.gpu_consumers > 0
-            && self.sessions.values().any(|s| {
-                matches!(&s.role, Role::Consumer(ConsumerState { gpu: Some(g), .. }) if g.pending() > 0)
+        self.gpu_sessions > 0
+            && self.sessions.values().any(|s| match &s.role {
+                Role::Consumer(ConsumerState { gpu: Some(g), .. }) => g.pending() > 0,
+                Role::Producer(ProducerState { gpu: Some(g), .. }) => g.pending() > 0,
+                _ => false,
             })
     }
 
@@ -1140,8 +1219,21 @@ impl Server {
         };
         self.epoll.delete(s.sock.as_raw_fd());
         match s.role {
-            Role::Producer(p) => {
+            Role::Producer(mut p) => {
                 let entry = &mut self.streams[p.stream];
+                if let Some(g) = &mut p.gpu {
+                    // Everything it published is kept: wait for the copies
+                    // and put those batches into the stream.
+                    let (granted, published) = (&mut p.granted, &mut p.published);
+                    let dev = g.info.ordinal;
+                    if let Err(e) =
+                        g.finish(|d| publish_copied(entry, id, d, dev, granted, published))
+                    {
+                        warn!(session = id, "while closing: {e}");
+                    }
+                    self.gpu_sessions -= 1;
+                }
+                drop(p.gpu.take());
                 for slot in p.granted {
                     entry.stream.return_grant(id, slot);
                 }
@@ -1159,7 +1251,7 @@ impl Server {
                     // Copies still reading host slots finish before those
                     // slots can go to anybody else.
                     g.quiesce();
-                    self.gpu_consumers -= 1;
+                    self.gpu_sessions -= 1;
                 }
                 drop(c.gpu.take());
                 let entry = &mut self.streams[c.stream];
@@ -1209,6 +1301,12 @@ impl Server {
                                 pid: sess.cred.pid,
                                 granted: p.granted.len() as u32,
                                 published: p.published,
+                                device: p.gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal)),
+                                gpu_copies_in_flight: p
+                                    .gpu
+                                    .as_ref()
+                                    .map_or(0, |g| g.pending() as u32),
+                                gpu_bytes_copied: p.gpu.as_ref().map_or(0, |g| g.copied_bytes),
                             })
                         })
                         .collect(),
@@ -1263,6 +1361,10 @@ impl Server {
                                                 .gpu
                                                 .as_ref()
                                                 .map_or(0, |g| g.copied_bytes),
+                                            gpu_bytes_from_gpu: c
+                                                .gpu
+                                                .as_ref()
+                                                .map_or(0, |g| g.d2d_bytes),
                                         })
                                     })
                                     .collect(),
@@ -1357,6 +1459,28 @@ fn spawn_admin(
     Ok(rx)
 }
 
+/// Puts a batch a producer published from GPU `dev` into its stream, now
+/// that its copy to the host slot is done (batches published from host
+/// memory by the same producer wait in the same queue, keeping its order).
+fn publish_copied(
+    entry: &mut StreamEntry,
+    id: SessionId,
+    d: &Desc,
+    dev: u32,
+    granted: &mut HashSet<u32>,
+    published: &mut u64,
+) -> Result<(), Violation> {
+    let key = (d.flags & desc::FLAG_HAS_KEY != 0).then_some(d.key);
+    let device = (d.flags & desc::FLAG_DEVICE != 0).then_some(dev);
+    entry
+        .stream
+        .publish(id, d.slot, d.len, d.meta_len, key, device)?;
+    granted.remove(&d.slot);
+    *published += 1;
+    entry.dirty = true;
+    Ok(())
+}
+
 fn rings_of(role: &Role) -> Option<&Rings> {
     match role {
         Role::Producer(p) => Some(&p.rings),
@@ -1407,6 +1531,13 @@ pub struct ProducerStatus {
     pub pid: i32,
     pub granted: u32,
     pub published: u64,
+    /// "cuda:N" when publishing from GPU memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub gpu_copies_in_flight: u32,
+    #[serde(default)]
+    pub gpu_bytes_copied: u64,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -1433,6 +1564,9 @@ pub struct MemberStatus {
     pub gpu_copies_in_flight: u32,
     #[serde(default)]
     pub gpu_bytes_copied: u64,
+    /// Of those, copied from GPU memory (batches published from a GPU).
+    #[serde(default)]
+    pub gpu_bytes_from_gpu: u64,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]

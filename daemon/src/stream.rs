@@ -42,6 +42,9 @@ pub struct Entry {
     pub slot: u32,
     pub len: u64,
     pub meta_len: u32,
+    /// Published from GPU memory: the stream's mirror on this GPU holds the
+    /// payload too (the host slot has a copy).
+    pub device: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -192,16 +195,15 @@ impl Stream {
         }
     }
 
-    /// Puts a filled slot into the stream. Everything here comes from the
-    /// client's ring and is checked.
-    pub fn publish(
-        &mut self,
+    /// Checks a publish without doing it: the slot is granted to
+    /// `session`, the sizes fit.
+    pub fn check_publish(
+        &self,
         session: SessionId,
         slot: u32,
         len: u64,
         meta_len: u32,
-        key: Option<u64>,
-    ) -> Result<(u32, u64), Violation> {
+    ) -> Result<(), Violation> {
         match self.slots.get(slot as usize) {
             Some(Slot::Granted { session: s }) if *s == session => {}
             Some(_) => {
@@ -225,6 +227,22 @@ impl Stream {
         if meta_len > ferry_shm::layout::META_MAX {
             return Err(Violation(format!("metadata of {meta_len} bytes")));
         }
+        Ok(())
+    }
+
+    /// Puts a filled slot into the stream (`device`: published from GPU
+    /// memory, whose copy stays in that GPU's mirror of the pool).
+    /// Everything here comes from the client's ring and is checked.
+    pub fn publish(
+        &mut self,
+        session: SessionId,
+        slot: u32,
+        len: u64,
+        meta_len: u32,
+        key: Option<u64>,
+        device: Option<u32>,
+    ) -> Result<(u32, u64), Violation> {
+        self.check_publish(session, slot, len, meta_len)?;
         let part = match key {
             Some(k) => partition_for_key(k, self.spec.partitions),
             None => {
@@ -242,6 +260,7 @@ impl Stream {
                 slot,
                 len,
                 meta_len,
+                device,
             },
         );
         let live = self.live_groups();
@@ -630,7 +649,7 @@ mod tests {
         (0..n)
             .map(|_| {
                 let slot = s.grant(1).expect("free slot");
-                s.publish(1, slot, 10, 0, None).unwrap()
+                s.publish(1, slot, 10, 0, None, None).unwrap()
             })
             .collect()
     }
@@ -714,12 +733,15 @@ mod tests {
     fn publish_checks_slot_ownership_and_size() {
         let mut s = stream(1, 4);
         let slot = s.grant(1).unwrap();
-        assert!(s.publish(2, slot, 1, 0, None).is_err());
-        assert!(s.publish(1, 99, 1, 0, None).is_err());
-        assert!(s.publish(1, slot, 101, 0, None).is_err());
-        assert!(s.publish(1, slot, 1, 257, None).is_err());
-        assert!(s.publish(1, slot, 100, 256, None).is_ok());
-        assert!(s.publish(1, slot, 1, 0, None).is_err(), "already published");
+        assert!(s.publish(2, slot, 1, 0, None, None).is_err());
+        assert!(s.publish(1, 99, 1, 0, None, None).is_err());
+        assert!(s.publish(1, slot, 101, 0, None, None).is_err());
+        assert!(s.publish(1, slot, 1, 257, None, None).is_err());
+        assert!(s.publish(1, slot, 100, 256, None, None).is_ok());
+        assert!(
+            s.publish(1, slot, 1, 0, None, None).is_err(),
+            "already published"
+        );
     }
 
     #[test]
@@ -888,9 +910,9 @@ mod tests {
         let mut s = stream(8, 64);
         s.join("g", 1);
         let a = s.grant(1).unwrap();
-        let (pa, _) = s.publish(1, a, 1, 0, Some(42)).unwrap();
+        let (pa, _) = s.publish(1, a, 1, 0, Some(42), None).unwrap();
         let b = s.grant(1).unwrap();
-        let (pb, _) = s.publish(1, b, 1, 0, Some(42)).unwrap();
+        let (pb, _) = s.publish(1, b, 1, 0, Some(42), None).unwrap();
         assert_eq!(pa, pb);
         let spread: std::collections::HashSet<u32> =
             (0..64).map(|k| partition_for_key(k, 8)).collect();

@@ -58,6 +58,8 @@ pub const FLAG_HAS_KEY: u16 = 1;
 
 /// `OP_DELIVER`: the payload was copied into the consumer's GPU pool, slot
 /// `dslot`; the metadata stays in the stream's (host) pool, slot `slot`.
+/// `OP_PUBLISH`: the payload is in the stream's mirror on the producer's
+/// GPU (slot `slot` there); the metadata in the host slot.
 pub const FLAG_DEVICE: u16 = 2;
 
 /// `OP_COMMIT` partition value meaning "every partition I own".

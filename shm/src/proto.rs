@@ -32,10 +32,13 @@ pub enum Request {
         client: String,
     },
     /// Become a producer of `stream`; create it with `spec` when it does not
-    /// exist (without a spec an unknown stream is an error).
+    /// exist (without a spec an unknown stream is an error). `device` /
+    /// `device_bus`: publish from this GPU's memory (as for consumers).
     OpenProducer {
         stream: String,
         spec: Option<StreamSpec>,
+        device: Option<u32>,
+        device_bus: Option<String>,
     },
     /// Become a member of consumer group `group` of `stream`. At most
     /// `prefetch` batches are delivered and unreleased at a time. `device`:
@@ -66,7 +69,8 @@ pub struct SessionInfo {
     pub ring_capacity: u32,
     /// Producer: slots the daemon keeps granted ahead. Consumer: prefetch.
     pub credits: u32,
-    /// Consumer with GPU delivery: its GPU pool.
+    /// Consumer with GPU delivery: its GPU pool. Producer publishing from
+    /// a GPU: the stream's mirror there (slot i of the pool <-> slot i).
     pub gpu: Option<GpuPoolInfo>,
 }
 

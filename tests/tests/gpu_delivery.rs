@@ -280,3 +280,109 @@ fn a_release_naming_the_wrong_gpu_slot_closes_that_session_only() {
     assert_eq!(back, b"precious");
     c.release(b.token).unwrap();
 }
+
+#[test]
+#[ignore = "requires a CUDA GPU (scripts/gpu-tests.sh) or the fake driver (scripts/test.sh)"]
+fn a_gpu_producer_reaches_host_and_gpu_consumers_and_gpu_ones_copy_from_gpu_memory() {
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let slot = 256 << 10;
+    let mut p = client
+        .producer_on("s", spec(2, slot as u64, 8), Some(0))
+        .unwrap();
+    assert_eq!(p.device(), Some(0));
+    let r = p.reserve(T).unwrap();
+    assert!(r.ptr.is_null() && r.device_ptr != 0);
+    p.publish(r.slot, 0, b"empty", None).unwrap();
+    let mut gpu = client.consumer("s", "on-gpu", gpu0(3)).unwrap();
+    let mut host = client
+        .consumer("s", "on-host", ConsumerOptions::default())
+        .unwrap();
+    let n = 24u64;
+    let len = |i: u64| (i as usize * 10007) % slot + 1;
+    let (mut got_gpu, mut got_host) = (0, 0);
+    let mut sent = 0u64;
+    let mut total = 0u64;
+    while got_gpu < n + 1 || got_host < n + 1 {
+        if sent < n {
+            // A short wait: when no slot is free, read first.
+            let data = payload(sent, len(sent));
+            if p.send(
+                &data,
+                &sent.to_le_bytes(),
+                None,
+                Some(Duration::from_millis(10)),
+            )
+            .is_ok()
+            {
+                total += data.len() as u64;
+                sent += 1;
+            }
+        }
+        while let Ok(b) = gpu.next(Some(Duration::from_millis(1))) {
+            // SAFETY (test): held until released.
+            let meta = unsafe { b.meta() }.to_vec();
+            let mut back = vec![0u8; b.len as usize];
+            gpu.copy_from_device(&b, &mut back).unwrap();
+            if meta != b"empty" {
+                let i = u64::from_le_bytes(meta.try_into().unwrap());
+                assert!(back == payload(i, len(i)), "GPU consumer, batch {i}");
+            } else {
+                assert!(back.is_empty());
+            }
+            gpu.release(b.token).unwrap();
+            got_gpu += 1;
+        }
+        while let Ok(b) = host.next(Some(Duration::from_millis(1))) {
+            // SAFETY (test): held until released.
+            let (meta, data) = unsafe { (b.meta().to_vec(), b.data().to_vec()) };
+            if meta != b"empty" {
+                let i = u64::from_le_bytes(meta.try_into().unwrap());
+                assert!(data == payload(i, len(i)), "host consumer, batch {i}");
+            }
+            host.release(b.token).unwrap();
+            got_host += 1;
+        }
+    }
+    let st = d.status();
+    let s = &st.streams[0];
+    assert_eq!(s.producers[0].device.as_deref(), Some("cuda:0"));
+    assert_eq!(s.producers[0].gpu_bytes_copied, total);
+    let g = s.groups.iter().find(|g| g.name == "on-gpu").unwrap();
+    assert_eq!(
+        g.members[0].gpu_bytes_from_gpu, total,
+        "every GPU delivery came from GPU memory"
+    );
+    assert!(d.log().contains("stream mirror allocated"), "{}", d.log());
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU (scripts/gpu-tests.sh) or the fake driver (scripts/test.sh)"]
+fn a_gpu_producer_closing_with_copies_in_flight_loses_nothing() {
+    // Under the fake driver: slow copies, so that the producer is gone
+    // while most are in flight (the real driver ignores this).
+    std::env::set_var("FAKECUDA_COPY_DELAY_US", "20000");
+    let d = Daemon::start("", "");
+    std::env::remove_var("FAKECUDA_COPY_DELAY_US");
+    let client = d.client();
+    let mut p = client
+        .producer_on("s", spec(1, 1 << 20, 32), Some(0))
+        .unwrap();
+    let batches: Vec<Vec<u8>> = (0..20).map(|i| payload(i, 1 << 20)).collect();
+    for (i, b) in batches.iter().enumerate() {
+        p.send(b, &(i as u64).to_le_bytes(), None, T).unwrap();
+    }
+    drop(p); // straight after publishing: the copies to host are in flight
+    let mut c = client
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    for i in 0..20u64 {
+        let b = c.next(T).unwrap();
+        // SAFETY (test): held until released.
+        unsafe {
+            assert_eq!(b.meta(), &i.to_le_bytes(), "in publish order");
+            assert!(b.data() == &batches[i as usize][..], "batch {i}");
+        }
+        c.release(b.token).unwrap();
+    }
+}

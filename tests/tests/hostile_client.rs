@@ -40,6 +40,8 @@ fn raw_producer(d: &Daemon, stream: &str) -> RawSession {
     send(&Request::OpenProducer {
         stream: stream.into(),
         spec: None,
+        device: None,
+        device_bus: None,
     });
     let (n, fds) = sys::recv_with_fds(&sock, &mut buf, false).unwrap().unwrap();
     let Response::Opened(info) = proto::decode::<Response>(&buf[..n]).unwrap() else {

@@ -89,6 +89,7 @@ class _Slot(ctypes.Structure):
         ("capacity", ctypes.c_uint64),
         ("slot", ctypes.c_uint32),
         ("reserved", ctypes.c_uint32),
+        ("device_data", ctypes.c_uint64),
     ]
 
 
@@ -161,6 +162,10 @@ _sigs = {
     "ferry_client_connect": ([ctypes.c_char_p, ctypes.POINTER(_p)], _i32),
     "ferry_client_free": ([_p], None),
     "ferry_producer_open": ([_p, ctypes.c_char_p, ctypes.POINTER(_Stream), ctypes.POINTER(_p)], _i32),
+    "ferry_producer_open_device": (
+        [_p, ctypes.c_char_p, ctypes.POINTER(_Stream), ctypes.c_char_p, ctypes.POINTER(_p)],
+        _i32,
+    ),
     "ferry_producer_reserve": ([_p, ctypes.c_int64, ctypes.POINTER(_Slot)], _i32),
     "ferry_producer_publish": (
         [_p, ctypes.POINTER(_Slot), ctypes.c_uint64, ctypes.c_char_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64)],
@@ -249,11 +254,13 @@ class Client(_Handle):
         _check(_lib.ferry_client_connect(path, ctypes.byref(handle)))
         self._h = handle
 
-    def producer(self, stream, partitions=None, slot_size=None, slot_count=None):
+    def producer(self, stream, partitions=None, slot_size=None, slot_count=None, device=None):
         """Opens a producer on ``stream``. Giving any of partitions,
         slot_size, slot_count creates the stream when missing (defaults:
-        1 partition, 16 slots); an existing stream must match them."""
-        return Producer(self, stream, partitions, slot_size, slot_count)
+        1 partition, 16 slots); an existing stream must match them.
+        ``device="cuda:N"``: publish from GPU N's memory (slots are then
+        in GPU memory; see ``Slot``)."""
+        return Producer(self, stream, partitions, slot_size, slot_count, device)
 
     def consumer(self, stream, group, prefetch=0, spin_us=50, auto_release=True, device=None):
         """Joins consumer group ``group`` of ``stream``. ``device``: None or
@@ -262,20 +269,53 @@ class Client(_Handle):
         return Consumer(self, stream, group, prefetch, spin_us, auto_release, device)
 
 
-class Slot:
-    """A reserved slot. ``data`` is a writable memoryview of ``capacity``
-    bytes in the data pool; fill it, then ``Producer.publish``."""
+def _torch_sync(device):
+    """Waits for the current CUDA stream's work when PyTorch is in use."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.current_stream(device).synchronize()
 
-    def __init__(self, raw):
+
+class Slot:
+    """A reserved slot; fill it, then ``Producer.publish``. Host producers:
+    ``data`` is a writable memoryview of ``capacity`` bytes in the data
+    pool. GPU producers: ``data`` is None and the slot is GPU memory at
+    ``device_data``, exposed (writable) through ``__cuda_array_interface__``
+    and ``tensor()``."""
+
+    def __init__(self, raw, device=None):
         self._raw = raw
         self.capacity = raw.capacity
-        self.data = _view(raw.data, raw.capacity, readonly=False)
+        self.device = device
+        self.device_data = raw.device_data
+        self.data = None if device is not None else _view(raw.data, raw.capacity, readonly=False)
+
+    @property
+    def __cuda_array_interface__(self):
+        if self.device is None:
+            raise AttributeError("slot is in host memory")
+        return {
+            "shape": (self.capacity,),
+            "typestr": "|u1",
+            "data": (self.device_data, False),
+            "version": 3,
+            "stream": None,
+        }
+
+    def tensor(self):
+        """A writable uint8 PyTorch tensor over the whole slot, no copy (on
+        the GPU for GPU producers)."""
+        import torch
+
+        if self.device is None:
+            return torch.frombuffer(self.data, dtype=torch.uint8)
+        return torch.as_tensor(self, device=f"cuda:{self.device}")
 
 
 class Producer(_Handle):
     _free = "ferry_producer_free"
 
-    def __init__(self, client, stream, partitions, slot_size, slot_count):
+    def __init__(self, client, stream, partitions, slot_size, slot_count, device=None):
         cfg = None
         if partitions is not None or slot_size is not None or slot_count is not None:
             if slot_size is None:
@@ -283,12 +323,17 @@ class Producer(_Handle):
             cfg = _Stream(partitions or 1, slot_count or 16, slot_size)
         handle = _p()
         _check(
-            _lib.ferry_producer_open(
-                client._h, stream.encode(), ctypes.byref(cfg) if cfg is not None else None, ctypes.byref(handle)
+            _lib.ferry_producer_open_device(
+                client._h,
+                stream.encode(),
+                ctypes.byref(cfg) if cfg is not None else None,
+                None if device is None else device.encode(),
+                ctypes.byref(handle),
             )
         )
         self._h = handle
         self.stream = stream
+        self.device = None if device in (None, "cpu", "") else int(device.split(":", 1)[1])
         self._spare = None
 
     def reserve(self, timeout=None):
@@ -298,21 +343,30 @@ class Producer(_Handle):
             return slot
         raw = _Slot()
         _check(_lib.ferry_producer_reserve(self._h, _ms(timeout), ctypes.byref(raw)))
-        return Slot(raw)
+        return Slot(raw, self.device)
 
     def publish(self, slot, length, meta=b"", key=None):
         """Publishes ``length`` bytes of a reserved slot with ``meta`` (at
-        most 256 bytes) and an optional integer partitioning ``key``."""
+        most 256 bytes) and an optional integer partitioning ``key``. For a
+        GPU slot, the writes into it must have completed: with PyTorch this
+        waits for the current CUDA stream first."""
+        if slot.device is not None:
+            _torch_sync(slot.device)
         meta = bytes(meta)
         k = None if key is None else ctypes.byref(ctypes.c_uint64(key))
         _check(_lib.ferry_producer_publish(self._h, ctypes.byref(slot._raw), length, meta, len(meta), k))
         try:
-            slot.data.release()
+            if slot.data is not None:
+                slot.data.release()
         except (BufferError, ValueError):
             pass
 
     def send(self, data, meta=b"", key=None, timeout=None):
-        """Copies ``data`` (any buffer) into a slot and publishes it."""
+        """Copies ``data`` (any buffer) into a slot and publishes it. A GPU
+        producer also takes a PyTorch tensor (a CUDA tensor is copied on the
+        GPU); it needs PyTorch."""
+        if self.device is not None:
+            return self._send_device(data, meta, key, timeout)
         src = memoryview(data).cast("B")
         slot = self.reserve(timeout)
         if src.nbytes > slot.capacity:
@@ -321,6 +375,20 @@ class Producer(_Handle):
             raise FerryError(E_TOO_LARGE, f"payload of {src.nbytes} bytes does not fit the {slot.capacity}-byte slot")
         slot.data[: src.nbytes] = src
         self.publish(slot, src.nbytes, meta, key)
+
+    def _send_device(self, data, meta, key, timeout):
+        import torch
+
+        if isinstance(data, torch.Tensor):
+            flat = data.contiguous().reshape(-1).view(torch.uint8)
+        else:
+            flat = torch.tensor(memoryview(data).cast("B"), dtype=torch.uint8)
+        slot = self.reserve(timeout)
+        if flat.numel() > slot.capacity:
+            self._spare = slot
+            raise FerryError(E_TOO_LARGE, f"payload of {flat.numel()} bytes does not fit the {slot.capacity}-byte slot")
+        slot.tensor()[: flat.numel()].copy_(flat)
+        self.publish(slot, flat.numel(), meta, key)
 
 
 class Batch:

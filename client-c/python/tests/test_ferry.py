@@ -115,6 +115,9 @@ def test_gpu_delivery_refusals_are_clear(daemon):
             client.consumer("g", "trainers", device="cuda:0")
         assert e.value.status == ferry.E_NO_DEVICE
         assert "cuda:0" in str(e.value)
+        with pytest.raises(ferry.FerryError) as e:
+            client.producer("g", device="cuda:0")
+        assert e.value.status == ferry.E_NO_DEVICE
     with pytest.raises(ferry.FerryError) as e:
         client.consumer("g", "trainers", device="cuda:77")
     assert e.value.status == ferry.E_NO_DEVICE and "cuda:77" in str(e.value)
@@ -253,3 +256,33 @@ def test_gpu_batches_are_released_after_the_gpu_work_on_them(daemon, monkeypatch
     rest = list(it)
     assert len(rest) == 1 and second.released and third.released and rest[0].released
     assert [b.offset for b in (first, second, third, *rest)] == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(not (FAKE_CUDA or _real_gpu()), reason="needs a CUDA GPU (or scripts/test.sh's fake driver run)")
+def test_gpu_producer_to_host_and_gpu_consumers(daemon):
+    client = ferry.Client(str(daemon.socket))
+    prod = client.producer("from-gpu", slot_size=4096, slot_count=8, device="cuda:0")
+    gpu = client.consumer("from-gpu", "gpu", device="cuda:0")
+    host = client.consumer("from-gpu", "host")
+    sent = [os.urandom(100 + 37 * i) for i in range(6)]
+    for i, data in enumerate(sent):
+        if FAKE_CUDA:  # the fake's device pointers are host addresses
+            slot = prod.reserve(timeout=5)
+            assert slot.data is None and slot.device_data != 0
+            assert slot.__cuda_array_interface__["shape"] == (4096,)
+            ctypes.memmove(slot.device_data, data, len(data))
+            prod.publish(slot, len(data), meta=bytes([i]))
+        else:
+            prod.send(data, meta=bytes([i]), timeout=5)
+    for i, data in enumerate(sent):
+        with host.next(timeout=5) as b:
+            assert (b.meta, bytes(b.data)) == (bytes([i]), data)
+        with gpu.next(timeout=5) as b:
+            assert b.meta == bytes([i]) and len(b) == len(data)
+            if FAKE_CUDA:
+                assert ctypes.string_at(b.device_data, len(b)) == data
+            else:
+                assert bytes(b.tensor().cpu().numpy()) == data
+    with pytest.raises(ferry.FerryError) as e:
+        client.producer("from-gpu", device="cuda:9")
+    assert e.value.status == ferry.E_NO_DEVICE

@@ -157,8 +157,41 @@ static void test_gpu_delivery(ferry_client *client) {
             EXPECT(ferry_consumer_release(c, &b), FERRY_OK);
             EXPECT(ferry_consumer_release(c, &b), FERRY_E_NOT_HELD);
         }
+        /* A producer publishing from GPU memory, to the GPU consumer. */
+        ferry_producer *gp = NULL;
+        EXPECT(ferry_producer_open_device(client, "c-abi-gpu", NULL, "cuda:0", &gp), FERRY_OK);
+        for (uint64_t i = 0; i < 5; i++) {
+            ferry_slot gs;
+            EXPECT(ferry_producer_reserve(gp, 5000, &gs), FERRY_OK);
+            CHECK(gs.data == NULL && gs.device_data != 0 && gs.capacity == 4096);
+            if (getenv("FERRY_FAKE_CUDA")) memset((void *)(uintptr_t)gs.device_data, (int)(0x70 + i), 4096);
+            EXPECT(ferry_producer_publish(gp, &gs, 4096, &i, sizeof i, NULL), FERRY_OK);
+            ferry_batch gb;
+            EXPECT(ferry_consumer_next(c, 5000, &gb), FERRY_OK);
+            CHECK(gb.len == 4096 && gb.device == 0 && gb.device_data != 0);
+            uint64_t tag;
+            memcpy(&tag, gb.meta, sizeof tag);
+            CHECK(tag == i);
+            if (getenv("FERRY_FAKE_CUDA")) {
+                const uint8_t *d = (const uint8_t *)(uintptr_t)gb.device_data;
+                CHECK(d[0] == 0x70 + i && d[4095] == 0x70 + i);
+            }
+            EXPECT(ferry_consumer_release(c, &gb), FERRY_OK);
+        }
+        ferry_producer_free(gp);
         ferry_consumer_free(c);
         c = NULL;
+    }
+    if (st != FERRY_OK) {
+        ferry_producer *gp = NULL;
+        EXPECT(ferry_producer_open_device(client, "c-abi-gpu", NULL, "cuda:0", &gp), FERRY_E_NO_DEVICE);
+        CHECK(gp == NULL);
+    }
+    {
+        ferry_producer *gp = NULL;
+        EXPECT(ferry_producer_open_device(client, "c-abi-gpu", NULL, "tpu:0", &gp), FERRY_E_INVALID_ARGUMENT);
+        EXPECT(ferry_producer_open_device(client, "c-abi-gpu", NULL, "cpu", &gp), FERRY_OK);
+        ferry_producer_free(gp);
     }
     ferry_producer_free(p);
     ferry_consumer_config missing = {.prefetch = 4, .spin_us = 10, .device = "cuda:7"};
