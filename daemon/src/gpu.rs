@@ -178,6 +178,21 @@ impl Gpus {
         Ok((Mem::Device(Arc::new(pool)), info))
     }
 
+    /// GPU `ordinal`, stream `stream`'s host pool as that GPU sees it, and
+    /// a new CUDA stream for one session's copies.
+    fn attach(
+        &mut self,
+        ordinal: u32,
+        stream: usize,
+        host: &Arc<Region>,
+    ) -> Result<(Arc<Gpu>, Mem, ferry_cuda::Stream), (ErrorCode, String)> {
+        let internal = |e: CudaError| (ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
+        let gpu = self.gpu(ordinal).map_err(internal)?;
+        let host = self.host(&gpu, stream, host).map_err(internal)?;
+        let cuda_stream = gpu.stream().map_err(internal)?;
+        Ok((gpu, host, cuda_stream))
+    }
+
     /// Sets up GPU delivery of stream `stream` (host pool `host`) to one
     /// consumer: `slots` GPU slots of at least `slot_size` bytes.
     pub fn delivery(
@@ -188,11 +203,8 @@ impl Gpus {
         slot_size: u64,
         slots: u32,
     ) -> Result<GpuDelivery, (ErrorCode, String)> {
-        let internal = |e: CudaError| (ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
-        let gpu = self.gpu(ordinal).map_err(internal)?;
-        let host = self.host(&gpu, stream, host).map_err(internal)?;
+        let (gpu, host, cuda_stream) = self.attach(ordinal, stream, host)?;
         let (pool, info) = self.pool(&gpu, slot_size, slots)?;
-        let cuda_stream = gpu.stream().map_err(internal)?;
         Ok(GpuDelivery {
             info,
             pool,
@@ -216,9 +228,7 @@ impl Gpus {
         slot_size: u64,
         slot_count: u32,
     ) -> Result<GpuPublish, (ErrorCode, String)> {
-        let internal = |e: CudaError| (ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
-        let gpu = self.gpu(ordinal).map_err(internal)?;
-        let host = self.host(&gpu, stream, host).map_err(internal)?;
+        let (gpu, host, cuda_stream) = self.attach(ordinal, stream, host)?;
         let (mirror, info) = match self.mirrors.get(&(stream, ordinal)) {
             Some(m) => m.clone(),
             None => {
@@ -232,7 +242,6 @@ impl Gpus {
                 m
             }
         };
-        let cuda_stream = gpu.stream().map_err(internal)?;
         Ok(GpuPublish {
             info,
             mirror,
