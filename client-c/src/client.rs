@@ -403,9 +403,15 @@ impl GpuPool {
             message: format!("opening the GPU pool on cuda:{device}: {e}"),
         };
         let gpu = ferry_cuda::Gpu::open(device).map_err(cuda)?;
-        let map =
-            ferry_cuda::IpcMapping::open(&gpu, &ferry_cuda::IpcHandle(handle), pool.len as usize)
-                .map_err(cuda)?;
+        let map = ferry_cuda::IpcMapping::open(
+            &gpu,
+            &ferry_cuda::IpcHandle {
+                handle,
+                offset: pool.ipc_offset,
+            },
+            pool.len as usize,
+        )
+        .map_err(cuda)?;
         Ok(GpuPool {
             device,
             map,

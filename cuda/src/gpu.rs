@@ -10,7 +10,6 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use cudarc::driver::{result, sys};
-use serde::{Deserialize, Serialize};
 
 use crate::CudaError;
 
@@ -190,21 +189,14 @@ pub struct DeviceBuffer {
     len: usize,
 }
 
-/// A CUDA IPC memory handle: opaque bytes another process opens with
-/// [`IpcMapping::open`]. Travels over ferryd's session socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IpcHandle(#[serde(with = "handle_bytes")] pub [u8; 64]);
-
-mod handle_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
-        let v: Vec<u8> = Deserialize::deserialize(d)?;
-        v.try_into()
-            .map_err(|_| serde::de::Error::custom("an IPC handle is 64 bytes"))
-    }
+/// A CUDA IPC memory handle (opaque bytes another process opens with
+/// [`IpcMapping::open`]) and where the buffer starts in the allocation the
+/// handle names: the driver may place small buffers inside a larger
+/// allocation, and a handle always maps the whole allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpcHandle {
+    pub handle: [u8; 64],
+    pub offset: u64,
 }
 
 impl DeviceBuffer {
@@ -235,13 +227,26 @@ impl DeviceBuffer {
     /// The handle a trainer process opens to see this memory.
     pub fn ipc_handle(&self) -> Result<IpcHandle, CudaError> {
         self.gpu.bind()?;
+        let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: live out-parameters; ptr is a live allocation.
+        unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, self.ptr) }
+            .result()
+            .map_err(driver("cuMemGetAddressRange"))?;
+        if base > self.ptr || (self.ptr - base) as usize + self.len > size {
+            return Err(CudaError::Driver(format!(
+                "cuMemGetAddressRange: {base:#x}+{size} does not contain the buffer"
+            )));
+        }
         // SAFETY: CUipcMemHandle is plain bytes; zero is a valid value.
         let mut h: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
         // SAFETY: h is a live out-parameter; ptr is a live allocation.
         unsafe { sys::cuIpcGetMemHandle(&mut h, self.ptr) }
             .result()
             .map_err(driver("cuIpcGetMemHandle"))?;
-        Ok(IpcHandle(h.reserved.map(|c| c as u8)))
+        Ok(IpcHandle {
+            handle: h.reserved.map(|c| c as u8),
+            offset: self.ptr - base,
+        })
     }
 
     /// Exports the whole buffer as a dma-buf fd (for NIC registration).
@@ -290,6 +295,9 @@ impl Drop for DeviceBuffer {
 /// Another process's GPU memory, opened through its IPC handle.
 pub struct IpcMapping {
     gpu: Arc<Gpu>,
+    /// What cuIpcOpenMemHandle returned (closed on drop).
+    base: sys::CUdeviceptr,
+    /// The buffer: base + the handle's offset.
     ptr: sys::CUdeviceptr,
     len: usize,
 }
@@ -300,26 +308,40 @@ impl IpcMapping {
         gpu.bind()?;
         // SAFETY: CUipcMemHandle is plain bytes.
         let mut h: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
-        for (d, s) in h.reserved.iter_mut().zip(handle.0) {
+        for (d, s) in h.reserved.iter_mut().zip(handle.handle) {
             *d = s as _;
         }
-        let mut ptr: sys::CUdeviceptr = 0;
+        let mut base: sys::CUdeviceptr = 0;
         // SAFETY: ptr is a live out-parameter; the handle bytes came from
         // cuIpcGetMemHandle in the exporting process (the driver validates).
         unsafe {
             sys::cuIpcOpenMemHandle_v2(
-                &mut ptr,
+                &mut base,
                 h,
                 sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as c_uint,
             )
         }
         .result()
         .map_err(driver("cuIpcOpenMemHandle"))?;
-        Ok(IpcMapping {
+        let m = IpcMapping {
             gpu: gpu.clone(),
-            ptr,
+            base,
+            ptr: base + handle.offset,
             len,
-        })
+        };
+        // The mapping must hold offset + len bytes.
+        let (mut b, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: live out-parameters; base is the live mapping.
+        unsafe { sys::cuMemGetAddressRange_v2(&mut b, &mut size, base) }
+            .result()
+            .map_err(driver("cuMemGetAddressRange"))?;
+        match (handle.offset as usize).checked_add(len) {
+            Some(end) if b == base && end <= size => Ok(m),
+            _ => Err(CudaError::Driver(format!(
+                "IPC mapping of {size} bytes cannot hold {len} bytes at offset {}",
+                handle.offset
+            ))),
+        }
     }
 
     pub fn device_ptr(&self) -> u64 {
@@ -348,7 +370,7 @@ impl Drop for IpcMapping {
         let _ = self.gpu.bind();
         // SAFETY: closes the mapping opened in `open`, once.
         unsafe {
-            sys::cuIpcCloseMemHandle(self.ptr);
+            sys::cuIpcCloseMemHandle(self.base);
         }
     }
 }

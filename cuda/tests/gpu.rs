@@ -81,7 +81,14 @@ fn ipc_child() {
     let bytes: Vec<u8> = (0..64)
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
         .collect();
-    let handle = ferry_cuda::IpcHandle(bytes.try_into().unwrap());
+    let offset: u64 = std::env::var("FERRY_TEST_IPC_OFFSET")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let handle = ferry_cuda::IpcHandle {
+        handle: bytes.try_into().unwrap(),
+        offset,
+    };
     let gpu = ferry_cuda::Gpu::open(0).unwrap();
     let map = ferry_cuda::IpcMapping::open(&gpu, &handle, len).unwrap();
     let mut seen = vec![0u8; len];
@@ -97,17 +104,13 @@ fn ipc_hand_off_to_another_process() {
     let len = 4 << 20;
     let buf = gpu.alloc(len).unwrap();
     buf.write(0, &pattern(len, 7)).unwrap();
-    let hex: String = buf
-        .ipc_handle()
-        .unwrap()
-        .0
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let h = buf.ipc_handle().unwrap();
+    let hex: String = h.handle.iter().map(|b| format!("{b:02x}")).collect();
     let status = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "ipc_child", "--ignored", "--nocapture"])
         .env("FERRY_TEST_IPC_HANDLE", hex)
         .env("FERRY_TEST_IPC_LEN", len.to_string())
+        .env("FERRY_TEST_IPC_OFFSET", h.offset.to_string())
         .status()
         .unwrap();
     assert!(status.success(), "child failed");

@@ -170,7 +170,8 @@ impl Gpus {
         let info = GpuPoolInfo {
             ordinal,
             pci_bus_id,
-            ipc_handle: handle.0.to_vec(),
+            ipc_handle: handle.handle.to_vec(),
+            ipc_offset: handle.offset,
             len,
             stride,
             slots,

@@ -85,6 +85,8 @@ pub struct GpuPoolInfo {
     pub pci_bus_id: String,
     /// The CUDA IPC memory handle (64 bytes).
     pub ipc_handle: Vec<u8>,
+    /// Where the pool starts in the allocation the handle maps.
+    pub ipc_offset: u64,
     /// Bytes in the allocation.
     pub len: u64,
     pub stride: u64,
@@ -214,6 +216,7 @@ mod tests {
                 ordinal: 0,
                 pci_bus_id: "0000:17:00.0".into(),
                 ipc_handle: vec![7; 64],
+                ipc_offset: 0,
                 len: 16384,
                 stride: 4096,
                 slots: 4,

@@ -13,7 +13,11 @@
  *    microseconds (default 300), so code that reads a destination before
  *    its event completed sees stale bytes;
  *  - an IPC handle cannot be opened by the process that made it (as with
- *    the real driver).
+ *    the real driver);
+ *  - like the real driver, it places small allocations (under 2 MiB)
+ *    inside a larger one: 4 KiB into their own mapping, so that an IPC
+ *    handle maps more than the buffer and importers must apply the offset
+ *    cuMemGetAddressRange gives.
  * It implements only the entry points Ferry calls. FAKECUDA_DEVICES sets
  * the number of devices (default 1; 0 = a driver with no GPU).
  *
@@ -61,17 +65,18 @@ static int ndevices(void) {
 struct area {
     uintptr_t base;
     size_t len;
+    uintptr_t user; /* what cuMemAlloc returned (or base) */
     int fd;  /* memfd of an allocation; -1 for an IPC mapping */
     int ipc; /* opened through an IPC handle */
 };
 static struct area areas[MAX_AREAS];
 static pthread_mutex_t areas_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static int add_area(uintptr_t base, size_t len, int fd, int ipc) {
+static int add_area(uintptr_t base, size_t len, uintptr_t user, int fd, int ipc) {
     pthread_mutex_lock(&areas_lock);
     for (int i = 0; i < MAX_AREAS; i++) {
         if (areas[i].base == 0) {
-            areas[i] = (struct area){base, len, fd, ipc};
+            areas[i] = (struct area){base, len, user, fd, ipc};
             pthread_mutex_unlock(&areas_lock);
             return 0;
         }
@@ -80,12 +85,12 @@ static int add_area(uintptr_t base, size_t len, int fd, int ipc) {
     return -1;
 }
 
-/* The area starting at `base` (exact), removed from the book. */
-static int take_area(uintptr_t base, int ipc, struct area *out) {
+/* The area whose user pointer is `user` (exact), removed from the book. */
+static int take_area(uintptr_t user, int ipc, struct area *out) {
     int found = -1;
     pthread_mutex_lock(&areas_lock);
     for (int i = 0; i < MAX_AREAS; i++) {
-        if (areas[i].base == base && base != 0 && areas[i].ipc == ipc) {
+        if (areas[i].user == user && user != 0 && areas[i].ipc == ipc) {
             *out = areas[i];
             areas[i] = (struct area){0};
             found = 0;
@@ -196,24 +201,27 @@ CUresult cuGetErrorName(CUresult e, const char **s) {
 CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t len) {
     if (!current) return INVALID_CONTEXT;
     if (len == 0) return INVALID_VALUE;
+    size_t pad = len < ((size_t)2 << 20) ? 4096 : 0;
+    size_t total = len + pad;
     int fd = memfd_create("fakecuda", MFD_CLOEXEC);
-    if (fd < 0 || ftruncate(fd, (off_t)len) != 0) {
+    if (fd < 0 || ftruncate(fd, (off_t)total) != 0) {
         if (fd >= 0) close(fd);
         return OUT_OF_MEMORY;
     }
-    void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    void *m = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (m == MAP_FAILED) {
         close(fd);
         return OUT_OF_MEMORY;
     }
     /* Fresh device memory is not zero on a real GPU either. */
-    memset(m, 0xA5, len);
-    if (add_area((uintptr_t)m, len, fd, 0) != 0) {
-        munmap(m, len);
+    memset(m, 0xA5, total);
+    uintptr_t user = (uintptr_t)m + pad;
+    if (add_area((uintptr_t)m, total, user, fd, 0) != 0) {
+        munmap(m, total);
         close(fd);
         return OUT_OF_MEMORY;
     }
-    *p = (CUdeviceptr)(uintptr_t)m;
+    *p = (CUdeviceptr)user;
     return SUCCESS;
 }
 
@@ -273,6 +281,14 @@ CUresult cuMemGetHandleForAddressRange(void *h, CUdeviceptr p, size_t n, int typ
     return NOT_SUPPORTED;
 }
 
+CUresult cuMemGetAddressRange_v2(CUdeviceptr *base, size_t *size, CUdeviceptr p) {
+    int i = find_range(p, 0);
+    if (i < 0) return INVALID_VALUE;
+    *base = areas[i].base;
+    *size = areas[i].len;
+    return SUCCESS;
+}
+
 /* ---- IPC ---- */
 struct ipc_bytes {
     char magic[8];
@@ -283,7 +299,7 @@ struct ipc_bytes {
 
 CUresult cuIpcGetMemHandle(CUipcMemHandle *h, CUdeviceptr p) {
     int i = find_range(p, 0);
-    if (i < 0 || areas[i].base != p || areas[i].ipc) return INVALID_VALUE;
+    if (i < 0 || areas[i].user != p || areas[i].ipc) return INVALID_VALUE;
     struct ipc_bytes b = {"FAKECUD", (int32_t)getpid(), areas[i].fd, areas[i].len};
     memset(h, 0, sizeof *h);
     memcpy(h->reserved, &b, sizeof b);
@@ -303,7 +319,7 @@ CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *p, CUipcMemHandle h, unsigned flags)
     void *m = mmap(NULL, b.len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
     if (m == MAP_FAILED) return INVALID_HANDLE;
-    if (add_area((uintptr_t)m, b.len, -1, 1) != 0) {
+    if (add_area((uintptr_t)m, b.len, (uintptr_t)m, -1, 1) != 0) {
         munmap(m, b.len);
         return OUT_OF_MEMORY;
     }
