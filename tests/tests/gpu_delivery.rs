@@ -354,6 +354,15 @@ fn a_gpu_producer_reaches_host_and_gpu_consumers_and_gpu_ones_copy_from_gpu_memo
         "every GPU delivery came from GPU memory"
     );
     assert!(d.log().contains("stream mirror allocated"), "{}", d.log());
+    let out = std::process::Command::new(bin("ferry"))
+        .args(["status", "--admin-socket", d.admin.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("from cuda:0") && text.contains("into cuda:0"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -123,8 +123,15 @@ fn print_status(st: &Status) {
             s.published
         );
         for p in &s.producers {
+            let device = match &p.device {
+                Some(d) => format!(
+                    ", from {d} ({} copies to host in flight, {} bytes copied)",
+                    p.gpu_copies_in_flight, p.gpu_bytes_copied
+                ),
+                None => String::new(),
+            };
             println!(
-                "  producer session {} pid {}: {} slots granted, {} published",
+                "  producer session {} pid {}: {} slots granted, {} published{device}",
                 p.session, p.pid, p.granted, p.published
             );
         }
@@ -138,8 +145,8 @@ fn print_status(st: &Status) {
             for m in &g.members {
                 let device = match &m.device {
                     Some(d) => format!(
-                        ", into {d} ({} copies in flight, {} bytes copied)",
-                        m.gpu_copies_in_flight, m.gpu_bytes_copied
+                        ", into {d} ({} copies in flight, {} bytes copied, {} of them from GPU memory)",
+                        m.gpu_copies_in_flight, m.gpu_bytes_copied, m.gpu_bytes_from_gpu
                     ),
                     None => String::new(),
                 };
