@@ -63,6 +63,9 @@ def main():
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--slots", type=int, default=16, help="slots in the stream's pool")
     ap.add_argument("--bin-dir", default=str(ROOT / "target" / "release"))
+    ap.add_argument("--device", default="cpu",
+                    help="where the Python consumer takes its batches: cpu, or cuda:N for GPU delivery "
+                         "(needs a GPU and PyTorch, which checks each batch's crc32 after copying it back)")
     args = ap.parse_args()
 
     bins = pathlib.Path(args.bin_dir)
@@ -71,11 +74,12 @@ def main():
     sock = work / "ferryd.sock"
     admin = work / "ferryd-admin.sock"
     (work / "ferryd.toml").write_text(f'version = 1\n[daemon]\nsocket = "{sock}"\n')
-    env = dict(os.environ, FERRY_SOCKET=str(sock), FERRY_LIB=str(bins / "libferry.so"))
+    env = dict(os.environ, FERRY_SOCKET=str(sock), FERRY_LIB=str(bins / "libferry.so"),
+               FERRY_DEMO_DEVICE=args.device)
     done = work / "producer-done"
 
     print(f"ferry demo: {args.seconds:.0f} s, batches of {args.batch} uint8 ({human(batch_bytes)}), "
-          f"{args.partitions} partitions, {args.slots} slots; work dir {work}")
+          f"{args.partitions} partitions, {args.slots} slots, Python consumer on {args.device}; work dir {work}")
     daemon_log = open(work / "ferryd.log", "w")
     daemon = subprocess.Popen([str(bins / "ferryd"), "--config", str(work / "ferryd.toml")], stderr=daemon_log)
     for _ in range(200):

@@ -10,7 +10,8 @@
 # in flight), the GPU delivery tests through a real ferryd (every byte
 # checked in GPU memory, a killed GPU consumer redelivered, a forged
 # release), the C ABI tests and the Python tests (PyTorch CUDA tensors and
-# the IterableDataset there), then the benchmarks: `ferry-bench gpu` and
+# the IterableDataset there), the demo with its Python consumer on cuda:0,
+# then the benchmarks: `ferry-bench gpu` and
 # bench/train_loop.py. Results (JSON lines) go to $OUT when set, else
 # target/gpu-results. CI never runs this (scripts/test.sh runs the same
 # tests against the fake driver in tests/fakecuda instead).
@@ -30,6 +31,10 @@ build)
         target/release/ferry-bench target/release/ferry-test-consumer "$CARRY/"
     gcc -std=c11 -O1 -g -I client-c/include client-c/tests/c/test_abi.c \
         -L "$CARRY" -lferry -Wl,-rpath,'$ORIGIN' -o "$CARRY/test_abi"
+    for prog in producer consumer; do
+        gcc -std=c11 -O2 -I client-c/include "client-c/examples/$prog.c" \
+            -L "$CARRY" -lferry -lz -Wl,-rpath,'$ORIGIN' -o "$CARRY/demo-$prog"
+    done
     # The device machines take at most 64 MiB along: drop debug info.
     strip --strip-debug "$CARRY"/*
     echo "built $CARRY ($(du -sh "$CARRY" | cut -f1)); carry it and run: scripts/gpu-tests.sh run"
@@ -55,6 +60,7 @@ run)
     kill $pid; wait $pid || true
     FERRY_BIN_DIR="$PWD/$CARRY" FERRY_LIB="$PWD/$CARRY/libferry.so" \
         python3 -m pytest -q -p no:cacheprovider client-c/python/tests || status=1
+    python3 scripts/demo.py --bin-dir "$CARRY" --device cuda:0 --seconds 5 || status=1
     "$CARRY/ferry-bench" gpu --quick | tee "$results/bench-gpu.jsonl" || status=1
     FERRY_BIN_DIR="$PWD/$CARRY" python3 bench/train_loop.py ${FERRY_TRAIN_ARGS:-} \
         | tee "$results/train-loop.jsonl" || status=1

@@ -1,7 +1,9 @@
 """Demo consumer (Python): a member of a consumer group. Reads every batch
 in place (zero-copy memoryview), checks its crc32, records
 "seq partition offset latency_ns ok" per batch, and exits once DONE_FILE
-exists and no batch arrived for half a second.
+exists and no batch arrived for half a second. With FERRY_DEMO_DEVICE=cuda:N
+the batches arrive in that GPU's memory as PyTorch CUDA tensors (no copy);
+the crc32 check then copies each back to host memory.
 
     python3 consumer.py STREAM GROUP OUT_FILE DONE_FILE
 """
@@ -20,10 +22,13 @@ META = struct.Struct("<QQII")
 
 def main():
     stream, group, out_path, done_path = sys.argv[1:5]
+    device = os.environ.get("FERRY_DEMO_DEVICE", "cpu")
+    if device != "cpu":
+        import torch  # noqa: F401  (GPU batches are read as CUDA tensors)
     client = ferry.Client()
     for _ in range(200):
         try:
-            cons = client.consumer(stream, group, prefetch=4)
+            cons = client.consumer(stream, group, prefetch=4, device=device)
             break
         except ferry.FerryError as e:
             if e.status != ferry.E_UNKNOWN_STREAM:
@@ -42,7 +47,8 @@ def main():
                 continue
             now = time.monotonic_ns()  # CLOCK_MONOTONIC, as in the C producer
             seq, publish_ns, crc, _ = META.unpack(b.meta) if len(b.meta) == META.size else (0, now, 0, 0)
-            ok = int(len(b.meta) == META.size and zlib.crc32(b.data) == crc)
+            data = b.data if b.device is None else b.tensor().cpu().numpy()
+            ok = int(len(b.meta) == META.size and zlib.crc32(data) == crc)
             out.write(f"{seq} {b.partition} {b.offset} {now - publish_ns} {ok}\n")
             b.release()
             n += 1
