@@ -72,6 +72,22 @@ def ferry_producer(socket, stream, worker, workers, steps, batch, side, cpu_pass
     client.close()
 
 
+class SyntheticBatches:
+    """The DataLoader's map-style dataset: the same batches, made the same
+    way (module level, so that spawned workers can unpickle it)."""
+
+    def __init__(self, steps, batch, side, cpu_passes):
+        self.steps, self.batch, self.side, self.cpu_passes = steps, batch, side, cpu_passes
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, i):
+        import torch
+
+        x, y = make_batch(i, self.batch, self.side, self.cpu_passes)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
 
 def build_model(torch, side):
     nn = torch.nn
@@ -166,16 +182,8 @@ def run_ferry(torch, args):
 
 
 def run_dataloader(torch, args):
-    class DS(torch.utils.data.Dataset):
-        def __len__(self):
-            return args.steps
-
-        def __getitem__(self, i):
-            x, y = make_batch(i, args.batch, args.side, args.cpu_passes)
-            return torch.from_numpy(x), torch.from_numpy(y)
-
     loader = torch.utils.data.DataLoader(
-        DS(),
+        SyntheticBatches(args.steps, args.batch, args.side, args.cpu_passes),
         batch_size=None,
         num_workers=args.workers,
         pin_memory=True,
