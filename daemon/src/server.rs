@@ -382,14 +382,16 @@ impl Server {
     }
 
     fn drained(&self) -> bool {
-        self.streams.iter().all(|s| {
-            s.stream.slot_counts().2 == 0
-                || s.stream.groups.iter().all(|g| g.members.is_empty())
-                    && s.stream
-                        .groups
-                        .iter()
-                        .all(|g| g.parts.iter().all(|p| p.inflight.is_empty()))
-        })
+        // Publishes from GPU memory still copying to host count as published.
+        !self.copies_pending()
+            && self.streams.iter().all(|s| {
+                s.stream.slot_counts().2 == 0
+                    || s.stream.groups.iter().all(|g| g.members.is_empty())
+                        && s.stream
+                            .groups
+                            .iter()
+                            .all(|g| g.parts.iter().all(|p| p.inflight.is_empty()))
+            })
     }
 
     fn shutdown(&mut self) {
