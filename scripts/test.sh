@@ -63,7 +63,8 @@ mkdir -p "$FAKE"
 gcc -std=gnu11 -Wall -Wextra -Werror -shared -fPIC -O1 -pthread -o "$FAKE/libcuda.so" tests/fakecuda/fakecuda.c
 export FERRY_FAKE_CUDA=1
 LD_LIBRARY_PATH="$FAKE" cargo test --quiet -p ferry-cuda --test gpu -- --ignored --test-threads=1
-LD_LIBRARY_PATH="$FAKE" cargo test --quiet -p ferry-tests --test gpu_delivery -- --ignored
+# Two fake GPUs: the two_gpus test (peer copies) runs too.
+LD_LIBRARY_PATH="$FAKE" FAKECUDA_DEVICES=2 cargo test --quiet -p ferry-tests --test gpu_delivery -- --ignored
 LD_LIBRARY_PATH="$FAKE" target/debug/ferryd --config "$WORK/ferryd.toml" 2> "$WORK/ferryd-gpu.log" &
 DAEMON_PID=$!
 for _ in $(seq 100); do [[ -S "$WORK/ferryd.sock" ]] && break; sleep 0.05; done

@@ -126,12 +126,16 @@ impl Gpu {
         // after it unregisters.
         let r =
             unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE) };
+        // Registered before (portable: for every GPU) counts as pinned,
+        // but the registration is not ours to undo.
+        let already = r == sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
         Ok(Arc::new(HostRange {
             gpu: self.clone(),
             _mem: mem,
             ptr,
             len,
-            pinned: r == sys::CUresult::CUDA_SUCCESS,
+            pinned: r == sys::CUresult::CUDA_SUCCESS || already,
+            registered: r == sys::CUresult::CUDA_SUCCESS,
         }))
     }
 
@@ -442,6 +446,8 @@ pub struct HostRange {
     len: usize,
     /// Page-locked: copies are true asynchronous DMA.
     pub pinned: bool,
+    /// This value registered the range (and unregisters it on drop).
+    registered: bool,
 }
 
 // SAFETY: the range is plain memory kept alive by `_mem` (Send + Sync);
@@ -462,7 +468,7 @@ impl HostRange {
 
 impl Drop for HostRange {
     fn drop(&mut self) {
-        if self.pinned {
+        if self.registered {
             let _ = self.gpu.bind();
             // SAFETY: undoes the registration made in register_host, once,
             // before `_mem` (which keeps the mapping) is dropped.

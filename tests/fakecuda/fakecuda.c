@@ -51,6 +51,8 @@ enum {
     INVALID_CONTEXT = 201,
     INVALID_HANDLE = 400,
     NOT_READY = 600,
+    HOST_MEMORY_ALREADY_REGISTERED = 712,
+    HOST_MEMORY_NOT_REGISTERED = 713,
     NOT_SUPPORTED = 801,
 };
 
@@ -251,13 +253,45 @@ CUresult cuMemFreeHost(void *p) {
     return SUCCESS;
 }
 
+/* Registered host ranges, by start address: registering one twice is an
+ * error, as with the real driver, and so is unregistering one that is not. */
+#define MAX_REGISTERED 256
+static uintptr_t registered[MAX_REGISTERED];
+static pthread_mutex_t registered_lock = PTHREAD_MUTEX_INITIALIZER;
+
 CUresult cuMemHostRegister_v2(void *p, size_t len, unsigned flags) {
     (void)flags;
-    return (p && len) ? SUCCESS : INVALID_VALUE;
+    if (!p || !len) return INVALID_VALUE;
+    CUresult r = OUT_OF_MEMORY;
+    pthread_mutex_lock(&registered_lock);
+    for (int i = 0; i < MAX_REGISTERED; i++) {
+        if (registered[i] == (uintptr_t)p) {
+            r = HOST_MEMORY_ALREADY_REGISTERED;
+            break;
+        }
+    }
+    for (int i = 0; r == OUT_OF_MEMORY && i < MAX_REGISTERED; i++) {
+        if (registered[i] == 0) {
+            registered[i] = (uintptr_t)p;
+            r = SUCCESS;
+        }
+    }
+    pthread_mutex_unlock(&registered_lock);
+    return r;
 }
 
 CUresult cuMemHostUnregister(void *p) {
-    return p ? SUCCESS : INVALID_VALUE;
+    CUresult r = HOST_MEMORY_NOT_REGISTERED;
+    pthread_mutex_lock(&registered_lock);
+    for (int i = 0; i < MAX_REGISTERED; i++) {
+        if (p && registered[i] == (uintptr_t)p) {
+            registered[i] = 0;
+            r = SUCCESS;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&registered_lock);
+    return r;
 }
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void *h, size_t n) {

@@ -395,3 +395,52 @@ fn a_gpu_producer_closing_with_copies_in_flight_loses_nothing() {
         c.release(b.token).unwrap();
     }
 }
+
+#[test]
+#[ignore = "requires two CUDA GPUs (scripts/gpu-tests.sh where there are two) or the fake driver with FAKECUDA_DEVICES=2 (scripts/test.sh)"]
+fn two_gpus_a_producer_on_one_feeds_a_consumer_on_the_other_by_peer_copies() {
+    assert!(
+        ferry_cuda::probe().map(|p| p.gpus.len()).unwrap_or(0) >= 2,
+        "needs two GPUs"
+    );
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let mut p = client
+        .producer_on("s", spec(1, 64 << 10, 8), Some(0))
+        .unwrap();
+    let mut c = client
+        .consumer(
+            "s",
+            "g",
+            ConsumerOptions {
+                prefetch: 2,
+                device: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(c.device(), Some(1));
+    let mut total = 0;
+    for i in 0..10u64 {
+        let data = payload(i, 1000 * (i as usize + 1));
+        p.send(&data, &i.to_le_bytes(), None, T).unwrap();
+        let b = c.next(T).unwrap();
+        assert_eq!(b.device, 1);
+        let mut back = vec![0u8; b.len as usize];
+        c.copy_from_device(&b, &mut back).unwrap();
+        assert!(back == data, "batch {i}");
+        c.release(b.token).unwrap();
+        total += data.len() as u64;
+    }
+    let st = d.status();
+    let m = &st.streams[0].groups[0].members[0];
+    assert_eq!(m.device.as_deref(), Some("cuda:1"));
+    assert_eq!(m.gpu_bytes_from_gpu, total, "copied from GPU 0's memory");
+    let log = d.log();
+    assert_eq!(
+        log.matches("stream pool registered with the GPU").count(),
+        2,
+        "{log}"
+    );
+    assert!(!log.contains("pinned=false"), "{log}");
+}
