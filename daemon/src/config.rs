@@ -85,6 +85,9 @@ pub struct DaemonConfig {
     pub drain_timeout_ms: u64,
     /// Largest data pool one stream may have, in bytes.
     pub max_pool_bytes: u64,
+    /// Largest GPU pool ferryd allocates for one consumer (prefetch slots)
+    /// or as one stream's mirror on a GPU (for GPU producers), in bytes.
+    pub max_gpu_pool_bytes: u64,
     /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides it.
     pub log: String,
     /// A connection that has not said Hello within this many milliseconds
@@ -104,6 +107,7 @@ impl Default for DaemonConfig {
             ring_capacity: 256,
             drain_timeout_ms: 10_000,
             max_pool_bytes: 16 << 30,
+            max_gpu_pool_bytes: 16 << 30,
             log: "info".into(),
             handshake_timeout_ms: 5_000,
         }
@@ -226,6 +230,9 @@ impl Config {
                 "daemon.ring_capacity must be a power of two in 2..=65536, got {}",
                 d.ring_capacity
             ));
+        }
+        if d.max_gpu_pool_bytes == 0 {
+            return bad("daemon.max_gpu_pool_bytes must be positive".into());
         }
         if d.spin_us > 1_000_000 {
             return bad(format!(
@@ -366,6 +373,7 @@ slot_count = 16
                 "[daemon]\nmax_pool_bytes = 1000\n[[streams]]\nname = \"a\"\nslot_size = 1000\nslot_count = 4",
                 "max_pool_bytes",
             ),
+            ("[daemon]\nmax_gpu_pool_bytes = 0", "max_gpu_pool_bytes"),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err().to_string();

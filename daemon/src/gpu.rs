@@ -37,6 +37,8 @@ const STRIDE_ALIGN: u64 = 4096;
 /// The GPUs ferryd found, opened lazily when a consumer first asks.
 pub struct Gpus {
     pub probe: Result<Probe, CudaError>,
+    /// daemon.max_gpu_pool_bytes
+    max_pool: u64,
     open: HashMap<u32, Arc<Gpu>>,
     /// Each stream's host pool, registered with each GPU that reads it.
     hosts: HashMap<(u32, usize), Mem>,
@@ -45,9 +47,10 @@ pub struct Gpus {
 }
 
 impl Gpus {
-    pub fn new(probe: Result<Probe, CudaError>) -> Gpus {
+    pub fn new(probe: Result<Probe, CudaError>, max_pool: u64) -> Gpus {
         Gpus {
             probe,
+            max_pool,
             open: HashMap::new(),
             hosts: HashMap::new(),
             mirrors: HashMap::new(),
@@ -149,6 +152,15 @@ impl Gpus {
                 ErrorCode::InvalidArgument,
                 "GPU pool size overflows".to_string(),
             ))?;
+        if len > self.max_pool {
+            return Err((
+                ErrorCode::Limit,
+                format!(
+                    "a GPU pool of {slots} x {stride} bytes exceeds daemon.max_gpu_pool_bytes = {} (ask for fewer prefetch slots)",
+                    self.max_pool
+                ),
+            ));
+        }
         let pool = gpu.alloc(len as usize).map_err(|e| {
             (
                 ErrorCode::Limit,

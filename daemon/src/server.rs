@@ -246,7 +246,7 @@ impl Server {
             started: Instant::now(),
             draining: None,
             fabric,
-            gpus: Gpus::new(gpus),
+            gpus: Gpus::new(gpus, cfg.daemon.max_gpu_pool_bytes),
             gpu_sessions: 0,
             events: Vec::with_capacity(64),
             scratch: Vec::with_capacity(64),

@@ -444,3 +444,30 @@ fn two_gpus_a_producer_on_one_feeds_a_consumer_on_the_other_by_peer_copies() {
     );
     assert!(!log.contains("pinned=false"), "{log}");
 }
+
+#[test]
+#[ignore = "requires a CUDA GPU (scripts/gpu-tests.sh) or the fake driver (scripts/test.sh)"]
+fn gpu_pools_beyond_the_configured_limit_are_refused_clearly() {
+    let d = Daemon::start("max_gpu_pool_bytes = 100000", "");
+    let client = d.client();
+    let mut p = client.producer("s", spec(1, 64 << 10, 8)).unwrap();
+    let e = client
+        .consumer("s", "g", gpu0(8))
+        .err()
+        .expect("8 x 64 KiB is too much");
+    assert_eq!(e.status, ferry::Status::Limit, "{}", e.message);
+    assert!(e.message.contains("max_gpu_pool_bytes"), "{}", e.message);
+    let e = client
+        .producer_on("s", None, Some(0))
+        .err()
+        .expect("a 512 KiB mirror is too much");
+    assert_eq!(e.status, ferry::Status::Limit, "{}", e.message);
+    // One slot fits, and works.
+    let mut c = client.consumer("s", "g", gpu0(1)).unwrap();
+    p.send(b"fits", b"", None, T).unwrap();
+    let b = c.next(T).unwrap();
+    let mut back = [0u8; 4];
+    c.copy_from_device(&b, &mut back).unwrap();
+    assert_eq!(&back, b"fits");
+    c.release(b.token).unwrap();
+}
