@@ -224,7 +224,7 @@ impl Gpus {
             host,
             free: (0..slots).rev().collect(),
             stream: cuda_stream,
-            pending: VecDeque::with_capacity(slots as usize),
+            pending: Copies::with_capacity(slots as usize),
             held: HashMap::with_capacity(slots as usize),
             copied_bytes: 0,
             d2d_bytes: 0,
@@ -260,7 +260,7 @@ impl Gpus {
             mirror,
             host,
             stream: cuda_stream,
-            pending: VecDeque::new(),
+            pending: Copies::with_capacity(0),
             copied_bytes: 0,
         })
     }
@@ -273,9 +273,40 @@ impl Gpus {
     }
 }
 
-struct Pending {
-    desc: Desc,
-    event: Option<Event>,
+/// Copies queued on one CUDA stream, in order, each with the descriptor
+/// that may take effect once it (and so every copy before it) completed.
+/// `None`: nothing to copy (an empty batch), but still in order.
+struct Copies(VecDeque<(Desc, Option<Event>)>);
+
+impl Copies {
+    fn with_capacity(n: usize) -> Copies {
+        Copies(VecDeque::with_capacity(n))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn push(&mut self, d: Desc, event: Option<Event>) {
+        self.0.push_back((d, event));
+    }
+
+    /// The front descriptor, if its copy has completed.
+    fn ready(&self) -> Result<Option<Desc>, CudaError> {
+        match self.0.front() {
+            Some((d, Some(e))) => Ok(e.is_done()?.then_some(*d)),
+            Some((d, None)) => Ok(Some(*d)),
+            None => Ok(None),
+        }
+    }
+
+    fn pop(&mut self) {
+        self.0.pop_front();
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 /// One consumer's GPU pool and the copies into it.
@@ -285,7 +316,7 @@ pub struct GpuDelivery {
     host: Mem,
     free: Vec<u32>,
     stream: ferry_cuda::Stream,
-    pending: VecDeque<Pending>,
+    pending: Copies,
     /// Delivered and not released: (partition, offset) -> GPU slot.
     held: HashMap<(u32, u64), u32>,
     pub copied_bytes: u64,
@@ -340,7 +371,7 @@ impl GpuDelivery {
         d.flags |= desc::FLAG_DEVICE;
         d.dslot = dslot;
         self.copied_bytes += d.len;
-        self.pending.push_back(Pending { desc: d, event });
+        self.pending.push(d, event);
         Ok(true)
     }
 
@@ -348,20 +379,16 @@ impl GpuDelivery {
     /// `push` (which returns false when the ring cannot take one now).
     pub fn complete(&mut self, mut push: impl FnMut(&Desc) -> bool) -> Result<usize, String> {
         let mut n = 0;
-        while let Some(front) = self.pending.front() {
-            if let Some(e) = &front.event {
-                match e.is_done() {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => return Err(format!("copy to cuda:{}: {e}", self.info.ordinal)),
-                }
-            }
-            if !push(&front.desc) {
+        while let Some(d) = self
+            .pending
+            .ready()
+            .map_err(|e| format!("copy to cuda:{}: {e}", self.info.ordinal))?
+        {
+            if !push(&d) {
                 break;
             }
-            let p = self.pending.pop_front().expect("front exists");
-            self.held
-                .insert((p.desc.partition, p.desc.offset), p.desc.dslot);
+            self.pending.pop();
+            self.held.insert((d.partition, d.offset), d.dslot);
             n += 1;
         }
         Ok(n)
@@ -400,7 +427,7 @@ pub struct GpuPublish {
     mirror: Mem,
     host: Mem,
     stream: ferry_cuda::Stream,
-    pending: VecDeque<Pending>,
+    pending: Copies,
     pub copied_bytes: u64,
 }
 
@@ -431,7 +458,7 @@ impl GpuPublish {
         } else {
             None
         };
-        self.pending.push_back(Pending { desc: d, event });
+        self.pending.push(d, event);
         Ok(())
     }
 
@@ -441,16 +468,13 @@ impl GpuPublish {
         mut publish: impl FnMut(&Desc) -> Result<(), Violation>,
     ) -> Result<usize, String> {
         let mut n = 0;
-        while let Some(front) = self.pending.front() {
-            if let Some(e) = &front.event {
-                match e.is_done() {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => return Err(format!("copy from cuda:{}: {e}", self.info.ordinal)),
-                }
-            }
-            let p = self.pending.pop_front().expect("front exists");
-            publish(&p.desc).map_err(|v| v.0)?;
+        while let Some(d) = self
+            .pending
+            .ready()
+            .map_err(|e| format!("copy from cuda:{}: {e}", self.info.ordinal))?
+        {
+            self.pending.pop();
+            publish(&d).map_err(|v| v.0)?;
             n += 1;
         }
         Ok(n)
