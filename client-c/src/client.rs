@@ -258,10 +258,7 @@ impl Client {
         device: Option<u32>,
     ) -> Result<Producer> {
         check_name("stream", stream)?;
-        let device_bus = match device {
-            None => None,
-            Some(n) => Some(local_gpu(n)?.pci_bus_id),
-        };
+        let device_bus = device_bus(device)?;
         let mut s = Session::open(
             &self.path,
             Request::OpenProducer {
@@ -272,18 +269,9 @@ impl Client {
             },
             true,
         )?;
-        let gpu = match (device, s.info.gpu.take()) {
-            (None, None) => None,
-            (Some(n), Some(pool)) if pool.slots == s.info.slot_count => {
-                Some(GpuPool::open(n, &pool, &s.info)?)
-            }
-            (want, got) => {
-                return err(
-                    Status::Protocol,
-                    format!("asked for device {want:?}, ferryd answered with GPU pool {got:?}"),
-                )
-            }
-        };
+        // A producer's GPU slots mirror the stream's slots one to one.
+        let slots = s.info.slot_count;
+        let gpu = GpuPool::of_session(device, &mut s, slots)?;
         Ok(Producer {
             gpu,
             s,
@@ -297,12 +285,7 @@ impl Client {
     pub fn consumer(&self, stream: &str, group: &str, opts: ConsumerOptions) -> Result<Consumer> {
         check_name("stream", stream)?;
         check_name("group", group)?;
-        // GPU ordinals are this process's (CUDA_VISIBLE_DEVICES); ferryd
-        // finds the same GPU by its PCI bus id.
-        let device_bus = match opts.device {
-            None => None,
-            Some(n) => Some(local_gpu(n)?.pci_bus_id),
-        };
+        let device_bus = device_bus(opts.device)?;
         let mut s = Session::open(
             &self.path,
             Request::OpenConsumer {
@@ -315,16 +298,9 @@ impl Client {
             false,
         )?;
         s.spin = Duration::from_micros(opts.spin_us as u64);
-        let gpu = match (opts.device, s.info.gpu.take()) {
-            (None, None) => None,
-            (Some(n), Some(pool)) => Some(GpuPool::open(n, &pool, &s.info)?),
-            (want, got) => {
-                return err(
-                    Status::Protocol,
-                    format!("asked for device {want:?}, ferryd answered with GPU pool {got:?}"),
-                )
-            }
-        };
+        // A consumer has one GPU slot per batch it may hold.
+        let slots = s.info.credits;
+        let gpu = GpuPool::of_session(opts.device, &mut s, slots)?;
         Ok(Consumer {
             gpu,
             s,
@@ -368,6 +344,14 @@ fn local_gpu(n: u32) -> Result<ferry_cuda::GpuInfo> {
     })
 }
 
+/// GPU ordinals are this process's (CUDA_VISIBLE_DEVICES); ferryd finds
+/// the same GPU by the PCI bus id this returns.
+fn device_bus(device: Option<u32>) -> Result<Option<String>> {
+    device
+        .map(|n| local_gpu(n).map(|g| g.pci_bus_id))
+        .transpose()
+}
+
 /// A consumer's GPU pool, opened through its CUDA IPC handle.
 struct GpuPool {
     device: u32,
@@ -377,6 +361,21 @@ struct GpuPool {
 }
 
 impl GpuPool {
+    /// The GPU pool ferryd described for a session opened for `device`
+    /// (it must have `slots` slots), opened; None for host sessions.
+    fn of_session(device: Option<u32>, s: &mut Session, slots: u32) -> Result<Option<GpuPool>> {
+        match (device, s.info.gpu.take()) {
+            (None, None) => Ok(None),
+            (Some(n), Some(pool)) if pool.slots == slots => {
+                Ok(Some(GpuPool::open(n, &pool, &s.info)?))
+            }
+            (want, got) => err(
+                Status::Protocol,
+                format!("asked for device {want:?} with {slots} slots, ferryd answered with GPU pool {got:?}"),
+            ),
+        }
+    }
+
     fn open(device: u32, pool: &proto::GpuPoolInfo, info: &SessionInfo) -> Result<GpuPool> {
         let handle: [u8; 64] = pool.ipc_handle.as_slice().try_into().map_err(|_| Error {
             status: Status::Protocol,

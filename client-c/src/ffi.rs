@@ -197,6 +197,20 @@ unsafe fn str_arg<'a>(p: *const c_char, what: &str) -> Result<&'a str, i32> {
         .map_err(|_| invalid(&format!("{what} is not UTF-8")))
 }
 
+/// Reads a device argument: NULL (host memory), "cpu" or "cuda:N"; `Err`
+/// is the status to return.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string.
+unsafe fn device_arg(p: *const c_char, what: &str) -> Result<Option<u32>, i32> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: per the caller's contract.
+    let d = unsafe { str_arg(p, what) }?;
+    crate::client::parse_device(d).map_err(fail)
+}
+
 /// The library version, e.g. "0.1.0". Static; never free it.
 #[no_mangle]
 pub extern "C" fn ferry_version() -> *const c_char {
@@ -315,18 +329,10 @@ pub unsafe extern "C" fn ferry_producer_open_device(
         if client.is_null() || out.is_null() {
             return invalid("client or out is NULL");
         }
-        let device = if device.is_null() {
-            None
-        } else {
-            // SAFETY: per the contract.
-            let d = match unsafe { str_arg(device, "device") } {
-                Ok(s) => s,
-                Err(c) => return c,
-            };
-            match crate::client::parse_device(d) {
-                Ok(d) => d,
-                Err(e) => return fail(e),
-            }
+        // SAFETY: per the contract.
+        let device = match unsafe { device_arg(device, "device") } {
+            Ok(d) => d,
+            Err(c) => return c,
         };
         // SAFETY: per the contract.
         let stream = match unsafe { str_arg(stream, "stream") } {
@@ -491,17 +497,11 @@ pub unsafe extern "C" fn ferry_consumer_open(
         if let Some(c) = unsafe { config.as_ref() } {
             opts.prefetch = c.prefetch;
             opts.spin_us = c.spin_us;
-            if !c.device.is_null() {
-                // SAFETY: non-null and NUL-terminated per the contract.
-                let d = match unsafe { str_arg(c.device, "config->device") } {
-                    Ok(d) => d,
-                    Err(code) => return code,
-                };
-                opts.device = match crate::client::parse_device(d) {
-                    Ok(v) => v,
-                    Err(e) => return fail(e),
-                };
-            }
+            // SAFETY: NULL or NUL-terminated per the contract.
+            opts.device = match unsafe { device_arg(c.device, "config->device") } {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
         }
         // SAFETY: client is live per the contract.
         let client = unsafe { &*client };
