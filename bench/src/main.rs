@@ -50,16 +50,23 @@ struct Args {
     cmd: Cmd,
 }
 
+/// How long a benchmark runs.
+#[derive(clap::Args, Clone, Copy)]
+struct RunLength {
+    /// Finish in under 30 seconds.
+    #[arg(long)]
+    quick: bool,
+    /// A few milliseconds per case: checks the benchmark runs (for tests).
+    #[arg(long, conflicts_with = "quick")]
+    smoke: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Local hand-off through ferryd: latency and throughput between processes.
     Shm {
-        /// Finish in under 30 seconds.
-        #[arg(long)]
-        quick: bool,
-        /// A few milliseconds per case: checks the benchmark runs (for tests).
-        #[arg(long, conflicts_with = "quick")]
-        smoke: bool,
+        #[command(flatten)]
+        run: RunLength,
         /// The ferryd binary (default: beside this one).
         #[arg(long)]
         ferryd: Option<PathBuf>,
@@ -67,12 +74,8 @@ enum Cmd {
     /// The fabric: a backend's write-with-immediate bandwidth and latency
     /// against plain TCP (soft) or perftest on the same device (ibv).
     Fabric {
-        /// Finish in under 30 seconds.
-        #[arg(long)]
-        quick: bool,
-        /// A few milliseconds per case: checks the benchmark runs (for tests).
-        #[arg(long, conflicts_with = "quick")]
-        smoke: bool,
+        #[command(flatten)]
+        run: RunLength,
         /// soft or ibv.
         #[arg(long, default_value = "soft")]
         provider: String,
@@ -89,12 +92,8 @@ enum Cmd {
     /// GPU delivery: staged host-to-GPU throughput through ferryd against a
     /// pinned host-to-device copy (needs a CUDA GPU).
     Gpu {
-        /// Finish in under 30 seconds.
-        #[arg(long)]
-        quick: bool,
-        /// A few milliseconds per case: checks the benchmark runs (for tests).
-        #[arg(long, conflicts_with = "quick")]
-        smoke: bool,
+        #[command(flatten)]
+        run: RunLength,
         /// The ferryd binary (default: beside this one).
         #[arg(long)]
         ferryd: Option<PathBuf>,
@@ -146,24 +145,22 @@ enum Cmd {
 fn main() {
     let args = Args::parse();
     let res = match args.cmd {
-        Cmd::Shm {
-            quick,
-            smoke,
-            ferryd,
-        } => bench_shm(quick, smoke, ferryd),
+        Cmd::Shm { run, ferryd } => bench_shm(run.quick, run.smoke, ferryd),
         Cmd::Fabric {
-            quick,
-            smoke,
+            run,
             provider,
             device,
             gid_index,
             perftest_host,
-        } => fabric::bench_fabric(&provider, &device, gid_index, &perftest_host, quick, smoke),
-        Cmd::Gpu {
-            quick,
-            smoke,
-            ferryd,
-        } => gpu::bench_gpu(quick, smoke, ferryd),
+        } => fabric::bench_fabric(
+            &provider,
+            &device,
+            gid_index,
+            &perftest_host,
+            run.quick,
+            run.smoke,
+        ),
+        Cmd::Gpu { run, ferryd } => gpu::bench_gpu(run.quick, run.smoke, ferryd),
         Cmd::GpuProduce {
             socket,
             stream,
