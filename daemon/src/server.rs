@@ -1324,12 +1324,12 @@ impl Server {
                                 .map(|(p, gp)| GroupPartStatus {
                                     partition: p as u32,
                                     owner: g.assign[p],
-                                    next: gp.next,
+                                    next: gp.position(),
                                     committed: gp.committed,
                                     end: ends[p],
                                     lag: ends[p].saturating_sub(gp.committed),
                                     inflight: gp.inflight.len() as u32,
-                                    redeliver: gp.redeliver.len() as u32,
+                                    redeliver: gp.pending.len() as u32,
                                 })
                                 .collect();
                             GroupStatus {

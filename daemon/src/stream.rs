@@ -9,11 +9,15 @@
 //! for the first group that forms ("orphan" hold), so nothing published is
 //! lost for want of a consumer; producers then wait for slots instead.
 //!
-//! For each (group, partition) the group keeps `next` (the next offset never
-//! yet delivered), `redeliver` (offsets to deliver again because their
-//! consumer left) and `inflight` (delivered, not yet released, and to whom).
-//! A group holds offset `o` exactly when `o >= next`, or `o` is in
-//! `redeliver`, or `o` is in `inflight`.
+//! For each (group, partition) the group keeps `next` (every offset from
+//! there to the end is still to be delivered), `pending` (offsets below
+//! `next` to deliver again: their consumer left, or a seek back asked for
+//! them) and `inflight` (delivered, not yet released, to whom, and whether
+//! a seek asked for it again). The three are disjoint, and the group holds
+//! offset `o` (one count in its slot's `holders`) exactly when `o` is in one
+//! of them. Every operation keeps them disjoint, so no operation of one
+//! group can drop another group's hold (`model_tests` checks this against a
+//! reference model over random interleavings).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -57,10 +61,31 @@ pub struct Partition {
 
 #[derive(Debug, Default, Clone)]
 pub struct GroupPart {
+    /// Offsets from here to the partition's end are still to be delivered.
     pub next: u64,
-    pub redeliver: BTreeSet<u64>,
-    pub inflight: HashMap<u64, SessionId>,
+    /// Offsets below `next` to deliver (again), lowest first.
+    pub pending: BTreeSet<u64>,
+    /// Delivered and not yet released.
+    pub inflight: HashMap<u64, Inflight>,
     pub committed: u64,
+}
+
+/// A batch a member holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inflight {
+    pub session: SessionId,
+    /// A seek asked for this offset again: on release it goes back to
+    /// `pending` (the group keeps holding it) instead of being done.
+    pub replay: bool,
+}
+
+impl GroupPart {
+    /// The next offset this group will deliver in the partition.
+    pub fn position(&self) -> u64 {
+        self.pending
+            .first()
+            .map_or(self.next, |&o| o.min(self.next))
+    }
 }
 
 #[derive(Debug)]
@@ -88,7 +113,7 @@ impl Group {
     pub fn low_watermark(&self, p: usize) -> u64 {
         let gp = &self.parts[p];
         let mut low = gp.next;
-        if let Some(&r) = gp.redeliver.first() {
+        if let Some(&r) = gp.pending.first() {
             low = low.min(r);
         }
         if let Some(&i) = gp.inflight.keys().min() {
@@ -349,7 +374,7 @@ impl Stream {
         let mut held = 0u64;
         for p in 0..self.parts.len() {
             let gp = std::mem::take(&mut self.groups[g].parts[p]);
-            let mut offsets: BTreeSet<u64> = gp.redeliver;
+            let mut offsets: BTreeSet<u64> = gp.pending;
             offsets.extend(gp.inflight.keys().copied());
             offsets.extend(self.parts[p].index.range(gp.next..).map(|(o, _)| *o));
             for o in offsets {
@@ -425,12 +450,12 @@ impl Stream {
             let mine: Vec<u64> = gp
                 .inflight
                 .iter()
-                .filter(|(_, s)| **s == session)
+                .filter(|(_, i)| i.session == session)
                 .map(|(o, _)| *o)
                 .collect();
             for o in mine {
                 gp.inflight.remove(&o);
-                gp.redeliver.insert(o);
+                gp.pending.insert(o);
             }
         }
         group.members.retain(|&m| m != session);
@@ -453,15 +478,11 @@ impl Stream {
             };
             loop {
                 let gp = &mut self.groups[g].parts[p];
-                let (o, from_redeliver) = if let Some(o) = gp.redeliver.pop_first() {
+                let (o, from_pending) = if let Some(o) = gp.pending.pop_first() {
                     (o, true)
                 } else if gp.next < self.parts[p].end {
                     let o = gp.next;
                     gp.next += 1;
-                    if gp.inflight.contains_key(&o) {
-                        // Still with a consumer since before a seek back.
-                        continue;
-                    }
                     (o, false)
                 } else {
                     break;
@@ -480,14 +501,20 @@ impl Stream {
                     },
                 ) {
                     let gp = &mut self.groups[g].parts[p];
-                    if from_redeliver {
-                        gp.redeliver.insert(o);
+                    if from_pending {
+                        gp.pending.insert(o);
                     } else {
                         gp.next -= 1;
                     }
                     break;
                 }
-                self.groups[g].parts[p].inflight.insert(o, owner);
+                self.groups[g].parts[p].inflight.insert(
+                    o,
+                    Inflight {
+                        session: owner,
+                        replay: false,
+                    },
+                );
                 count += 1;
             }
         }
@@ -510,11 +537,16 @@ impl Stream {
             .ok_or_else(|| {
                 Violation(format!("release of partition {part}, which does not exist"))
             })?;
-        if gp.inflight.get(&offset) != Some(&session) {
+        let Some(held) = gp
+            .inflight
+            .get(&offset)
+            .copied()
+            .filter(|i| i.session == session)
+        else {
             return Err(Violation(format!(
                 "release of partition {part} offset {offset}, which it does not hold (released twice?)"
             )));
-        }
+        };
         let e = self.parts[part as usize].index.get(&offset).copied();
         if e.map(|e| e.slot) != Some(slot) {
             return Err(Violation(format!(
@@ -522,7 +554,12 @@ impl Stream {
             )));
         }
         gp.inflight.remove(&offset);
-        self.unhold(part, offset);
+        if held.replay {
+            // A seek asked for it again: the group keeps its hold.
+            gp.pending.insert(offset);
+        } else {
+            self.unhold(part, offset);
+        }
         Ok(())
     }
 
@@ -558,8 +595,11 @@ impl Stream {
         }
     }
 
-    /// Moves group `g`'s position in `part` to `offset`: back (replay,
-    /// while the batches are still retained) or forward (skip).
+    /// Moves group `g`'s position in `part` to `offset`: every offset from
+    /// there on is delivered (again), everything before it is skipped.
+    /// Back (replay) only while those batches are still in their slots.
+    /// Batches the group's members hold stay theirs until released; those
+    /// at or past `offset` are then delivered again.
     pub fn seek(&mut self, g: usize, part: u32, offset: u64) -> Result<(), SeekError> {
         let parts = self.spec.partitions;
         let end = self
@@ -574,44 +614,45 @@ impl Stream {
         let next = self.groups[g].parts[p].next;
         if offset < next {
             let index = &self.parts[p].index;
-            let all_there = (offset..next).all(|o| index.contains_key(&o));
-            if !all_there {
+            if !(offset..next).all(|o| index.contains_key(&o)) {
                 return Err(SeekError::Gone {
                     part,
                     offset,
                     earliest: index.keys().next().copied(),
                 });
             }
-            for o in offset..next {
-                let gp = &mut self.groups[g].parts[p];
-                if gp.inflight.contains_key(&o) {
-                    continue;
-                }
-                if gp.redeliver.remove(&o) {
-                    continue; // already held; now covered by `next`
-                }
-                self.hold(part, o);
-            }
-        } else {
-            for o in next..offset {
-                if self.groups[g].parts[p].inflight.contains_key(&o) {
-                    continue;
-                }
-                self.unhold(part, o);
-            }
         }
-        let stale: Vec<u64> = self.groups[g].parts[p]
-            .redeliver
+        // Skipped: pending offsets before `offset`.
+        let skipped: Vec<u64> = self.groups[g].parts[p]
+            .pending
             .range(..offset)
             .copied()
             .collect();
-        if offset > next {
-            for o in stale {
-                self.groups[g].parts[p].redeliver.remove(&o);
+        for o in skipped {
+            self.groups[g].parts[p].pending.remove(&o);
+            self.unhold(part, o);
+        }
+        for (o, i) in self.groups[g].parts[p].inflight.iter_mut() {
+            i.replay = *o >= offset;
+        }
+        if offset < next {
+            // Replay: what the group no longer holds in [offset, next) is
+            // held again and pending; `next` stays, keeping the sets disjoint.
+            for o in offset..next {
+                let gp = &self.groups[g].parts[p];
+                if gp.pending.contains(&o) || gp.inflight.contains_key(&o) {
+                    continue;
+                }
+                self.hold(part, o);
+                self.groups[g].parts[p].pending.insert(o);
+            }
+        } else {
+            // Skip: [next, offset) was held only through `next`.
+            for o in next..offset {
                 self.unhold(part, o);
             }
+            self.groups[g].parts[p].next = offset;
         }
-        self.groups[g].parts[p].next = offset;
         Ok(())
     }
 
@@ -919,3 +960,6 @@ mod tests {
         assert!(spread.len() >= 6);
     }
 }
+
+#[cfg(test)]
+mod model_tests;
