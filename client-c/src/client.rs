@@ -6,7 +6,7 @@
 //! owns one end of two single-producer single-consumer rings.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -181,6 +181,42 @@ fn send_request(sock: &OwnedFd, req: &Request, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks, before anything is sent, that the process listening at `path`
+/// is a ferryd we trust: root, our own user, or `FERRY_DAEMON_UID`.
+/// Otherwise another user who got to the socket path first (a shared
+/// /tmp, say) would receive our batches.
+fn check_daemon_identity(sock: &OwnedFd, path: &Path) -> Result<()> {
+    let cred = sys::peer_cred(sock).map_err(|e| Error {
+        status: Status::Disconnected,
+        message: format!(
+            "reading the credentials of ferryd at {}: {e}",
+            path.display()
+        ),
+    })?;
+    let me = sys::geteuid();
+    let expected = match std::env::var("FERRY_DAEMON_UID") {
+        Ok(v) => Some(v.trim().parse::<u32>().map_err(|_| Error {
+            status: Status::InvalidArgument,
+            message: format!("FERRY_DAEMON_UID={v:?} is not a numeric uid"),
+        })?),
+        Err(_) => None,
+    };
+    if cred.uid == 0 || cred.uid == me || Some(cred.uid) == expected {
+        return Ok(());
+    }
+    err(
+        Status::PermissionDenied,
+        format!(
+            "the process listening at {} (pid {}) runs as uid {}, not root or uid {me}{}; refusing to talk to it (set FERRY_DAEMON_UID={} if that is your ferryd)",
+            path.display(),
+            cred.pid,
+            cred.uid,
+            expected.map(|u| format!(" or FERRY_DAEMON_UID {u}")).unwrap_or_default(),
+            cred.uid
+        ),
+    )
+}
+
 /// Connects and says Hello. Errors name the socket path.
 fn handshake(path: &Path) -> Result<OwnedFd> {
     let sock = sys::seqpacket_connect(path).map_err(|e| {
@@ -200,6 +236,7 @@ fn handshake(path: &Path) -> Result<OwnedFd> {
             ),
         }
     })?;
+    check_daemon_identity(&sock, path)?;
     let _ = sys::set_recv_timeout(&sock, Duration::from_secs(10));
     send_request(
         &sock,
@@ -226,15 +263,17 @@ fn handshake(path: &Path) -> Result<OwnedFd> {
 /// have sessions of their own.
 pub struct Client {
     path: PathBuf,
-    _ctrl: OwnedFd,
 }
 
 impl Client {
     /// Connects to ferryd at `path` (None: FERRY_SOCKET or the default).
     pub fn connect(path: Option<&Path>) -> Result<Client> {
         let path = resolve_socket(path);
-        let ctrl = handshake(&path)?;
-        Ok(Client { path, _ctrl: ctrl })
+        // Proves the daemon is there, speaks our protocol and lets us in;
+        // each producer and consumer then has a connection of its own, so
+        // this one is not kept (ferryd closes idle ones anyway).
+        drop(handshake(&path)?);
+        Ok(Client { path })
     }
 
     pub fn socket_path(&self) -> &Path {
@@ -448,7 +487,6 @@ struct Session {
     layout: PoolLayout,
     sub: RingProducer,
     comp: RingConsumer,
-    doorbell: OwnedFd,
     spin: Duration,
 }
 
@@ -464,9 +502,9 @@ impl Session {
             status: Status::Protocol,
             message: format!("ferryd sent an unusable session: {m}"),
         };
-        let [region_fd, pool_fd, doorbell]: [OwnedFd; 3] = fds
+        let [region_fd, pool_fd]: [OwnedFd; 2] = fds
             .try_into()
-            .map_err(|v: Vec<OwnedFd>| bad(format!("{} file descriptors instead of 3", v.len())))?;
+            .map_err(|v: Vec<OwnedFd>| bad(format!("{} file descriptors instead of 2", v.len())))?;
         if !info.ring_capacity.is_power_of_two()
             || info.ring_capacity < 2
             || info.ring_capacity > 65536
@@ -505,7 +543,6 @@ impl Session {
             layout,
             sub: RingProducer::new(sub),
             comp: RingConsumer::new(comp),
-            doorbell,
             spin: Duration::from_micros(DEFAULT_SPIN_US as u64),
         })
     }
@@ -527,22 +564,33 @@ impl Session {
         }
     }
 
-    /// Puts one descriptor on the submission ring and rings the doorbell if
-    /// ferryd sleeps. Waits (bounded) while the ring is full.
+    /// Wakes ferryd: a `Wake` message on this session's socket, never
+    /// waiting. A full socket buffer means ferryd has unread messages from
+    /// us, so it is awake anyway.
+    fn wake(&self) {
+        let _ = sys::send_dontwait(&self.sock, proto::WAKE);
+    }
+
+    /// Puts one descriptor on the submission ring and wakes ferryd if it
+    /// sleeps. Waits (bounded) while the ring is full.
     fn submit(&mut self, d: &Desc) -> Result<()> {
         // Read the clock only once the ring turns out to be full.
         let mut full_since: Option<Instant> = None;
         let mut spinner = Spinner::new();
+        let mut full_spins: u32 = 0;
         loop {
             match self.sub.push(d) {
                 Ok(()) => {
                     if self.sub.wake_needed() {
-                        sys::eventfd_signal(self.doorbell.as_raw_fd());
+                        self.wake();
                     }
                     return Ok(());
                 }
                 Err(RingError::Full) => {
-                    sys::eventfd_signal(self.doorbell.as_raw_fd());
+                    if full_spins.is_multiple_of(256) {
+                        self.wake();
+                    }
+                    full_spins = full_spins.wrapping_add(1);
                     if sys::peer_hung_up(&self.sock) {
                         return Err(self.disconnected());
                     }

@@ -5,14 +5,17 @@
 //!
 //! A connection starts with `Hello`/`Welcome`. It then either stays a
 //! control connection, or becomes one producer or consumer session with
-//! `OpenProducer`/`OpenConsumer`, answered by `Opened` with three fds
-//! attached: the session region (both rings), the stream's data pool, and
-//! the daemon's doorbell eventfd.
+//! `OpenProducer`/`OpenConsumer`, answered by `Opened` with two fds
+//! attached: the session region (both rings) and the stream's data pool
+//! (read-only for consumers). A client wakes a sleeping daemon by sending
+//! `Wake` on its session socket: the daemon never shares a file
+//! description that it reads with a client, so no client can block it or
+//! consume another client's wake-ups.
 
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to these messages or the shared layouts.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest message either side sends or accepts.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Longest stream or group name.
@@ -57,7 +60,13 @@ pub enum Request {
         partition: u32,
         offset: u64,
     },
+    /// "Look at my submission ring": sent (without waiting) after a push
+    /// when the daemon announced that it sleeps. Never answered.
+    Wake,
 }
+
+/// `Request::Wake` encoded, ready to send on the hot path.
+pub const WAKE: &[u8] = &[4];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {
@@ -99,7 +108,7 @@ pub enum Response {
         protocol: u32,
         daemon: String,
     },
-    /// Fds attached: session region, data pool, doorbell eventfd.
+    /// Fds attached: session region, data pool (read-only for consumers).
     Opened(SessionInfo),
     Done,
     Error {
@@ -192,6 +201,11 @@ pub fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wake_constant_is_the_encoded_request() {
+        assert_eq!(encode(&Request::Wake).unwrap(), WAKE);
+    }
 
     #[test]
     fn round_trip() {

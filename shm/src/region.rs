@@ -40,6 +40,10 @@ impl Region {
         let fd = sys::memfd_create(name).map_err(RegionError::Create)?;
         sys::ftruncate(&fd, len).map_err(RegionError::Create)?;
         sys::add_seals(&fd, REQUIRED_SEALS).map_err(RegionError::Create)?;
+        // A memfd starts as mode 0777, and anyone holding a read-only fd of
+        // it could open it again read-write through /proc/self/fd: only our
+        // own user may.
+        sys::fchmod(&fd, 0o600).map_err(RegionError::Create)?;
         let map = sys::Mapping::new(&fd, size, true).map_err(RegionError::Map)?;
         Ok(Region { fd, map })
     }
@@ -68,6 +72,16 @@ impl Region {
 
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// A new, read-only open file description of this region, to hand to
+    /// a process that must read it and nothing more: it cannot be mapped
+    /// writable, written, or have holes punched through it, and (the
+    /// region's mode being 0600) not be opened read-write again by another
+    /// user.
+    pub fn open_readonly(&self) -> io::Result<OwnedFd> {
+        let f = std::fs::File::open(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))?;
+        Ok(OwnedFd::from(f))
     }
 
     pub fn len(&self) -> usize {

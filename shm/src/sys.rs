@@ -612,3 +612,103 @@ pub fn monotonic_ns() -> u64 {
     }
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// Sends one message without blocking (`MSG_DONTWAIT`): `WouldBlock` when
+/// the socket's buffer is full.
+pub fn send_dontwait(sock: &OwnedFd, data: &[u8]) -> io::Result<()> {
+    loop {
+        // SAFETY: `data` is a live buffer of the stated length.
+        let r = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        match cvt_isize(r) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `SO_PEERGROUPS` (Linux 4.13): the same number on every architecture
+/// Ferry builds for except MIPS, SPARC and Alpha.
+const SO_PEERGROUPS: libc::c_int = 59;
+
+/// Supplementary groups of the process at the other end of a Unix socket,
+/// as they were when it connected.
+pub fn peer_groups(fd: impl AsFd) -> io::Result<Vec<u32>> {
+    let fd = fd.as_fd();
+    let mut groups = vec![0 as libc::gid_t; 64];
+    loop {
+        let mut len = std::mem::size_of_val(groups.as_slice()) as libc::socklen_t;
+        // SAFETY: `groups` is a live buffer of `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        // ERANGE: `len` now says how much is needed.
+        if e.raw_os_error() == Some(libc::ERANGE) && groups.len() < 65536 {
+            let need = (len as usize / std::mem::size_of::<libc::gid_t>()).max(groups.len() * 2);
+            groups.resize(need, 0);
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+/// Changes the permission bits of an open file (a memfd).
+pub fn fchmod(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on a live fd.
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })?;
+    Ok(())
+}
+
+/// Raises the soft limit of open files towards `want` (at most the hard
+/// limit). Returns the (soft, hard) limits now in force.
+pub fn raise_nofile_limit(want: u64) -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a live out-pointer.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    let target = want.min(lim.rlim_max);
+    if target > lim.rlim_cur {
+        let new = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `new` is a live rlimit.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) })?;
+        lim.rlim_cur = target;
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Waits until `fd` is readable or `timeout` passes; true when readable
+/// (or hung up).
+pub fn poll_readable(fd: impl AsFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: pfd is a live pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n > 0
+}

@@ -208,7 +208,6 @@ fn a_release_naming_the_wrong_gpu_slot_closes_that_session_only() {
     use ferry_shm::desc::{self, Desc};
     use ferry_shm::layout::SessionLayout;
     use ferry_shm::{attach_ring, Region, RingConsumer, RingProducer};
-    use std::os::fd::AsRawFd;
     use std::sync::Arc;
 
     let d = Daemon::start("", "");
@@ -243,7 +242,6 @@ fn a_release_naming_the_wrong_gpu_slot_closes_that_session_only() {
     let layout = SessionLayout::new(info.ring_capacity);
     let region = Arc::new(Region::attach(fds.next().unwrap(), layout.total, true).unwrap());
     let _pool = fds.next().unwrap();
-    let doorbell = fds.next().unwrap();
     let ring = |off| attach_ring(&region, off, layout.ring_len, info.ring_capacity).unwrap();
     let mut sub = RingProducer::new(ring(layout.sub_offset));
     let mut comp = RingConsumer::new(ring(layout.comp_offset));
@@ -267,7 +265,7 @@ fn a_release_naming_the_wrong_gpu_slot_closes_that_session_only() {
         ..Desc::default()
     })
     .unwrap();
-    sys::eventfd_signal(doorbell.as_raw_fd());
+    sys::send_dontwait(&sock, proto::WAKE).unwrap();
     assert!(eventually(Duration::from_secs(5), || sys::peer_hung_up(
         &sock
     )));
