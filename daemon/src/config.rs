@@ -13,6 +13,10 @@ pub const CONFIG_VERSION: u32 = 1;
 pub const MAX_SLOT_SIZE: u64 = 1 << 30;
 pub const MAX_SLOT_COUNT: u32 = 65536;
 pub const MAX_PARTITIONS: u32 = 1024;
+/// Largest configuration file read (a bigger one, or /dev/zero, is refused).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Longest socket path: `sun_path` holds 108 bytes with the NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -93,6 +97,40 @@ pub struct DaemonConfig {
     /// A connection that has not said Hello within this many milliseconds
     /// is closed.
     pub handshake_timeout_ms: u64,
+    /// Group (name from /etc/group, or a number) given to both sockets;
+    /// its members may connect, like `allowed_gids`.
+    pub socket_group: Option<String>,
+    /// Connections open at once, all users together.
+    pub max_connections: u32,
+    /// Connections open at once from one uid.
+    pub max_connections_per_uid: u32,
+    /// A connection that said Hello but opened no producer or consumer is
+    /// closed after this many milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Streams, all together (declared ones included).
+    pub max_streams: u32,
+    /// Streams created by producers of one uid.
+    pub max_streams_per_uid: u32,
+    /// Partitions of all streams together.
+    pub max_total_partitions: u64,
+    /// Partitions of the streams one uid created.
+    pub max_partitions_per_uid: u64,
+    /// Slots of all streams together.
+    pub max_total_slots: u64,
+    /// Slots of the streams one uid created.
+    pub max_slots_per_uid: u64,
+    /// Data pool bytes of all streams together; default half the host's
+    /// memory.
+    pub max_total_pool_bytes: Option<u64>,
+    /// Data pool bytes of the streams one uid created; default
+    /// `max_total_pool_bytes`.
+    pub max_pool_bytes_per_uid: Option<u64>,
+    /// A stream created by a producer that has had no session for this
+    /// many milliseconds is deleted, with any batches it still held
+    /// (0: never). Declared streams are never deleted.
+    pub stream_idle_timeout_ms: u64,
+    /// An admin request must arrive whole within this many milliseconds.
+    pub admin_timeout_ms: u64,
 }
 
 impl Default for DaemonConfig {
@@ -110,6 +148,20 @@ impl Default for DaemonConfig {
             max_gpu_pool_bytes: 16 << 30,
             log: "info".into(),
             handshake_timeout_ms: 5_000,
+            socket_group: None,
+            max_connections: 4096,
+            max_connections_per_uid: 512,
+            idle_timeout_ms: 10_000,
+            max_streams: 256,
+            max_streams_per_uid: 64,
+            max_total_partitions: 16_384,
+            max_partitions_per_uid: 4_096,
+            max_total_slots: 1 << 20,
+            max_slots_per_uid: 1 << 18,
+            max_total_pool_bytes: None,
+            max_pool_bytes_per_uid: None,
+            stream_idle_timeout_ms: 3_600_000,
+            admin_timeout_ms: 2_000,
         }
     }
 }
@@ -189,7 +241,7 @@ impl Config {
     /// Loads `path`. A missing file at the default path means built-in
     /// defaults; a missing file named explicitly is an error.
     pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
-        match std::fs::read_to_string(path) {
+        match read_limited(path) {
             Ok(text) => Config::parse(&text, path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
                 Ok(Config::default())
@@ -234,6 +286,38 @@ impl Config {
         if d.max_gpu_pool_bytes == 0 {
             return bad("daemon.max_gpu_pool_bytes must be positive".into());
         }
+        for (key, p) in [
+            ("daemon.socket", self.socket_path()),
+            ("daemon.admin_socket", self.admin_socket_path()),
+        ] {
+            check_socket_path(key, &p).map_err(ConfigError::Invalid)?;
+        }
+        if self.socket_path() == self.admin_socket_path() {
+            return bad("daemon.socket and daemon.admin_socket are the same path".into());
+        }
+        if let Some(g) = &d.socket_group {
+            resolve_group(g).map_err(ConfigError::Invalid)?;
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&d.log) {
+            return bad(format!("daemon.log {:?} is not a valid filter: {e}", d.log));
+        }
+        for (key, v) in [
+            ("max_connections", d.max_connections as u64),
+            ("max_connections_per_uid", d.max_connections_per_uid as u64),
+            ("max_streams", d.max_streams as u64),
+            ("max_streams_per_uid", d.max_streams_per_uid as u64),
+            ("max_total_partitions", d.max_total_partitions),
+            ("max_partitions_per_uid", d.max_partitions_per_uid),
+            ("max_total_slots", d.max_total_slots),
+            ("max_slots_per_uid", d.max_slots_per_uid),
+            ("handshake_timeout_ms", d.handshake_timeout_ms),
+            ("idle_timeout_ms", d.idle_timeout_ms),
+            ("admin_timeout_ms", d.admin_timeout_ms),
+        ] {
+            if v == 0 {
+                return bad(format!("daemon.{key} must be positive"));
+            }
+        }
         if d.spin_us > 1_000_000 {
             return bad(format!(
                 "daemon.spin_us must be at most 1000000, got {}",
@@ -248,14 +332,79 @@ impl Config {
             return bad(format!("fabric.provider: {e}"));
         }
         let mut seen = std::collections::HashSet::new();
+        let (mut parts, mut slots, mut bytes) = (0u64, 0u64, 0u64);
         for s in &self.streams {
             if !seen.insert(s.name.as_str()) {
                 return bad(format!("stream {} is declared twice", s.name));
             }
             check_stream_spec(&s.name, &s.spec(), d.max_pool_bytes)
                 .map_err(ConfigError::Invalid)?;
+            parts += s.partitions as u64;
+            slots += s.slot_count as u64;
+            bytes += PoolLayout::new(s.slot_size, s.slot_count).map_or(u64::MAX, |l| l.total);
+        }
+        let declared = [
+            (
+                "max_streams",
+                self.streams.len() as u64,
+                d.max_streams as u64,
+            ),
+            ("max_total_partitions", parts, d.max_total_partitions),
+            ("max_total_slots", slots, d.max_total_slots),
+            ("max_total_pool_bytes", bytes, self.max_total_pool_bytes()),
+        ];
+        for (key, have, limit) in declared {
+            if have > limit {
+                return bad(format!(
+                    "the declared streams need {have} against daemon.{key} = {limit}"
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// Everything `validate` checks, and what only this host can say: the
+    /// fabric provider can be had, the socket directories are safe to
+    /// use. `ferryd --check` and start-up run exactly this.
+    pub fn preflight(&self) -> Result<ferry_verbs::select::Selection, ConfigError> {
+        self.validate()?;
+        for p in [self.socket_path(), self.admin_socket_path()] {
+            if let Some(dir) = p.parent() {
+                if dir.exists() {
+                    check_socket_dir(dir).map_err(ConfigError::Invalid)?;
+                }
+            }
+        }
+        let pref: ferry_verbs::select::Preference = self
+            .fabric
+            .provider
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("fabric.provider: {e}")))?;
+        ferry_verbs::select::select(pref).map_err(|e| {
+            ConfigError::Invalid(format!("fabric.provider = {:?}: {e}", self.fabric.provider))
+        })
+    }
+
+    /// The limit on all pools together.
+    pub fn max_total_pool_bytes(&self) -> u64 {
+        self.daemon
+            .max_total_pool_bytes
+            .unwrap_or_else(|| physical_memory() / 2)
+    }
+
+    /// The limit on one uid's pools.
+    pub fn max_pool_bytes_per_uid(&self) -> u64 {
+        self.daemon
+            .max_pool_bytes_per_uid
+            .unwrap_or_else(|| self.max_total_pool_bytes())
+    }
+
+    /// The gid of `daemon.socket_group`, if set (validated).
+    pub fn socket_gid(&self) -> Option<u32> {
+        self.daemon
+            .socket_group
+            .as_deref()
+            .and_then(|g| resolve_group(g).ok())
     }
 
     pub fn socket_path(&self) -> PathBuf {
@@ -296,6 +445,110 @@ impl StreamConfig {
             slot_count: self.slot_count,
         }
     }
+}
+
+/// Reads a configuration file, refusing one over [`MAX_CONFIG_BYTES`].
+fn read_limited(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let mut text = String::new();
+    let n = f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if n as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_CONFIG_BYTES} bytes; not a configuration file"),
+        ));
+    }
+    Ok(text)
+}
+
+/// A socket path the kernel can bind: not empty, no NUL, at most
+/// [`MAX_SOCKET_PATH`] bytes, with a file name.
+pub fn check_socket_path(key: &str, p: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = p.as_os_str().as_bytes();
+    if bytes.is_empty() {
+        return Err(format!("{key} is empty"));
+    }
+    if bytes.contains(&0) {
+        return Err(format!("{key} {:?} contains a NUL byte", p));
+    }
+    if bytes.len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{key} {} is {} bytes long; a Unix socket path has at most {MAX_SOCKET_PATH}",
+            p.display(),
+            bytes.len()
+        ));
+    }
+    if p.file_name().is_none() {
+        return Err(format!("{key} {} names no file", p.display()));
+    }
+    Ok(())
+}
+
+/// A directory that may hold ferryd's sockets: a real directory (not a
+/// symlink), owned by ferryd's user or root, and writable by nobody else
+/// (as systemd's RuntimeDirectory and XDG_RUNTIME_DIR are): otherwise
+/// another user could replace the socket with one of their own.
+pub fn check_socket_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("socket directory {}: {e}", dir.display()))?;
+    if !md.file_type().is_dir() {
+        return Err(format!(
+            "socket directory {} is not a directory (a symlink?)",
+            dir.display()
+        ));
+    }
+    let me = ferry_shm::sys::geteuid();
+    if md.uid() != me && md.uid() != 0 {
+        return Err(format!(
+            "socket directory {} is owned by uid {}, not by ferryd's uid {me} or root; refusing to use it",
+            dir.display(),
+            md.uid()
+        ));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(format!(
+            "socket directory {} is writable by group or others (mode {:04o}); refusing to use it (another user could replace the socket)",
+            dir.display(),
+            md.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// A group name (from /etc/group) or number.
+pub fn resolve_group(g: &str) -> Result<u32, String> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            (name == g).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("daemon.socket_group {g:?} is not a group in /etc/group"))
+}
+
+/// The host's memory in bytes (MemTotal), or 16 GiB when unknown.
+pub fn physical_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(16 << 30, |kib| kib * 1024)
 }
 
 fn parse_mode(s: &str) -> Option<u32> {

@@ -59,6 +59,14 @@ impl Gpus {
 
     /// ferryd's ordinal of the GPU a consumer asked for: by PCI bus id when
     /// given (ordinals differ between processes), else by ordinal.
+    /// Drops what was kept for stream `stream` (its pool's registrations
+    /// with GPUs, its mirrors): the stream is deleted and no session of
+    /// it is left.
+    pub fn forget_stream(&mut self, stream: usize) {
+        self.hosts.retain(|&(_, s), _| s != stream);
+        self.mirrors.retain(|&(s, _), _| s != stream);
+    }
+
     pub fn resolve(
         &self,
         ordinal: Option<u32>,

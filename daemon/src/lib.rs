@@ -3,5 +3,6 @@
 
 pub mod config;
 pub mod gpu;
+pub mod ratelimit;
 pub mod server;
 pub mod stream;

@@ -3,8 +3,11 @@
 //! descriptors between session rings: publish -> deliver, release -> free,
 //! free -> grant. While there is work it polls the rings without system
 //! calls; after `spin_us` of idleness it announces sleep on every
-//! submission ring and blocks in epoll, where clients ring the doorbell
-//! eventfd only if they see that announcement.
+//! submission ring and blocks in epoll; a client that sees the
+//! announcement sends `Wake` on its own session socket. The loop's own
+//! eventfd (woken by the admin thread) is never shared with a client, so
+//! nothing a client does with its file descriptors can block the loop or
+//! take another client's wake-up.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
@@ -12,6 +15,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,8 +28,9 @@ use ferry_shm::{init_ring, Region, RingConsumer, RingProducer};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::config::{check_stream_spec, Config};
+use crate::config::{check_socket_dir, check_stream_spec, Config};
 use crate::gpu::{GpuDelivery, GpuPublish, Gpus};
+use crate::limited;
 use crate::stream::{SessionId, Stream, Violation};
 
 const TOK_LISTENER: u64 = 1;
@@ -76,13 +81,22 @@ struct Session {
     sock: OwnedFd,
     cred: PeerCred,
     role: Role,
+    /// Connected (Fresh), or said Hello (Control): for the timeouts.
     since: Instant,
 }
 
 /// What the admin socket can ask.
 enum AdminCmd {
     Status,
-    DeleteGroup { stream: String, group: String },
+    DeleteGroup {
+        stream: String,
+        group: String,
+    },
+    DeleteStream {
+        stream: String,
+        force: bool,
+        uid: u32,
+    },
 }
 
 /// A request from the admin thread; the loop answers with JSON.
@@ -94,11 +108,130 @@ struct AdminRequest {
 struct StreamEntry {
     stream: Stream,
     pool: Arc<Region>,
+    /// A read-only open file description of the pool, for consumers.
+    pool_ro: OwnedFd,
     layout: PoolLayout,
     producers: Vec<SessionId>,
-    declared: bool,
+    /// The uid of the producer that created it; None: declared in the
+    /// config.
+    owner: Option<u32>,
+    /// Since when no session uses it (idle expiry of created streams).
+    idle_since: Option<Instant>,
     dirty: bool,
 }
+
+impl StreamEntry {
+    fn in_use(&self) -> bool {
+        !self.producers.is_empty() || self.stream.groups.iter().any(|g| !g.members.is_empty())
+    }
+}
+
+/// The streams by index; a deleted stream's index is reused once no
+/// session refers to it (all of them were closed with it).
+#[derive(Default)]
+struct Streams {
+    slots: Vec<Option<StreamEntry>>,
+}
+
+impl Streams {
+    fn iter(&self) -> impl Iterator<Item = &StreamEntry> {
+        self.slots.iter().flatten()
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (usize, &mut StreamEntry)> {
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, e)| e.as_mut().map(|e| (i, e)))
+    }
+
+    fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    fn free_index(&self) -> usize {
+        self.slots
+            .iter()
+            .position(|e| e.is_none())
+            .unwrap_or(self.slots.len())
+    }
+
+    fn insert(&mut self, idx: usize, e: StreamEntry) {
+        if idx == self.slots.len() {
+            self.slots.push(Some(e));
+        } else {
+            self.slots[idx] = Some(e);
+        }
+    }
+
+    fn remove(&mut self, idx: usize) -> Option<StreamEntry> {
+        self.slots.get_mut(idx).and_then(Option::take)
+    }
+}
+
+impl std::ops::Index<usize> for Streams {
+    type Output = StreamEntry;
+    fn index(&self, i: usize) -> &StreamEntry {
+        self.slots[i]
+            .as_ref()
+            .expect("sessions refer to live streams")
+    }
+}
+
+impl std::ops::IndexMut<usize> for Streams {
+    fn index_mut(&mut self, i: usize) -> &mut StreamEntry {
+        self.slots[i]
+            .as_mut()
+            .expect("sessions refer to live streams")
+    }
+}
+
+/// What one uid's streams (or all streams) take.
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
+pub struct UidUsage {
+    pub uid: u32,
+    pub streams: u32,
+    pub partitions: u32,
+    pub slots: u64,
+    pub pool_bytes: u64,
+}
+
+impl UidUsage {
+    fn add(&mut self, e: &StreamEntry) {
+        self.streams += 1;
+        self.partitions += e.stream.spec.partitions;
+        self.slots += e.stream.spec.slot_count as u64;
+        self.pool_bytes += e.layout.total;
+    }
+}
+
+/// Who may connect: uids, gids (primary or supplementary).
+#[derive(Clone)]
+struct Policy {
+    uids: Vec<u32>,
+    gids: Vec<u32>,
+}
+
+impl Policy {
+    fn allows(&self, sock: &OwnedFd, cred: &PeerCred) -> bool {
+        if self.uids.contains(&cred.uid) || self.gids.contains(&cred.gid) {
+            return true;
+        }
+        !self.gids.is_empty()
+            && sys::peer_groups(sock).is_ok_and(|g| g.iter().any(|g| self.gids.contains(g)))
+    }
+}
+
+/// Most admin connections served at once; more are answered "busy".
+const MAX_ADMIN_CLIENTS: usize = 16;
+/// Longest admin request line.
+const MAX_ADMIN_REQUEST: usize = 4096;
+/// Most messages read from one session socket per readiness event, so
+/// one client flooding its socket cannot hold the loop.
+const MAX_MESSAGES_PER_EVENT: usize = 64;
+/// How long the listener stays paused after running out of file
+/// descriptors, unless a connection closes sooner.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct Server {
     cfg: Config,
@@ -106,14 +239,18 @@ pub struct Server {
     admin_path: PathBuf,
     epoll: Epoll,
     listener: Option<OwnedFd>,
+    /// Accepting paused (no file descriptor was free) since then.
+    listener_paused: Option<Instant>,
     admin_rx: std::sync::mpsc::Receiver<AdminRequest>,
     signals: OwnedFd,
+    /// The loop's own wake-up (admin thread); never sent to a client.
     doorbell: OwnedFd,
     sessions: BTreeMap<SessionId, Session>,
     next_session: SessionId,
-    streams: Vec<StreamEntry>,
+    streams: Streams,
     by_name: HashMap<String, usize>,
-    allowed_uids: Vec<u32>,
+    policy: Policy,
+    last_housekeeping: Instant,
     started: Instant,
     draining: Option<Instant>,
     /// The fabric backend chosen at start-up, and why (not yet used for
@@ -130,21 +267,64 @@ pub struct Server {
     wake_scratch: Vec<SessionId>,
 }
 
-/// Removes a stale socket file, refusing if a live daemon still answers.
-fn claim_socket_path(path: &Path) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
+/// Makes the socket's directory if missing (mode 0755) and checks that it
+/// is safe to use.
+fn prepare_socket_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
             .with_context(|| format!("creating socket directory {}", dir.display()))?;
     }
-    if path.exists() {
-        let live = sys::seqpacket_connect(path).is_ok()
-            || std::os::unix::net::UnixStream::connect(path).is_ok();
-        if live {
-            anyhow::bail!("another ferryd is already listening on {}", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    check_socket_dir(dir).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Removes a stale socket (a socket no daemon answers on) at `path`, and
+/// refuses anything else: a live daemon, or a file that is not a socket.
+fn claim_socket_path(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    prepare_socket_dir(path)?;
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    };
+    if !md.file_type().is_socket() {
+        anyhow::bail!(
+            "{} exists and is not a socket ({}); refusing to remove it",
+            path.display(),
+            if md.file_type().is_symlink() {
+                "a symlink"
+            } else if md.is_dir() {
+                "a directory"
+            } else {
+                "a file"
+            }
+        );
     }
+    let live = sys::seqpacket_connect(path).is_ok()
+        || std::os::unix::net::UnixStream::connect(path).is_ok();
+    if live {
+        anyhow::bail!("another ferryd is already listening on {}", path.display());
+    }
+    std::fs::remove_file(path)
+        .with_context(|| format!("removing stale socket {}", path.display()))?;
+    Ok(())
+}
+
+/// Sets a socket's mode and, with `daemon.socket_group`, its group.
+fn set_socket_access(path: &Path, mode: u32, gid: Option<u32>) -> anyhow::Result<()> {
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
     Ok(())
 }
 
@@ -171,22 +351,38 @@ fn notify_systemd(state: &str) {
 impl Server {
     /// Binds the sockets and creates the configured streams.
     pub fn bind(cfg: Config) -> anyhow::Result<Server> {
-        cfg.validate()?;
+        // The same checks as `ferryd --check`, before anything is bound.
+        let sel = cfg.preflight()?;
         sys::ignore_sigpipe();
         let signals = sys::signalfd_termination().context("setting up signal handling")?;
         let socket_path = cfg.socket_path();
         let admin_path = cfg.admin_socket_path();
         let mode = cfg.socket_mode();
+        let gid = cfg.socket_gid();
+
+        // Each session holds its socket and its ring region open; each
+        // stream its pool twice.
+        let d = &cfg.daemon;
+        let want = 2 * d.max_connections as u64 + 2 * d.max_streams as u64 + 256;
+        match sys::raise_nofile_limit(want) {
+            Ok((soft, _)) if soft >= want => {}
+            Ok((soft, hard)) => warn!(
+                soft,
+                hard,
+                want,
+                "the open-file limit is below what max_connections and max_streams need; new connections wait while no descriptor is free"
+            ),
+            Err(e) => warn!("reading the open-file limit: {e}"),
+        }
 
         claim_socket_path(&socket_path)?;
         let listener = sys::seqpacket_listen(&socket_path)
             .with_context(|| format!("listening on {}", socket_path.display()))?;
-        std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(mode))?;
+        set_socket_access(&socket_path, mode, gid)?;
         claim_socket_path(&admin_path)?;
         let admin = UnixListener::bind(&admin_path)
             .with_context(|| format!("listening on {}", admin_path.display()))?;
-        admin.set_nonblocking(true)?;
-        std::fs::set_permissions(&admin_path, std::fs::Permissions::from_mode(mode))?;
+        set_socket_access(&admin_path, mode, gid)?;
 
         let epoll = Epoll::new()?;
         let doorbell = sys::eventfd()?;
@@ -194,8 +390,6 @@ impl Server {
         epoll.add(signals.as_raw_fd(), TOK_SIGNAL)?;
         epoll.add(doorbell.as_raw_fd(), TOK_DOORBELL)?;
 
-        let pref: ferry_verbs::select::Preference = cfg.fabric.provider.parse()?;
-        let sel = ferry_verbs::select::select(pref).context("choosing the fabric")?;
         let fabric = match &sel.choice {
             ferry_verbs::select::Choice::Ibv { device } => format!("ibv {device} ({})", sel.reason),
             ferry_verbs::select::Choice::Soft => format!("soft ({})", sel.reason),
@@ -223,11 +417,16 @@ impl Server {
             }
             Err(e) => info!("no GPUs: {e}"),
         }
-        let allowed_uids = cfg.allowed_uids();
+        let mut gids = cfg.daemon.allowed_gids.clone();
+        gids.extend(gid);
+        let policy = Policy {
+            uids: cfg.allowed_uids(),
+            gids,
+        };
         let admin_rx = spawn_admin(
             admin,
-            allowed_uids.clone(),
-            cfg.daemon.allowed_gids.clone(),
+            policy.clone(),
+            Duration::from_millis(cfg.daemon.admin_timeout_ms),
             doorbell.try_clone()?,
         )?;
         let mut server = Server {
@@ -235,14 +434,16 @@ impl Server {
             admin_path,
             epoll,
             listener: Some(listener),
+            listener_paused: None,
             admin_rx,
             signals,
             doorbell,
             sessions: BTreeMap::new(),
             next_session: 1,
-            streams: Vec::new(),
+            streams: Streams::default(),
             by_name: HashMap::new(),
-            allowed_uids,
+            policy,
+            last_housekeeping: Instant::now(),
             started: Instant::now(),
             draining: None,
             fabric,
@@ -255,7 +456,7 @@ impl Server {
         };
         for s in server.cfg.streams.clone() {
             server
-                .create_stream(&s.name, s.spec(), true)
+                .create_stream(&s.name, s.spec(), None)
                 .map_err(|(_, m)| anyhow::anyhow!(m))?;
         }
         Ok(server)
@@ -265,11 +466,13 @@ impl Server {
         &self.socket_path
     }
 
+    /// Creates a stream: declared in the config (`owner` None) or by a
+    /// producer of uid `owner`, within the daemon's and that uid's limits.
     fn create_stream(
         &mut self,
         name: &str,
         spec: StreamSpec,
-        declared: bool,
+        owner: Option<u32>,
     ) -> Result<usize, (ErrorCode, String)> {
         check_stream_spec(name, &spec, self.cfg.daemon.max_pool_bytes)
             .map_err(|m| (ErrorCode::InvalidArgument, m))?;
@@ -277,31 +480,221 @@ impl Server {
             ErrorCode::InvalidArgument,
             "pool size overflows".to_string(),
         ))?;
+        if let Some(uid) = owner {
+            self.check_quota(uid, &spec, layout.total)
+                .map_err(|m| (ErrorCode::Limit, m))?;
+        }
         let pool = Region::create(&format!("ferry-pool-{name}"), layout.total).map_err(|e| {
             (
                 ErrorCode::Limit,
                 format!("creating the data pool of stream {name}: {e}"),
             )
         })?;
-        let idx = self.streams.len();
-        info!(
+        let pool_ro = pool.open_readonly().map_err(|e| {
+            (
+                ErrorCode::Limit,
+                format!("opening the data pool of stream {name} read-only: {e}"),
+            )
+        })?;
+        let idx = self.streams.free_index();
+        crate::limited!(
+            INFO,
             stream = name,
             partitions = spec.partitions,
             slot_size = spec.slot_size,
             slot_count = spec.slot_count,
-            declared,
+            owner = owner.map_or_else(|| "config".to_string(), |u| format!("uid {u}")),
             "stream created"
         );
-        self.streams.push(StreamEntry {
-            stream: Stream::new(idx as u32, name.to_string(), spec),
-            pool: Arc::new(pool),
-            layout,
-            producers: Vec::new(),
-            declared,
-            dirty: true,
-        });
+        self.streams.insert(
+            idx,
+            StreamEntry {
+                stream: Stream::new(idx as u32, name.to_string(), spec),
+                pool: Arc::new(pool),
+                pool_ro,
+                layout,
+                producers: Vec::new(),
+                owner,
+                idle_since: None,
+                dirty: true,
+            },
+        );
         self.by_name.insert(name.to_string(), idx);
         Ok(idx)
+    }
+
+    /// What all streams, and those of each uid, take.
+    fn usage(&self) -> (UidUsage, BTreeMap<u32, UidUsage>) {
+        let mut total = UidUsage::default();
+        let mut per_uid: BTreeMap<u32, UidUsage> = BTreeMap::new();
+        for e in self.streams.iter() {
+            total.add(e);
+            if let Some(uid) = e.owner {
+                let u = per_uid.entry(uid).or_default();
+                u.uid = uid;
+                u.add(e);
+            }
+        }
+        (total, per_uid)
+    }
+
+    /// Refuses a new stream of `uid` that would pass a limit, naming it.
+    fn check_quota(&self, uid: u32, spec: &StreamSpec, bytes: u64) -> Result<(), String> {
+        let d = &self.cfg.daemon;
+        let (total, per_uid) = self.usage();
+        let mine = per_uid.get(&uid).cloned().unwrap_or_default();
+        let checks = [
+            (
+                "max_streams",
+                total.streams as u64 + 1,
+                d.max_streams as u64,
+                false,
+            ),
+            (
+                "max_streams_per_uid",
+                mine.streams as u64 + 1,
+                d.max_streams_per_uid as u64,
+                true,
+            ),
+            (
+                "max_total_partitions",
+                (total.partitions + spec.partitions) as u64,
+                d.max_total_partitions,
+                false,
+            ),
+            (
+                "max_partitions_per_uid",
+                (mine.partitions + spec.partitions) as u64,
+                d.max_partitions_per_uid,
+                true,
+            ),
+            (
+                "max_total_slots",
+                total.slots + spec.slot_count as u64,
+                d.max_total_slots,
+                false,
+            ),
+            (
+                "max_slots_per_uid",
+                mine.slots + spec.slot_count as u64,
+                d.max_slots_per_uid,
+                true,
+            ),
+            (
+                "max_total_pool_bytes",
+                total.pool_bytes + bytes,
+                self.cfg.max_total_pool_bytes(),
+                false,
+            ),
+            (
+                "max_pool_bytes_per_uid",
+                mine.pool_bytes + bytes,
+                self.cfg.max_pool_bytes_per_uid(),
+                true,
+            ),
+        ];
+        for (key, need, limit, per) in checks {
+            if need > limit {
+                let whose = if per {
+                    format!("uid {uid}'s streams")
+                } else {
+                    "all streams together".to_string()
+                };
+                return Err(format!(
+                    "creating this stream would take {whose} to {need}, over daemon.{key} = {limit} (see `ferry status` for what is used; `ferry stream delete` frees a stream)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes stream `name` for admin client `uid`: only its owner or
+    /// root, never a declared one; refused while sessions use it unless
+    /// `force`, which closes them.
+    fn delete_stream(&mut self, name: &str, force: bool, uid: u32) -> serde_json::Value {
+        let err = |m: String| serde_json::json!({ "error": m });
+        let Some(&idx) = self.by_name.get(name) else {
+            return err(format!("no stream named {name:?}"));
+        };
+        let e = &self.streams[idx];
+        let Some(owner) = e.owner else {
+            return err(format!(
+                "stream {name} is declared in the config; remove it there and restart ferryd"
+            ));
+        };
+        if uid != 0 && uid != owner {
+            return err(format!(
+                "uid {uid} may not delete stream {name}: it was created by uid {owner} (only its owner or root may)"
+            ));
+        }
+        let users: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| match &s.role {
+                Role::Producer(p) => p.stream == idx,
+                Role::Consumer(c) => c.stream == idx,
+                _ => false,
+            })
+            .map(|s| s.id)
+            .collect();
+        if !users.is_empty() && !force {
+            return err(format!(
+                "stream {name} is in use by {} session(s); stop them first, or delete with --force to close them",
+                users.len()
+            ));
+        }
+        for id in &users {
+            self.fail_session(*id, &format!("stream {name} deleted by uid {uid}"));
+        }
+        let (held, bytes) = self.remove_stream(idx);
+        info!(
+            stream = name,
+            uid,
+            held,
+            closed = users.len(),
+            "stream deleted"
+        );
+        serde_json::json!({ "ok": format!("deleted stream {name} ({held} batches it held, {bytes} pool bytes freed, {} sessions closed)", users.len()) })
+    }
+
+    /// Frees a stream no session refers to any more. Returns (batches
+    /// it held, pool bytes).
+    fn remove_stream(&mut self, idx: usize) -> (u32, u64) {
+        self.gpus.forget_stream(idx);
+        let Some(e) = self.streams.remove(idx) else {
+            return (0, 0);
+        };
+        self.by_name.remove(&e.stream.name);
+        (e.stream.slot_counts().2, e.layout.total)
+    }
+
+    /// Deletes streams created by producers that no session has used for
+    /// `stream_idle_timeout_ms`.
+    fn expire_streams(&mut self) {
+        let timeout = self.cfg.daemon.stream_idle_timeout_ms;
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for (idx, e) in self.streams.iter_mut() {
+            if e.owner.is_none() || e.in_use() {
+                e.idle_since = None;
+                continue;
+            }
+            let since = *e.idle_since.get_or_insert(now);
+            if timeout > 0 && now.duration_since(since) >= Duration::from_millis(timeout) {
+                expired.push(idx);
+            }
+        }
+        for idx in expired {
+            let name = self.streams[idx].stream.name.clone();
+            let (held, bytes) = self.remove_stream(idx);
+            crate::limited!(
+                INFO,
+                stream = %name,
+                held,
+                pool_bytes = bytes,
+                "stream deleted: no session used it for stream_idle_timeout_ms = {timeout}"
+            );
+        }
     }
 
     /// Runs until SIGTERM/SIGINT, then drains and returns.
@@ -330,6 +723,11 @@ impl Server {
                     warn!(held, "drain timeout: exiting with batches not yet released");
                     break;
                 }
+            }
+            if iter.is_multiple_of(1024)
+                && self.last_housekeeping.elapsed() >= Duration::from_millis(50)
+            {
+                self.housekeeping();
             }
             if work > 0 {
                 last_work = Instant::now();
@@ -361,7 +759,7 @@ impl Server {
             for (id, why) in bad {
                 self.fail_session(id, &why);
             }
-            self.expire_handshakes();
+            self.housekeeping();
             let timeout = if !can_sleep {
                 0
             } else if self.draining.is_some() {
@@ -433,6 +831,7 @@ impl Server {
                         self.start_drain(sig);
                     }
                 }
+                // Our own eventfd: nobody else holds it, so this never blocks.
                 TOK_DOORBELL => sys::eventfd_drain(self.doorbell.as_raw_fd()),
                 t if t >= TOK_SESSION => self.session_readable(t - TOK_SESSION),
                 _ => {}
@@ -445,6 +844,9 @@ impl Server {
                     .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
                 AdminCmd::DeleteGroup { stream, group } => {
                     self.delete_group(&stream, &group).to_string()
+                }
+                AdminCmd::DeleteStream { stream, force, uid } => {
+                    self.delete_stream(&stream, force, uid).to_string()
                 }
             };
             let _ = req.reply.send(json);
@@ -467,18 +869,71 @@ impl Server {
         }
     }
 
-    /// Closes connections that did not say Hello in time.
-    fn expire_handshakes(&mut self) {
-        let limit = Duration::from_millis(self.cfg.daemon.handshake_timeout_ms);
-        let late: Vec<SessionId> = self
+    /// Timeouts: connections without Hello, connections that opened
+    /// nothing, a listener paused for want of descriptors, idle streams.
+    fn housekeeping(&mut self) {
+        self.last_housekeeping = Instant::now();
+        let hello = Duration::from_millis(self.cfg.daemon.handshake_timeout_ms);
+        let idle = Duration::from_millis(self.cfg.daemon.idle_timeout_ms);
+        let late: Vec<(SessionId, String)> = self
             .sessions
             .values()
-            .filter(|s| matches!(s.role, Role::Fresh) && s.since.elapsed() > limit)
-            .map(|s| s.id)
+            .filter_map(|s| match s.role {
+                Role::Fresh if s.since.elapsed() > hello => {
+                    Some((s.id, format!("no Hello within {} ms", hello.as_millis())))
+                }
+                Role::Control if s.since.elapsed() > idle => Some((
+                    s.id,
+                    format!(
+                        "opened no producer or consumer within idle_timeout_ms = {}",
+                        idle.as_millis()
+                    ),
+                )),
+                _ => None,
+            })
             .collect();
-        for id in late {
-            self.fail_session(id, &format!("no Hello within {} ms", limit.as_millis()));
+        for (id, why) in late {
+            self.fail_session(id, &why);
         }
+        if self
+            .listener_paused
+            .is_some_and(|t| t.elapsed() >= ACCEPT_PAUSE)
+        {
+            self.resume_listener();
+        }
+        self.expire_streams();
+    }
+
+    /// Accepting again after running out of file descriptors.
+    fn resume_listener(&mut self) {
+        if self.listener_paused.take().is_none() {
+            return;
+        }
+        if let Some(l) = &self.listener {
+            if let Err(e) = self.epoll.add(l.as_raw_fd(), TOK_LISTENER) {
+                warn!("resuming the listener: {e}");
+            }
+        }
+    }
+
+    /// Why a new connection of `uid` would pass a connection limit.
+    fn over_connection_limit(&self, uid: u32) -> Option<String> {
+        let d = &self.cfg.daemon;
+        if self.sessions.len() >= d.max_connections as usize {
+            return Some(format!(
+                "ferryd has {} connections open, daemon.max_connections = {}",
+                self.sessions.len(),
+                d.max_connections
+            ));
+        }
+        let mine = self.sessions.values().filter(|s| s.cred.uid == uid).count();
+        if mine >= d.max_connections_per_uid as usize {
+            return Some(format!(
+                "uid {uid} has {mine} connections open, daemon.max_connections_per_uid = {}",
+                d.max_connections_per_uid
+            ));
+        }
+        None
     }
 
     fn accept_all(&mut self) {
@@ -491,17 +946,39 @@ impl Server {
                     let cred = match sys::peer_cred(&sock) {
                         Ok(c) => c,
                         Err(e) => {
-                            warn!("SO_PEERCRED failed: {e}");
+                            limited!(WARN, "SO_PEERCRED failed: {e}");
                             continue;
                         }
                     };
+                    if let Some(why) = self.over_connection_limit(cred.uid) {
+                        limited!(
+                            WARN,
+                            pid = cred.pid,
+                            uid = cred.uid,
+                            "connection refused: {why}"
+                        );
+                        let refusal = Response::Error {
+                            code: ErrorCode::Limit,
+                            message: format!("connection refused: {why}"),
+                        };
+                        if let Ok(b) = proto::encode(&refusal) {
+                            let _ = sys::send_dontwait(&sock, &b);
+                        }
+                        continue;
+                    }
                     let id = self.next_session;
                     self.next_session += 1;
                     if let Err(e) = self.epoll.add(sock.as_raw_fd(), TOK_SESSION + id) {
-                        warn!("epoll add: {e}");
+                        limited!(WARN, "epoll add: {e}");
                         continue;
                     }
-                    debug!(session = id, pid = cred.pid, uid = cred.uid, "connection");
+                    limited!(
+                        DEBUG,
+                        session = id,
+                        pid = cred.pid,
+                        uid = cred.uid,
+                        "connection"
+                    );
                     self.sessions.insert(
                         id,
                         Session {
@@ -515,26 +992,40 @@ impl Server {
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    warn!("accept: {e}");
+                    let out_of_fds = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    );
+                    if out_of_fds {
+                        // Waiting connections stay queued; retrying now
+                        // would spin. Resume when a session closes or
+                        // after ACCEPT_PAUSE.
+                        self.epoll.delete(l.as_raw_fd());
+                        self.listener_paused = Some(Instant::now());
+                        limited!(
+                            WARN,
+                            sessions = self.sessions.len(),
+                            "accept: {e}: not accepting connections until a descriptor is free"
+                        );
+                    } else {
+                        limited!(WARN, "accept: {e}");
+                    }
                     return;
                 }
             }
         }
     }
 
-    fn allowed(&self, cred: &PeerCred) -> bool {
-        self.allowed_uids.contains(&cred.uid) || self.cfg.daemon.allowed_gids.contains(&cred.gid)
-    }
-
     fn session_readable(&mut self, id: SessionId) {
         let mut buf = vec![0u8; proto::MAX_MESSAGE];
-        loop {
+        // Level-triggered: what is left is reported again next turn.
+        for _ in 0..MAX_MESSAGES_PER_EVENT {
             let Some(s) = self.sessions.get(&id) else {
                 return;
             };
             match sys::recv_with_fds(&s.sock, &mut buf, true) {
                 Ok(None) => {
-                    debug!(session = id, "peer closed");
+                    limited!(DEBUG, session = id, "peer closed");
                     self.close_session(id, false);
                     return;
                 }
@@ -569,13 +1060,13 @@ impl Server {
             }
         };
         if let Err(e) = sys::send_with_fds(&s.sock, &bytes, fds) {
-            debug!(session = id, "reply failed: {e}");
+            limited!(DEBUG, session = id, "reply failed: {e}");
             self.close_session(id, false);
         }
     }
 
     fn refuse(&mut self, id: SessionId, code: ErrorCode, message: String) {
-        debug!(session = id, ?code, %message, "request refused");
+        limited!(DEBUG, session = id, ?code, %message, "request refused");
         self.reply(id, &Response::Error { code, message }, &[]);
     }
 
@@ -586,12 +1077,14 @@ impl Server {
         let fresh = matches!(s.role, Role::Fresh);
         let cred = s.cred;
         match req {
+            Request::Wake => {} // the loop is awake now; the rings say the rest
             Request::Hello { protocol, client } => {
                 if !fresh {
                     return self.fail_session(id, "second Hello");
                 }
-                if !self.allowed(&cred) {
-                    warn!(
+                if !self.policy.allows(&s.sock, &cred) {
+                    limited!(
+                        WARN,
                         pid = cred.pid,
                         uid = cred.uid,
                         gid = cred.gid,
@@ -618,9 +1111,10 @@ impl Server {
                     );
                     return self.close_session(id, true);
                 }
-                debug!(session = id, client, "hello");
+                limited!(DEBUG, session = id, client, "hello");
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.role = Role::Control;
+                    s.since = Instant::now();
                 }
                 self.reply(
                     id,
@@ -690,6 +1184,7 @@ impl Server {
         spec: Option<StreamSpec>,
         device: (Option<u32>, Option<String>),
     ) {
+        let uid = self.sessions.get(&id).map_or(u32::MAX, |s| s.cred.uid);
         let res = (|| {
             self.check_open(id)?;
             let ordinal = match &device {
@@ -699,19 +1194,26 @@ impl Server {
             let idx = match (self.by_name.get(&name).copied(), spec) {
                 (Some(idx), None) => idx,
                 (Some(idx), Some(want)) => {
-                    let have = &self.streams[idx].stream.spec;
+                    let e = &self.streams[idx];
+                    let have = &e.stream.spec;
                     if *have != want {
+                        let whose = match e.owner {
+                            None => "is declared in the config, which alone defines it,".to_string(),
+                            Some(o) => format!(
+                                "was created by uid {o} (only that uid or root may delete it: `ferry stream delete {name}`), and exists"
+                            ),
+                        };
                         return Err((
                             ErrorCode::StreamMismatch,
                             format!(
-                                "stream {name} exists with partitions={} slot_size={} slot_count={}, not partitions={} slot_size={} slot_count={}",
+                                "stream {name} {whose} with partitions={} slot_size={} slot_count={}, not partitions={} slot_size={} slot_count={}",
                                 have.partitions, have.slot_size, have.slot_count, want.partitions, want.slot_size, want.slot_count
                             ),
                         ));
                     }
                     idx
                 }
-                (None, Some(want)) => self.create_stream(&name, want, false)?,
+                (None, Some(want)) => self.create_stream(&name, want, Some(uid))?,
                 (None, None) => {
                     return Err((
                         ErrorCode::UnknownStream,
@@ -759,9 +1261,11 @@ impl Server {
             credits,
             gpu: gpu.as_ref().map(|g| g.info.clone()),
         };
-        let fds = [region.fd(), entry.pool.fd(), self.doorbell.as_raw_fd()];
+        entry.idle_since = None;
+        let fds = [region.fd(), entry.pool.fd()];
         if let Some(s) = self.sessions.get_mut(&id) {
-            info!(
+            limited!(
+                INFO,
                 session = id,
                 pid = s.cred.pid,
                 stream = %name,
@@ -846,12 +1350,16 @@ impl Server {
             credits: prefetch,
             gpu: gpu.as_ref().map(|g| g.info.clone()),
         };
-        let fds = [region.fd(), entry.pool.fd(), self.doorbell.as_raw_fd()];
+        entry.idle_since = None;
+        // Consumers read the pool and nothing more: a read-only file
+        // description cannot be mapped writable or punched.
+        let fds = [region.fd(), entry.pool_ro.as_raw_fd()];
         if gpu.is_some() {
             self.gpu_sessions += 1;
         }
         if let Some(s) = self.sessions.get_mut(&id) {
-            info!(
+            limited!(
+                INFO,
                 session = id,
                 pid = s.cred.pid,
                 stream = %name,
@@ -993,7 +1501,7 @@ impl Server {
         let mut failed: Vec<(SessionId, String)> = Vec::new();
         let draining = self.draining.is_some();
         let gpus = &self.gpus;
-        for (idx, entry) in self.streams.iter_mut().enumerate() {
+        for (idx, entry) in self.streams.iter_mut() {
             if !entry.dirty {
                 continue;
             }
@@ -1197,7 +1705,8 @@ impl Server {
     /// A client broke the protocol: close its session, keep serving others.
     fn fail_session(&mut self, id: SessionId, why: &str) {
         if let Some(s) = self.sessions.get(&id) {
-            warn!(
+            limited!(
+                WARN,
                 session = id,
                 pid = s.cred.pid,
                 uid = s.cred.uid,
@@ -1220,6 +1729,8 @@ impl Server {
             return;
         };
         self.epoll.delete(s.sock.as_raw_fd());
+        // A descriptor is free again.
+        self.resume_listener();
         match s.role {
             Role::Producer(mut p) => {
                 let entry = &mut self.streams[p.stream];
@@ -1241,7 +1752,8 @@ impl Server {
                 }
                 entry.producers.retain(|&x| x != id);
                 entry.dirty = true;
-                info!(
+                limited!(
+                    INFO,
                     session = id,
                     pid = s.cred.pid,
                     published = p.published,
@@ -1259,7 +1771,8 @@ impl Server {
                 let entry = &mut self.streams[c.stream];
                 entry.stream.leave(c.group, id);
                 entry.dirty = true;
-                info!(
+                limited!(
+                    INFO,
                     session = id,
                     pid = s.cred.pid,
                     delivered = c.delivered,
@@ -1281,7 +1794,9 @@ impl Server {
                 let ends: Vec<u64> = s.parts.iter().map(|p| p.end).collect();
                 StreamStatus {
                     name: s.name.clone(),
-                    declared: e.declared,
+                    declared: e.owner.is_none(),
+                    owner_uid: e.owner,
+                    pool_bytes: e.layout.total,
                     partitions: s.spec.partitions,
                     slot_size: s.spec.slot_size,
                     slot_count: s.spec.slot_count,
@@ -1393,56 +1908,155 @@ impl Server {
                 Err(e) => e.to_string(),
             },
             sessions: self.sessions.len(),
+            memory: {
+                let (total, per_uid) = self.usage();
+                MemoryStatus {
+                    pool_bytes: total.pool_bytes,
+                    max_total_pool_bytes: self.cfg.max_total_pool_bytes(),
+                    max_pool_bytes_per_uid: self.cfg.max_pool_bytes_per_uid(),
+                    streams: total.streams,
+                    max_streams: self.cfg.daemon.max_streams,
+                    per_uid: per_uid.into_values().collect(),
+                }
+            },
             streams,
         }
     }
 }
 
-/// Serves the admin socket on its own thread, so that a slow or silent
-/// admin client never stalls the data-plane loop. Status requests go to the
-/// loop over a channel; the doorbell wakes it.
+/// Serves the admin socket: each client on a thread of its own (at most
+/// [`MAX_ADMIN_CLIENTS`] at once), its request limited to
+/// [`MAX_ADMIN_REQUEST`] bytes arriving within `timeout`, so that no client
+/// delays another, and none ever reaches the data-plane loop except
+/// through the channel (the doorbell wakes the loop).
 fn spawn_admin(
     listener: UnixListener,
-    allowed_uids: Vec<u32>,
-    allowed_gids: Vec<u32>,
+    policy: Policy,
+    timeout: Duration,
     doorbell: OwnedFd,
 ) -> anyhow::Result<std::sync::mpsc::Receiver<AdminRequest>> {
     let (tx, rx) = std::sync::mpsc::channel();
     listener.set_nonblocking(false)?;
-    std::thread::Builder::new().name("ferryd-admin".into()).spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
-            let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
-            let allowed = sys::peer_cred(&conn)
-                .map(|c| allowed_uids.contains(&c.uid) || allowed_gids.contains(&c.gid))
-                .unwrap_or(false);
-            let mut line = Vec::new();
-            let mut byte = [0u8; 1];
-            while line.len() < 256 {
-                match conn.read(&mut byte) {
-                    Ok(1) if byte[0] != b'\n' => line.push(byte[0]),
-                    _ => break,
+    let doorbell = Arc::new(doorbell);
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("ferryd-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                // Relaxed: a counter of threads, ordering nothing else.
+                if active.fetch_add(1, Ordering::Relaxed) >= MAX_ADMIN_CLIENTS {
+                    active.fetch_sub(1, Ordering::Relaxed);
+                    let _ = conn.write_all(
+                        b"{\"error\":\"ferryd is busy with other admin clients; try again\"}\n",
+                    );
+                    continue;
+                }
+                let (tx, policy, doorbell, done) =
+                    (tx.clone(), policy.clone(), doorbell.clone(), active.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("ferryd-admin-client".into())
+                    .spawn(move || {
+                        serve_admin(conn, &policy, timeout, &tx, &doorbell);
+                        done.fetch_sub(1, Ordering::Relaxed);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::Relaxed);
                 }
             }
-            let cmd = String::from_utf8_lossy(&line).trim().to_string();
-            let reply = if !allowed {
-                "{\"error\":\"permission denied\"}".to_string()
-            } else {
-                let words: Vec<&str> = cmd.split_whitespace().collect();
-                let parsed = match words.as_slice() {
-                    ["status"] => Some(AdminCmd::Status),
-                    ["delete-group", stream, group] => Some(AdminCmd::DeleteGroup {
-                        stream: stream.to_string(),
-                        group: group.to_string(),
-                    }),
-                    _ => None,
-                };
-                match parsed {
-                    None => serde_json::json!({
-                        "error": format!("unknown admin command {cmd:?} (status, or delete-group STREAM GROUP)")
-                    })
-                    .to_string(),
+        })?;
+    Ok(rx)
+}
+
+/// Reads one request line: at most [`MAX_ADMIN_REQUEST`] bytes, all of it
+/// before `deadline`.
+fn read_admin_line(
+    conn: &mut std::os::unix::net::UnixStream,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<String, String> {
+    let mut line = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "the request did not arrive whole within {} ms",
+                timeout.as_millis()
+            ));
+        }
+        let _ = conn.set_read_timeout(Some(left));
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                line.extend_from_slice(&buf[..n]);
+                if let Some(end) = line.iter().position(|&b| b == b'\n') {
+                    line.truncate(end);
+                    break;
+                }
+                if line.len() > MAX_ADMIN_REQUEST {
+                    return Err(format!("request longer than {MAX_ADMIN_REQUEST} bytes"));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue; // the deadline check above answers
+            }
+            Err(e) => return Err(format!("reading the request: {e}")),
+        }
+    }
+    if line.len() > MAX_ADMIN_REQUEST {
+        return Err(format!("request longer than {MAX_ADMIN_REQUEST} bytes"));
+    }
+    Ok(String::from_utf8_lossy(&line).trim().to_string())
+}
+
+fn serve_admin(
+    mut conn: std::os::unix::net::UnixStream,
+    policy: &Policy,
+    timeout: Duration,
+    tx: &std::sync::mpsc::Sender<AdminRequest>,
+    doorbell: &OwnedFd,
+) {
+    let deadline = Instant::now() + timeout;
+    let error = |m: String| serde_json::json!({ "error": m }).to_string();
+    let cred = sys::peer_cred(&conn).ok();
+    let sock = OwnedFd::from(match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    let reply = match cred {
+        Some(c) if policy.allows(&sock, &c) => {
+            match read_admin_line(&mut conn, deadline, timeout) {
+                Err(e) => error(e),
+                Ok(cmd) => {
+                    let words: Vec<&str> = cmd.split_whitespace().collect();
+                    let parsed = match words.as_slice() {
+                        ["status"] => Some(AdminCmd::Status),
+                        ["delete-group", stream, group] => Some(AdminCmd::DeleteGroup {
+                            stream: stream.to_string(),
+                            group: group.to_string(),
+                        }),
+                        ["delete-stream", stream] | ["delete-stream", stream, "force"] => {
+                            Some(AdminCmd::DeleteStream {
+                                stream: stream.to_string(),
+                                force: words.len() == 3,
+                                uid: c.uid,
+                            })
+                        }
+                        _ => None,
+                    };
+                    match parsed {
+                    None => error(format!(
+                        "unknown admin command {:?} (status, delete-group STREAM GROUP, delete-stream STREAM [force])",
+                        cmd.chars().take(64).collect::<String>()
+                    )),
                     Some(cmd) => {
                         let (rtx, rrx) = std::sync::mpsc::channel();
                         if tx.send(AdminRequest { cmd, reply: rtx }).is_err() {
@@ -1450,15 +2064,28 @@ fn spawn_admin(
                         }
                         sys::eventfd_signal(doorbell.as_raw_fd());
                         rrx.recv_timeout(Duration::from_secs(5))
-                            .unwrap_or_else(|_| "{\"error\":\"ferryd did not answer\"}".into())
+                            .unwrap_or_else(|_| error("ferryd did not answer".into()))
                     }
                 }
-            };
-            let _ = conn.write_all(reply.as_bytes());
-            let _ = conn.write_all(b"\n");
+                }
+            }
         }
-    })?;
-    Ok(rx)
+        Some(c) => {
+            limited!(
+                WARN,
+                pid = c.pid,
+                uid = c.uid,
+                "admin connection refused by policy"
+            );
+            error(format!(
+                "permission denied: uid {} gid {} may not use this ferryd",
+                c.uid, c.gid
+            ))
+        }
+        None => error("permission denied: no peer credentials".into()),
+    };
+    let _ = conn.write_all(reply.as_bytes());
+    let _ = conn.write_all(b"\n");
 }
 
 /// Puts a batch a producer published from GPU `dev` into its stream, now
@@ -1508,13 +2135,34 @@ pub struct Status {
     #[serde(default)]
     pub gpu_note: String,
     pub sessions: usize,
+    /// Pool memory and streams against their limits.
+    #[serde(default)]
+    pub memory: MemoryStatus,
     pub streams: Vec<StreamStatus>,
+}
+
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct MemoryStatus {
+    /// Data pool bytes of all streams.
+    pub pool_bytes: u64,
+    pub max_total_pool_bytes: u64,
+    pub max_pool_bytes_per_uid: u64,
+    pub streams: u32,
+    pub max_streams: u32,
+    /// What the streams each uid created take.
+    pub per_uid: Vec<UidUsage>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct StreamStatus {
     pub name: String,
     pub declared: bool,
+    /// The uid that created it (None: declared in the config).
+    #[serde(default)]
+    pub owner_uid: Option<u32>,
+    /// Bytes of its data pool.
+    #[serde(default)]
+    pub pool_bytes: u64,
     pub partitions: u32,
     pub slot_size: u64,
     pub slot_count: u32,

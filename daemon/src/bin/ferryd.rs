@@ -69,9 +69,11 @@ fn run() -> anyhow::Result<()> {
     if let Some(v) = args.log {
         cfg.daemon.log = v;
     }
-    cfg.validate()
-        .with_context(|| format!("invalid configuration {}", path.display()))?;
     if args.check {
+        // Exactly what start-up checks before it binds anything.
+        let sel = cfg
+            .preflight()
+            .with_context(|| format!("invalid configuration {}", path.display()))?;
         println!(
             "configuration {} is valid",
             if path.exists() {
@@ -81,6 +83,7 @@ fn run() -> anyhow::Result<()> {
             }
         );
         println!("socket: {}", cfg.socket_path().display());
+        println!("fabric: {:?} ({})", sel.choice, sel.reason);
         println!("admin socket: {}", cfg.admin_socket_path().display());
         println!(
             "allowed uids: {:?}, allowed gids: {:?}",
@@ -103,5 +106,7 @@ fn run() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    Server::bind(cfg)?.run()
+    Server::bind(cfg)
+        .with_context(|| format!("configuration {}", path.display()))?
+        .run()
 }
