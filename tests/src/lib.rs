@@ -158,3 +158,324 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// The payload of honest batch `i`: 512 + i % 2000 bytes, byte j being
+/// `(i * 131 + j * 7) as u8`.
+pub fn honest_payload(i: u64) -> Vec<u8> {
+    let len = 512 + (i % 2000) as usize;
+    (0..len)
+        .map(|j| (i.wrapping_mul(131) as usize).wrapping_add(j * 7) as u8)
+        .collect()
+}
+
+/// What an [`HonestPair`] saw, from [`HonestPair::finish`].
+#[derive(Debug, Clone, Default)]
+pub struct HonestStats {
+    /// Batches the producer published.
+    pub published: u64,
+    /// Deliveries the consumer got (duplicates included).
+    pub received: u64,
+    /// Deliveries whose bytes or metadata were not those of their batch.
+    pub corrupt: u64,
+    /// Deliveries of an offset (or batch number) delivered before.
+    pub duplicates: u64,
+    /// Times a partition's offsets skipped ahead.
+    pub gaps: u64,
+    /// Longest pause between two deliveries, in milliseconds.
+    pub max_gap_ms: u64,
+    /// Why the producer stopped early, if it did.
+    pub producer_error: Option<String>,
+    /// Why the consumer stopped early, if it did (or "timed out" when it
+    /// did not get every published batch within 20 s of `finish`).
+    pub consumer_error: Option<String>,
+}
+
+impl HonestStats {
+    /// Every published batch arrived exactly once, intact, in order per
+    /// partition, and neither side failed.
+    #[track_caller]
+    pub fn assert_clean(&self) {
+        assert!(self.published > 0, "the honest producer published nothing: {self:?}");
+        assert!(
+            self.producer_error.is_none() && self.consumer_error.is_none(),
+            "the honest pair failed: {self:?}"
+        );
+        assert_eq!(
+            (self.received, self.corrupt, self.duplicates, self.gaps),
+            (self.published, 0, 0, 0),
+            "the honest pair must get every batch exactly once, intact and without gaps \
+             (received, corrupt, duplicates, gaps): {self:?}"
+        );
+    }
+}
+
+#[derive(Default)]
+struct HonestShared {
+    stop: std::sync::atomic::AtomicBool,
+    abort: std::sync::atomic::AtomicBool,
+    producer_done: std::sync::atomic::AtomicBool,
+    published: std::sync::atomic::AtomicU64,
+    received: std::sync::atomic::AtomicU64,
+}
+
+struct ConsumerTally {
+    received: u64,
+    corrupt: u64,
+    duplicates: u64,
+    gaps: u64,
+    max_gap_ms: u64,
+    error: Option<String>,
+}
+
+/// A well-behaved producer and consumer (each its own client, on its own
+/// thread) that check that ferryd serves them correctly while something
+/// else attacks it. The producer creates `stream` (2 partitions, 16 slots
+/// of 4096 bytes) and publishes batch i = 0, 1, 2, ... (payload
+/// [`honest_payload`], metadata i as 8 little-endian bytes) about once a
+/// millisecond; the consumer, in `group`, checks every delivery and
+/// releases it.
+pub struct HonestPair {
+    shared: std::sync::Arc<HonestShared>,
+    producer: Option<std::thread::JoinHandle<(u64, Option<String>)>>,
+    consumer: Option<std::thread::JoinHandle<ConsumerTally>>,
+}
+
+/// The honest stream's configuration.
+pub const HONEST_SPEC: ferry::StreamSpec = ferry::StreamSpec {
+    partitions: 2,
+    slot_size: 4096,
+    slot_count: 16,
+};
+
+impl HonestPair {
+    /// Starts both sides; returns once the stream exists and the consumer
+    /// has joined (panics when either cannot open its session).
+    pub fn start(daemon: &Daemon, stream: &str, group: &str) -> HonestPair {
+        use std::sync::atomic::Ordering::SeqCst;
+        use std::sync::mpsc;
+        let shared = std::sync::Arc::new(HonestShared::default());
+        let (opened_tx, opened_rx) = mpsc::channel::<Result<(), String>>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let producer = {
+            let socket = daemon.socket.clone();
+            let stream = stream.to_string();
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let opened = ferry::Client::connect(Some(&socket)).and_then(|c| {
+                    let p = c.producer(&stream, Some(HONEST_SPEC))?;
+                    Ok((c, p))
+                });
+                let (_client, mut p) = match opened {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(format!("honest producer: {e} ({:?})", e.status)));
+                        return (0, Some(e.to_string()));
+                    }
+                };
+                let _ = opened_tx.send(Ok(()));
+                // Publish only once the consumer has joined, so that every
+                // partition's offsets start at 0 for it.
+                if go_rx.recv().is_err() {
+                    return (0, None);
+                }
+                let mut i = 0u64;
+                let mut error = None;
+                while !shared.stop.load(SeqCst) {
+                    let data = honest_payload(i);
+                    match p.send(&data, &i.to_le_bytes(), None, Some(Duration::from_secs(10))) {
+                        Ok(()) => {
+                            i += 1;
+                            shared.published.store(i, SeqCst);
+                        }
+                        Err(e) => {
+                            error = Some(format!("publishing batch {i}: {e} ({:?})", e.status));
+                            break;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                (i, error)
+            })
+        };
+        match opened_rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{e}\nferryd log:\n{}", daemon.log()),
+            Err(_) => panic!("the honest producer did not open within 15 s\n{}", daemon.log()),
+        }
+        let (joined_tx, joined_rx) = mpsc::channel::<Result<(), String>>();
+        let consumer = {
+            let socket = daemon.socket.clone();
+            let stream = stream.to_string();
+            let group = group.to_string();
+            let shared = shared.clone();
+            std::thread::spawn(move || honest_consume(&socket, &stream, &group, &shared, joined_tx))
+        };
+        match joined_rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shared.stop.store(true, SeqCst);
+                drop(go_tx);
+                let _ = producer.join();
+                panic!("{e}\nferryd log:\n{}", daemon.log())
+            }
+            Err(_) => panic!("the honest consumer did not join within 15 s\n{}", daemon.log()),
+        }
+        let _ = go_tx.send(());
+        HonestPair {
+            shared,
+            producer: Some(producer),
+            consumer: Some(consumer),
+        }
+    }
+
+    /// Batches published so far.
+    pub fn published(&self) -> u64 {
+        self.shared.published.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Deliveries the consumer got so far.
+    pub fn received(&self) -> u64 {
+        self.shared.received.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until the consumer got at least `n` more deliveries than now.
+    pub fn wait_progress(&self, n: u64, timeout: Duration) -> bool {
+        let start = self.received();
+        eventually(timeout, || self.received() >= start + n)
+    }
+
+    /// Stops the producer, waits (at most 20 s) until the consumer got
+    /// every published batch or stopped, and says what they saw.
+    pub fn finish(mut self) -> HonestStats {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.shared.stop.store(true, SeqCst);
+        let (published, producer_error) = self
+            .producer
+            .take()
+            .expect("producer thread")
+            .join()
+            .expect("the honest producer thread panicked");
+        self.shared.published.store(published, SeqCst);
+        self.shared.producer_done.store(true, SeqCst);
+        let consumer = self.consumer.take().expect("consumer thread");
+        let start = Instant::now();
+        while !consumer.is_finished() && start.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let timed_out = !consumer.is_finished();
+        self.shared.abort.store(true, SeqCst);
+        let t = consumer.join().expect("the honest consumer thread panicked");
+        HonestStats {
+            published,
+            received: t.received,
+            corrupt: t.corrupt,
+            duplicates: t.duplicates,
+            gaps: t.gaps,
+            max_gap_ms: t.max_gap_ms,
+            producer_error,
+            consumer_error: t.error.or_else(|| {
+                timed_out.then(|| "timed out waiting for the last batches (20 s)".to_string())
+            }),
+        }
+    }
+}
+
+impl Drop for HonestPair {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.shared.stop.store(true, SeqCst);
+        self.shared.abort.store(true, SeqCst);
+        if let Some(p) = self.producer.take() {
+            let _ = p.join();
+        }
+        if let Some(c) = self.consumer.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+fn honest_consume(
+    socket: &Path,
+    stream: &str,
+    group: &str,
+    shared: &HonestShared,
+    joined: std::sync::mpsc::Sender<Result<(), String>>,
+) -> ConsumerTally {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut t = ConsumerTally {
+        received: 0,
+        corrupt: 0,
+        duplicates: 0,
+        gaps: 0,
+        max_gap_ms: 0,
+        error: None,
+    };
+    let opened = ferry::Client::connect(Some(socket)).and_then(|c| {
+        let cons = c.consumer(stream, group, ferry::ConsumerOptions::default())?;
+        Ok((c, cons))
+    });
+    let (_client, mut c) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            let msg = format!("honest consumer: {e} ({:?})", e.status);
+            let _ = joined.send(Err(msg.clone()));
+            t.error = Some(msg);
+            return t;
+        }
+    };
+    let _ = joined.send(Ok(()));
+    let mut next_offset: HashMap<u32, u64> = HashMap::new();
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut last: Option<Instant> = None;
+    loop {
+        if shared.abort.load(SeqCst) {
+            break;
+        }
+        if shared.producer_done.load(SeqCst) && seen.len() as u64 >= shared.published.load(SeqCst)
+        {
+            break;
+        }
+        let b = match c.next(Some(Duration::from_millis(100))) {
+            Ok(b) => b,
+            Err(e) if e.status == ferry::Status::Timeout => continue,
+            Err(e) => {
+                t.error = Some(format!("next: {e} ({:?})", e.status));
+                break;
+            }
+        };
+        let now = Instant::now();
+        if let Some(prev) = last {
+            t.max_gap_ms = t.max_gap_ms.max(now.duration_since(prev).as_millis() as u64);
+        }
+        last = Some(now);
+        t.received += 1;
+        shared.received.fetch_add(1, SeqCst);
+        // SAFETY: the batch is held by `c` until the release below.
+        let (meta, data) = unsafe { (b.meta(), b.data()) };
+        let i = <[u8; 8]>::try_from(meta).map(u64::from_le_bytes).ok();
+        let repeated_batch = match i {
+            Some(i) if data == honest_payload(i).as_slice() => !seen.insert(i),
+            _ => {
+                t.corrupt += 1;
+                false
+            }
+        };
+        let expected = next_offset.entry(b.partition).or_insert(0);
+        let repeated_offset = b.offset < *expected;
+        if b.offset > *expected {
+            t.gaps += 1;
+        }
+        if !repeated_offset {
+            *expected = b.offset + 1;
+        }
+        if repeated_batch || repeated_offset {
+            t.duplicates += 1;
+        }
+        if let Err(e) = c.release(b.token) {
+            t.error = Some(format!("release: {e} ({:?})", e.status));
+            break;
+        }
+    }
+    t
+}

@@ -31,6 +31,25 @@ enum Cmd {
         #[command(subcommand)]
         action: GroupCmd,
     },
+    /// Manage streams.
+    Stream {
+        #[command(subcommand)]
+        action: StreamCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StreamCmd {
+    /// Delete a stream a producer created, and free its pool: only its
+    /// owner (the uid that created it) or root may, and never a stream
+    /// declared in the config. Batches it still holds are lost.
+    Delete {
+        stream: String,
+        /// Also when producers or consumers use it: their sessions are
+        /// closed first.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -53,6 +72,22 @@ fn main() {
             admin_path_for(&sock)
         });
     match args.cmd {
+        Cmd::Stream {
+            action: StreamCmd::Delete { stream, force },
+        } => {
+            let line = if force {
+                format!("delete-stream {stream} force")
+            } else {
+                format!("delete-stream {stream}")
+            };
+            match admin_command(&admin, &line) {
+                Ok(v) => println!("{}", v.get("ok").and_then(|o| o.as_str()).unwrap_or("ok")),
+                Err(e) => {
+                    eprintln!("ferry: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Cmd::Group {
             action: GroupCmd::Delete { stream, group },
         } => match admin_command(&admin, &format!("delete-group {stream} {group}")) {
@@ -106,14 +141,35 @@ fn print_status(st: &Status) {
             if g.gpudirect_rdma { "yes" } else { "no" }
         );
     }
+    let m = &st.memory;
+    println!(
+        "memory: {} streams (max {}), {} MiB of pools (max {} MiB, {} MiB per uid)",
+        m.streams,
+        m.max_streams,
+        m.pool_bytes >> 20,
+        m.max_total_pool_bytes >> 20,
+        m.max_pool_bytes_per_uid >> 20
+    );
+    for u in &m.per_uid {
+        println!(
+            "  uid {}: {} streams, {} partitions, {} slots, {} MiB",
+            u.uid,
+            u.streams,
+            u.partitions,
+            u.slots,
+            u.pool_bytes >> 20
+        );
+    }
     if st.streams.is_empty() {
         println!("no streams");
     }
     for s in &st.streams {
         println!();
         println!(
-            "stream {}: {} partitions, {} x {} B slots: {} free, {} granted, {} held; {} published",
+            "stream {} ({}): {} partitions, {} x {} B slots: {} free, {} granted, {} held; {} published",
             s.name,
+            s.owner_uid
+                .map_or_else(|| "declared".to_string(), |u| format!("uid {u}")),
             s.partitions,
             s.slot_count,
             s.slot_size,
