@@ -26,7 +26,6 @@ use ferry_cuda::{CudaError, Event, Gpu, Mem, Probe};
 use ferry_shm::desc::{self, Desc};
 use ferry_shm::proto::{ErrorCode, GpuPoolInfo};
 use ferry_shm::Region;
-use tracing::info;
 
 use crate::stream::Violation;
 
@@ -133,7 +132,8 @@ impl Gpus {
             return Ok(m.clone());
         }
         let r = gpu.register_host(host.clone())?;
-        info!(
+        crate::limited!(
+            INFO,
             gpu = gpu.ordinal,
             bytes = r.len(),
             pinned = r.pinned,
@@ -254,7 +254,8 @@ impl Gpus {
             Some(m) => m.clone(),
             None => {
                 let m = self.pool(&gpu, slot_size, slot_count)?;
-                info!(
+                crate::limited!(
+                    INFO,
                     gpu = ordinal,
                     bytes = m.1.len,
                     "stream mirror allocated on the GPU"

@@ -862,7 +862,7 @@ impl Server {
         match entry.stream.delete_group(group) {
             Ok(held) => {
                 entry.dirty = true;
-                info!(stream, group, held, "consumer group deleted");
+                limited!(INFO, stream, group, held, "consumer group deleted");
                 serde_json::json!({ "ok": format!("deleted group {group} of stream {stream} ({held} batches it held)") })
             }
             Err(e) => serde_json::json!({ "error": e }),
@@ -1722,7 +1722,7 @@ impl Server {
     fn close_session(&mut self, id: SessionId, skip_drain: bool) {
         if !skip_drain {
             if let Err(v) = self.drain_session_inner(id) {
-                warn!(session = id, "while closing: {}", v.0);
+                limited!(WARN, session = id, "while closing: {}", v.0);
             }
         }
         let Some(s) = self.sessions.remove(&id) else {
@@ -1742,7 +1742,7 @@ impl Server {
                     if let Err(e) =
                         g.finish(|d| publish_copied(entry, id, d, dev, granted, published))
                     {
-                        warn!(session = id, "while closing: {e}");
+                        limited!(WARN, session = id, "while closing: {e}");
                     }
                     self.gpu_sessions -= 1;
                 }
