@@ -627,11 +627,51 @@ slot_count = 16
                 "max_pool_bytes",
             ),
             ("[daemon]\nmax_gpu_pool_bytes = 0", "max_gpu_pool_bytes"),
+            ("[daemon]\nlog = \"ferry=[[[\"", "not a valid filter"),
+            ("[daemon]\nsocket = \"\"", "daemon.socket is empty"),
+            ("[daemon]\nsocket = \"/tmp/a\\u0000b\"", "NUL"),
+            ("[daemon]\nadmin_socket = \"/tmp/x/ferryd.sock\"\nsocket = \"/tmp/x/ferryd.sock\"", "same path"),
+            ("[daemon]\nsocket_group = \"no-such-group-here\"", "not a group"),
+            ("[daemon]\nmax_connections_per_uid = 0", "positive"),
+            (
+                "[daemon]\nmax_streams = 1\n[[streams]]\nname = \"a\"\nslot_size = 10\nslot_count = 4\n[[streams]]\nname = \"b\"\nslot_size = 10\nslot_count = 4",
+                "daemon.max_streams",
+            ),
+            (
+                "[daemon]\nmax_total_pool_bytes = 100\n[[streams]]\nname = \"a\"\nslot_size = 1000\nslot_count = 4",
+                "daemon.max_total_pool_bytes",
+            ),
         ];
+        let long = format!("[daemon]\nsocket = \"/tmp/{}/s.sock\"", "x".repeat(120));
+        let err = parse(&long).unwrap_err().to_string();
+        assert!(err.contains("at most 107"), "{err}");
         for (text, want) in cases {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn socket_directories_others_can_write_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ferry-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_socket_dir(&dir).is_ok());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_socket_dir(&dir).unwrap_err();
+        assert!(e.contains("writable by group or others"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(check_socket_dir(&dir).is_err(), "group-writable too");
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn config_files_over_the_limit_are_refused() {
+        let e = Config::load(Path::new("/dev/zero"), true).unwrap_err();
+        assert!(format!("{e:#}").contains("reading /dev/zero"), "{e}");
+        let e = std::error::Error::source(&e).unwrap().to_string();
+        assert!(e.contains("larger than"), "{e}");
     }
 
     #[test]

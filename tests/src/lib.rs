@@ -195,7 +195,10 @@ impl HonestStats {
     /// partition, and neither side failed.
     #[track_caller]
     pub fn assert_clean(&self) {
-        assert!(self.published > 0, "the honest producer published nothing: {self:?}");
+        assert!(
+            self.published > 0,
+            "the honest producer published nothing: {self:?}"
+        );
         assert!(
             self.producer_error.is_none() && self.consumer_error.is_none(),
             "the honest pair failed: {self:?}"
@@ -268,7 +271,8 @@ impl HonestPair {
                 let (_client, mut p) = match opened {
                     Ok(x) => x,
                     Err(e) => {
-                        let _ = opened_tx.send(Err(format!("honest producer: {e} ({:?})", e.status)));
+                        let _ =
+                            opened_tx.send(Err(format!("honest producer: {e} ({:?})", e.status)));
                         return (0, Some(e.to_string()));
                     }
                 };
@@ -300,7 +304,10 @@ impl HonestPair {
         match opened_rx.recv_timeout(Duration::from_secs(15)) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => panic!("{e}\nferryd log:\n{}", daemon.log()),
-            Err(_) => panic!("the honest producer did not open within 15 s\n{}", daemon.log()),
+            Err(_) => panic!(
+                "the honest producer did not open within 15 s\n{}",
+                daemon.log()
+            ),
         }
         let (joined_tx, joined_rx) = mpsc::channel::<Result<(), String>>();
         let consumer = {
@@ -318,7 +325,10 @@ impl HonestPair {
                 let _ = producer.join();
                 panic!("{e}\nferryd log:\n{}", daemon.log())
             }
-            Err(_) => panic!("the honest consumer did not join within 15 s\n{}", daemon.log()),
+            Err(_) => panic!(
+                "the honest consumer did not join within 15 s\n{}",
+                daemon.log()
+            ),
         }
         let _ = go_tx.send(());
         HonestPair {
@@ -330,12 +340,16 @@ impl HonestPair {
 
     /// Batches published so far.
     pub fn published(&self) -> u64 {
-        self.shared.published.load(std::sync::atomic::Ordering::SeqCst)
+        self.shared
+            .published
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Deliveries the consumer got so far.
     pub fn received(&self) -> u64 {
-        self.shared.received.load(std::sync::atomic::Ordering::SeqCst)
+        self.shared
+            .received
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits until the consumer got at least `n` more deliveries than now.
@@ -364,7 +378,9 @@ impl HonestPair {
         }
         let timed_out = !consumer.is_finished();
         self.shared.abort.store(true, SeqCst);
-        let t = consumer.join().expect("the honest consumer thread panicked");
+        let t = consumer
+            .join()
+            .expect("the honest consumer thread panicked");
         HonestStats {
             published,
             received: t.received,
@@ -432,8 +448,7 @@ fn honest_consume(
         if shared.abort.load(SeqCst) {
             break;
         }
-        if shared.producer_done.load(SeqCst) && seen.len() as u64 >= shared.published.load(SeqCst)
-        {
+        if shared.producer_done.load(SeqCst) && seen.len() as u64 >= shared.published.load(SeqCst) {
             break;
         }
         let b = match c.next(Some(Duration::from_millis(100))) {
@@ -446,7 +461,9 @@ fn honest_consume(
         };
         let now = Instant::now();
         if let Some(prev) = last {
-            t.max_gap_ms = t.max_gap_ms.max(now.duration_since(prev).as_millis() as u64);
+            t.max_gap_ms = t
+                .max_gap_ms
+                .max(now.duration_since(prev).as_millis() as u64);
         }
         last = Some(now);
         t.received += 1;
