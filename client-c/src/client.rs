@@ -135,7 +135,16 @@ pub fn resolve_socket(path: Option<&Path>) -> PathBuf {
 
 fn recv_response(sock: &OwnedFd, path: &Path) -> Result<(Response, Vec<OwnedFd>)> {
     let mut buf = vec![0u8; proto::MAX_MESSAGE];
-    match sys::recv_with_fds(sock, &mut buf, false) {
+    let mut got = sys::recv_with_fds(sock, &mut buf, false);
+    if matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset) {
+        // ferryd answered and closed before reading what we sent (a
+        // refusal): the kernel reports the reset first, once; the answer
+        // may still be queued behind it.
+        if let Ok(Some(m)) = sys::recv_with_fds(sock, &mut buf, true) {
+            got = Ok(Some(m));
+        }
+    }
+    match got {
         Ok(Some((n, fds))) => match proto::decode::<Response>(&buf[..n]) {
             Ok(Response::Error { code, message }) => {
                 err(Status::from_code(code), format!("ferryd: {message}"))

@@ -964,6 +964,15 @@ impl Server {
                         if let Ok(b) = proto::encode(&refusal) {
                             let _ = sys::send_dontwait(&sock, &b);
                         }
+                        // Read what it sent already (its Hello), so that
+                        // closing does not reset the connection before the
+                        // client reads the refusal (libferry copes either way).
+                        let mut junk = [0u8; 256];
+                        for _ in 0..4 {
+                            if !matches!(sys::recv_with_fds(&sock, &mut junk, true), Ok(Some(_))) {
+                                break;
+                            }
+                        }
                         continue;
                     }
                     let id = self.next_session;

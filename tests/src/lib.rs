@@ -215,6 +215,8 @@ impl HonestStats {
 #[derive(Default)]
 struct HonestShared {
     stop: std::sync::atomic::AtomicBool,
+    /// The consumer takes nothing while set (a backlog builds up).
+    paused: std::sync::atomic::AtomicBool,
     abort: std::sync::atomic::AtomicBool,
     producer_done: std::sync::atomic::AtomicBool,
     published: std::sync::atomic::AtomicU64,
@@ -338,6 +340,15 @@ impl HonestPair {
         }
     }
 
+    /// Pauses (or resumes) the consumer: while paused it takes nothing,
+    /// so the producer fills the pool and stalls, and every batch in it is
+    /// one the honest group still owes.
+    pub fn pause(&self, on: bool) {
+        self.shared
+            .paused
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Batches published so far.
     pub fn published(&self) -> u64 {
         self.shared
@@ -447,6 +458,11 @@ fn honest_consume(
     loop {
         if shared.abort.load(SeqCst) {
             break;
+        }
+        if shared.paused.load(SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+            last = None; // a pause asked for is not a gap
+            continue;
         }
         if shared.producer_done.load(SeqCst) && seen.len() as u64 >= shared.published.load(SeqCst) {
             break;
