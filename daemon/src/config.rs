@@ -131,6 +131,13 @@ pub struct DaemonConfig {
     pub stream_idle_timeout_ms: u64,
     /// An admin request must arrive whole within this many milliseconds.
     pub admin_timeout_ms: u64,
+    /// Consumer groups one stream may have.
+    pub max_groups_per_stream: u32,
+    /// A consumer group that has had no member for this many milliseconds
+    /// is deleted, so that an abandoned group (which holds every batch
+    /// published after it) cannot stall the stream's producers for good
+    /// (0: never).
+    pub group_idle_timeout_ms: u64,
 }
 
 impl Default for DaemonConfig {
@@ -162,6 +169,8 @@ impl Default for DaemonConfig {
             max_pool_bytes_per_uid: None,
             stream_idle_timeout_ms: 3_600_000,
             admin_timeout_ms: 2_000,
+            max_groups_per_stream: 64,
+            group_idle_timeout_ms: 600_000,
         }
     }
 }
@@ -313,6 +322,7 @@ impl Config {
             ("handshake_timeout_ms", d.handshake_timeout_ms),
             ("idle_timeout_ms", d.idle_timeout_ms),
             ("admin_timeout_ms", d.admin_timeout_ms),
+            ("max_groups_per_stream", d.max_groups_per_stream as u64),
         ] {
             if v == 0 {
                 return bad(format!("daemon.{key} must be positive"));

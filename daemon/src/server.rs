@@ -684,6 +684,24 @@ impl Server {
                 expired.push(idx);
             }
         }
+        let group_timeout = self.cfg.daemon.group_idle_timeout_ms;
+        if group_timeout > 0 {
+            let t = Duration::from_millis(group_timeout);
+            for (_, e) in self.streams.iter_mut() {
+                for g in e.stream.idle_groups(t) {
+                    if let Ok(held) = e.stream.delete_group(&g) {
+                        e.dirty = true;
+                        crate::limited!(
+                            INFO,
+                            stream = %e.stream.name,
+                            group = %g,
+                            held,
+                            "consumer group deleted: no member for group_idle_timeout_ms = {group_timeout}"
+                        );
+                    }
+                }
+            }
+        }
         for idx in expired {
             let name = self.streams[idx].stream.name.clone();
             let (held, bytes) = self.remove_stream(idx);
@@ -1325,6 +1343,14 @@ impl Server {
                     format!("no stream named {name:?} (a producer creates it, or declare it in the config)"),
                 )
             })?;
+            let s = &self.streams[idx].stream;
+            let max = self.cfg.daemon.max_groups_per_stream;
+            if s.group_index(&group).is_none() && s.live_groups() >= max as usize {
+                return Err((
+                    ErrorCode::Limit,
+                    format!("stream {name} has {} consumer groups, daemon.max_groups_per_stream = {max} (`ferry group delete` removes an unused one)", s.live_groups()),
+                ));
+            }
             let gpu = match ordinal {
                 None => None,
                 Some(n) => {

@@ -96,9 +96,11 @@ pub struct Group {
     /// Owner of each partition.
     pub assign: Vec<Option<SessionId>>,
     pub parts: Vec<GroupPart>,
-    /// Deleted by an operator (kept as a tombstone: sessions refer to
-    /// groups by index).
+    /// Deleted (a tombstone until a new group takes its index: sessions
+    /// refer to groups by index, and a deleted group has no members).
     pub deleted: bool,
+    /// Since when the group has had no member (idle expiry).
+    pub empty_since: Option<std::time::Instant>,
 }
 
 impl Group {
@@ -350,6 +352,16 @@ impl Stream {
             .position(|g| !g.deleted && g.name == name)
     }
 
+    /// Groups without members for at least `timeout`.
+    pub fn idle_groups(&self, timeout: std::time::Duration) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter(|g| !g.deleted && g.members.is_empty())
+            .filter(|g| g.empty_since.is_some_and(|t| t.elapsed() >= timeout))
+            .map(|g| g.name.clone())
+            .collect()
+    }
+
     /// Groups not deleted.
     pub fn live_groups(&self) -> usize {
         self.groups.iter().filter(|g| !g.deleted).count()
@@ -416,13 +428,26 @@ impl Stream {
                     gp.committed = start;
                 }
                 let starts: Vec<u64> = parts.iter().map(|gp| gp.next).collect();
-                self.groups.push(Group {
+                let group = Group {
                     name: name.to_string(),
                     members: Vec::new(),
                     assign: vec![None; nparts],
                     parts,
                     deleted: false,
-                });
+                    empty_since: None,
+                };
+                // Reuse a deleted group's index, so that creating and
+                // deleting groups does not grow the stream.
+                let g = match self.groups.iter().position(|g| g.deleted) {
+                    Some(g) => {
+                        self.groups[g] = group;
+                        g
+                    }
+                    None => {
+                        self.groups.push(group);
+                        self.groups.len() - 1
+                    }
+                };
                 for (p, start) in starts.into_iter().enumerate() {
                     let offsets: Vec<u64> = self.parts[p]
                         .index
@@ -433,11 +458,12 @@ impl Stream {
                         self.hold(p as u32, o);
                     }
                 }
-                self.groups.len() - 1
+                g
             }
         };
         let group = &mut self.groups[g];
         group.members.push(session);
+        group.empty_since = None;
         group.rebalance();
         g
     }
@@ -459,6 +485,9 @@ impl Stream {
             }
         }
         group.members.retain(|&m| m != session);
+        if group.members.is_empty() {
+            group.empty_since = Some(std::time::Instant::now());
+        }
         group.rebalance();
     }
 

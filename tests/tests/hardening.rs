@@ -1813,3 +1813,70 @@ fn check_mode_validates_like_start_up() {
     );
     assert_eq!(r.code, Some(0), "{r:?}");
 }
+
+// ---------------------------------------------------------------------------
+// 15.
+
+/// A group whose members all left holds every batch published after it,
+/// so a client that joins a group once and leaves would stall the stream's
+/// producers for good: such a group is deleted after
+/// `group_idle_timeout_ms`, and a stream has at most
+/// `max_groups_per_stream` groups.
+#[test]
+fn abandoned_groups_cannot_stall_producers() {
+    let d = Daemon::start("group_idle_timeout_ms = 500\nmax_groups_per_stream = 3", "");
+    let pair = HonestPair::start(&d, "s", "honest");
+    assert!(
+        pair.wait_progress(20, Duration::from_secs(10)),
+        "{}",
+        d.log()
+    );
+    let client = d.client();
+    {
+        let _squat = client
+            .consumer("s", "squat", ConsumerOptions::default())
+            .expect("join squat");
+    } // leaves at once: "squat" now holds everything published
+    let groups = |d: &Daemon| -> Vec<String> {
+        let st = d.status();
+        let s = st.streams.iter().find(|s| s.name == "s").unwrap();
+        s.groups.iter().map(|g| g.name.clone()).collect()
+    };
+    assert!(groups(&d).contains(&"squat".to_string()));
+    // The pool fills with batches "squat" holds; then the group expires
+    // and the producer goes on.
+    assert!(
+        eventually(Duration::from_secs(5), || !groups(&d)
+            .contains(&"squat".to_string())),
+        "the abandoned group was never deleted: {}\n{}",
+        status_text(&d),
+        d.log()
+    );
+    assert!(d.log().contains("group_idle_timeout_ms"), "{}", d.log());
+    let before = pair.published();
+    assert!(
+        pair.wait_progress(before + 100, Duration::from_secs(10)),
+        "the producer did not go on after the abandoned group expired\n{}",
+        d.log()
+    );
+    // Group limit: honest + two more with members; a fourth is refused.
+    let _g2 = client
+        .consumer("s", "g2", ConsumerOptions::default())
+        .unwrap();
+    let _g3 = client
+        .consumer("s", "g3", ConsumerOptions::default())
+        .unwrap();
+    let e = client
+        .consumer("s", "g4", ConsumerOptions::default())
+        .err()
+        .expect("a fourth group must be refused");
+    assert_eq!(e.status, Status::Limit, "{e}");
+    assert!(e.to_string().contains("max_groups_per_stream"), "{e}");
+    // A new member of an existing group is still welcome.
+    let _g3b = client
+        .consumer("s", "g3", ConsumerOptions::default())
+        .unwrap();
+    drop((_g2, _g3, _g3b));
+    let stats = pair.finish();
+    stats.assert_clean();
+}
