@@ -202,28 +202,14 @@ fn check_daemon_identity(sock: &OwnedFd, path: &Path) -> Result<()> {
             path.display()
         ),
     })?;
-    let me = sys::geteuid();
-    let expected = match std::env::var("FERRY_DAEMON_UID") {
-        Ok(v) => Some(v.trim().parse::<u32>().map_err(|_| Error {
-            status: Status::InvalidArgument,
-            message: format!("FERRY_DAEMON_UID={v:?} is not a numeric uid"),
-        })?),
-        Err(_) => None,
-    };
-    if cred.uid == 0 || cred.uid == me || Some(cred.uid) == expected {
-        return Ok(());
-    }
-    err(
-        Status::PermissionDenied,
-        format!(
-            "the process listening at {} (pid {}) runs as uid {}, not root or uid {me}{}; refusing to talk to it (set FERRY_DAEMON_UID={} if that is your ferryd)",
+    proto::check_daemon_uid(cred.uid, sys::geteuid()).map_err(|why| Error {
+        status: Status::PermissionDenied,
+        message: format!(
+            "the process listening at {} (pid {}): {why}",
             path.display(),
-            cred.pid,
-            cred.uid,
-            expected.map(|u| format!(" or FERRY_DAEMON_UID {u}")).unwrap_or_default(),
-            cred.uid
+            cred.pid
         ),
-    )
+    })
 }
 
 /// Connects and says Hello. Errors name the socket path.

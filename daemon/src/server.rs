@@ -2275,6 +2275,15 @@ pub fn admin_command(admin: &Path, line: &str) -> anyhow::Result<serde_json::Val
             admin.display()
         )
     })?;
+    // Like libferry: say nothing to a process we do not trust as ferryd.
+    let cred = sys::peer_cred(&conn).context("reading the admin socket's peer credentials")?;
+    proto::check_daemon_uid(cred.uid, sys::geteuid()).map_err(|why| {
+        anyhow::anyhow!(
+            "the process listening at {} (pid {}): {why}",
+            admin.display(),
+            cred.pid
+        )
+    })?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     conn.write_all(line.as_bytes())?;
     conn.write_all(b"\n")?;

@@ -175,6 +175,29 @@ pub fn default_socket_path(euid: u32) -> std::path::PathBuf {
     }
 }
 
+/// Whether a process running as `uid` may be trusted as ferryd by a
+/// client running as `me`: root, `me`, or the uid in `FERRY_DAEMON_UID`.
+/// The error says why not, and how to allow it.
+pub fn check_daemon_uid(uid: u32, me: u32) -> Result<(), String> {
+    let expected = match std::env::var("FERRY_DAEMON_UID") {
+        Ok(v) => Some(
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("FERRY_DAEMON_UID={v:?} is not a numeric uid"))?,
+        ),
+        Err(_) => None,
+    };
+    if uid == 0 || uid == me || Some(uid) == expected {
+        return Ok(());
+    }
+    Err(format!(
+        "it runs as uid {uid}, not root or uid {me}{}; refusing to talk to it (set FERRY_DAEMON_UID={uid} if that is your ferryd)",
+        expected
+            .map(|u| format!(" or FERRY_DAEMON_UID {u}"))
+            .unwrap_or_default()
+    ))
+}
+
 /// Parses where a consumer wants its batches: "cpu" (or "host", or empty)
 /// for host memory, "cuda:N" (or "cuda" for 0) for GPU N.
 pub fn parse_device(s: &str) -> Result<Option<u32>, String> {

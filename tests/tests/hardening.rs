@@ -1711,6 +1711,44 @@ except ferry.FerryError as e:
     let got = lines.next().unwrap().unwrap();
     let n: i64 = got.strip_prefix("got ").unwrap().parse().unwrap();
     assert!(n > 0, "with FERRY_DAEMON_UID the client says Hello: {got}");
+
+    // The `ferry` CLI checks the admin socket's owner the same way.
+    let admin = rogue_dir.join("ferryd-admin.sock");
+    let script = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o777)
+s.listen(4)
+print("ready", flush=True)
+s.settimeout(15)
+c, _ = s.accept()
+c.settimeout(2)
+try:
+    n = len(c.recv(65536))
+except socket.timeout:
+    n = -1
+c.close()
+print("got", n, flush=True)
+"#;
+    let mut rogue_admin = Proc(
+        as_nobody("/usr/bin/python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&admin)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(rogue_admin.0.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let e = admin_command(&admin, "status").unwrap_err().to_string();
+    assert!(e.contains("uid 65534"), "{e}");
+    assert_eq!(
+        lines.next().unwrap().unwrap(),
+        "got 0",
+        "the CLI sent nothing"
+    );
 }
 
 // ---------------------------------------------------------------------------
