@@ -1645,35 +1645,7 @@ fn client_checks_daemon_credentials() {
     let path = rogue_dir.join("ferryd.sock");
     // A listener that is not ferryd: it reports how many bytes each of two
     // connections sent it before closing or going quiet, then hangs up.
-    let script = r#"
-import os, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-s.bind(sys.argv[1])
-os.chmod(sys.argv[1], 0o777)
-s.listen(4)
-print("ready", flush=True)
-s.settimeout(15)
-for _ in range(2):
-    c, _ = s.accept()
-    c.settimeout(2)
-    try:
-        n = len(c.recv(65536))
-    except socket.timeout:
-        n = -1
-    c.close()
-    print("got", n, flush=True)
-"#;
-    let mut rogue = Proc(
-        as_nobody("/usr/bin/python3")
-            .arg("-c")
-            .arg(script)
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(rogue.0.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let (_rogue, mut lines) = rogue_listener(&path, "SOCK_SEQPACKET", 2);
 
     let e = ferry::Client::connect(Some(&path)).err().unwrap();
     assert_eq!(e.status, Status::PermissionDenied, "{}", e.message);
@@ -1714,34 +1686,7 @@ except ferry.FerryError as e:
 
     // The `ferry` CLI checks the admin socket's owner the same way.
     let admin = rogue_dir.join("ferryd-admin.sock");
-    let script = r#"
-import os, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind(sys.argv[1])
-os.chmod(sys.argv[1], 0o777)
-s.listen(4)
-print("ready", flush=True)
-s.settimeout(15)
-c, _ = s.accept()
-c.settimeout(2)
-try:
-    n = len(c.recv(65536))
-except socket.timeout:
-    n = -1
-c.close()
-print("got", n, flush=True)
-"#;
-    let mut rogue_admin = Proc(
-        as_nobody("/usr/bin/python3")
-            .arg("-c")
-            .arg(script)
-            .arg(&admin)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(rogue_admin.0.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let (_rogue_admin, mut lines) = rogue_listener(&admin, "SOCK_STREAM", 1);
     let e = admin_command(&admin, "status").unwrap_err().to_string();
     assert!(e.contains("uid 65534"), "{e}");
     assert_eq!(
@@ -1749,6 +1694,49 @@ print("got", n, flush=True)
         "got 0",
         "the CLI sent nothing"
     );
+}
+
+/// A process running as nobody listening on a Unix socket of `kind` at
+/// `path`, that is not ferryd: for each of `conns` connections it prints
+/// "got N", the bytes received before the client went quiet (2 s), then
+/// hangs up. Returns it and its output lines, "ready" already read.
+fn rogue_listener(
+    path: &Path,
+    kind: &str,
+    conns: u32,
+) -> (Proc, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let script = format!(
+        r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.{kind})
+s.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o777)
+s.listen(4)
+print("ready", flush=True)
+s.settimeout(15)
+for _ in range({conns}):
+    c, _ = s.accept()
+    c.settimeout(2)
+    try:
+        n = len(c.recv(65536))
+    except socket.timeout:
+        n = -1
+    c.close()
+    print("got", n, flush=True)
+"#
+    );
+    let mut rogue = Proc(
+        as_nobody("/usr/bin/python3")
+            .arg("-c")
+            .arg(script)
+            .arg(path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(rogue.0.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    (rogue, lines)
 }
 
 // ---------------------------------------------------------------------------

@@ -149,6 +149,14 @@ impl Model {
         }
     }
 
+    /// Group `group` and the session of its `member`, when that member
+    /// has joined it (operations by non-members are skipped).
+    fn member(&self, group: u8, member: u8) -> Option<(usize, SessionId)> {
+        let sid = member_sid(group, member);
+        let g = self.groups.get(&group)?;
+        g.members.contains(&sid).then_some((g.index, sid))
+    }
+
     fn readable(&self, b: Batch) -> bool {
         self.slot_of
             .get(&b)
@@ -272,13 +280,10 @@ impl Model {
                 g.members.push(sid);
             }
             Op::Leave { group, member } => {
-                let sid = member_sid(group, member);
-                let Some(g) = self.groups.get_mut(&group) else {
+                let Some((_, sid)) = self.member(group, member) else {
                     return Ok(());
                 };
-                if !g.members.contains(&sid) {
-                    return Ok(());
-                }
+                let g = self.groups.get_mut(&group).unwrap();
                 self.s.leave(g.index, sid);
                 g.members.retain(|&m| m != sid);
                 g.inflight.retain(|_, (m, _)| *m != sid);
@@ -362,17 +367,14 @@ impl Model {
                 prop_assert!(res.is_err(), "forged release of {b:?} accepted");
             }
             Op::CommitAll { group, member } => {
-                let sid = member_sid(group, member);
-                let Some(g) = self.groups.get(&group) else {
+                let Some((gi, sid)) = self.member(group, member) else {
                     return Ok(());
                 };
-                if !g.members.contains(&sid) {
-                    return Ok(());
-                }
                 self.s
-                    .commit(g.index, sid, None, 0)
+                    .commit(gi, sid, None, 0)
                     .map_err(|v| TestCaseError::fail(v.0))?;
-                for p in self.s.groups[g.index].partitions_of(sid) {
+                let g = &self.groups[&group];
+                for p in self.s.groups[gi].partitions_of(sid) {
                     let low = g
                         .owed
                         .iter()
@@ -381,7 +383,7 @@ impl Model {
                         .min()
                         .unwrap_or(self.end[p as usize]);
                     prop_assert_eq!(
-                        self.s.groups[g.index].parts[p as usize].committed,
+                        self.s.groups[gi].parts[p as usize].committed,
                         low,
                         "commit of partition {} is not its low watermark",
                         p
@@ -394,16 +396,12 @@ impl Model {
                 part,
                 offset,
             } => {
-                let sid = member_sid(group, member);
-                let Some(g) = self.groups.get(&group) else {
+                let Some((gi, sid)) = self.member(group, member) else {
                     return Ok(());
                 };
-                if !g.members.contains(&sid) {
-                    return Ok(());
-                }
                 let end = self.end.get(part as usize).copied();
                 let offset = offset as u64 % (end.unwrap_or(0) + 2);
-                let res = self.s.commit(g.index, sid, Some(part as u32), offset);
+                let res = self.s.commit(gi, sid, Some(part as u32), offset);
                 prop_assert_eq!(res.is_ok(), end.is_some_and(|e| offset <= e));
             }
             Op::Seek {
@@ -412,21 +410,17 @@ impl Model {
                 part,
                 offset,
             } => {
-                let sid = member_sid(group, member);
-                let Some(g) = self.groups.get(&group) else {
+                let Some((gi, sid)) = self.member(group, member) else {
                     return Ok(());
                 };
-                if !g.members.contains(&sid) {
-                    return Ok(());
-                }
                 let Some(&end) = self.end.get(part as usize) else {
-                    prop_assert!(self.s.seek(g.index, part as u32, 0).is_err());
+                    prop_assert!(self.s.seek(gi, part as u32, 0).is_err());
                     return Ok(());
                 };
                 let p = part as u32;
                 let x = offset as u64 % (end + 2);
                 let readable = (x..end).all(|o| self.readable((p, o)));
-                let res = self.s.seek(g.index, p, x);
+                let res = self.s.seek(gi, p, x);
                 let g = self.groups.get_mut(&group).unwrap();
                 if x > end || !readable {
                     prop_assert!(res.is_err(), "seek to {x} of {end} accepted");
