@@ -410,7 +410,7 @@ impl Model {
                 part,
                 offset,
             } => {
-                let Some((gi, sid)) = self.member(group, member) else {
+                let Some((gi, _)) = self.member(group, member) else {
                     return Ok(());
                 };
                 let Some(&end) = self.end.get(part as usize) else {
