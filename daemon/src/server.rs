@@ -1978,7 +1978,16 @@ fn spawn_admin(
         .name("ferryd-admin".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
+                let mut conn = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors: the connection stays queued
+                        // and accept would fail again at once; wait instead.
+                        limited!(WARN, "admin accept: {e}");
+                        std::thread::sleep(ACCEPT_PAUSE);
+                        continue;
+                    }
+                };
                 let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
                 // Relaxed: a counter of threads, ordering nothing else.
                 if active.fetch_add(1, Ordering::Relaxed) >= MAX_ADMIN_CLIENTS {
