@@ -131,6 +131,9 @@ pub struct DaemonConfig {
     pub stream_idle_timeout_ms: u64,
     /// An admin request must arrive whole within this many milliseconds.
     pub admin_timeout_ms: u64,
+    /// Who may use a stream a producer created: "owner" (its uid and
+    /// root) or "shared" (every allowed user).
+    pub stream_access: String,
     /// Consumer groups one stream may have.
     pub max_groups_per_stream: u32,
     /// A consumer group that has had no member for this many milliseconds
@@ -169,6 +172,7 @@ impl Default for DaemonConfig {
             max_pool_bytes_per_uid: None,
             stream_idle_timeout_ms: 3_600_000,
             admin_timeout_ms: 2_000,
+            stream_access: "owner".into(),
             max_groups_per_stream: 64,
             group_idle_timeout_ms: 600_000,
         }
@@ -183,6 +187,12 @@ pub struct StreamConfig {
     pub partitions: u32,
     pub slot_size: u64,
     pub slot_count: u32,
+    /// Uids that may produce into it (besides root); absent: every
+    /// allowed user.
+    pub producers: Option<Vec<u32>>,
+    /// Uids that may consume it (join its groups, seek, delete a group);
+    /// absent: every allowed user.
+    pub consumers: Option<Vec<u32>>,
 }
 
 fn default_version() -> u32 {
@@ -303,6 +313,18 @@ impl Config {
         }
         if self.socket_path() == self.admin_socket_path() {
             return bad("daemon.socket and daemon.admin_socket are the same path".into());
+        }
+        if !matches!(d.stream_access.as_str(), "owner" | "shared") {
+            return bad(format!(
+                "daemon.stream_access must be \"owner\" or \"shared\", got {:?}",
+                d.stream_access
+            ));
+        }
+        if d.allowed_uids.as_ref().is_some_and(|u| u.is_empty())
+            && d.allowed_gids.is_empty()
+            && d.socket_group.is_none()
+        {
+            return bad("daemon.allowed_uids is empty and no allowed_gids or socket_group is set: nobody could connect".into());
         }
         if let Some(g) = &d.socket_group {
             resolve_group(g).map_err(ConfigError::Invalid)?;

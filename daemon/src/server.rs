@@ -91,6 +91,7 @@ enum AdminCmd {
     DeleteGroup {
         stream: String,
         group: String,
+        uid: u32,
     },
     DeleteStream {
         stream: String,
@@ -117,6 +118,8 @@ struct StreamEntry {
     owner: Option<u32>,
     /// Since when no session uses it (idle expiry of created streams).
     idle_since: Option<Instant>,
+    /// A declared stream's `producers` and `consumers` lists.
+    acl: (Option<Vec<u32>>, Option<Vec<u32>>),
     dirty: bool,
 }
 
@@ -457,6 +460,9 @@ impl Server {
         for s in server.cfg.streams.clone() {
             server
                 .create_stream(&s.name, s.spec(), None)
+                .map(|idx| {
+                    server.streams[idx].acl = (s.producers.clone(), s.consumers.clone());
+                })
                 .map_err(|(_, m)| anyhow::anyhow!(m))?;
         }
         Ok(server)
@@ -516,11 +522,41 @@ impl Server {
                 producers: Vec::new(),
                 owner,
                 idle_since: None,
+                acl: (None, None),
                 dirty: true,
             },
         );
         self.by_name.insert(name.to_string(), idx);
         Ok(idx)
+    }
+
+    /// Whether `uid` may produce into (or consume) stream `idx`: root
+    /// always; a created stream its owner (every allowed user with
+    /// `stream_access = "shared"`); a declared stream those its
+    /// `producers` / `consumers` list (everyone without a list).
+    fn may_use(&self, idx: usize, uid: u32, produce: bool) -> Result<(), String> {
+        if uid == 0 {
+            return Ok(());
+        }
+        let e = &self.streams[idx];
+        let verb = if produce { "produce into" } else { "consume" };
+        let name = &e.stream.name;
+        match e.owner {
+            Some(o) if o == uid || self.cfg.daemon.stream_access == "shared" => Ok(()),
+            Some(o) => Err(format!(
+                "uid {uid} may not {verb} stream {name}: uid {o} created it, and daemon.stream_access = \"owner\" keeps a created stream to its owner and root (declare the stream in the config with producers/consumers lists to share it)"
+            )),
+            None => {
+                let list = if produce { &e.acl.0 } else { &e.acl.1 };
+                match list {
+                    Some(l) if !l.contains(&uid) => Err(format!(
+                        "uid {uid} may not {verb} stream {name}: it is not in the stream's {} list in the config",
+                        if produce { "producers" } else { "consumers" }
+                    )),
+                    _ => Ok(()),
+                }
+            }
+        }
     }
 
     /// What all streams, and those of each uid, take.
@@ -860,8 +896,8 @@ impl Server {
             let json = match req.cmd {
                 AdminCmd::Status => serde_json::to_string(&self.status())
                     .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
-                AdminCmd::DeleteGroup { stream, group } => {
-                    self.delete_group(&stream, &group).to_string()
+                AdminCmd::DeleteGroup { stream, group, uid } => {
+                    self.delete_group(&stream, &group, uid).to_string()
                 }
                 AdminCmd::DeleteStream { stream, force, uid } => {
                     self.delete_stream(&stream, force, uid).to_string()
@@ -872,10 +908,13 @@ impl Server {
         Ok(())
     }
 
-    fn delete_group(&mut self, stream: &str, group: &str) -> serde_json::Value {
+    fn delete_group(&mut self, stream: &str, group: &str, uid: u32) -> serde_json::Value {
         let Some(&idx) = self.by_name.get(stream) else {
             return serde_json::json!({ "error": format!("no stream named {stream:?}") });
         };
+        if let Err(e) = self.may_use(idx, uid, false) {
+            return serde_json::json!({ "error": e });
+        }
         let entry = &mut self.streams[idx];
         match entry.stream.delete_group(group) {
             Ok(held) => {
@@ -1219,8 +1258,14 @@ impl Server {
                 (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
             };
             let idx = match (self.by_name.get(&name).copied(), spec) {
-                (Some(idx), None) => idx,
+                (Some(idx), None) => {
+                    self.may_use(idx, uid, true)
+                        .map_err(|m| (ErrorCode::PermissionDenied, m))?;
+                    idx
+                }
                 (Some(idx), Some(want)) => {
+                    self.may_use(idx, uid, true)
+                        .map_err(|m| (ErrorCode::PermissionDenied, m))?;
                     let e = &self.streams[idx];
                     let have = &e.stream.spec;
                     if *have != want {
@@ -1343,6 +1388,9 @@ impl Server {
                     format!("no stream named {name:?} (a producer creates it, or declare it in the config)"),
                 )
             })?;
+            let uid = self.sessions.get(&id).map_or(u32::MAX, |s| s.cred.uid);
+            self.may_use(idx, uid, false)
+                .map_err(|m| (ErrorCode::PermissionDenied, m))?;
             let s = &self.streams[idx].stream;
             let max = self.cfg.daemon.max_groups_per_stream;
             if s.group_index(&group).is_none() && s.live_groups() >= max as usize {
@@ -2086,6 +2134,7 @@ fn serve_admin(
                         ["delete-group", stream, group] => Some(AdminCmd::DeleteGroup {
                             stream: stream.to_string(),
                             group: group.to_string(),
+                            uid: c.uid,
                         }),
                         ["delete-stream", stream] | ["delete-stream", stream, "force"] => {
                             Some(AdminCmd::DeleteStream {

@@ -1906,3 +1906,70 @@ fn abandoned_groups_cannot_stall_producers() {
     let stats = pair.finish();
     stats.assert_clean();
 }
+
+// ---------------------------------------------------------------------------
+// 16.
+
+/// Another allowed user cannot produce into, consume, or delete the groups
+/// of a stream root created (daemon.stream_access = "owner", the default),
+/// nor of a declared stream whose lists leave them out; with
+/// `stream_access = "shared"` created streams are open to every allowed user.
+#[test]
+fn streams_of_one_user_are_closed_to_others() {
+    let declared = "[[streams]]\nname = \"shared_in\"\npartitions = 1\nslot_size = 64\nslot_count = 4\nproducers = [0]\nconsumers = [0, 65534]\n";
+    let script = r#"
+import json, os, sys
+sys.path.insert(0, os.environ["FERRY_PYTHON_PATH"])
+import ferry
+c = ferry.Client(sys.argv[1])
+out = {}
+for name in ["private", "shared_in"]:
+    try:
+        c.producer(name).close()
+        out[name + "/produce"] = "ok"
+    except ferry.FerryError as e:
+        out[name + "/produce"] = [e.status, e.message]
+    try:
+        c.consumer(name, group="theirs").close()
+        out[name + "/consume"] = "ok"
+    except ferry.FerryError as e:
+        out[name + "/consume"] = [e.status, e.message]
+print(json.dumps(out))
+"#;
+    for (access, open) in [("owner", false), ("shared", true)] {
+        let d = Daemon::start(
+            &format!(
+                "socket_mode = \"0666\"\nallowed_uids = [0, 65534]\nstream_access = \"{access}\""
+            ),
+            declared,
+        );
+        let pair = HonestPair::start(&d, "private", "honest");
+        assert!(
+            pair.wait_progress(20, Duration::from_secs(10)),
+            "{}",
+            d.log()
+        );
+        let r = run_bounded(python(script, true).arg(&d.socket), Duration::from_secs(20));
+        assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+        let out: serde_json::Value =
+            serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+        // FERRY_E_PERMISSION_DENIED is 9 in the C ABI.
+        let denied =
+            |k: &str| out[k][0] == 9 && out[k][1].as_str().is_some_and(|m| m.contains("may not"));
+        if open {
+            assert_eq!(out["private/produce"], "ok", "{}", r.stdout);
+            assert_eq!(out["private/consume"], "ok", "{}", r.stdout);
+        } else {
+            assert!(denied("private/produce"), "{}", r.stdout);
+            assert!(denied("private/consume"), "{}", r.stdout);
+            let o = ferry_cli_as_nobody(&d, &["group", "delete", "private", "honest"]);
+            assert_ne!(o.code, Some(0), "nobody deleted root's group: {o:?}");
+            assert!(o.stderr.contains("may not consume"), "{o:?}");
+        }
+        // The declared stream's lists hold either way.
+        assert!(denied("shared_in/produce"), "{}", r.stdout);
+        assert_eq!(out["shared_in/consume"], "ok", "{}", r.stdout);
+        let stats = pair.finish();
+        stats.assert_clean();
+    }
+}
