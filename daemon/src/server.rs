@@ -15,7 +15,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -227,6 +226,9 @@ impl Policy {
 
 /// Most admin connections served at once; more are answered "busy".
 const MAX_ADMIN_CLIENTS: usize = 16;
+/// Most admin connections of one uid served at once, so that one user
+/// cannot take them all.
+const MAX_ADMIN_CLIENTS_PER_UID: usize = 4;
 /// Longest admin request line.
 const MAX_ADMIN_REQUEST: usize = 4096;
 /// Most messages read from one session socket per readiness event, so
@@ -2021,7 +2023,8 @@ fn spawn_admin(
     let (tx, rx) = std::sync::mpsc::channel();
     listener.set_nonblocking(false)?;
     let doorbell = Arc::new(doorbell);
-    let active = Arc::new(AtomicUsize::new(0));
+    // Admin clients being served, per uid.
+    let active: Arc<std::sync::Mutex<HashMap<u32, usize>>> = Arc::default();
     std::thread::Builder::new()
         .name("ferryd-admin".into())
         .spawn(move || {
@@ -2037,24 +2040,44 @@ fn spawn_admin(
                     }
                 };
                 let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
-                // Relaxed: a counter of threads, ordering nothing else.
-                if active.fetch_add(1, Ordering::Relaxed) >= MAX_ADMIN_CLIENTS {
-                    active.fetch_sub(1, Ordering::Relaxed);
-                    let _ = conn.write_all(
-                        b"{\"error\":\"ferryd is busy with other admin clients; try again\"}\n",
-                    );
+                let uid = sys::peer_cred(&conn).map_or(u32::MAX, |c| c.uid);
+                let busy = {
+                    let mut a = active.lock().unwrap_or_else(|p| p.into_inner());
+                    let total: usize = a.values().sum();
+                    let mine = a.get(&uid).copied().unwrap_or(0);
+                    if total >= MAX_ADMIN_CLIENTS {
+                        Some("ferryd is busy with other admin clients; try again")
+                    } else if mine >= MAX_ADMIN_CLIENTS_PER_UID {
+                        Some("this uid already has the most admin requests in progress; try again")
+                    } else {
+                        *a.entry(uid).or_default() += 1;
+                        None
+                    }
+                };
+                if let Some(why) = busy {
+                    let _ = conn
+                        .write_all(format!("{}\n", serde_json::json!({ "error": why })).as_bytes());
                     continue;
                 }
                 let (tx, policy, doorbell, done) =
                     (tx.clone(), policy.clone(), doorbell.clone(), active.clone());
+                let finished = move |a: &std::sync::Mutex<HashMap<u32, usize>>| {
+                    let mut a = a.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(n) = a.get_mut(&uid) {
+                        *n -= 1;
+                        if *n == 0 {
+                            a.remove(&uid);
+                        }
+                    }
+                };
                 let spawned = std::thread::Builder::new()
                     .name("ferryd-admin-client".into())
                     .spawn(move || {
                         serve_admin(conn, &policy, timeout, &tx, &doorbell);
-                        done.fetch_sub(1, Ordering::Relaxed);
+                        finished(&done);
                     });
                 if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::Relaxed);
+                    finished(&active);
                 }
             }
         })?;
@@ -2343,10 +2366,30 @@ pub fn admin_command(admin: &Path, line: &str) -> anyhow::Result<serde_json::Val
         )
     })?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    conn.write_all(line.as_bytes())?;
-    conn.write_all(b"\n")?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text)?;
+    // ferryd may answer (a refusal) and close before reading our line: a
+    // failed write or a reset after the answer still leaves the answer.
+    let sent = conn
+        .write_all(line.as_bytes())
+        .and_then(|()| conn.write_all(b"\n"));
+    let mut text = Vec::new();
+    let mut buf = [0u8; 8192];
+    let read_err = loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Some(e),
+        }
+    };
+    if text.is_empty() {
+        if let Err(e) = sent {
+            return Err(e).context("sending the request to ferryd");
+        }
+        if let Some(e) = read_err {
+            return Err(e).context("reading ferryd's answer");
+        }
+    }
+    let text = String::from_utf8_lossy(&text);
     let v: serde_json::Value = serde_json::from_str(&text).context("decoding ferryd's answer")?;
     if let Some(e) = v.get("error") {
         anyhow::bail!(

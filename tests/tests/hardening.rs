@@ -1294,6 +1294,31 @@ print("%.3f %s" % (time.monotonic() - t, data.decode(errors="replace")))
         secs.parse::<f64>().unwrap() < 1.0,
         "nobody waited {secs} s for its error"
     );
+    // The CLI shows that refusal, not the connection reset behind it.
+    for _ in 0..5 {
+        let o = ferry_cli_as_nobody(&d, &["status"]);
+        assert_ne!(o.code, Some(0), "{o:?}");
+        assert!(o.stderr.contains("permission denied: uid 65534"), "{o:?}");
+    }
+    // One uid cannot take every admin thread: with four of its requests
+    // dribbling, its fifth is turned away at once (the other twelve stay
+    // for other users), until those four are done.
+    let dribblers: Vec<UnixStream> = (0..4)
+        .map(|_| {
+            let mut c = UnixStream::connect(&d.admin).unwrap();
+            c.write_all(b"sta").unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let e = admin_command(&d.admin, "status").unwrap_err().to_string();
+    assert!(e.contains("most admin requests in progress"), "{e}");
+    drop(dribblers);
+    assert!(
+        eventually(Duration::from_secs(3), || admin_command(&d.admin, "status")
+            .is_ok()),
+        "admin requests are served again once the dribblers are gone"
+    );
 }
 
 // ---------------------------------------------------------------------------
