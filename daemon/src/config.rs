@@ -249,7 +249,7 @@ pub fn check_stream_spec(name: &str, spec: &StreamSpec, max_pool_bytes: u64) -> 
         .ok_or_else(|| format!("stream {name}: pool size overflows"))?;
     if layout.total > max_pool_bytes {
         return Err(format!(
-            "stream {name}: pool of {} bytes exceeds max_pool_bytes {max_pool_bytes}",
+            "stream {name}: a pool of {} bytes (slots rounded up to 4 KiB, and a 4 KiB header) is over daemon.max_pool_bytes = {max_pool_bytes}",
             layout.total
         ));
     }
@@ -330,7 +330,10 @@ impl Config {
             resolve_group(g).map_err(ConfigError::Invalid)?;
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&d.log) {
-            return bad(format!("daemon.log {:?} is not a valid filter: {e}", d.log));
+            return bad(format!(
+                "daemon.log (or --log) {:?} is not a valid filter: {e}",
+                d.log
+            ));
         }
         for (key, v) in [
             ("max_connections", d.max_connections as u64),
@@ -398,13 +401,21 @@ impl Config {
     /// Everything `validate` checks, and what only this host can say: the
     /// fabric provider can be had, the socket directories are safe to
     /// use. `ferryd --check` and start-up run exactly this.
-    pub fn preflight(&self) -> Result<ferry_verbs::select::Selection, ConfigError> {
+    ///
+    /// A daemon listening on the socket path now is not an error here
+    /// (`--check` before a restart): it comes back in `live`, and start-up
+    /// refuses it.
+    pub fn preflight(&self) -> Result<Preflight, ConfigError> {
         self.validate()?;
+        let mut live = Vec::new();
         for p in [self.socket_path(), self.admin_socket_path()] {
             if let Some(dir) = p.parent() {
                 if dir.exists() {
                     check_socket_dir(dir).map_err(ConfigError::Invalid)?;
                 }
+            }
+            if check_socket_file(&p).map_err(ConfigError::Invalid)? == SocketFile::Live {
+                live.push(p);
             }
         }
         let pref: ferry_verbs::select::Preference = self
@@ -412,9 +423,10 @@ impl Config {
             .provider
             .parse()
             .map_err(|e| ConfigError::Invalid(format!("fabric.provider: {e}")))?;
-        ferry_verbs::select::select(pref).map_err(|e| {
+        let fabric = ferry_verbs::select::select(pref).map_err(|e| {
             ConfigError::Invalid(format!("fabric.provider = {:?}: {e}", self.fabric.provider))
-        })
+        })?;
+        Ok(Preflight { fabric, live })
     }
 
     /// The limit on all pools together.
@@ -479,6 +491,14 @@ impl StreamConfig {
     }
 }
 
+/// What `Config::preflight` found besides errors.
+#[derive(Debug)]
+pub struct Preflight {
+    pub fabric: ferry_verbs::select::Selection,
+    /// Socket paths a daemon answers on now (start-up would refuse them).
+    pub live: Vec<PathBuf>,
+}
+
 /// Reads a configuration file, refusing one over [`MAX_CONFIG_BYTES`].
 fn read_limited(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
@@ -540,6 +560,14 @@ pub fn check_socket_dir(dir: &Path) -> Result<(), String> {
             md.uid()
         ));
     }
+    if me != 0 && (md.uid() != me || md.mode() & 0o200 == 0) {
+        return Err(format!(
+            "socket directory {} is not writable by ferryd's uid {me} (owner uid {}, mode {:04o}); use a directory of its own (systemd: RuntimeDirectory=)",
+            dir.display(),
+            md.uid(),
+            md.mode() & 0o7777
+        ));
+    }
     if md.mode() & 0o022 != 0 {
         return Err(format!(
             "socket directory {} is writable by group or others (mode {:04o}); refusing to use it (another user could replace the socket)",
@@ -548,6 +576,47 @@ pub fn check_socket_dir(dir: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// What is at a socket path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketFile {
+    Absent,
+    /// A socket nothing answers on: start-up removes it.
+    Stale,
+    /// A daemon answers on it: start-up refuses.
+    Live,
+}
+
+/// What is at a socket path; an error for anything that is not a socket
+/// (which ferryd never removes).
+pub fn check_socket_file(path: &Path) -> Result<SocketFile, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SocketFile::Absent),
+        Err(e) => return Err(format!("checking {}: {e}", path.display())),
+    };
+    if !md.file_type().is_socket() {
+        return Err(format!(
+            "{} exists and is not a socket ({}); refusing to remove it",
+            path.display(),
+            if md.file_type().is_symlink() {
+                "a symlink"
+            } else if md.is_dir() {
+                "a directory"
+            } else {
+                "a file"
+            }
+        ));
+    }
+    let live = ferry_shm::sys::seqpacket_connect(path).is_ok()
+        || std::os::unix::net::UnixStream::connect(path).is_ok();
+    Ok(if live {
+        SocketFile::Live
+    } else {
+        SocketFile::Stale
+    })
 }
 
 /// A group name (from /etc/group) or number.

@@ -27,7 +27,7 @@ use ferry_shm::{init_ring, Region, RingConsumer, RingProducer};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::config::{check_socket_dir, check_stream_spec, Config};
+use crate::config::{check_socket_dir, check_socket_file, check_stream_spec, Config, SocketFile};
 use crate::gpu::{GpuDelivery, GpuPublish, Gpus};
 use crate::limited;
 use crate::stream::{SessionId, Stream, Violation};
@@ -292,33 +292,15 @@ fn prepare_socket_dir(path: &Path) -> anyhow::Result<()> {
 /// Removes a stale socket (a socket no daemon answers on) at `path`, and
 /// refuses anything else: a live daemon, or a file that is not a socket.
 fn claim_socket_path(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
     prepare_socket_dir(path)?;
-    let md = match std::fs::symlink_metadata(path) {
-        Ok(md) => md,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
-    };
-    if !md.file_type().is_socket() {
-        anyhow::bail!(
-            "{} exists and is not a socket ({}); refusing to remove it",
-            path.display(),
-            if md.file_type().is_symlink() {
-                "a symlink"
-            } else if md.is_dir() {
-                "a directory"
-            } else {
-                "a file"
-            }
-        );
+    match check_socket_file(path).map_err(|e| anyhow::anyhow!(e))? {
+        SocketFile::Absent => {}
+        SocketFile::Stale => std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?,
+        SocketFile::Live => {
+            anyhow::bail!("another ferryd is already listening on {}", path.display())
+        }
     }
-    let live = sys::seqpacket_connect(path).is_ok()
-        || std::os::unix::net::UnixStream::connect(path).is_ok();
-    if live {
-        anyhow::bail!("another ferryd is already listening on {}", path.display());
-    }
-    std::fs::remove_file(path)
-        .with_context(|| format!("removing stale socket {}", path.display()))?;
     Ok(())
 }
 
@@ -357,7 +339,7 @@ impl Server {
     /// Binds the sockets and creates the configured streams.
     pub fn bind(cfg: Config) -> anyhow::Result<Server> {
         // The same checks as `ferryd --check`, before anything is bound.
-        let sel = cfg.preflight()?;
+        let sel = cfg.preflight()?.fabric;
         sys::ignore_sigpipe();
         let signals = sys::signalfd_termination().context("setting up signal handling")?;
         let socket_path = cfg.socket_path();
@@ -482,12 +464,21 @@ impl Server {
         spec: StreamSpec,
         owner: Option<u32>,
     ) -> Result<usize, (ErrorCode, String)> {
-        check_stream_spec(name, &spec, self.cfg.daemon.max_pool_bytes)
-            .map_err(|m| (ErrorCode::InvalidArgument, m))?;
+        check_stream_spec(name, &spec, u64::MAX).map_err(|m| (ErrorCode::InvalidArgument, m))?;
         let layout = PoolLayout::new(spec.slot_size, spec.slot_count).ok_or((
             ErrorCode::InvalidArgument,
             "pool size overflows".to_string(),
         ))?;
+        let max = self.cfg.daemon.max_pool_bytes;
+        if layout.total > max {
+            return Err((
+                ErrorCode::Limit,
+                format!(
+                    "stream {name}: a pool of {} bytes ({} slots of {} bytes, each rounded up to 4 KiB, and a 4 KiB header) is over daemon.max_pool_bytes = {max}",
+                    layout.total, spec.slot_count, spec.slot_size
+                ),
+            ));
+        }
         if let Some(uid) = owner {
             self.check_quota(uid, &spec, layout.total)
                 .map_err(|m| (ErrorCode::Limit, m))?;
@@ -584,54 +575,62 @@ impl Server {
         let checks = [
             (
                 "max_streams",
+                "streams",
                 total.streams as u64 + 1,
                 d.max_streams as u64,
                 false,
             ),
             (
                 "max_streams_per_uid",
+                "streams",
                 mine.streams as u64 + 1,
                 d.max_streams_per_uid as u64,
                 true,
             ),
             (
                 "max_total_partitions",
+                "partitions",
                 (total.partitions + spec.partitions) as u64,
                 d.max_total_partitions,
                 false,
             ),
             (
                 "max_partitions_per_uid",
+                "partitions",
                 (mine.partitions + spec.partitions) as u64,
                 d.max_partitions_per_uid,
                 true,
             ),
             (
                 "max_total_slots",
+                "slots",
                 total.slots + spec.slot_count as u64,
                 d.max_total_slots,
                 false,
             ),
             (
                 "max_slots_per_uid",
+                "slots",
                 mine.slots + spec.slot_count as u64,
                 d.max_slots_per_uid,
                 true,
             ),
             (
                 "max_total_pool_bytes",
+                "pool bytes",
                 total.pool_bytes + bytes,
                 self.cfg.max_total_pool_bytes(),
                 false,
             ),
             (
                 "max_pool_bytes_per_uid",
+                "pool bytes",
                 mine.pool_bytes + bytes,
                 self.cfg.max_pool_bytes_per_uid(),
                 true,
             ),
         ];
-        for (key, need, limit, per) in checks {
+        for (key, what, need, limit, per) in checks {
             if need > limit {
                 let whose = if per {
                     format!("uid {uid}'s streams")
@@ -639,7 +638,7 @@ impl Server {
                     "all streams together".to_string()
                 };
                 return Err(format!(
-                    "creating this stream would take {whose} to {need}, over daemon.{key} = {limit} (see `ferry status` for what is used; `ferry stream delete` frees a stream)"
+                    "creating this stream would take {whose} to {need} {what}, over daemon.{key} = {limit} (see `ferry status` for what is used; `ferry stream delete` frees a stream)"
                 ));
             }
         }
@@ -771,7 +770,15 @@ impl Server {
             let work = self.poll_rings() + self.pump() + self.progress_gpu();
             if let Some(since) = self.draining {
                 if self.drained() {
-                    info!("drained: every published batch was delivered and released");
+                    let held: u32 = self.streams.iter().map(|s| s.stream.slot_counts().2).sum();
+                    if held == 0 {
+                        info!("drained: every published batch was delivered and released");
+                    } else {
+                        warn!(
+                            held,
+                            "drained as far as it can: no consumer is left to take the batches still held (they are lost with this memory-only ferryd)"
+                        );
+                    }
                     break;
                 }
                 if since.elapsed() >= Duration::from_millis(self.cfg.daemon.drain_timeout_ms) {

@@ -1820,6 +1820,11 @@ fn check_mode_validates_like_start_up() {
     let huge = cfg.to_str().unwrap().to_string();
     cases.push((huge.clone(), huge));
     cases.push(("/dev/zero".into(), "/dev/zero".into()));
+    // Something that is not a socket at the socket path.
+    let sub = dir.subdir("file", 0o755);
+    std::fs::write(sub.join("ferryd.sock"), b"keep").unwrap();
+    let cfg = write_config(&sub, "", "");
+    cases.push(("not a socket".into(), cfg.to_str().unwrap().to_string()));
 
     for (word, cfg) in &cases {
         for check in [true, false] {
@@ -1863,6 +1868,45 @@ fn check_mode_validates_like_start_up() {
         Duration::from_secs(5),
     );
     assert_eq!(r.code, Some(0), "{r:?}");
+
+    // A socket directory ferryd's user cannot write to (root's, for a
+    // ferryd running as nobody): refused by --check as by start-up.
+    let cfg = write_config(&sub, "", "");
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for check in [true, false] {
+        let r = run_bounded(
+            as_nobody(bin("ferryd"))
+                .args(if check { &["--check"][..] } else { &[][..] })
+                .arg("--config")
+                .arg(&cfg),
+            Duration::from_secs(5),
+        );
+        assert_eq!(r.code, Some(1), "check={check}: {r:?}");
+        assert!(
+            r.stderr.contains("not writable by ferryd's uid 65534"),
+            "check={check}: {r:?}"
+        );
+    }
+
+    // A ferryd already listening: --check says so and accepts the file
+    // (it is checked before a restart); start-up refuses.
+    let d = Daemon::start("", "");
+    let cfg = d.path("ferryd.toml");
+    let r = run_bounded(
+        Command::new(bin("ferryd"))
+            .arg("--check")
+            .arg("--config")
+            .arg(&cfg),
+        Duration::from_secs(5),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stderr.contains("is listening on"), "{r:?}");
+    let r = run_bounded(
+        Command::new(bin("ferryd")).arg("--config").arg(&cfg),
+        Duration::from_secs(5),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("already listening"), "{r:?}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1964,7 +2008,8 @@ print(json.dumps(out))
     for (access, open) in [("owner", false), ("shared", true)] {
         let d = Daemon::start(
             &format!(
-                "socket_mode = \"0666\"\nallowed_uids = [0, 65534]\nstream_access = \"{access}\""
+                "socket_mode = \"0666\"\nallowed_uids = [0, 65534]\nstream_access = \"{access}\"\n\
+                 group_idle_timeout_ms = 300"
             ),
             declared,
         );

@@ -116,6 +116,21 @@ fn main() {
     }
 }
 
+/// Bytes for people: "512 B", "20.0 KiB", "1.5 GiB".
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 fn print_status(st: &Status) {
     println!(
         "{} pid {} up {}s, socket {}, {} sessions{}",
@@ -143,21 +158,21 @@ fn print_status(st: &Status) {
     }
     let m = &st.memory;
     println!(
-        "memory: {} streams (max {}), {} MiB of pools (max {} MiB, {} MiB per uid)",
+        "memory: {} streams (max {}), {} of pools (max {}, {} per uid)",
         m.streams,
         m.max_streams,
-        m.pool_bytes >> 20,
-        m.max_total_pool_bytes >> 20,
-        m.max_pool_bytes_per_uid >> 20
+        human(m.pool_bytes),
+        human(m.max_total_pool_bytes),
+        human(m.max_pool_bytes_per_uid)
     );
     for u in &m.per_uid {
         println!(
-            "  uid {}: {} streams, {} partitions, {} slots, {} MiB",
+            "  uid {}: {} streams, {} partitions, {} slots, {}",
             u.uid,
             u.streams,
             u.partitions,
             u.slots,
-            u.pool_bytes >> 20
+            human(u.pool_bytes)
         );
     }
     if st.streams.is_empty() {

@@ -54,6 +54,12 @@ fn run() -> anyhow::Result<()> {
         None => (PathBuf::from(DEFAULT_CONFIG), false),
     };
     let mut cfg = Config::load(&path, explicit)?;
+    // What the error messages name as the configuration.
+    let source = if explicit || path.exists() {
+        path.display().to_string()
+    } else {
+        "(built-in defaults and command-line flags)".to_string()
+    };
     if let Some(s) = args.socket {
         cfg.daemon.socket = Some(s);
     }
@@ -71,9 +77,16 @@ fn run() -> anyhow::Result<()> {
     }
     if args.check {
         // Exactly what start-up checks before it binds anything.
-        let sel = cfg
+        let pre = cfg
             .preflight()
-            .with_context(|| format!("invalid configuration {}", path.display()))?;
+            .with_context(|| format!("invalid configuration {source}"))?;
+        let sel = &pre.fabric;
+        for p in &pre.live {
+            eprintln!(
+                "ferryd: note: a ferryd is listening on {} now; this configuration starts once it has stopped",
+                p.display()
+            );
+        }
         println!(
             "configuration {} is valid",
             if path.exists() {
@@ -82,31 +95,84 @@ fn run() -> anyhow::Result<()> {
                 "(built-in defaults)".into()
             }
         );
-        println!("socket: {}", cfg.socket_path().display());
-        println!("fabric: {:?} ({})", sel.choice, sel.reason);
-        println!("admin socket: {}", cfg.admin_socket_path().display());
+        let d = &cfg.daemon;
         println!(
-            "allowed uids: {:?}, allowed gids: {:?}",
+            "socket: {} (mode {}{})",
+            cfg.socket_path().display(),
+            d.socket_mode,
+            d.socket_group
+                .as_ref()
+                .map(|g| format!(", group {g}"))
+                .unwrap_or_default()
+        );
+        println!("admin socket: {}", cfg.admin_socket_path().display());
+        println!("fabric: {:?} ({})", sel.choice, sel.reason);
+        println!(
+            "allowed: uids {:?}, gids {:?}{}",
             cfg.allowed_uids(),
-            cfg.daemon.allowed_gids
+            d.allowed_gids,
+            d.socket_group
+                .as_ref()
+                .map(|g| format!(", and members of group {g}"))
+                .unwrap_or_default()
+        );
+        println!(
+            "connections: at most {} ({} per uid); closed without Hello after {} ms, opening nothing after {} ms",
+            d.max_connections, d.max_connections_per_uid, d.handshake_timeout_ms, d.idle_timeout_ms
+        );
+        println!(
+            "streams: at most {} ({} per uid), {} partitions ({} per uid), {} slots ({} per uid), {} pool bytes ({} per uid, {} per stream); created streams are {} (stream_access), deleted after {} ms unused (0: never)",
+            d.max_streams,
+            d.max_streams_per_uid,
+            d.max_total_partitions,
+            d.max_partitions_per_uid,
+            d.max_total_slots,
+            d.max_slots_per_uid,
+            cfg.max_total_pool_bytes(),
+            cfg.max_pool_bytes_per_uid(),
+            d.max_pool_bytes,
+            if d.stream_access == "owner" { "their owner's and root's" } else { "shared by every allowed user" },
+            d.stream_idle_timeout_ms
+        );
+        println!(
+            "groups: at most {} per stream, deleted after {} ms without members (0: never)",
+            d.max_groups_per_stream, d.group_idle_timeout_ms
         );
         for s in &cfg.streams {
             println!(
-                "stream {}: {} partitions, {} slots of {} bytes",
-                s.name, s.partitions, s.slot_count, s.slot_size
+                "stream {}: {} partitions, {} slots of {} bytes; producers {}, consumers {}",
+                s.name,
+                s.partitions,
+                s.slot_count,
+                s.slot_size,
+                s.producers
+                    .as_ref()
+                    .map_or("any allowed user".to_string(), |u| format!(
+                        "uids {u:?} and root"
+                    )),
+                s.consumers
+                    .as_ref()
+                    .map_or("any allowed user".to_string(), |u| format!(
+                        "uids {u:?} and root"
+                    ))
             );
         }
         return Ok(());
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.daemon.log))
-        .context("invalid log filter")?;
+    // RUST_LOG, when set, must be valid too: ignoring a typo there would
+    // silently log at another level.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::try_new(&v)
+            .map_err(|e| anyhow::anyhow!("RUST_LOG {v:?} is not a valid log filter: {e}"))?,
+        _ => tracing_subscriber::EnvFilter::try_new(&cfg.daemon.log)
+            .map_err(|e| anyhow::anyhow!("daemon.log (or --log) {:?}: {e}", cfg.daemon.log))?,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     Server::bind(cfg)
-        .with_context(|| format!("configuration {}", path.display()))?
+        .with_context(|| format!("configuration {source}"))?
         .run()
 }
