@@ -312,6 +312,16 @@ class Slot:
         return torch.as_tensor(self, device=f"cuda:{self.device}")
 
 
+def _uint(name, value, low, high=2**32 - 1):
+    """`value` as an integer in [low, high], or a ValueError naming it
+    (ctypes would silently wrap a negative number)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+    return value
+
+
 class Producer(_Handle):
     _free = "ferry_producer_free"
 
@@ -319,8 +329,15 @@ class Producer(_Handle):
         cfg = None
         if partitions is not None or slot_size is not None or slot_count is not None:
             if slot_size is None:
-                raise ValueError("slot_size is needed to create a stream")
-            cfg = _Stream(partitions or 1, slot_count or 16, slot_size)
+                raise ValueError(
+                    "slot_size is needed to create a stream (to open an existing one, "
+                    "give none of partitions, slot_size, slot_count)"
+                )
+            cfg = _Stream(
+                _uint("partitions", 1 if partitions is None else partitions, 1),
+                _uint("slot_count", 16 if slot_count is None else slot_count, 1),
+                _uint("slot_size", slot_size, 1, 2**64 - 1),
+            )
         handle = _p()
         _check(
             _lib.ferry_producer_open_device(
@@ -484,7 +501,11 @@ class Consumer(_Handle):
     _free = "ferry_consumer_free"
 
     def __init__(self, client, stream, group, prefetch, spin_us, auto_release, device=None):
-        cfg = _ConsumerConfig(prefetch, spin_us, None if device is None else device.encode())
+        cfg = _ConsumerConfig(
+            _uint("prefetch", prefetch, 0),
+            _uint("spin_us", spin_us, 0),
+            None if device is None else device.encode(),
+        )
         handle = _p()
         _check(_lib.ferry_consumer_open(client._h, stream.encode(), group.encode(), ctypes.byref(cfg), ctypes.byref(handle)))
         self._h = handle

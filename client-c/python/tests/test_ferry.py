@@ -94,6 +94,18 @@ def test_errors_are_clear(daemon, tmp_path):
     assert bytes(cons.next(timeout=5).data) == b"a" * 16
     with pytest.raises(ValueError):
         cons.next(timeout=-1)
+    # Numbers ctypes would wrap or that mean nothing are refused by name.
+    for kw, word in [
+        (dict(partitions=0, slot_size=8), "partitions"),
+        (dict(slot_count=-1, slot_size=8), "slot_count"),
+        (dict(slot_size=8.5), "slot_size"),
+        (dict(partitions=2), "slot_size is needed"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            client.producer("bad", **kw)
+    for kw, word in [(dict(prefetch=-1), "prefetch"), (dict(spin_us=-5), "spin_us")]:
+        with pytest.raises(ValueError, match=word):
+            client.consumer("small", "g2", **kw)
 
 
 FAKE_CUDA = bool(os.environ.get("FERRY_FAKE_CUDA"))
