@@ -188,14 +188,58 @@ fn python(script: &str, nobody: bool) -> Command {
         c.env("PYTHONDONTWRITEBYTECODE", "1");
         c
     };
+    let (lib, pkg) = if nobody {
+        (
+            public_copy().join("libferry.so"),
+            public_copy().join("python"),
+        )
+    } else {
+        (
+            bin_dir().join("libferry.so"),
+            repo_root().join("client-c/python"),
+        )
+    };
     c.arg("-c")
         .arg(script)
-        .env("FERRY_LIB", bin_dir().join("libferry.so"))
-        .env(
-            "FERRY_PYTHON_PATH",
-            repo_root().join("client-c/python").to_str().unwrap(),
-        );
+        .env("FERRY_LIB", lib)
+        .env("FERRY_PYTHON_PATH", pkg.to_str().unwrap());
     c
+}
+
+/// A copy of ferryd, ferry, libferry.so and the Python package that user
+/// nobody can read: the checkout may sit in a directory only root can
+/// enter (CI's clone, /root/...). Made once per test process.
+fn public_copy() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        // One fixed place, replaced by each run (the binaries are large).
+        let dir = PathBuf::from("/tmp/ferry-hard-public");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("python/ferry")).unwrap();
+        for name in ["ferryd", "ferry", "libferry.so"] {
+            // A hard link where /tmp is the same file system (no copy of
+            // large debug binaries), a copy otherwise.
+            if std::fs::hard_link(bin(name), dir.join(name)).is_err() {
+                std::fs::copy(bin(name), dir.join(name)).unwrap();
+            }
+        }
+        let pkg = repo_root().join("client-c/python/ferry");
+        for e in std::fs::read_dir(&pkg).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), dir.join("python/ferry").join(e.file_name())).unwrap();
+            }
+        }
+        for d in [dir.clone(), dir.join("python"), dir.join("python/ferry")] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        dir
+    })
+}
+
+/// One of our binaries, from the copy nobody can run.
+fn public_bin(name: &str) -> PathBuf {
+    public_copy().join(name)
 }
 
 /// Writes a config for ferryd in `dir` (socket `dir/ferryd.sock` unless
@@ -623,7 +667,7 @@ fn ferry_cli(d: &Daemon, args: &[&str]) -> std::process::Output {
 
 fn ferry_cli_as_nobody(d: &Daemon, args: &[&str]) -> Ran {
     run_bounded(
-        as_nobody(bin("ferry"))
+        as_nobody(public_bin("ferry"))
             .args(args)
             .args(["--admin-socket", d.admin.to_str().unwrap()]),
         Duration::from_secs(10),
@@ -1875,7 +1919,7 @@ fn check_mode_validates_like_start_up() {
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
     for check in [true, false] {
         let r = run_bounded(
-            as_nobody(bin("ferryd"))
+            as_nobody(public_bin("ferryd"))
                 .args(if check { &["--check"][..] } else { &[][..] })
                 .arg("--config")
                 .arg(&cfg),
