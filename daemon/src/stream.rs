@@ -19,7 +19,7 @@
 //! group can drop another group's hold (`model_tests` checks this against a
 //! reference model over random interleavings).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ferry_shm::proto::StreamSpec;
 
@@ -170,11 +170,124 @@ pub struct Stream {
     pub slots: Vec<Slot>,
     /// Free slots, least recently released first (so retained batches live
     /// as long as possible).
-    pub free: VecDeque<u32>,
+    pub free: FreeList,
     pub parts: Vec<Partition>,
     pub groups: Vec<Group>,
     pub published: u64,
     rr: u32,
+}
+
+/// The free slots in reuse order: a doubly linked list threaded through
+/// per-slot arrays, so that taking a given slot out (a replay holding a
+/// retained batch again) costs O(1), not a scan of the list, and nothing
+/// allocates after creation.
+#[derive(Debug)]
+pub struct FreeList {
+    next: Vec<u32>,
+    prev: Vec<u32>,
+    linked: Vec<bool>,
+    head: u32,
+    tail: u32,
+    len: usize,
+}
+
+const NIL: u32 = u32::MAX;
+
+impl FreeList {
+    /// Every slot of `n` free, in index order.
+    pub fn full(n: u32) -> FreeList {
+        let mut f = FreeList {
+            next: vec![NIL; n as usize],
+            prev: vec![NIL; n as usize],
+            linked: vec![false; n as usize],
+            head: NIL,
+            tail: NIL,
+            len: 0,
+        };
+        for s in 0..n {
+            f.push_back(s);
+        }
+        f
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn contains(&self, slot: u32) -> bool {
+        self.linked.get(slot as usize).copied().unwrap_or(false)
+    }
+
+    pub fn push_back(&mut self, slot: u32) {
+        if self.contains(slot) {
+            return;
+        }
+        let i = slot as usize;
+        self.prev[i] = self.tail;
+        self.next[i] = NIL;
+        match self.tail {
+            NIL => self.head = slot,
+            t => self.next[t as usize] = slot,
+        }
+        self.tail = slot;
+        self.linked[i] = true;
+        self.len += 1;
+    }
+
+    pub fn push_front(&mut self, slot: u32) {
+        if self.contains(slot) {
+            return;
+        }
+        let i = slot as usize;
+        self.next[i] = self.head;
+        self.prev[i] = NIL;
+        match self.head {
+            NIL => self.tail = slot,
+            h => self.prev[h as usize] = slot,
+        }
+        self.head = slot;
+        self.linked[i] = true;
+        self.len += 1;
+    }
+
+    pub fn pop_front(&mut self) -> Option<u32> {
+        let h = self.head;
+        (h != NIL).then(|| {
+            self.remove(h);
+            h
+        })
+    }
+
+    /// Takes `slot` out wherever it is (no-op when not free).
+    pub fn remove(&mut self, slot: u32) {
+        if !self.contains(slot) {
+            return;
+        }
+        let i = slot as usize;
+        let (p, n) = (self.prev[i], self.next[i]);
+        match p {
+            NIL => self.head = n,
+            p => self.next[p as usize] = n,
+        }
+        match n {
+            NIL => self.tail = p,
+            n => self.prev[n as usize] = p,
+        }
+        self.linked[i] = false;
+        self.len -= 1;
+    }
+
+    /// The free slots, front first.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        std::iter::successors((self.head != NIL).then_some(self.head), |&s| {
+            let n = self.next[s as usize];
+            (n != NIL).then_some(n)
+        })
+    }
 }
 
 /// Picks a partition from a key: a 64-bit mix, then modulo.
@@ -192,7 +305,7 @@ impl Stream {
             id,
             name,
             slots: vec![Slot::Free { retained: None }; spec.slot_count as usize],
-            free: (0..spec.slot_count).collect(),
+            free: FreeList::full(spec.slot_count),
             parts: (0..spec.partitions).map(|_| Partition::default()).collect(),
             groups: Vec::new(),
             published: 0,
@@ -318,7 +431,7 @@ impl Stream {
                 }
             }
             Slot::Free { .. } => {
-                self.free.retain(|&s| s != e.slot);
+                self.free.remove(e.slot);
                 self.slots[e.slot as usize] = Slot::Held {
                     part: p,
                     offset: o,
@@ -973,6 +1086,30 @@ mod tests {
         let c = s.join("c", 3);
         assert_eq!(take_all(&mut s, c).len(), 2);
         check(&s);
+    }
+
+    #[test]
+    fn free_list_keeps_order_and_removes_anywhere() {
+        let mut f = FreeList::full(5);
+        assert_eq!(f.iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+        f.remove(2);
+        f.remove(0);
+        f.remove(4);
+        f.remove(4); // not free: no-op
+        assert_eq!(f.iter().collect::<Vec<_>>(), vec![1, 3]);
+        f.push_back(4);
+        f.push_front(0);
+        f.push_back(3); // already free: no-op
+        assert_eq!(f.iter().collect::<Vec<_>>(), vec![0, 1, 3, 4]);
+        assert_eq!(
+            (f.len(), f.pop_front(), f.pop_front()),
+            (4, Some(0), Some(1))
+        );
+        f.remove(4);
+        f.remove(3);
+        assert!(f.is_empty() && f.pop_front().is_none());
+        f.push_front(2);
+        assert_eq!(f.iter().collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]

@@ -480,6 +480,13 @@ impl Model {
             let state = self.s.slots[slot as usize];
             let owing = self.content[slot as usize].map_or(0, |b| self.owers(b));
             let orphan = self.content[slot as usize].is_some_and(|b| self.orphans.contains(&b));
+            prop_assert_eq!(
+                self.s.free.contains(slot),
+                matches!(state, Slot::Free { .. }),
+                "slot {} on the free list and in state {:?}",
+                slot,
+                state
+            );
             match state {
                 Slot::Held {
                     holders, orphan: o, ..
