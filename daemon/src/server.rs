@@ -523,22 +523,27 @@ impl Server {
         Ok(idx)
     }
 
-    /// Whether `uid` may produce into (or consume) stream `idx`: root
-    /// always; a created stream its owner (every allowed user with
-    /// `stream_access = "shared"`); a declared stream those its
-    /// `producers` / `consumers` list (everyone without a list).
+    /// Whether `uid` may produce into (or consume) stream `idx`: a
+    /// created stream its owner only (every allowed user with
+    /// `stream_access = "shared"`): root too, so that root never silently
+    /// feeds or reads a stream another user set up under the name root
+    /// expected; a declared stream root and those its `producers` /
+    /// `consumers` list names (everyone without a list).
     fn may_use(&self, idx: usize, uid: u32, produce: bool) -> Result<(), String> {
-        if uid == 0 {
-            return Ok(());
-        }
         let e = &self.streams[idx];
         let verb = if produce { "produce into" } else { "consume" };
         let name = &e.stream.name;
         match e.owner {
             Some(o) if o == uid || self.cfg.daemon.stream_access == "shared" => Ok(()),
             Some(o) => Err(format!(
-                "uid {uid} may not {verb} stream {name}: uid {o} created it, and daemon.stream_access = \"owner\" keeps a created stream to its owner and root (declare the stream in the config with producers/consumers lists to share it)"
+                "uid {uid} may not {verb} stream {name}: uid {o} created it, and daemon.stream_access = \"owner\" keeps a created stream to its owner{} (declare the stream in the config with producers/consumers lists to share it)",
+                if uid == 0 {
+                    "; as root you may delete it: `ferry stream delete` (it may have been made to catch your data)"
+                } else {
+                    ""
+                }
             )),
+            None if uid == 0 => Ok(()),
             None => {
                 let list = if produce { &e.acl.0 } else { &e.acl.1 };
                 match list {
@@ -923,6 +928,13 @@ impl Server {
         };
         if let Err(e) = self.may_use(idx, uid, false) {
             return serde_json::json!({ "error": e });
+        }
+        let s = &self.streams[idx].stream;
+        if let Some(g) = s.group_index(group) {
+            let owner = s.groups[g].owner;
+            if uid != owner && uid != 0 {
+                return serde_json::json!({ "error": format!("uid {uid} may not delete group {group} of stream {stream}: uid {owner} created it (only its creator and root may)") });
+            }
         }
         let entry = &mut self.streams[idx];
         match entry.stream.delete_group(group) {
@@ -1379,6 +1391,7 @@ impl Server {
         } else {
             prefetch.min(cap)
         };
+        let uid = self.sessions.get(&id).map_or(u32::MAX, |s| s.cred.uid);
         let res = (|| {
             self.check_open(id)?;
             let ordinal = match &device {
@@ -1397,10 +1410,18 @@ impl Server {
                     format!("no stream named {name:?} (a producer creates it, or declare it in the config)"),
                 )
             })?;
-            let uid = self.sessions.get(&id).map_or(u32::MAX, |s| s.cred.uid);
             self.may_use(idx, uid, false)
                 .map_err(|m| (ErrorCode::PermissionDenied, m))?;
             let s = &self.streams[idx].stream;
+            if let Some(g) = s.group_index(&group) {
+                let owner = s.groups[g].owner;
+                if uid != owner && uid != 0 {
+                    return Err((
+                        ErrorCode::PermissionDenied,
+                        format!("uid {uid} may not join group {group} of stream {name}: uid {owner} created it (only its creator and root may join it; pick another group name)"),
+                    ));
+                }
+            }
             let max = self.cfg.daemon.max_groups_per_stream;
             if s.group_index(&group).is_none() && s.live_groups() >= max as usize {
                 return Err((
@@ -1429,7 +1450,11 @@ impl Server {
             Err((code, msg)) => return self.refuse(id, code, msg),
         };
         let entry = &mut self.streams[idx];
+        let new_group = entry.stream.group_index(&group).is_none();
         let g = entry.stream.join(&group, id);
+        if new_group {
+            entry.stream.groups[g].owner = uid;
+        }
         entry.dirty = true;
         let spec = entry.stream.spec.clone();
         let info = SessionInfo {

@@ -101,6 +101,9 @@ pub struct Group {
     pub deleted: bool,
     /// Since when the group has had no member (idle expiry).
     pub empty_since: Option<std::time::Instant>,
+    /// The uid that created it (set by the daemon; only it and root may
+    /// join or delete it).
+    pub owner: u32,
 }
 
 impl Group {
@@ -548,6 +551,7 @@ impl Stream {
                     parts,
                     deleted: false,
                     empty_since: None,
+                    owner: 0,
                 };
                 // Reuse a deleted group's index, so that creating and
                 // deleting groups does not grow the stream.

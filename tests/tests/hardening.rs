@@ -1598,9 +1598,17 @@ print(json.dumps(out))
 
     let client = d.client();
     let real = spec(4, 1 << 20, 8);
+    // Root is not fed into a stream another user made under its name:
+    // refused (not a silent join), naming the owner and how to remove it.
     let e = client.producer("images", real.clone()).err().unwrap();
-    assert_eq!(e.status, Status::StreamMismatch, "{}", e.message);
+    assert_eq!(e.status, Status::PermissionDenied, "{}", e.message);
     assert!(e.message.contains("uid 65534"), "{}", e.message);
+    assert!(e.message.contains("ferry stream delete"), "{}", e.message);
+    let e = client
+        .consumer("images", "g", ConsumerOptions::default())
+        .err()
+        .unwrap();
+    assert_eq!(e.status, Status::PermissionDenied, "{}", e.message);
     let mut last = None;
     assert!(
         eventually(Duration::from_secs(3), || {
@@ -2047,6 +2055,11 @@ for name in ["private", "shared_in"]:
         out[name + "/consume"] = "ok"
     except ferry.FerryError as e:
         out[name + "/consume"] = [e.status, e.message]
+    try:
+        c.consumer(name, group="honest").close()
+        out[name + "/join-honest"] = "ok"
+    except ferry.FerryError as e:
+        out[name + "/join-honest"] = [e.status, e.message]
 print(json.dumps(out))
 "#;
     for (access, open) in [("owner", false), ("shared", true)] {
@@ -2070,9 +2083,23 @@ print(json.dumps(out))
         // FERRY_E_PERMISSION_DENIED is 9 in the C ABI.
         let denied =
             |k: &str| out[k][0] == 9 && out[k][1].as_str().is_some_and(|m| m.contains("may not"));
+        // Where it may consume, another user still cannot join (take
+        // batches from) or delete a group root created.
+        assert!(denied("private/join-honest"), "{}", r.stdout);
         if open {
             assert_eq!(out["private/produce"], "ok", "{}", r.stdout);
             assert_eq!(out["private/consume"], "ok", "{}", r.stdout);
+            assert!(
+                out["private/join-honest"][1]
+                    .as_str()
+                    .unwrap()
+                    .contains("may not join group honest"),
+                "{}",
+                r.stdout
+            );
+            let o = ferry_cli_as_nobody(&d, &["group", "delete", "private", "honest"]);
+            assert_ne!(o.code, Some(0), "nobody deleted root's group: {o:?}");
+            assert!(o.stderr.contains("may not delete group"), "{o:?}");
         } else {
             assert!(denied("private/produce"), "{}", r.stdout);
             assert!(denied("private/consume"), "{}", r.stdout);
