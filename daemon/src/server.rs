@@ -86,7 +86,9 @@ struct Session {
 
 /// What the admin socket can ask.
 enum AdminCmd {
-    Status,
+    /// Everything (partition rows capped at MAX_STATUS_ROWS), or one stream
+    /// in full.
+    Status { stream: Option<String> },
     DeleteGroup {
         stream: String,
         group: String,
@@ -102,7 +104,7 @@ enum AdminCmd {
 /// A request from the admin thread; the loop answers with JSON.
 struct AdminRequest {
     cmd: AdminCmd,
-    reply: std::sync::mpsc::Sender<String>,
+    reply: std::sync::mpsc::Sender<AdminReply>,
 }
 
 struct StreamEntry {
@@ -187,6 +189,19 @@ impl std::ops::IndexMut<usize> for Streams {
             .expect("sessions refer to live streams")
     }
 }
+
+/// The loop's answer: a status snapshot, which the admin thread turns into
+/// JSON (so that a large status costs the loop only its snapshot), or JSON.
+enum AdminReply {
+    Status(Box<Status>),
+    Json(String),
+}
+
+/// Most per-partition rows a full status carries (the rest are counted in
+/// `partitions_omitted`; `ferry status STREAM` shows one stream in full):
+/// a status of every partition of every group of many wide streams would
+/// take the loop long enough to stall deliveries.
+const MAX_STATUS_ROWS: usize = 4096;
 
 /// What one uid's streams (or all streams) take.
 #[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
@@ -907,17 +922,28 @@ impl Server {
         }
         self.events = events;
         while let Ok(req) = self.admin_rx.try_recv() {
-            let json = match req.cmd {
-                AdminCmd::Status => serde_json::to_string(&self.status())
-                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+            let reply = match req.cmd {
+                AdminCmd::Status { stream: None } => {
+                    AdminReply::Status(Box::new(self.status_view(None)))
+                }
+                AdminCmd::Status { stream: Some(name) } => {
+                    if self.by_name.contains_key(&name) {
+                        AdminReply::Status(Box::new(self.status_view(Some(&name))))
+                    } else {
+                        AdminReply::Json(
+                            serde_json::json!({ "error": format!("no stream named {name:?}") })
+                                .to_string(),
+                        )
+                    }
+                }
                 AdminCmd::DeleteGroup { stream, group, uid } => {
-                    self.delete_group(&stream, &group, uid).to_string()
+                    AdminReply::Json(self.delete_group(&stream, &group, uid).to_string())
                 }
                 AdminCmd::DeleteStream { stream, force, uid } => {
-                    self.delete_stream(&stream, force, uid).to_string()
+                    AdminReply::Json(self.delete_stream(&stream, force, uid).to_string())
                 }
             };
-            let _ = req.reply.send(json);
+            let _ = req.reply.send(reply);
         }
         Ok(())
     }
@@ -1901,10 +1927,18 @@ impl Server {
         }
     }
 
-    pub fn status(&self) -> Status {
+    /// A status snapshot: every stream with at most MAX_STATUS_ROWS
+    /// partition rows in all, or stream `only` in full.
+    fn status_view(&self, only: Option<&str>) -> Status {
+        let mut rows_left = if only.is_some() {
+            usize::MAX
+        } else {
+            MAX_STATUS_ROWS
+        };
         let streams = self
             .streams
             .iter()
+            .filter(|e| only.is_none_or(|n| n == e.stream.name))
             .map(|e| {
                 let s = &e.stream;
                 let (free, granted, held) = s.slot_counts();
@@ -1949,10 +1983,19 @@ impl Server {
                         .iter()
                         .filter(|g| !g.deleted)
                         .map(|g| {
+                            let shown = g.parts.len().min(rows_left);
+                            rows_left -= shown;
+                            let lag = g
+                                .parts
+                                .iter()
+                                .enumerate()
+                                .map(|(p, gp)| ends[p].saturating_sub(gp.committed))
+                                .sum();
                             let parts: Vec<GroupPartStatus> = g
                                 .parts
                                 .iter()
                                 .enumerate()
+                                .take(shown)
                                 .map(|(p, gp)| GroupPartStatus {
                                     partition: p as u32,
                                     owner: g.assign[p],
@@ -1966,7 +2009,9 @@ impl Server {
                                 .collect();
                             GroupStatus {
                                 name: g.name.clone(),
-                                lag: parts.iter().map(|p| p.lag).sum(),
+                                lag,
+                                owner_uid: g.owner,
+                                partitions_omitted: (g.parts.len() - shown) as u32,
                                 members: g
                                     .members
                                     .iter()
@@ -2185,7 +2230,10 @@ fn serve_admin(
                 Ok(cmd) => {
                     let words: Vec<&str> = cmd.split_whitespace().collect();
                     let parsed = match words.as_slice() {
-                        ["status"] => Some(AdminCmd::Status),
+                        ["status"] => Some(AdminCmd::Status { stream: None }),
+                        ["status", stream] => Some(AdminCmd::Status {
+                            stream: Some(stream.to_string()),
+                        }),
                         ["delete-group", stream, group] => Some(AdminCmd::DeleteGroup {
                             stream: stream.to_string(),
                             group: group.to_string(),
@@ -2202,7 +2250,7 @@ fn serve_admin(
                     };
                     match parsed {
                     None => error(format!(
-                        "unknown admin command {:?} (status, delete-group STREAM GROUP, delete-stream STREAM [force])",
+                        "unknown admin command {:?} (status [STREAM], delete-group STREAM GROUP, delete-stream STREAM [force])",
                         cmd.chars().take(64).collect::<String>()
                     )),
                     Some(cmd) => {
@@ -2211,8 +2259,12 @@ fn serve_admin(
                             return; // the loop is gone
                         }
                         sys::eventfd_signal(doorbell.as_raw_fd());
-                        rrx.recv_timeout(Duration::from_secs(5))
-                            .unwrap_or_else(|_| error("ferryd did not answer".into()))
+                        match rrx.recv_timeout(Duration::from_secs(5)) {
+                            Ok(AdminReply::Json(j)) => j,
+                            Ok(AdminReply::Status(st)) => serde_json::to_string(&st)
+                                .unwrap_or_else(|e| error(format!("encoding the status: {e}"))),
+                            Err(_) => error("ferryd did not answer".into()),
+                        }
                     }
                 }
                 }
@@ -2342,6 +2394,13 @@ pub struct ProducerStatus {
 pub struct GroupStatus {
     pub name: String,
     pub lag: u64,
+    /// The uid that created the group.
+    #[serde(default)]
+    pub owner_uid: u32,
+    /// Partition rows left out of a full status (see `ferry status
+    /// STREAM`).
+    #[serde(default)]
+    pub partitions_omitted: u32,
     pub members: Vec<MemberStatus>,
     pub partitions: Vec<GroupPartStatus>,
 }
@@ -2436,6 +2495,16 @@ pub fn admin_command(admin: &Path, line: &str) -> anyhow::Result<serde_json::Val
 
 /// Asks a running daemon for its status over the admin socket.
 pub fn query_status(admin: &Path) -> anyhow::Result<Status> {
-    let v = admin_command(admin, "status")?;
+    query_status_of(admin, None)
+}
+
+/// The status of every stream (partition rows capped), or of `stream`
+/// in full.
+pub fn query_status_of(admin: &Path, stream: Option<&str>) -> anyhow::Result<Status> {
+    let line = match stream {
+        Some(s) => format!("status {s}"),
+        None => "status".to_string(),
+    };
+    let v = admin_command(admin, &line)?;
     serde_json::from_value(v).context("decoding ferryd's status")
 }

@@ -2114,3 +2114,46 @@ print(json.dumps(out))
         stats.assert_clean();
     }
 }
+
+// ---------------------------------------------------------------------------
+// 17.
+
+/// A full status of many wide streams would take the loop long enough to
+/// stall deliveries: it carries at most 4096 partition rows (the rest are
+/// counted), and `status STREAM` gives one stream in full.
+#[test]
+fn status_is_bounded_and_one_stream_is_shown_in_full() {
+    let d = Daemon::start("", "");
+    let pair = HonestPair::start(&d, "s", "honest");
+    let client = d.client();
+    let _p = client.producer("wide", spec(1024, 64, 4)).unwrap();
+    let members: Vec<_> = (0..5)
+        .map(|g| {
+            client
+                .consumer("wide", &format!("g{g}"), ConsumerOptions::default())
+                .unwrap()
+        })
+        .collect();
+    let rows = |st: &ferry_daemon::server::Status| -> (usize, u64) {
+        let groups = st.streams.iter().flat_map(|s| s.groups.iter());
+        groups.fold((0, 0), |(r, o), g| {
+            (r + g.partitions.len(), o + g.partitions_omitted as u64)
+        })
+    };
+    let full = d.status();
+    let (shown, omitted) = rows(&full);
+    assert!(shown <= 4096, "{shown} partition rows in a full status");
+    assert_eq!(
+        shown as u64 + omitted,
+        5 * 1024 + 2,
+        "every row shown or counted"
+    );
+    let one = ferry_daemon::server::query_status_of(&d.admin, Some("wide")).unwrap();
+    assert_eq!(one.streams.len(), 1);
+    assert_eq!(rows(&one), (5 * 1024, 0), "one stream in full");
+    let e = ferry_daemon::server::query_status_of(&d.admin, Some("nope")).unwrap_err();
+    assert!(e.to_string().contains("no stream named"), "{e}");
+    drop(members);
+    let stats = pair.finish();
+    stats.assert_clean();
+}

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use ferry_daemon::config::{admin_path_for, default_socket_path};
-use ferry_daemon::server::{admin_command, query_status, Status};
+use ferry_daemon::server::{admin_command, query_status_of, Status};
 
 /// Inspect a running ferryd.
 #[derive(Parser, Debug)]
@@ -22,6 +22,9 @@ struct Args {
 enum Cmd {
     /// Streams, groups, members, lag and slot occupancy.
     Status {
+        /// Only this stream, with every partition row (without it, at most
+        /// 4096 partition rows are shown in all).
+        stream: Option<String>,
         /// Print the raw JSON document instead of tables.
         #[arg(long)]
         json: bool,
@@ -97,7 +100,7 @@ fn main() {
                 std::process::exit(1);
             }
         },
-        Cmd::Status { json } => match query_status(&admin) {
+        Cmd::Status { stream, json } => match query_status_of(&admin, stream.as_deref()) {
             Ok(st) => {
                 if json {
                     println!(
@@ -208,8 +211,9 @@ fn print_status(st: &Status) {
         }
         for g in &s.groups {
             println!(
-                "  group {}: {} members, lag {}",
+                "  group {} (uid {}): {} members, lag {}",
                 g.name,
+                g.owner_uid,
                 g.members.len(),
                 g.lag
             );
@@ -240,6 +244,12 @@ fn print_status(st: &Status) {
                     p.end,
                     p.lag,
                     p.inflight
+                );
+            }
+            if g.partitions_omitted > 0 {
+                println!(
+                    "    ({} more partitions: `ferry status {}` shows them all)",
+                    g.partitions_omitted, s.name
                 );
             }
         }
