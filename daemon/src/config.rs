@@ -249,7 +249,7 @@ pub fn check_stream_spec(name: &str, spec: &StreamSpec, max_pool_bytes: u64) -> 
         .ok_or_else(|| format!("stream {name}: pool size overflows"))?;
     if layout.total > max_pool_bytes {
         return Err(format!(
-            "stream {name}: a pool of {} bytes (slots rounded up to 4 KiB, and a 4 KiB header) is over daemon.max_pool_bytes = {max_pool_bytes}",
+            "stream {name}: a pool of {} bytes (slots rounded up to 4 KiB, or to 64 B under 4 KiB, and 256 bytes of metadata per slot) is over daemon.max_pool_bytes = {max_pool_bytes}",
             layout.total
         ));
     }
@@ -412,6 +412,8 @@ impl Config {
             if let Some(dir) = p.parent() {
                 if dir.exists() {
                     check_socket_dir(dir).map_err(ConfigError::Invalid)?;
+                } else {
+                    check_creatable(dir).map_err(ConfigError::Invalid)?;
                 }
             }
             if check_socket_file(&p).map_err(ConfigError::Invalid)? == SocketFile::Live {
@@ -574,6 +576,38 @@ pub fn check_socket_dir(dir: &Path) -> Result<(), String> {
             dir.display(),
             md.mode() & 0o7777
         ));
+    }
+    Ok(())
+}
+
+/// Whether ferryd can create the missing directory `dir`: its nearest
+/// existing ancestor must be a directory ferryd's uid may write (root may
+/// write anywhere).
+fn check_creatable(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = ferry_shm::sys::geteuid();
+    let mut up = dir.parent();
+    while let Some(a) = up {
+        if let Ok(md) = std::fs::metadata(a) {
+            if !md.is_dir() {
+                return Err(format!(
+                    "cannot create socket directory {}: {} is not a directory",
+                    dir.display(),
+                    a.display()
+                ));
+            }
+            let writable =
+                me == 0 || (md.uid() == me && md.mode() & 0o200 != 0) || md.mode() & 0o002 != 0;
+            if !writable {
+                return Err(format!(
+                    "cannot create socket directory {}: {} is not writable by ferryd's uid {me}",
+                    dir.display(),
+                    a.display()
+                ));
+            }
+            return Ok(());
+        }
+        up = a.parent();
     }
     Ok(())
 }

@@ -489,7 +489,7 @@ impl Server {
             return Err((
                 ErrorCode::Limit,
                 format!(
-                    "stream {name}: a pool of {} bytes ({} slots of {} bytes, each rounded up to 4 KiB, and a 4 KiB header) is over daemon.max_pool_bytes = {max}",
+                    "stream {name}: a pool of {} bytes ({} slots of {} bytes, each rounded up to 4 KiB, or to 64 B under 4 KiB, and 256 bytes of metadata per slot) is over daemon.max_pool_bytes = {max}",
                     layout.total, spec.slot_count, spec.slot_size
                 ),
             ));
@@ -704,7 +704,8 @@ impl Server {
             self.fail_session(*id, &format!("stream {name} deleted by uid {uid}"));
         }
         let (held, bytes) = self.remove_stream(idx);
-        info!(
+        limited!(
+            INFO,
             stream = name,
             uid,
             held,
@@ -1015,7 +1016,7 @@ impl Server {
         }
         if let Some(l) = &self.listener {
             if let Err(e) = self.epoll.add(l.as_raw_fd(), TOK_LISTENER) {
-                warn!("resuming the listener: {e}");
+                limited!(WARN, "resuming the listener: {e}");
             }
         }
     }
@@ -1168,7 +1169,7 @@ impl Server {
         let bytes = match proto::encode(resp) {
             Ok(b) => b,
             Err(e) => {
-                warn!("encoding a reply: {e}");
+                limited!(WARN, "encoding a reply: {e}");
                 return;
             }
         };
@@ -1609,6 +1610,9 @@ impl Server {
             }
             Role::Consumer(c) => {
                 let entry = &mut self.streams[c.stream];
+                // "Commit everything I own" costs a pass over the member's
+                // partitions: a ring full of them is applied once.
+                let mut commit_all = false;
                 while let Some(d) = c.rings.sub.pop().map_err(|e| Violation(e.to_string()))? {
                     match d.op {
                         desc::OP_RELEASE => {
@@ -1620,14 +1624,26 @@ impl Server {
                                 .release(c.group, id, d.partition, d.offset, d.slot)?;
                             c.inflight = c.inflight.saturating_sub(1);
                         }
+                        desc::OP_COMMIT if d.partition == desc::COMMIT_ALL => commit_all = true,
                         desc::OP_COMMIT => {
-                            let part = (d.partition != desc::COMMIT_ALL).then_some(d.partition);
-                            entry.stream.commit(c.group, id, part, d.offset)?;
+                            if commit_all {
+                                // Keep the order: the earlier commit-all first.
+                                entry.stream.commit(c.group, id, None, 0)?;
+                                commit_all = false;
+                            }
+                            entry
+                                .stream
+                                .commit(c.group, id, Some(d.partition), d.offset)?;
                         }
                         op => return Err(Violation(format!("consumer sent op {op}"))),
                     }
                     entry.dirty = true;
                     n += 1;
+                }
+                if commit_all {
+                    // Later than the member asked: releases since then only
+                    // raise the low watermark, which stays true.
+                    entry.stream.commit(c.group, id, None, 0)?;
                 }
             }
             _ => {}
@@ -2441,9 +2457,18 @@ pub struct GroupPartStatus {
 /// Sends one command line to a running daemon's admin socket and returns
 /// its JSON answer; an `{"error": ...}` answer is an error.
 pub fn admin_command(admin: &Path, line: &str) -> anyhow::Result<serde_json::Value> {
-    let mut conn = std::os::unix::net::UnixStream::connect(admin).with_context(|| {
-        format!(
-            "connecting to ferryd's admin socket {} (is ferryd running?)",
+    let mut conn = std::os::unix::net::UnixStream::connect(admin).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                " (is ferryd running?)"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                " (the socket's mode or group does not let this user in: see daemon.socket_mode and socket_group)"
+            }
+            _ => "",
+        };
+        anyhow::anyhow!(
+            "connecting to ferryd's admin socket {}: {e}{hint}",
             admin.display()
         )
     })?;

@@ -319,6 +319,16 @@ pub fn ignore_sigpipe() {
     }
 }
 
+/// The default SIGPIPE action, for command-line output: `ferry status |
+/// head` then ends quietly, as other tools do, instead of panicking on a
+/// failed print (Rust ignores SIGPIPE by default).
+pub fn default_sigpipe() {
+    // SAFETY: installing SIG_DFL for SIGPIPE has no memory-safety impact.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     use std::os::unix::ffi::OsStrExt;
     // SAFETY: sockaddr_un is plain data.

@@ -1939,6 +1939,22 @@ fn check_mode_validates_like_start_up() {
             "check={check}: {r:?}"
         );
     }
+    // The same for a socket directory still to be made inside root's.
+    let cfg = write_config(
+        &sub,
+        &format!("socket = \"{}\"", sub.join("new/ferryd.sock").display()),
+        "",
+    );
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = run_bounded(
+        as_nobody(public_bin("ferryd"))
+            .arg("--check")
+            .arg("--config")
+            .arg(&cfg),
+        Duration::from_secs(5),
+    );
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("cannot create socket directory"), "{r:?}");
 
     // A ferryd already listening: --check says so and accepts the file
     // (it is checked before a restart); start-up refuses.

@@ -370,7 +370,8 @@ class Producer(_Handle):
         if slot.device is not None:
             _torch_sync(slot.device)
         meta = bytes(meta)
-        k = None if key is None else ctypes.byref(ctypes.c_uint64(key))
+        length = _uint("length", length, 0, 2**64 - 1)
+        k = None if key is None else ctypes.byref(ctypes.c_uint64(_uint("key", key, 0, 2**64 - 1)))
         _check(_lib.ferry_producer_publish(self._h, ctypes.byref(slot._raw), length, meta, len(meta), k))
         try:
             if slot.data is not None:
@@ -382,6 +383,8 @@ class Producer(_Handle):
         """Copies ``data`` (any buffer) into a slot and publishes it. A GPU
         producer also takes a PyTorch tensor (a CUDA tensor is copied on the
         GPU); it needs PyTorch."""
+        if key is not None:
+            _uint("key", key, 0, 2**64 - 1)  # before taking a slot
         if self.device is not None:
             return self._send_device(data, meta, key, timeout)
         src = memoryview(data).cast("B")
@@ -590,7 +593,11 @@ class Consumer(_Handle):
 
     def seek(self, partition, offset):
         """Replays ``partition`` from ``offset`` (while retained) or skips to it."""
-        _check(_lib.ferry_consumer_seek(self._h, partition, offset))
+        _check(
+            _lib.ferry_consumer_seek(
+                self._h, _uint("partition", partition, 0), _uint("offset", offset, 0, 2**64 - 1)
+            )
+        )
 
 
 def iterable_dataset(stream, group, socket=None, dtype=None, shape=None, timeout=None, **consumer_options):

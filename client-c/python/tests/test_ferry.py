@@ -106,6 +106,12 @@ def test_errors_are_clear(daemon, tmp_path):
     for kw, word in [(dict(prefetch=-1), "prefetch"), (dict(spin_us=-5), "spin_us")]:
         with pytest.raises(ValueError, match=word):
             client.consumer("small", "g2", **kw)
+    with pytest.raises(ValueError, match="partition"):
+        cons.seek(2**32, 0)
+    with pytest.raises(ValueError, match="offset"):
+        cons.seek(0, -1)
+    with pytest.raises(ValueError, match="key"):
+        prod.send(b"k", key=-1)
 
 
 FAKE_CUDA = bool(os.environ.get("FERRY_FAKE_CUDA"))

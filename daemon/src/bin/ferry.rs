@@ -64,6 +64,7 @@ enum GroupCmd {
 }
 
 fn main() {
+    ferry_shm::sys::default_sigpipe();
     let args = Args::parse();
     let admin = args
         .admin_socket

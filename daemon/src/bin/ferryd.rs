@@ -76,7 +76,9 @@ fn run() -> anyhow::Result<()> {
         cfg.daemon.log = v;
     }
     if args.check {
-        // Exactly what start-up checks before it binds anything.
+        ferry_shm::sys::default_sigpipe();
+        log_filter(&cfg)?; // RUST_LOG too, as start-up checks it
+                           // Exactly what start-up checks before it binds anything.
         let pre = cfg
             .preflight()
             .with_context(|| format!("invalid configuration {source}"))?;
@@ -159,14 +161,7 @@ fn run() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    // RUST_LOG, when set, must be valid too: ignoring a typo there would
-    // silently log at another level.
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::try_new(&v)
-            .map_err(|e| anyhow::anyhow!("RUST_LOG {v:?} is not a valid log filter: {e}"))?,
-        _ => tracing_subscriber::EnvFilter::try_new(&cfg.daemon.log)
-            .map_err(|e| anyhow::anyhow!("daemon.log (or --log) {:?}: {e}", cfg.daemon.log))?,
-    };
+    let filter = log_filter(&cfg)?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -175,4 +170,16 @@ fn run() -> anyhow::Result<()> {
     Server::bind(cfg)
         .with_context(|| format!("configuration {source}"))?
         .run()
+}
+
+/// The log filter: RUST_LOG when set, which must then be valid too
+/// (ignoring a typo there would silently log at another level), else
+/// daemon.log.
+fn log_filter(cfg: &Config) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::try_new(&v)
+            .map_err(|e| anyhow::anyhow!("RUST_LOG {v:?} is not a valid log filter: {e}")),
+        _ => tracing_subscriber::EnvFilter::try_new(&cfg.daemon.log)
+            .map_err(|e| anyhow::anyhow!("daemon.log (or --log) {:?}: {e}", cfg.daemon.log)),
+    }
 }
