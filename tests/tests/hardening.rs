@@ -242,6 +242,18 @@ fn public_bin(name: &str) -> PathBuf {
     public_copy().join(name)
 }
 
+/// An honest pair on `stream` (group "honest") that has delivered `n`
+/// batches already.
+fn running_pair(d: &Daemon, stream: &str, n: u64) -> HonestPair {
+    let pair = HonestPair::start(d, stream, "honest");
+    assert!(
+        pair.wait_progress(n, Duration::from_secs(10)),
+        "the honest pair did not start\n{}",
+        d.log()
+    );
+    pair
+}
+
 /// Writes a config for ferryd in `dir` (socket `dir/ferryd.sock` unless
 /// `daemon_keys` names one) and returns its path.
 fn write_config(dir: &Path, daemon_keys: &str, rest: &str) -> PathBuf {
@@ -696,12 +708,7 @@ fn delete_group(d: &Daemon, stream: &str, group: &str) {
 #[test]
 fn seek_attack_cannot_touch_another_group() {
     let d = Daemon::start("", "");
-    let pair = HonestPair::start(&d, "s", "honest");
-    assert!(
-        pair.wait_progress(50, Duration::from_secs(10)),
-        "{}",
-        d.log()
-    );
+    let pair = running_pair(&d, "s", 50);
     // The honest consumer stops taking batches: the pool fills with
     // batches the honest group still owes, which the evil group (starting
     // at the earliest held batch) is delivered too. Freeing any of their
@@ -849,12 +856,7 @@ fn seek_attack_cannot_touch_another_group() {
 #[test]
 fn client_fds_cannot_block_or_starve_daemon() {
     let mut d = Daemon::start("", "");
-    let pair = HonestPair::start(&d, "s", "honest");
-    assert!(
-        pair.wait_progress(20, Duration::from_secs(10)),
-        "{}",
-        d.log()
-    );
+    let pair = running_pair(&d, "s", 20);
     let prod = raw_producer(&d, "atk", spec(1, 64, 4));
     let cons = raw_consumer(&d, "atk", "g", 0);
     let mut all = Vec::new();
@@ -927,12 +929,7 @@ fn client_fds_cannot_block_or_starve_daemon() {
 #[test]
 fn consumers_get_a_read_only_pool() {
     let d = Daemon::start("", "");
-    let pair = HonestPair::start(&d, "s", "honest");
-    assert!(
-        pair.wait_progress(20, Duration::from_secs(10)),
-        "{}",
-        d.log()
-    );
+    let pair = running_pair(&d, "s", 20);
     let ro = raw_consumer(&d, "s", "ro", 1);
     let pool = ro.pool();
     let len = sys::file_size(pool).unwrap();
@@ -1030,12 +1027,7 @@ fn mentions_refusal(line: &str) -> bool {
 #[test]
 fn connection_flood_is_limited_and_logs_stay_small() {
     let d = Daemon::start("max_connections_per_uid = 32", "");
-    let pair = HonestPair::start(&d, "s", "honest");
-    assert!(
-        pair.wait_progress(20, Duration::from_secs(10)),
-        "{}",
-        d.log()
-    );
+    let pair = running_pair(&d, "s", 20);
     // Every connection so far is root's: the pair's sessions.
     let honest_connections = d.status().sessions;
     assert!(honest_connections >= 2, "{}", status_text(&d));
@@ -1418,12 +1410,7 @@ fn stream_delete() {
         "socket_mode = \"0666\"\nallowed_uids = [0, 65534]",
         "[[streams]]\nname = \"declared\"\npartitions = 1\nslot_size = 64\nslot_count = 4\n",
     );
-    let pair = HonestPair::start(&d, "s", "honest");
-    assert!(
-        pair.wait_progress(20, Duration::from_secs(10)),
-        "{}",
-        d.log()
-    );
+    let pair = running_pair(&d, "s", 20);
 
     let busy = ferry_cli(&d, &["stream", "delete", "s"]);
     assert!(!busy.status.success(), "{busy:?}");
@@ -1912,13 +1899,7 @@ fn check_mode_validates_like_start_up() {
     );
     let sub = dir.subdir("ok", 0o755);
     let cfg = write_config(&sub, "", "");
-    let r = run_bounded(
-        Command::new(bin("ferryd"))
-            .arg("--check")
-            .arg("--config")
-            .arg(&cfg),
-        Duration::from_secs(5),
-    );
+    let r = ferryd_run(false, true, &cfg);
     assert_eq!(r.code, Some(0), "{r:?}");
 
     // A socket directory ferryd's user cannot write to (root's, for a
@@ -1926,13 +1907,7 @@ fn check_mode_validates_like_start_up() {
     let cfg = write_config(&sub, "", "");
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
     for check in [true, false] {
-        let r = run_bounded(
-            as_nobody(public_bin("ferryd"))
-                .args(if check { &["--check"][..] } else { &[][..] })
-                .arg("--config")
-                .arg(&cfg),
-            Duration::from_secs(5),
-        );
+        let r = ferryd_run(true, check, &cfg);
         assert_eq!(r.code, Some(1), "check={check}: {r:?}");
         assert!(
             r.stderr.contains("not writable by ferryd's uid 65534"),
@@ -1946,13 +1921,7 @@ fn check_mode_validates_like_start_up() {
         "",
     );
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let r = run_bounded(
-        as_nobody(public_bin("ferryd"))
-            .arg("--check")
-            .arg("--config")
-            .arg(&cfg),
-        Duration::from_secs(5),
-    );
+    let r = ferryd_run(true, true, &cfg);
     assert_eq!(r.code, Some(1), "{r:?}");
     assert!(r.stderr.contains("cannot create socket directory"), "{r:?}");
 
@@ -1960,21 +1929,26 @@ fn check_mode_validates_like_start_up() {
     // (it is checked before a restart); start-up refuses.
     let d = Daemon::start("", "");
     let cfg = d.path("ferryd.toml");
-    let r = run_bounded(
-        Command::new(bin("ferryd"))
-            .arg("--check")
-            .arg("--config")
-            .arg(&cfg),
-        Duration::from_secs(5),
-    );
+    let r = ferryd_run(false, true, &cfg);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(r.stderr.contains("is listening on"), "{r:?}");
-    let r = run_bounded(
-        Command::new(bin("ferryd")).arg("--config").arg(&cfg),
-        Duration::from_secs(5),
-    );
+    let r = ferryd_run(false, false, &cfg);
     assert_eq!(r.code, Some(1), "{r:?}");
     assert!(r.stderr.contains("already listening"), "{r:?}");
+}
+
+/// ferryd (`--check` or start-up) on `cfg`, as root or as nobody, within
+/// 5 s.
+fn ferryd_run(nobody: bool, check: bool, cfg: &Path) -> Ran {
+    let mut c = if nobody {
+        as_nobody(public_bin("ferryd"))
+    } else {
+        Command::new(bin("ferryd"))
+    };
+    if check {
+        c.arg("--check");
+    }
+    run_bounded(c.arg("--config").arg(cfg), Duration::from_secs(5))
 }
 
 // ---------------------------------------------------------------------------
@@ -1988,12 +1962,7 @@ fn check_mode_validates_like_start_up() {
 #[test]
 fn abandoned_groups_cannot_stall_producers() {
     let d = Daemon::start("group_idle_timeout_ms = 500\nmax_groups_per_stream = 3", "");
-    let pair = HonestPair::start(&d, "s", "honest");
-    assert!(
-        pair.wait_progress(20, Duration::from_secs(10)),
-        "{}",
-        d.log()
-    );
+    let pair = running_pair(&d, "s", 20);
     let client = d.client();
     {
         let _squat = client
@@ -2086,12 +2055,7 @@ print(json.dumps(out))
             ),
             declared,
         );
-        let pair = HonestPair::start(&d, "private", "honest");
-        assert!(
-            pair.wait_progress(20, Duration::from_secs(10)),
-            "{}",
-            d.log()
-        );
+        let pair = running_pair(&d, "private", 20);
         let r = run_bounded(python(script, true).arg(&d.socket), Duration::from_secs(20));
         assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
         let out: serde_json::Value =
