@@ -131,8 +131,8 @@ pub struct DaemonConfig {
     pub stream_idle_timeout_ms: u64,
     /// An admin request must arrive whole within this many milliseconds.
     pub admin_timeout_ms: u64,
-    /// Who may use a stream a producer created: "owner" (its uid and
-    /// root) or "shared" (every allowed user).
+    /// Who may use a stream a producer created: "owner" (its uid only;
+    /// root may delete it) or "shared" (every allowed user).
     pub stream_access: String,
     /// Consumer groups one stream may have.
     pub max_groups_per_stream: u32,

@@ -133,7 +133,7 @@ fn run() -> anyhow::Result<()> {
             cfg.max_total_pool_bytes(),
             cfg.max_pool_bytes_per_uid(),
             d.max_pool_bytes,
-            if d.stream_access == "owner" { "their owner's and root's" } else { "shared by every allowed user" },
+            if d.stream_access == "owner" { "their owner's alone (root may delete them)" } else { "shared by every allowed user" },
             d.stream_idle_timeout_ms
         );
         println!(
