@@ -1,6 +1,8 @@
 //! Helpers for the workspace integration tests: run a real ferryd in a
 //! private directory and find the workspace's binaries.
 
+pub mod raw;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

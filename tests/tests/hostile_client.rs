@@ -1,87 +1,23 @@
 //! A misbehaving client writes garbage into its submission ring. ferryd must
 //! close that session and keep serving everyone else.
 
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::ConsumerOptions;
 use ferry_shm::desc::{self, Desc};
-use ferry_shm::layout::SessionLayout;
-use ferry_shm::proto::{self, Request, Response};
-use ferry_shm::{attach_ring, sys, Region, RingProducer};
+use ferry_shm::{proto, sys};
+use ferry_tests::raw::{self, RawSession};
 use ferry_tests::{eventually, Daemon};
 
 const T: Option<Duration> = Some(Duration::from_secs(10));
 
-/// A raw producer session speaking the protocol by hand.
-struct RawSession {
-    sock: OwnedFd,
-    region: Arc<Region>,
-    sub: RingProducer,
-    layout: SessionLayout,
-}
-
+/// A raw producer session on `stream`: exactly two fds (rings and pool,
+/// no doorbell).
 fn raw_producer(d: &Daemon, stream: &str) -> RawSession {
-    let sock = sys::seqpacket_connect(&d.socket).unwrap();
-    let send = |r: &Request| sys::send_with_fds(&sock, &proto::encode(r).unwrap(), &[]).unwrap();
-    let mut buf = vec![0u8; proto::MAX_MESSAGE];
-    send(&Request::Hello {
-        protocol: proto::PROTOCOL_VERSION,
-        client: "hostile".into(),
-    });
-    let (n, _) = sys::recv_with_fds(&sock, &mut buf, false).unwrap().unwrap();
-    assert!(matches!(
-        proto::decode::<Response>(&buf[..n]).unwrap(),
-        Response::Welcome { .. }
-    ));
-    send(&Request::OpenProducer {
-        stream: stream.into(),
-        spec: None,
-        device: None,
-        device_bus: None,
-    });
-    let (n, fds) = sys::recv_with_fds(&sock, &mut buf, false).unwrap().unwrap();
-    let Response::Opened(info) = proto::decode::<Response>(&buf[..n]).unwrap() else {
-        panic!("not opened")
-    };
-    let mut fds = fds.into_iter();
-    let layout = SessionLayout::new(info.ring_capacity);
-    let region = Arc::new(Region::attach(fds.next().unwrap(), layout.total, true).unwrap());
-    let _pool = fds.next().unwrap();
-    assert!(fds.next().is_none(), "two fds: rings and pool, no doorbell");
-    let sub = attach_ring(
-        &region,
-        layout.sub_offset,
-        layout.ring_len,
-        info.ring_capacity,
-    )
-    .unwrap();
-    RawSession {
-        sock,
-        region,
-        sub: RingProducer::new(sub),
-        layout,
-    }
-}
-
-impl RawSession {
-    fn push(&mut self, d: &Desc) {
-        self.sub.push(d).unwrap();
-        sys::send_dontwait(&self.sock, proto::WAKE).unwrap();
-    }
-
-    fn closed_by_daemon(&self) -> bool {
-        let mut buf = [0u8; 64];
-        // EOF, or ECONNRESET when ferryd closed before reading our Wake.
-        eventually(Duration::from_secs(5), || sys::peer_hung_up(&self.sock))
-            && match sys::recv_with_fds(&self.sock, &mut buf, true) {
-                Ok(None) => true,
-                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-                Ok(Some(_)) => false,
-            }
-    }
+    let s = raw::raw_producer(d, stream, None);
+    assert_eq!(s.fds.len(), 2, "two fds: rings and pool, no doorbell");
+    s
 }
 
 fn healthy_round_trip(d: &Daemon, n: u64) {
@@ -185,17 +121,9 @@ fn oversized_publish_in_a_granted_slot_is_rejected() {
     let mut bad = raw_producer(&d, "s");
     // Wait for the grants ferryd pushes on the completion ring, then lie
     // about the length of a slot we really own.
-    let comp = attach_ring(
-        &bad.region,
-        bad.layout.comp_offset,
-        bad.layout.ring_len,
-        256,
-    )
-    .unwrap();
-    let mut comp = ferry_shm::RingConsumer::new(comp);
     let mut granted = None;
     assert!(eventually(Duration::from_secs(5), || {
-        if let Some(g) = comp.pop().unwrap() {
+        if let Some(g) = bad.comp.pop().unwrap() {
             granted = Some(g.slot);
         }
         granted.is_some()
