@@ -223,16 +223,13 @@ fn handshake(path: &Path) -> Result<OwnedFd> {
             std::io::ErrorKind::InvalidInput => Status::InvalidArgument,
             _ => Status::NotRunning,
         };
-        let hint = match status {
-            Status::NotRunning => " (is ferryd running?)",
-            Status::PermissionDenied => {
-                " (the socket's mode or group does not let this user in: see daemon.socket_mode and socket_group)"
-            }
-            _ => "",
-        };
         Error {
             status,
-            message: format!("cannot connect to ferryd at {}: {e}{hint}", path.display()),
+            message: format!(
+                "cannot connect to ferryd at {}: {e}{}",
+                path.display(),
+                proto::connect_hint(e.kind())
+            ),
         }
     })?;
     check_daemon_identity(&sock, path)?;

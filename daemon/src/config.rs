@@ -359,13 +359,7 @@ impl Config {
                 d.spin_us
             ));
         }
-        if let Err(e) = self
-            .fabric
-            .provider
-            .parse::<ferry_verbs::select::Preference>()
-        {
-            return bad(format!("fabric.provider: {e}"));
-        }
+        self.fabric_preference()?;
         let mut seen = std::collections::HashSet::new();
         let (mut parts, mut slots, mut bytes) = (0u64, 0u64, 0u64);
         for s in &self.streams {
@@ -420,15 +414,17 @@ impl Config {
                 live.push(p);
             }
         }
-        let pref: ferry_verbs::select::Preference = self
-            .fabric
-            .provider
-            .parse()
-            .map_err(|e| ConfigError::Invalid(format!("fabric.provider: {e}")))?;
-        let fabric = ferry_verbs::select::select(pref).map_err(|e| {
+        let fabric = ferry_verbs::select::select(self.fabric_preference()?).map_err(|e| {
             ConfigError::Invalid(format!("fabric.provider = {:?}: {e}", self.fabric.provider))
         })?;
         Ok(Preflight { fabric, live })
+    }
+
+    fn fabric_preference(&self) -> Result<ferry_verbs::select::Preference, ConfigError> {
+        self.fabric
+            .provider
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("fabric.provider: {e}")))
     }
 
     /// The limit on all pools together.
@@ -671,19 +667,23 @@ pub fn resolve_group(g: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("daemon.socket_group {g:?} is not a group in /etc/group"))
 }
 
-/// The host's memory in bytes (MemTotal), or 16 GiB when unknown.
+/// The host's memory in bytes (MemTotal), or 16 GiB when unknown. Read
+/// once: quota checks and status ask for it on the data-plane loop.
 pub fn physical_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(16 << 30, |kib| kib * 1024)
+    static MEM: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *MEM.get_or_init(|| {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(16 << 30, |kib| kib * 1024)
+    })
 }
 
 fn parse_mode(s: &str) -> Option<u32> {

@@ -56,8 +56,6 @@ impl Gpus {
         }
     }
 
-    /// ferryd's ordinal of the GPU a consumer asked for: by PCI bus id when
-    /// given (ordinals differ between processes), else by ordinal.
     /// Drops what was kept for stream `stream` (its pool's registrations
     /// with GPUs, its mirrors): the stream is deleted and no session of
     /// it is left.
@@ -66,6 +64,8 @@ impl Gpus {
         self.mirrors.retain(|&(s, _), _| s != stream);
     }
 
+    /// ferryd's ordinal of the GPU a consumer asked for: by PCI bus id when
+    /// given (ordinals differ between processes), else by ordinal.
     pub fn resolve(
         &self,
         ordinal: Option<u32>,

@@ -230,7 +230,7 @@ struct Policy {
 }
 
 impl Policy {
-    fn allows(&self, sock: &OwnedFd, cred: &PeerCred) -> bool {
+    fn allows(&self, sock: impl std::os::fd::AsFd, cred: &PeerCred) -> bool {
         if self.uids.contains(&cred.uid) || self.gids.contains(&cred.gid) {
             return true;
         }
@@ -252,6 +252,8 @@ const MAX_MESSAGES_PER_EVENT: usize = 64;
 /// How long the listener stays paused after running out of file
 /// descriptors, unless a connection closes sooner.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// How often the timeouts are looked at (see `Server::housekeeping`).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(20);
 
 pub struct Server {
     cfg: Config,
@@ -572,6 +574,21 @@ impl Server {
         }
     }
 
+    /// Whether `uid` may `verb` (join, delete) group `group` of stream
+    /// `idx`: it must be allowed to consume the stream, and an existing
+    /// group belongs to the uid that created it (and root).
+    fn may_use_group(&self, idx: usize, group: &str, uid: u32, verb: &str) -> Result<(), String> {
+        self.may_use(idx, uid, false)?;
+        let s = &self.streams[idx].stream;
+        match s.group_index(group).map(|g| s.groups[g].owner) {
+            Some(owner) if uid != owner && uid != 0 => Err(format!(
+                "uid {uid} may not {verb} group {group} of stream {}: uid {owner} created it (only its creator and root may; pick another group name)",
+                s.name
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// What all streams, and those of each uid, take.
     fn usage(&self) -> (UidUsage, BTreeMap<u32, UidUsage>) {
         let mut total = UidUsage::default();
@@ -726,6 +743,30 @@ impl Server {
         (e.stream.slot_counts().2, e.layout.total)
     }
 
+    /// Deletes consumer groups that have had no member for
+    /// `group_idle_timeout_ms`.
+    fn expire_groups(&mut self) {
+        let group_timeout = self.cfg.daemon.group_idle_timeout_ms;
+        if group_timeout == 0 {
+            return;
+        }
+        let t = Duration::from_millis(group_timeout);
+        for (_, e) in self.streams.iter_mut() {
+            for g in e.stream.idle_groups(t) {
+                if let Ok(held) = e.stream.delete_group(&g) {
+                    e.dirty = true;
+                    crate::limited!(
+                        INFO,
+                        stream = %e.stream.name,
+                        group = %g,
+                        held,
+                        "consumer group deleted: no member for group_idle_timeout_ms = {group_timeout}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Deletes streams created by producers that no session has used for
     /// `stream_idle_timeout_ms`.
     fn expire_streams(&mut self) {
@@ -740,24 +781,6 @@ impl Server {
             let since = *e.idle_since.get_or_insert(now);
             if timeout > 0 && now.duration_since(since) >= Duration::from_millis(timeout) {
                 expired.push(idx);
-            }
-        }
-        let group_timeout = self.cfg.daemon.group_idle_timeout_ms;
-        if group_timeout > 0 {
-            let t = Duration::from_millis(group_timeout);
-            for (_, e) in self.streams.iter_mut() {
-                for g in e.stream.idle_groups(t) {
-                    if let Ok(held) = e.stream.delete_group(&g) {
-                        e.dirty = true;
-                        crate::limited!(
-                            INFO,
-                            stream = %e.stream.name,
-                            group = %g,
-                            held,
-                            "consumer group deleted: no member for group_idle_timeout_ms = {group_timeout}"
-                        );
-                    }
-                }
             }
         }
         for idx in expired {
@@ -808,9 +831,7 @@ impl Server {
                     break;
                 }
             }
-            if iter.is_multiple_of(1024)
-                && self.last_housekeeping.elapsed() >= Duration::from_millis(50)
-            {
+            if iter.is_multiple_of(1024) {
                 self.housekeeping();
             }
             if work > 0 {
@@ -953,15 +974,8 @@ impl Server {
         let Some(&idx) = self.by_name.get(stream) else {
             return serde_json::json!({ "error": format!("no stream named {stream:?}") });
         };
-        if let Err(e) = self.may_use(idx, uid, false) {
+        if let Err(e) = self.may_use_group(idx, group, uid, "delete") {
             return serde_json::json!({ "error": e });
-        }
-        let s = &self.streams[idx].stream;
-        if let Some(g) = s.group_index(group) {
-            let owner = s.groups[g].owner;
-            if uid != owner && uid != 0 {
-                return serde_json::json!({ "error": format!("uid {uid} may not delete group {group} of stream {stream}: uid {owner} created it (only its creator and root may)") });
-            }
         }
         let entry = &mut self.streams[idx];
         match entry.stream.delete_group(group) {
@@ -975,8 +989,15 @@ impl Server {
     }
 
     /// Timeouts: connections without Hello, connections that opened
-    /// nothing, a listener paused for want of descriptors, idle streams.
+    /// nothing, a listener paused for want of descriptors, idle groups and
+    /// streams. At most every HOUSEKEEPING_EVERY: the loop calls it each
+    /// time it goes to sleep (up to thousands of times a second under a
+    /// trickle of batches), and the timeouts are tens of milliseconds at
+    /// the least.
     fn housekeeping(&mut self) {
+        if self.last_housekeeping.elapsed() < HOUSEKEEPING_EVERY {
+            return;
+        }
         self.last_housekeeping = Instant::now();
         let hello = Duration::from_millis(self.cfg.daemon.handshake_timeout_ms);
         let idle = Duration::from_millis(self.cfg.daemon.idle_timeout_ms);
@@ -1006,6 +1027,7 @@ impl Server {
         {
             self.resume_listener();
         }
+        self.expire_groups();
         self.expire_streams();
     }
 
@@ -1437,18 +1459,9 @@ impl Server {
                     format!("no stream named {name:?} (a producer creates it, or declare it in the config)"),
                 )
             })?;
-            self.may_use(idx, uid, false)
+            self.may_use_group(idx, &group, uid, "join")
                 .map_err(|m| (ErrorCode::PermissionDenied, m))?;
             let s = &self.streams[idx].stream;
-            if let Some(g) = s.group_index(&group) {
-                let owner = s.groups[g].owner;
-                if uid != owner && uid != 0 {
-                    return Err((
-                        ErrorCode::PermissionDenied,
-                        format!("uid {uid} may not join group {group} of stream {name}: uid {owner} created it (only its creator and root may join it; pick another group name)"),
-                    ));
-                }
-            }
             let max = self.cfg.daemon.max_groups_per_stream;
             if s.group_index(&group).is_none() && s.live_groups() >= max as usize {
                 return Err((
@@ -2133,7 +2146,8 @@ fn spawn_admin(
                     }
                 };
                 let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
-                let uid = sys::peer_cred(&conn).map_or(u32::MAX, |c| c.uid);
+                let cred = sys::peer_cred(&conn).ok();
+                let uid = cred.map_or(u32::MAX, |c| c.uid);
                 let busy = {
                     let mut a = active.lock().unwrap_or_else(|p| p.into_inner());
                     let total: usize = a.values().sum();
@@ -2166,7 +2180,7 @@ fn spawn_admin(
                 let spawned = std::thread::Builder::new()
                     .name("ferryd-admin-client".into())
                     .spawn(move || {
-                        serve_admin(conn, &policy, timeout, &tx, &doorbell);
+                        serve_admin(conn, cred, &policy, timeout, &tx, &doorbell);
                         finished(&done);
                     });
                 if spawned.is_err() {
@@ -2225,65 +2239,72 @@ fn read_admin_line(
     Ok(String::from_utf8_lossy(&line).trim().to_string())
 }
 
+/// An admin request line as a command of the client `uid`.
+fn parse_admin(line: &str, uid: u32) -> Result<AdminCmd, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let stream = |s: &&str| s.to_string();
+    match words.as_slice() {
+        ["status"] => Ok(AdminCmd::Status { stream: None }),
+        ["status", s] => Ok(AdminCmd::Status {
+            stream: Some(stream(s)),
+        }),
+        ["delete-group", s, group] => Ok(AdminCmd::DeleteGroup {
+            stream: stream(s),
+            group: group.to_string(),
+            uid,
+        }),
+        ["delete-stream", s] | ["delete-stream", s, "force"] => Ok(AdminCmd::DeleteStream {
+            stream: stream(s),
+            force: words.len() == 3,
+            uid,
+        }),
+        _ => Err(format!(
+            "unknown admin command {:?} (status [STREAM], delete-group STREAM GROUP, delete-stream STREAM [force])",
+            line.chars().take(64).collect::<String>()
+        )),
+    }
+}
+
+/// Hands `cmd` to the loop (waking it) and returns its answer as JSON;
+/// None when the loop is gone.
+fn ask_loop(
+    cmd: AdminCmd,
+    tx: &std::sync::mpsc::Sender<AdminRequest>,
+    doorbell: &OwnedFd,
+) -> Option<Result<String, String>> {
+    let (rtx, rrx) = std::sync::mpsc::channel();
+    tx.send(AdminRequest { cmd, reply: rtx }).ok()?;
+    sys::eventfd_signal(doorbell.as_raw_fd());
+    Some(match rrx.recv_timeout(Duration::from_secs(5)) {
+        Ok(AdminReply::Json(j)) => Ok(j),
+        Ok(AdminReply::Status(st)) => {
+            serde_json::to_string(&st).map_err(|e| format!("encoding the status: {e}"))
+        }
+        Err(_) => Err("ferryd did not answer".into()),
+    })
+}
+
+/// Serves one admin client (`cred`, read at accept): the policy first,
+/// then one request line, then the loop's answer.
 fn serve_admin(
     mut conn: std::os::unix::net::UnixStream,
+    cred: Option<PeerCred>,
     policy: &Policy,
     timeout: Duration,
     tx: &std::sync::mpsc::Sender<AdminRequest>,
     doorbell: &OwnedFd,
 ) {
     let deadline = Instant::now() + timeout;
-    let error = |m: String| serde_json::json!({ "error": m }).to_string();
-    let cred = sys::peer_cred(&conn).ok();
-    let sock = OwnedFd::from(match conn.try_clone() {
-        Ok(c) => c,
-        Err(_) => return,
-    });
-    let reply = match cred {
-        Some(c) if policy.allows(&sock, &c) => {
-            match read_admin_line(&mut conn, deadline, timeout) {
-                Err(e) => error(e),
-                Ok(cmd) => {
-                    let words: Vec<&str> = cmd.split_whitespace().collect();
-                    let parsed = match words.as_slice() {
-                        ["status"] => Some(AdminCmd::Status { stream: None }),
-                        ["status", stream] => Some(AdminCmd::Status {
-                            stream: Some(stream.to_string()),
-                        }),
-                        ["delete-group", stream, group] => Some(AdminCmd::DeleteGroup {
-                            stream: stream.to_string(),
-                            group: group.to_string(),
-                            uid: c.uid,
-                        }),
-                        ["delete-stream", stream] | ["delete-stream", stream, "force"] => {
-                            Some(AdminCmd::DeleteStream {
-                                stream: stream.to_string(),
-                                force: words.len() == 3,
-                                uid: c.uid,
-                            })
-                        }
-                        _ => None,
-                    };
-                    match parsed {
-                    None => error(format!(
-                        "unknown admin command {:?} (status [STREAM], delete-group STREAM GROUP, delete-stream STREAM [force])",
-                        cmd.chars().take(64).collect::<String>()
-                    )),
-                    Some(cmd) => {
-                        let (rtx, rrx) = std::sync::mpsc::channel();
-                        if tx.send(AdminRequest { cmd, reply: rtx }).is_err() {
-                            return; // the loop is gone
-                        }
-                        sys::eventfd_signal(doorbell.as_raw_fd());
-                        match rrx.recv_timeout(Duration::from_secs(5)) {
-                            Ok(AdminReply::Json(j)) => j,
-                            Ok(AdminReply::Status(st)) => serde_json::to_string(&st)
-                                .unwrap_or_else(|e| error(format!("encoding the status: {e}"))),
-                            Err(_) => error("ferryd did not answer".into()),
-                        }
-                    }
-                }
-                }
+    let answer = match cred {
+        Some(c) if policy.allows(&conn, &c) => {
+            let cmd = read_admin_line(&mut conn, deadline, timeout)
+                .and_then(|line| parse_admin(&line, c.uid));
+            match cmd {
+                Err(e) => Err(e),
+                Ok(cmd) => match ask_loop(cmd, tx, doorbell) {
+                    Some(a) => a,
+                    None => return, // the loop is gone
+                },
             }
         }
         Some(c) => {
@@ -2293,13 +2314,14 @@ fn serve_admin(
                 uid = c.uid,
                 "admin connection refused by policy"
             );
-            error(format!(
+            Err(format!(
                 "permission denied: uid {} gid {} may not use this ferryd",
                 c.uid, c.gid
             ))
         }
-        None => error("permission denied: no peer credentials".into()),
+        None => Err("permission denied: no peer credentials".into()),
     };
+    let reply = answer.unwrap_or_else(|m| serde_json::json!({ "error": m }).to_string());
     let _ = conn.write_all(reply.as_bytes());
     let _ = conn.write_all(b"\n");
 }
@@ -2458,18 +2480,10 @@ pub struct GroupPartStatus {
 /// its JSON answer; an `{"error": ...}` answer is an error.
 pub fn admin_command(admin: &Path, line: &str) -> anyhow::Result<serde_json::Value> {
     let mut conn = std::os::unix::net::UnixStream::connect(admin).map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                " (is ferryd running?)"
-            }
-            std::io::ErrorKind::PermissionDenied => {
-                " (the socket's mode or group does not let this user in: see daemon.socket_mode and socket_group)"
-            }
-            _ => "",
-        };
         anyhow::anyhow!(
-            "connecting to ferryd's admin socket {}: {e}{hint}",
-            admin.display()
+            "connecting to ferryd's admin socket {}: {e}{}",
+            admin.display(),
+            proto::connect_hint(e.kind())
         )
     })?;
     // Like libferry: say nothing to a process we do not trust as ferryd.

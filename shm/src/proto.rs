@@ -198,6 +198,19 @@ pub fn check_daemon_uid(uid: u32, me: u32) -> Result<(), String> {
     ))
 }
 
+/// What to tell a person whose connect to a ferryd socket failed so.
+pub fn connect_hint(kind: std::io::ErrorKind) -> &'static str {
+    match kind {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            " (is ferryd running?)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (the socket's mode or group does not let this user in: see daemon.socket_mode and socket_group)"
+        }
+        _ => "",
+    }
+}
+
 /// Parses where a consumer wants its batches: "cpu" (or "host", or empty)
 /// for host memory, "cuda:N" (or "cuda" for 0) for GPU N.
 pub fn parse_device(s: &str) -> Result<Option<u32>, String> {

@@ -77,8 +77,9 @@ fn run() -> anyhow::Result<()> {
     }
     if args.check {
         ferry_shm::sys::default_sigpipe();
-        log_filter(&cfg)?; // RUST_LOG too, as start-up checks it
-                           // Exactly what start-up checks before it binds anything.
+        // Exactly what start-up checks before it binds anything, the log
+        // filter (RUST_LOG too) included.
+        log_filter(&cfg)?;
         let pre = cfg
             .preflight()
             .with_context(|| format!("invalid configuration {source}"))?;
@@ -89,14 +90,7 @@ fn run() -> anyhow::Result<()> {
                 p.display()
             );
         }
-        println!(
-            "configuration {} is valid",
-            if path.exists() {
-                path.display().to_string()
-            } else {
-                "(built-in defaults)".into()
-            }
-        );
+        println!("configuration {source} is valid");
         let d = &cfg.daemon;
         println!(
             "socket: {} (mode {}{})",
