@@ -83,26 +83,34 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     pub fn new(fd: &OwnedFd, len: usize, writable: bool) -> io::Result<Mapping> {
-        if len == 0 {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
             libc::PROT_READ
         };
-        // SAFETY: a fresh shared mapping chosen by the kernel; no existing
-        // memory is affected. The fd is valid for the call.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
+        Mapping::map(fd, len, prot, libc::MAP_SHARED)
+    }
+
+    /// A private copy-on-write mapping, readable and writable: a write
+    /// gives this process its own copy of the page (the file is never
+    /// written, so a read-only fd is enough), unwritten pages show the
+    /// file as it is.
+    pub fn new_private(fd: &OwnedFd, len: usize) -> io::Result<Mapping> {
+        Mapping::map(
+            fd,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE,
+        )
+    }
+
+    fn map(fd: &OwnedFd, len: usize, prot: libc::c_int, flags: libc::c_int) -> io::Result<Mapping> {
+        if len == 0 {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: a fresh mapping chosen by the kernel; no existing memory
+        // is affected. The fd is valid for the call.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd.as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -132,6 +140,84 @@ impl Drop for Mapping {
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
         }
+    }
+}
+
+/// Drops this process's private copies of the pages of `[offset, offset +
+/// len)` of a private file mapping: they show the file's contents again.
+/// `offset` and `len` must be page multiples inside the mapping.
+pub fn discard_private(map: &Mapping, offset: usize, len: usize) -> io::Result<()> {
+    let page = crate::layout::PAGE as usize;
+    if !offset.is_multiple_of(page)
+        || !len.is_multiple_of(page)
+        || offset.checked_add(len).is_none_or(|e| e > map.len)
+    {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: the range lies inside our own mapping (checked above);
+    // MADV_DONTNEED on a private file mapping only drops pages this
+    // process copied, which then fault in from the file again. No Rust
+    // reference into the mapping exists (all access is through raw
+    // pointers whose validity the caller's protocol provides).
+    cvt(unsafe {
+        libc::madvise(
+            map.ptr.as_ptr().add(offset).cast(),
+            len,
+            libc::MADV_DONTNEED,
+        )
+    })?;
+    Ok(())
+}
+
+/// `/proc/self/pagemap`, to tell which pages of a private mapping this
+/// process has written (and so holds a copy of). Reopened after a fork:
+/// an inherited descriptor would describe the parent.
+#[derive(Debug)]
+pub struct PageMap {
+    file: std::fs::File,
+    pid: u32,
+}
+
+impl PageMap {
+    pub fn open() -> io::Result<PageMap> {
+        Ok(PageMap {
+            file: std::fs::File::open("/proc/self/pagemap")?,
+            pid: std::process::id(),
+        })
+    }
+
+    /// For each of the `pages` pages from page `first` of `map`: whether
+    /// this process holds its own (anonymous) copy of it: present or
+    /// swapped, and not the file's page.
+    pub fn private_pages(
+        &mut self,
+        map: &Mapping,
+        first: usize,
+        pages: usize,
+        out: &mut Vec<bool>,
+    ) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let page = crate::layout::PAGE as usize;
+        if first.checked_add(pages).is_none_or(|e| e * page > map.len) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        if self.pid != std::process::id() {
+            *self = PageMap::open()?;
+        }
+        let mut raw = vec![0u8; pages * 8];
+        let vpage = map.ptr.as_ptr() as usize / page + first;
+        self.file.read_exact_at(&mut raw, (vpage * 8) as u64)?;
+        out.clear();
+        out.extend(raw.chunks_exact(8).map(|c| {
+            let e = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            let present_or_swapped = e & (3 << 62) != 0;
+            let file_page = e & (1 << 61) != 0;
+            present_or_swapped && !file_page
+        }));
+        Ok(())
     }
 }
 
