@@ -141,6 +141,9 @@ pub struct DaemonConfig {
     /// published after it) cannot stall the stream's producers for good
     /// (0: never).
     pub group_idle_timeout_ms: u64,
+    /// A producer that has waited this long for a free slot is logged,
+    /// with the groups holding the slots (0: never).
+    pub slot_wait_log_ms: u64,
 }
 
 impl Default for DaemonConfig {
@@ -175,6 +178,7 @@ impl Default for DaemonConfig {
             stream_access: "owner".into(),
             max_groups_per_stream: 64,
             group_idle_timeout_ms: 600_000,
+            slot_wait_log_ms: 5_000,
         }
     }
 }
@@ -193,6 +197,8 @@ pub struct StreamConfig {
     /// Uids that may consume it (join its groups, seek, delete a group);
     /// absent: every allowed user.
     pub consumers: Option<Vec<u32>>,
+    /// This stream's `daemon.group_idle_timeout_ms` (0: never).
+    pub group_idle_timeout_ms: Option<u64>,
 }
 
 fn default_version() -> u32 {

@@ -50,6 +50,14 @@ struct ProducerState {
     granted: HashSet<u32>,
     credits: u32,
     published: u64,
+    /// Said the epoch is over for it (`OP_END`) and has not published since.
+    ended: bool,
+    /// An `OP_END` that waits for this GPU producer's copies to finish.
+    end_after_copies: bool,
+    /// Since when it has no slot granted and the pool has none free.
+    starved_since: Option<Instant>,
+    /// Whether that wait was logged already.
+    starved_logged: bool,
     /// Publishing from GPU memory: the stream's mirror on that GPU and the
     /// copies to host slots in flight.
     gpu: Option<GpuPublish>,
@@ -62,6 +70,8 @@ struct ConsumerState {
     prefetch: u32,
     inflight: u32,
     delivered: u64,
+    /// The group's epochs this member was told of (OP_END_OF_EPOCH).
+    epoch_seen: u64,
     /// GPU delivery: the consumer's GPU pool and copies in flight.
     gpu: Option<GpuDelivery>,
 }
@@ -121,6 +131,10 @@ struct StreamEntry {
     idle_since: Option<Instant>,
     /// A declared stream's `producers` and `consumers` lists.
     acl: (Option<Vec<u32>>, Option<Vec<u32>>),
+    /// A declared stream's own group_idle_timeout_ms.
+    group_idle_timeout_ms: Option<u64>,
+    /// Groups deleted for having no member too long.
+    groups_expired: u64,
     dirty: bool,
 }
 
@@ -463,6 +477,7 @@ impl Server {
                 .create_stream(&s.name, s.spec(), None)
                 .map(|idx| {
                     server.streams[idx].acl = (s.producers.clone(), s.consumers.clone());
+                    server.streams[idx].group_idle_timeout_ms = s.group_idle_timeout_ms;
                 })
                 .map_err(|(_, m)| anyhow::anyhow!(m))?;
         }
@@ -533,6 +548,8 @@ impl Server {
                 owner,
                 idle_since: None,
                 acl: (None, None),
+                group_idle_timeout_ms: None,
+                groups_expired: 0,
                 dirty: true,
             },
         );
@@ -746,15 +763,18 @@ impl Server {
     /// Deletes consumer groups that have had no member for
     /// `group_idle_timeout_ms`.
     fn expire_groups(&mut self) {
-        let group_timeout = self.cfg.daemon.group_idle_timeout_ms;
-        if group_timeout == 0 {
-            return;
-        }
-        let t = Duration::from_millis(group_timeout);
         for (_, e) in self.streams.iter_mut() {
+            let group_timeout = e
+                .group_idle_timeout_ms
+                .unwrap_or(self.cfg.daemon.group_idle_timeout_ms);
+            if group_timeout == 0 {
+                continue;
+            }
+            let t = Duration::from_millis(group_timeout);
             for g in e.stream.idle_groups(t) {
                 if let Ok(held) = e.stream.delete_group(&g) {
                     e.dirty = true;
+                    e.groups_expired += 1;
                     crate::limited!(
                         INFO,
                         stream = %e.stream.name,
@@ -820,14 +840,19 @@ impl Server {
                     } else {
                         warn!(
                             held,
-                            "drained as far as it can: no consumer is left to take the batches still held (they are lost with this memory-only ferryd)"
+                            "drained as far as it can: {held} batches were never released, and no consumer is left to take them (they are lost with this memory-only ferryd): {}",
+                            self.describe_held()
                         );
                     }
                     break;
                 }
                 if since.elapsed() >= Duration::from_millis(self.cfg.daemon.drain_timeout_ms) {
                     let held: u32 = self.streams.iter().map(|s| s.stream.slot_counts().2).sum();
-                    warn!(held, "drain timeout: exiting with batches not yet released");
+                    warn!(
+                        held,
+                        "drain timeout: exiting with {held} batches not yet released: {}",
+                        self.describe_held()
+                    );
                     break;
                 }
             }
@@ -882,6 +907,17 @@ impl Server {
         }
         self.shutdown();
         Ok(())
+    }
+
+    /// The streams with held slots and who holds them, for the drain
+    /// summary.
+    fn describe_held(&self) -> String {
+        self.streams
+            .iter()
+            .filter(|e| e.stream.slot_counts().2 > 0)
+            .map(|e| format!("stream {}: {}", e.stream.name, e.stream.describe_holders()))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     fn drained(&self) -> bool {
@@ -1029,6 +1065,46 @@ impl Server {
         }
         self.expire_groups();
         self.expire_streams();
+        self.report_waiting_producers();
+    }
+
+    /// Logs, once per wait, a producer that has waited `slot_wait_log_ms`
+    /// for a free slot, naming the groups that hold the slots: a stalled
+    /// producer is never silent.
+    fn report_waiting_producers(&mut self) {
+        let after = self.cfg.daemon.slot_wait_log_ms;
+        if after == 0 {
+            return;
+        }
+        let after = Duration::from_millis(after);
+        for e in self.streams.iter() {
+            for pid in &e.producers {
+                let Some(Session {
+                    role: Role::Producer(p),
+                    cred,
+                    ..
+                }) = self.sessions.get_mut(pid)
+                else {
+                    continue;
+                };
+                let Some(since) = p.starved_since else {
+                    continue;
+                };
+                if p.starved_logged || since.elapsed() < after || !e.stream.free.is_empty() {
+                    continue;
+                }
+                p.starved_logged = true;
+                warn!(
+                    stream = %e.stream.name,
+                    session = *pid,
+                    pid = cred.pid,
+                    waited_ms = since.elapsed().as_millis() as u64,
+                    "producer waits for a free slot: all {} slots are held, by {}",
+                    e.stream.spec.slot_count,
+                    e.stream.describe_holders()
+                );
+            }
+        }
     }
 
     /// Accepting again after running out of file descriptors.
@@ -1274,7 +1350,8 @@ impl Server {
                 prefetch,
                 device,
                 device_bus,
-            } => self.open_consumer(id, stream, group, prefetch, (device, device_bus)),
+                start,
+            } => self.open_consumer(id, stream, group, prefetch, (device, device_bus), start),
             Request::Seek { partition, offset } => self.seek(id, partition, offset),
         }
     }
@@ -1420,6 +1497,10 @@ impl Server {
                 granted: HashSet::new(),
                 credits,
                 published: 0,
+                ended: false,
+                end_after_copies: false,
+                starved_since: None,
+                starved_logged: false,
                 gpu,
             });
         }
@@ -1433,6 +1514,7 @@ impl Server {
         group: String,
         prefetch: u32,
         device: (Option<u32>, Option<String>),
+        start: proto::GroupStart,
     ) {
         let cap = self.cfg.daemon.ring_capacity;
         let prefetch = if prefetch == 0 {
@@ -1491,7 +1573,17 @@ impl Server {
         };
         let entry = &mut self.streams[idx];
         let new_group = entry.stream.group_index(&group).is_none();
-        let g = entry.stream.join(&group, id);
+        let g = match entry.stream.join(&group, id, &start) {
+            Ok(g) => g,
+            Err(e) => {
+                let code = match e {
+                    crate::stream::SeekError::Gone { .. } => ErrorCode::OffsetGone,
+                    _ => ErrorCode::InvalidArgument,
+                };
+                return self.refuse(id, code, format!("start of new group {group}: {e}"));
+            }
+        };
+        let epoch_seen = entry.stream.groups[g].epoch;
         if new_group {
             entry.stream.groups[g].owner = uid;
         }
@@ -1531,6 +1623,7 @@ impl Server {
                 prefetch,
                 inflight: 0,
                 delivered: 0,
+                epoch_seen,
                 gpu,
             });
         }
@@ -1588,13 +1681,27 @@ impl Server {
             return Ok(0);
         };
         let mut n = 0;
+        let mut end_check = None;
         match &mut s.role {
             Role::Producer(p) => {
                 let entry = &mut self.streams[p.stream];
                 while let Some(d) = p.rings.sub.pop().map_err(|e| Violation(e.to_string()))? {
+                    if d.op == desc::OP_END {
+                        match &p.gpu {
+                            // After the publishes still copying.
+                            Some(g) if g.pending() > 0 => p.end_after_copies = true,
+                            _ => {
+                                p.ended = true;
+                                end_check = Some(p.stream);
+                            }
+                        }
+                        n += 1;
+                        continue;
+                    }
                     if d.op != desc::OP_PUBLISH {
                         return Err(Violation(format!("producer sent op {}", d.op)));
                     }
+                    p.ended = false;
                     let key = (d.flags & desc::FLAG_HAS_KEY != 0).then_some(d.key);
                     if let Some(g) = &mut p.gpu {
                         // Takes effect once its copy to the host slot is
@@ -1612,9 +1719,15 @@ impl Server {
                             "publish from GPU memory by a producer opened for host memory".into(),
                         ));
                     }
-                    entry
-                        .stream
-                        .publish(id, d.slot, d.len, d.meta_len, key, None)?;
+                    entry.stream.publish(
+                        id,
+                        d.slot,
+                        d.len,
+                        d.meta_len,
+                        key,
+                        None,
+                        entry_flags(&d),
+                    )?;
                     p.granted.remove(&d.slot);
                     p.published += 1;
                     entry.dirty = true;
@@ -1636,6 +1749,9 @@ impl Server {
                                 .stream
                                 .release(c.group, id, d.partition, d.offset, d.slot)?;
                             c.inflight = c.inflight.saturating_sub(1);
+                            if d.flags & desc::FLAG_COMMIT != 0 {
+                                commit_all = true;
+                            }
                         }
                         desc::OP_COMMIT if d.partition == desc::COMMIT_ALL => commit_all = true,
                         desc::OP_COMMIT => {
@@ -1661,7 +1777,50 @@ impl Server {
             }
             _ => {}
         }
+        if let Some(idx) = end_check {
+            self.maybe_end_epoch(idx, false);
+        }
         Ok(n)
+    }
+
+    /// Ends the epoch of stream `idx` when every producer attached to it
+    /// has said it is done (`OP_END`) and at least one has: end markers go
+    /// into every partition, and the producers start the next epoch.
+    fn maybe_end_epoch(&mut self, idx: usize, leaving_ended: bool) {
+        let entry = &mut self.streams[idx];
+        let mut any = leaving_ended;
+        for pid in &entry.producers {
+            if let Some(Session {
+                role: Role::Producer(p),
+                ..
+            }) = self.sessions.get(pid)
+            {
+                if !p.ended {
+                    return;
+                }
+                any = true;
+            }
+        }
+        if !any {
+            return;
+        }
+        for pid in &entry.producers {
+            if let Some(Session {
+                role: Role::Producer(p),
+                ..
+            }) = self.sessions.get_mut(pid)
+            {
+                p.ended = false;
+            }
+        }
+        entry.stream.end_epoch();
+        entry.dirty = true;
+        limited!(
+            INFO,
+            stream = %entry.stream.name,
+            producers = entry.producers.len(),
+            "end of epoch: every producer said it is done"
+        );
     }
 
     /// Grants free slots to producers and delivers batches to consumers of
@@ -1699,6 +1858,8 @@ impl Server {
                         let Some(slot) = entry.stream.grant(pid) else {
                             break;
                         };
+                        p.starved_since = None;
+                        p.starved_logged = false;
                         let d = Desc {
                             op: desc::OP_GRANT,
                             stream: entry.stream.id,
@@ -1722,6 +1883,19 @@ impl Server {
                     }
                 }
             }
+            if entry.stream.free.is_empty() {
+                for pid in &entry.producers {
+                    if let Some(Session {
+                        role: Role::Producer(p),
+                        ..
+                    }) = self.sessions.get_mut(pid)
+                    {
+                        if p.granted.is_empty() && p.starved_since.is_none() {
+                            p.starved_since = Some(Instant::now());
+                        }
+                    }
+                }
+            }
             // Deliveries.
             let sessions = &mut self.sessions;
             for g in 0..entry.stream.groups.len() {
@@ -1740,6 +1914,11 @@ impl Server {
                     }
                     let d = Desc {
                         op: desc::OP_DELIVER,
+                        flags: if dv.entry.flags & crate::stream::ENTRY_RECORD != 0 {
+                            desc::FLAG_RECORD
+                        } else {
+                            0
+                        },
                         stream: sid,
                         partition: dv.part,
                         slot: dv.entry.slot,
@@ -1785,6 +1964,39 @@ impl Server {
                     }
                 });
                 pushed += n;
+                // Members not yet told of an epoch the group finished (after
+                // every batch of it that they were given, GPU copies
+                // included).
+                let group = &entry.stream.groups[g];
+                for &m in &group.members {
+                    let Some(Session {
+                        role: Role::Consumer(c),
+                        ..
+                    }) = sessions.get_mut(&m)
+                    else {
+                        continue;
+                    };
+                    if c.epoch_seen >= group.epoch
+                        || c.gpu.as_ref().is_some_and(|g| g.pending() > 0)
+                    {
+                        continue;
+                    }
+                    let d = Desc {
+                        op: desc::OP_END_OF_EPOCH,
+                        stream: sid,
+                        offset: group.epoch,
+                        ..Desc::default()
+                    };
+                    match c.rings.comp.push(&d) {
+                        Ok(()) => {
+                            c.epoch_seen = group.epoch;
+                            pushed += 1;
+                            to_wake.push(m);
+                        }
+                        Err(ferry_shm::RingError::Full) => entry.dirty = true,
+                        Err(e) => failed.push((m, e.to_string())),
+                    }
+                }
             }
         }
         to_wake.sort_unstable();
@@ -1811,6 +2023,7 @@ impl Server {
         }
         let mut pushed = 0;
         let mut failed: Vec<(SessionId, String)> = Vec::new();
+        let mut ended = Vec::new();
         let streams = &mut self.streams;
         for (&id, s) in self.sessions.iter_mut() {
             if let Role::Producer(p) = &mut s.role {
@@ -1824,6 +2037,11 @@ impl Server {
                             Ok(n) => pushed += n,
                             Err(e) => failed.push((id, e)),
                         }
+                    }
+                    if p.end_after_copies && g.pending() == 0 {
+                        p.end_after_copies = false;
+                        p.ended = true;
+                        ended.push(p.stream);
                     }
                 }
                 continue;
@@ -1855,8 +2073,13 @@ impl Server {
                     if comp.wake_needed() {
                         sys::futex_wake(comp.ring().sleep_word());
                     }
+                    // An end of epoch may wait for these copies.
+                    streams[c.stream].dirty = true;
                 }
             }
+        }
+        for idx in ended {
+            self.maybe_end_epoch(idx, false);
         }
         for (id, why) in failed {
             self.fail_session(id, &why);
@@ -1924,6 +2147,10 @@ impl Server {
                 }
                 entry.producers.retain(|&x| x != id);
                 entry.dirty = true;
+                // The others may all have ended already (or this one was
+                // the last, and ended).
+                let (idx, ended) = (p.stream, p.ended || p.end_after_copies);
+                self.maybe_end_epoch(idx, ended);
                 limited!(
                     INFO,
                     session = id,
@@ -1985,6 +2212,8 @@ impl Server {
                     slots_held: held,
                     published: s.published,
                     end_offsets: ends.clone(),
+                    slots_held_for_first_group: s.orphans(),
+                    groups_expired: e.groups_expired,
                     producers: e
                         .producers
                         .iter()
@@ -1998,6 +2227,10 @@ impl Server {
                                 pid: sess.cred.pid,
                                 granted: p.granted.len() as u32,
                                 published: p.published,
+                                waiting_for_slot_ms: p
+                                    .starved_since
+                                    .filter(|_| s.free.is_empty())
+                                    .map(|t| t.elapsed().as_millis() as u64),
                                 device: p.gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal)),
                                 gpu_copies_in_flight: p
                                     .gpu
@@ -2010,8 +2243,9 @@ impl Server {
                     groups: s
                         .groups
                         .iter()
-                        .filter(|g| !g.deleted)
-                        .map(|g| {
+                        .enumerate()
+                        .filter(|(_, g)| !g.deleted)
+                        .map(|(gi, g)| {
                             let shown = g.parts.len().min(rows_left);
                             rows_left -= shown;
                             let lag = g
@@ -2039,6 +2273,8 @@ impl Server {
                             GroupStatus {
                                 name: g.name.clone(),
                                 lag,
+                                slots_held: s.held_by(gi),
+                                epochs: g.epoch,
                                 owner_uid: g.owner,
                                 partitions_omitted: (g.parts.len() - shown) as u32,
                                 members: g
@@ -2329,6 +2565,15 @@ fn serve_admin(
 /// Puts a batch a producer published from GPU `dev` into its stream, now
 /// that its copy to the host slot is done (batches published from host
 /// memory by the same producer wait in the same queue, keeping its order).
+/// The stream entry flags a publish descriptor asks for.
+fn entry_flags(d: &Desc) -> u16 {
+    if d.flags & desc::FLAG_RECORD != 0 {
+        crate::stream::ENTRY_RECORD
+    } else {
+        0
+    }
+}
+
 fn publish_copied(
     entry: &mut StreamEntry,
     id: SessionId,
@@ -2341,7 +2586,7 @@ fn publish_copied(
     let device = (d.flags & desc::FLAG_DEVICE != 0).then_some(dev);
     entry
         .stream
-        .publish(id, d.slot, d.len, d.meta_len, key, device)?;
+        .publish(id, d.slot, d.len, d.meta_len, key, device, entry_flags(d))?;
     granted.remove(&d.slot);
     *published += 1;
     entry.dirty = true;
@@ -2409,6 +2654,13 @@ pub struct StreamStatus {
     pub slots_held: u32,
     pub published: u64,
     pub end_offsets: Vec<u64>,
+    /// Slots holding batches published while the stream had no group,
+    /// kept for the first group to form.
+    #[serde(default)]
+    pub slots_held_for_first_group: u32,
+    /// Groups deleted for having had no member for group_idle_timeout_ms.
+    #[serde(default)]
+    pub groups_expired: u64,
     pub producers: Vec<ProducerStatus>,
     pub groups: Vec<GroupStatus>,
 }
@@ -2419,6 +2671,10 @@ pub struct ProducerStatus {
     pub pid: i32,
     pub granted: u32,
     pub published: u64,
+    /// How long it has waited for a free slot (none granted, none free);
+    /// absent when it is not waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for_slot_ms: Option<u64>,
     /// "cuda:N" when publishing from GPU memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
@@ -2432,6 +2688,12 @@ pub struct ProducerStatus {
 pub struct GroupStatus {
     pub name: String,
     pub lag: u64,
+    /// Slots whose batch this group has not released (or not received).
+    #[serde(default)]
+    pub slots_held: u64,
+    /// Epochs it finished (passed the end markers of every partition).
+    #[serde(default)]
+    pub epochs: u64,
     /// The uid that created the group.
     #[serde(default)]
     pub owner_uid: u32,

@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use ferry_shm::proto::StreamSpec;
+use ferry_shm::proto::{GroupStart, StreamSpec};
 
 pub type SessionId = u64;
 
@@ -41,14 +41,31 @@ pub enum Slot {
     },
 }
 
+/// `Entry::slot` of an end marker: it carries no batch.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// `Entry::flags`: the payload is a typed record (passed on to consumers).
+pub const ENTRY_RECORD: u16 = 1;
+/// `Entry::flags`: an end marker (the producers ended the epoch here).
+pub const ENTRY_END: u16 = 2;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
+    /// The slot holding the batch; [`NO_SLOT`] for an end marker.
     pub slot: u32,
     pub len: u64,
     pub meta_len: u32,
     /// Published from GPU memory: the stream's mirror on this GPU holds the
     /// payload too (the host slot has a copy).
     pub device: Option<u32>,
+    /// `ENTRY_*` bits.
+    pub flags: u16,
+}
+
+impl Entry {
+    pub fn is_end(&self) -> bool {
+        self.flags & ENTRY_END != 0
+    }
 }
 
 #[derive(Debug, Default)]
@@ -68,6 +85,9 @@ pub struct GroupPart {
     /// Delivered and not yet released.
     pub inflight: HashMap<u64, Inflight>,
     pub committed: u64,
+    /// The group passed an end marker here and waits for every partition
+    /// to reach theirs (the end of the epoch) before delivering more.
+    pub at_end: bool,
 }
 
 /// A batch a member holds.
@@ -104,6 +124,9 @@ pub struct Group {
     /// The uid that created it (set by the daemon; only it and root may
     /// join or delete it).
     pub owner: u32,
+    /// Epochs this group has finished (passed the end marker of every
+    /// partition); members are told of each.
+    pub epoch: u64,
 }
 
 impl Group {
@@ -155,6 +178,8 @@ pub struct Violation(pub String);
 pub enum SeekError {
     #[error("partition {part} does not exist (the stream has {parts})")]
     NoPartition { part: u32, parts: u32 },
+    #[error("{given} start offsets given for a stream of {parts} partitions (one per partition)")]
+    StartOffsets { given: u32, parts: u32 },
     #[error("offset {offset} is past the end {end} of partition {part}")]
     PastEnd { part: u32, offset: u64, end: u64 },
     #[error("offset {offset} of partition {part} is no longer retained (earliest retained: {earliest:?})")]
@@ -325,9 +350,48 @@ impl Stream {
         } = self.slots[slot as usize]
         {
             self.parts[p as usize].index.remove(&o);
+            self.drop_old_end_markers(p as usize);
         }
         self.slots[slot as usize] = Slot::Granted { session };
         Some(slot)
+    }
+
+    /// End markers at the front of partition `p`'s index that no group
+    /// can still reach (every group is past them): dropped, so that epochs
+    /// do not grow the index.
+    fn drop_old_end_markers(&mut self, p: usize) {
+        while let Some((&o, e)) = self.parts[p].index.first_key_value() {
+            let passed = self
+                .groups
+                .iter()
+                .filter(|g| !g.deleted)
+                .all(|g| g.parts[p].position() > o);
+            if !e.is_end() || !passed {
+                break;
+            }
+            self.parts[p].index.remove(&o);
+        }
+    }
+
+    /// Ends the epoch: an end marker at the end of every partition. A
+    /// group that reaches one waits until it has reached all of them (and
+    /// delivered everything before them), then tells its members the epoch
+    /// is over and goes on with what follows.
+    pub fn end_epoch(&mut self) {
+        for part in &mut self.parts {
+            let offset = part.end;
+            part.end += 1;
+            part.index.insert(
+                offset,
+                Entry {
+                    slot: NO_SLOT,
+                    len: 0,
+                    meta_len: 0,
+                    device: None,
+                    flags: ENTRY_END,
+                },
+            );
+        }
     }
 
     /// Gives back slots granted to a producer that went away unpublished.
@@ -376,6 +440,8 @@ impl Stream {
     /// Puts a filled slot into the stream (`device`: published from GPU
     /// memory, whose copy stays in that GPU's mirror of the pool).
     /// Everything here comes from the client's ring and is checked.
+    // Each argument is one checked field of the publish descriptor.
+    #[allow(clippy::too_many_arguments)]
     pub fn publish(
         &mut self,
         session: SessionId,
@@ -384,6 +450,7 @@ impl Stream {
         meta_len: u32,
         key: Option<u64>,
         device: Option<u32>,
+        flags: u16,
     ) -> Result<(u32, u64), Violation> {
         self.check_publish(session, slot, len, meta_len)?;
         let part = match key {
@@ -404,6 +471,7 @@ impl Stream {
                 len,
                 meta_len,
                 device,
+                flags: flags & ENTRY_RECORD,
             },
         );
         let live = self.live_groups();
@@ -423,6 +491,9 @@ impl Stream {
         let Some(e) = self.parts[p as usize].index.get(&o).copied() else {
             return;
         };
+        if e.slot == NO_SLOT {
+            return;
+        }
         match &mut self.slots[e.slot as usize] {
             Slot::Held {
                 holders, orphan, ..
@@ -451,6 +522,9 @@ impl Stream {
         let Some(e) = self.parts[p as usize].index.get(&o).copied() else {
             return;
         };
+        if e.slot == NO_SLOT {
+            return;
+        }
         if let Slot::Held { holders, .. } = &mut self.slots[e.slot as usize] {
             *holders -= 1;
             if *holders == 0 {
@@ -483,11 +557,12 @@ impl Stream {
         self.groups.iter().filter(|g| !g.deleted).count()
     }
 
-    /// Deletes group `name`, which must have no members. Its holds on
-    /// batches other groups still hold are released (freeing slots held
-    /// only for it); if it was the last group, the batches it had not
-    /// released are kept for the next group that forms, as batches
-    /// published before any group are. Returns how many batches it held.
+    /// Deletes group `name`, which must have no members. Its holds are
+    /// released (freeing slots held only for it), also when it was the
+    /// last group: its old batches are not handed to some unrelated group
+    /// formed later (such a group can still ask for them with a start of
+    /// `Earliest` while they are retained). Returns how many batches it
+    /// held.
     pub fn delete_group(&mut self, name: &str) -> Result<u64, String> {
         let g = self
             .group_index(name)
@@ -498,7 +573,6 @@ impl Stream {
                 "group {name} still has {members} member(s); stop them first"
             ));
         }
-        let last = self.live_groups() == 1;
         let mut held = 0u64;
         for p in 0..self.parts.len() {
             let gp = std::mem::take(&mut self.groups[g].parts[p]);
@@ -506,44 +580,103 @@ impl Stream {
             offsets.extend(gp.inflight.keys().copied());
             offsets.extend(self.parts[p].index.range(gp.next..).map(|(o, _)| *o));
             for o in offsets {
-                held += 1;
-                if last {
-                    // Keep it for the next group, as an orphan.
-                    if let Some(e) = self.parts[p].index.get(&o).copied() {
-                        if let Slot::Held { orphan, .. } = &mut self.slots[e.slot as usize] {
-                            *orphan = true;
-                        }
-                    }
-                } else {
-                    self.unhold(p as u32, o);
+                if self.parts[p]
+                    .index
+                    .get(&o)
+                    .is_some_and(|e| e.slot != NO_SLOT)
+                {
+                    held += 1;
                 }
+                self.unhold(p as u32, o);
             }
         }
         self.groups[g].deleted = true;
         Ok(held)
     }
 
-    /// Adds `session` to group `name` (creating the group) and rebalances.
-    /// A new group starts at the earliest batch some group (or nobody yet)
-    /// still holds; released batches are reachable only by seeking.
-    pub fn join(&mut self, name: &str, session: SessionId) -> usize {
+    /// Where a group created now would start in partition `p`, or why it
+    /// cannot start there.
+    fn start_of(&self, p: usize, start: &GroupStart) -> Result<u64, SeekError> {
+        let partition = &self.parts[p];
+        let held = |e: &Entry| {
+            e.slot != NO_SLOT && matches!(self.slots[e.slot as usize], Slot::Held { .. })
+        };
+        Ok(match start {
+            // Batches published while no group existed are orphans, held
+            // for the first group; with other groups present there are
+            // none, and a new group starts at the end.
+            GroupStart::Default if self.live_groups() == 0 => partition
+                .index
+                .iter()
+                .find(|(_, e)| held(e))
+                .map(|(o, _)| *o)
+                .unwrap_or(partition.end),
+            GroupStart::Default | GroupStart::Latest => partition.end,
+            GroupStart::Earliest => {
+                // The lowest offset from which everything up to the end is
+                // still in the pool.
+                let mut s = partition.end;
+                for (&o, _) in partition.index.range(..partition.end).rev() {
+                    if o + 1 != s {
+                        break;
+                    }
+                    s = o;
+                }
+                s
+            }
+            GroupStart::Offsets(offsets) => {
+                let parts = self.spec.partitions;
+                if offsets.len() != parts as usize {
+                    return Err(SeekError::StartOffsets {
+                        given: offsets.len() as u32,
+                        parts,
+                    });
+                }
+                let offset = offsets[p];
+                let end = partition.end;
+                if offset > end {
+                    return Err(SeekError::PastEnd {
+                        part: p as u32,
+                        offset,
+                        end,
+                    });
+                }
+                if !(offset..end).all(|o| partition.index.contains_key(&o)) {
+                    return Err(SeekError::Gone {
+                        part: p as u32,
+                        offset,
+                        earliest: partition.index.keys().next().copied(),
+                    });
+                }
+                offset
+            }
+        })
+    }
+
+    /// Adds `session` to group `name` (creating the group, starting where
+    /// `start` says) and rebalances. `start` is ignored when the group
+    /// exists; a start that is not retained is an error and joins nothing.
+    pub fn join(
+        &mut self,
+        name: &str,
+        session: SessionId,
+        start: &GroupStart,
+    ) -> Result<usize, SeekError> {
         let g = match self.group_index(name) {
             Some(g) => g,
             None => {
                 let nparts = self.spec.partitions as usize;
-                let mut parts = vec![GroupPart::default(); nparts];
-                for (p, gp) in parts.iter_mut().enumerate() {
-                    let partition = &self.parts[p];
-                    let start = partition
-                        .index
-                        .iter()
-                        .find(|(_, e)| matches!(self.slots[e.slot as usize], Slot::Held { .. }))
-                        .map(|(o, _)| *o)
-                        .unwrap_or(partition.end);
-                    gp.next = start;
-                    gp.committed = start;
-                }
-                let starts: Vec<u64> = parts.iter().map(|gp| gp.next).collect();
+                let starts = (0..nparts)
+                    .map(|p| self.start_of(p, start))
+                    .collect::<Result<Vec<u64>, SeekError>>()?;
+                let parts = starts
+                    .iter()
+                    .map(|&s| GroupPart {
+                        next: s,
+                        committed: s,
+                        ..GroupPart::default()
+                    })
+                    .collect();
                 let group = Group {
                     name: name.to_string(),
                     members: Vec::new(),
@@ -552,6 +685,7 @@ impl Stream {
                     deleted: false,
                     empty_since: None,
                     owner: 0,
+                    epoch: 0,
                 };
                 // Reuse a deleted group's index, so that creating and
                 // deleting groups does not grow the stream.
@@ -565,6 +699,7 @@ impl Stream {
                         self.groups.len() - 1
                     }
                 };
+                let first = self.live_groups() == 1;
                 for (p, start) in starts.into_iter().enumerate() {
                     let offsets: Vec<u64> = self.parts[p]
                         .index
@@ -575,6 +710,24 @@ impl Stream {
                         self.hold(p as u32, o);
                     }
                 }
+                if first {
+                    // Orphans this first group did not take (it started
+                    // later) were kept for it alone: free them.
+                    for slot in 0..self.slots.len() {
+                        if let Slot::Held {
+                            part,
+                            offset,
+                            orphan: true,
+                            ..
+                        } = self.slots[slot]
+                        {
+                            self.slots[slot] = Slot::Free {
+                                retained: Some((part, offset)),
+                            };
+                            self.free.push_back(slot as u32);
+                        }
+                    }
+                }
                 g
             }
         };
@@ -582,7 +735,7 @@ impl Stream {
         group.members.push(session);
         group.empty_since = None;
         group.rebalance();
-        g
+        Ok(g)
     }
 
     /// Removes `session` from group `g`: its unreleased batches are
@@ -610,61 +763,84 @@ impl Stream {
 
     /// Delivers to the members of group `g`: `sink(member, batch)` hands
     /// one batch over and returns false when that member cannot take more
-    /// now (no credit, ring full); the batch is then kept for later.
-    /// Allocation-free: this runs on every publish and release.
+    /// now (no credit, ring full); the batch is then kept for later. End
+    /// markers are not handed over: a partition stops at one until every
+    /// partition has reached its own and has nothing left to redeliver;
+    /// then the group's `epoch` goes up (the caller tells the members) and
+    /// delivery goes on past them. Allocation-free: this runs on every
+    /// publish and release.
     pub fn deliver(
         &mut self,
         g: usize,
         mut sink: impl FnMut(SessionId, Delivery) -> bool,
     ) -> usize {
         let mut count = 0;
-        for p in 0..self.parts.len() {
-            let Some(owner) = self.groups[g].assign[p] else {
-                continue;
-            };
-            loop {
-                let gp = &mut self.groups[g].parts[p];
-                let (o, from_pending) = if let Some(o) = gp.pending.pop_first() {
-                    (o, true)
-                } else if gp.next < self.parts[p].end {
-                    let o = gp.next;
-                    gp.next += 1;
-                    (o, false)
-                } else {
-                    break;
-                };
-                let Some(entry) = self.parts[p].index.get(&o).copied() else {
-                    // Cannot happen while the group holds `o`; skip rather
-                    // than wedge the partition.
+        loop {
+            for p in 0..self.parts.len() {
+                let Some(owner) = self.groups[g].assign[p] else {
                     continue;
                 };
-                if !sink(
-                    owner,
-                    Delivery {
-                        part: p as u32,
-                        offset: o,
-                        entry,
-                    },
-                ) {
+                loop {
                     let gp = &mut self.groups[g].parts[p];
-                    if from_pending {
-                        gp.pending.insert(o);
+                    let (o, from_pending) = if let Some(o) = gp.pending.pop_first() {
+                        (o, true)
+                    } else if !gp.at_end && gp.next < self.parts[p].end {
+                        let o = gp.next;
+                        gp.next += 1;
+                        (o, false)
                     } else {
-                        gp.next -= 1;
+                        break;
+                    };
+                    let Some(entry) = self.parts[p].index.get(&o).copied() else {
+                        // Cannot happen while the group holds `o`; skip
+                        // rather than wedge the partition.
+                        continue;
+                    };
+                    if entry.is_end() {
+                        self.groups[g].parts[p].at_end = true;
+                        continue;
                     }
-                    break;
+                    if !sink(
+                        owner,
+                        Delivery {
+                            part: p as u32,
+                            offset: o,
+                            entry,
+                        },
+                    ) {
+                        let gp = &mut self.groups[g].parts[p];
+                        if from_pending {
+                            gp.pending.insert(o);
+                        } else {
+                            gp.next -= 1;
+                        }
+                        break;
+                    }
+                    self.groups[g].parts[p].inflight.insert(
+                        o,
+                        Inflight {
+                            session: owner,
+                            replay: false,
+                        },
+                    );
+                    count += 1;
                 }
-                self.groups[g].parts[p].inflight.insert(
-                    o,
-                    Inflight {
-                        session: owner,
-                        replay: false,
-                    },
-                );
-                count += 1;
             }
+            let group = &mut self.groups[g];
+            let epoch_over = !group.members.is_empty()
+                && group
+                    .parts
+                    .iter()
+                    .all(|gp| gp.at_end && gp.pending.is_empty());
+            if !epoch_over {
+                return count;
+            }
+            for gp in &mut group.parts {
+                gp.at_end = false;
+            }
+            group.epoch += 1;
+            // Go on with the next epoch's batches.
         }
-        count
     }
 
     /// A consumer is done with (`part`, `offset`) in `slot`.
@@ -720,9 +896,13 @@ impl Stream {
     ) -> Result<(), Violation> {
         match part {
             None => {
-                for p in self.groups[g].partitions_of(session) {
-                    let low = self.groups[g].low_watermark(p as usize);
-                    self.groups[g].parts[p as usize].committed = low;
+                // Allocation-free: automatic commits run with releases.
+                let group = &mut self.groups[g];
+                for p in 0..group.assign.len() {
+                    if group.assign[p] == Some(session) {
+                        let low = group.low_watermark(p);
+                        group.parts[p].committed = low;
+                    }
                 }
                 Ok(())
             }
@@ -781,6 +961,9 @@ impl Stream {
         for (o, i) in self.groups[g].parts[p].inflight.iter_mut() {
             i.replay = *o >= offset;
         }
+        // An explicit position: an end marker passed before no longer
+        // holds the partition back (one replayed is met again).
+        self.groups[g].parts[p].at_end = false;
         if offset < next {
             // Replay: what the group no longer holds in [offset, next) is
             // held again and pending; `next` stays, keeping the sets disjoint.
@@ -800,6 +983,60 @@ impl Stream {
             self.groups[g].parts[p].next = offset;
         }
         Ok(())
+    }
+
+    /// How many batches in slots group `g` still holds (to deliver, in
+    /// flight, or to redeliver).
+    pub fn held_by(&self, g: usize) -> u64 {
+        let group = &self.groups[g];
+        let mut n = 0u64;
+        for (p, gp) in group.parts.iter().enumerate() {
+            let index = &self.parts[p].index;
+            let has_slot = |o: &u64| index.get(o).is_some_and(|e| e.slot != NO_SLOT);
+            n += gp.inflight.keys().filter(|o| has_slot(o)).count() as u64;
+            n += gp.pending.iter().filter(|o| has_slot(o)).count() as u64;
+            n += index
+                .range(gp.next..)
+                .filter(|(_, e)| e.slot != NO_SLOT)
+                .count() as u64;
+        }
+        n
+    }
+
+    /// Slots held for the first group to form (published with no group).
+    pub fn orphans(&self) -> u32 {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Held { orphan: true, .. }))
+            .count() as u32
+    }
+
+    /// Who holds the pool's slots, for people: "group a (30, no member),
+    /// 2 for the first group to form".
+    pub fn describe_holders(&self) -> String {
+        let mut parts: Vec<String> = self
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| !g.deleted)
+            .map(|(i, g)| {
+                let members = match g.members.len() {
+                    0 => "no member".to_string(),
+                    1 => "1 member".to_string(),
+                    n => format!("{n} members"),
+                };
+                format!("group {} ({}, {members})", g.name, self.held_by(i))
+            })
+            .collect();
+        let orphans = self.orphans();
+        if orphans > 0 {
+            parts.push(format!("{orphans} kept for the first group to form"));
+        }
+        if parts.is_empty() {
+            "nobody".into()
+        } else {
+            parts.join(", ")
+        }
     }
 
     /// Slots by state: (free, granted, held).
@@ -836,7 +1073,7 @@ mod tests {
         (0..n)
             .map(|_| {
                 let slot = s.grant(1).expect("free slot");
-                s.publish(1, slot, 10, 0, None, None).unwrap()
+                s.publish(1, slot, 10, 0, None, None, 0).unwrap()
             })
             .collect()
     }
@@ -866,9 +1103,9 @@ mod tests {
     #[test]
     fn each_batch_goes_to_one_member_and_every_group() {
         let mut s = stream(4, 64);
-        let a = s.join("g1", 10);
-        s.join("g1", 11);
-        let b = s.join("g2", 20);
+        let a = s.join("g1", 10, &GroupStart::Default).unwrap();
+        s.join("g1", 11, &GroupStart::Default).unwrap();
+        let b = s.join("g2", 20, &GroupStart::Default).unwrap();
         let published = publish(&mut s, 40);
         let got1 = take_all(&mut s, a);
         let got2 = take_all(&mut s, b);
@@ -896,7 +1133,7 @@ mod tests {
     #[test]
     fn double_release_and_foreign_release_are_violations() {
         let mut s = stream(1, 8);
-        let g = s.join("g", 1);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
         publish(&mut s, 1);
         let d = take_all(&mut s, g)[0].1;
         assert!(
@@ -920,13 +1157,13 @@ mod tests {
     fn publish_checks_slot_ownership_and_size() {
         let mut s = stream(1, 4);
         let slot = s.grant(1).unwrap();
-        assert!(s.publish(2, slot, 1, 0, None, None).is_err());
-        assert!(s.publish(1, 99, 1, 0, None, None).is_err());
-        assert!(s.publish(1, slot, 101, 0, None, None).is_err());
-        assert!(s.publish(1, slot, 1, 257, None, None).is_err());
-        assert!(s.publish(1, slot, 100, 256, None, None).is_ok());
+        assert!(s.publish(2, slot, 1, 0, None, None, 0).is_err());
+        assert!(s.publish(1, 99, 1, 0, None, None, 0).is_err());
+        assert!(s.publish(1, slot, 101, 0, None, None, 0).is_err());
+        assert!(s.publish(1, slot, 1, 257, None, None, 0).is_err());
+        assert!(s.publish(1, slot, 100, 256, None, None, 0).is_ok());
         assert!(
-            s.publish(1, slot, 1, 0, None, None).is_err(),
+            s.publish(1, slot, 1, 0, None, None, 0).is_err(),
             "already published"
         );
     }
@@ -934,8 +1171,8 @@ mod tests {
     #[test]
     fn leaving_member_batches_are_redelivered_to_the_rest() {
         let mut s = stream(2, 16);
-        let g = s.join("g", 1);
-        s.join("g", 2);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        s.join("g", 2, &GroupStart::Default).unwrap();
         publish(&mut s, 8);
         let first = take_all(&mut s, g);
         let of1: Vec<_> = first
@@ -960,7 +1197,7 @@ mod tests {
         let mut s = stream(1, 4);
         publish(&mut s, 4);
         assert!(s.grant(1).is_none(), "pool full: producers must wait");
-        let g = s.join("late", 5);
+        let g = s.join("late", 5, &GroupStart::Default).unwrap();
         let got = take_all(&mut s, g);
         assert_eq!(got.len(), 4);
         for (m, d) in got {
@@ -972,7 +1209,7 @@ mod tests {
     #[test]
     fn credit_limits_delivery_and_full_sink_puts_back() {
         let mut s = stream(1, 16);
-        let g = s.join("g", 1);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
         publish(&mut s, 10);
         let mut n = 0;
         s.deliver(g, |_, _| {
@@ -1003,7 +1240,7 @@ mod tests {
     #[test]
     fn seek_back_replays_retained_batches_exactly() {
         let mut s = stream(1, 8);
-        let g = s.join("g", 1);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
         publish(&mut s, 4);
         for (m, d) in take_all(&mut s, g) {
             s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
@@ -1015,7 +1252,7 @@ mod tests {
         check(&s);
         // Too far back once the slots are reused.
         let mut s = stream(1, 2);
-        let g = s.join("g", 1);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
         for _ in 0..3 {
             publish(&mut s, 1);
             for (m, d) in take_all(&mut s, g) {
@@ -1039,7 +1276,7 @@ mod tests {
     #[test]
     fn seek_forward_skips_and_frees() {
         let mut s = stream(1, 8);
-        let g = s.join("g", 1);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
         publish(&mut s, 5);
         s.seek(g, 0, 3).unwrap();
         let got: Vec<u64> = take_all(&mut s, g).iter().map(|(_, d)| d.offset).collect();
@@ -1051,7 +1288,7 @@ mod tests {
     #[test]
     fn commit_all_records_low_watermark() {
         let mut s = stream(1, 8);
-        let g = s.join("g", 1);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
         publish(&mut s, 4);
         let got = take_all(&mut s, g);
         let d1 = got[1].1;
@@ -1068,8 +1305,8 @@ mod tests {
     #[test]
     fn deleting_an_abandoned_group_frees_its_slots_or_keeps_them_for_the_next() {
         let mut s = stream(1, 4);
-        let a = s.join("a", 1);
-        let b = s.join("b", 2);
+        let a = s.join("a", 1, &GroupStart::Default).unwrap();
+        let b = s.join("b", 2, &GroupStart::Default).unwrap();
         publish(&mut s, 4);
         for (m, d) in take_all(&mut s, a) {
             s.release(a, m, d.part, d.offset, d.entry.slot).unwrap();
@@ -1082,14 +1319,115 @@ mod tests {
         assert_eq!(s.slot_counts().0, 4, "slots held only for b are free");
         assert!(s.delete_group("b").is_err(), "gone");
         check(&s);
-        // The last group: its unreleased batches wait for the next group.
+        // The last group: its unreleased batches are not handed to an
+        // unrelated later group, unless it asks for them (earliest).
         publish(&mut s, 2);
         s.leave(a, 1);
         assert_eq!(s.delete_group("a").unwrap(), 2);
-        assert_eq!(s.slot_counts().2, 2, "still held, for the next group");
-        let c = s.join("c", 3);
-        assert_eq!(take_all(&mut s, c).len(), 2);
+        assert_eq!(s.slot_counts().2, 0, "freed (retained for replay)");
+        let c = s.join("c", 3, &GroupStart::Default).unwrap();
+        assert_eq!(take_all(&mut s, c).len(), 0);
+        let d = s.join("d", 4, &GroupStart::Earliest).unwrap();
+        let got: Vec<u64> = take_all(&mut s, d).iter().map(|(_, d)| d.offset).collect();
+        assert_eq!(
+            got,
+            vec![2, 3, 4, 5],
+            "every batch still in the (4-slot) pool"
+        );
         check(&s);
+    }
+
+    #[test]
+    fn start_positions() {
+        let mut s = stream(2, 8);
+        publish(&mut s, 4); // orphans: 2 per partition
+                            // Latest as the first group: the orphans are freed, not kept.
+        let l = s.join("latest", 1, &GroupStart::Latest).unwrap();
+        assert_eq!(s.slot_counts().2, 0);
+        publish(&mut s, 2);
+        assert_eq!(take_all(&mut s, l).len(), 2);
+        // Default with a group present: from now on only.
+        let d = s.join("default", 2, &GroupStart::Default).unwrap();
+        assert!(take_all(&mut s, d).is_empty());
+        // Offsets: one per partition, retained or at the end.
+        let o = s
+            .join("offsets", 3, &GroupStart::Offsets(vec![1, 3]))
+            .unwrap();
+        let mut got: Vec<(u32, u64)> = take_all(&mut s, o)
+            .iter()
+            .map(|(_, d)| (d.part, d.offset))
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![(0, 1), (0, 2)]);
+        assert!(matches!(
+            s.join("x", 4, &GroupStart::Offsets(vec![0])),
+            Err(SeekError::StartOffsets { given: 1, parts: 2 })
+        ));
+        assert!(matches!(
+            s.join("x", 4, &GroupStart::Offsets(vec![0, 9])),
+            Err(SeekError::PastEnd { .. })
+        ));
+        assert!(
+            s.group_index("x").is_none(),
+            "a refused start creates nothing"
+        );
+        check(&s);
+        // Default as the first group: takes the orphans.
+        let mut s = stream(1, 8);
+        publish(&mut s, 3);
+        let f = s.join("first", 1, &GroupStart::Default).unwrap();
+        assert_eq!(take_all(&mut s, f).len(), 3);
+    }
+
+    #[test]
+    fn end_markers_end_the_epoch_for_the_whole_group() {
+        let mut s = stream(2, 16);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        s.join("g", 2, &GroupStart::Default).unwrap();
+        publish(&mut s, 4);
+        s.end_epoch();
+        publish(&mut s, 2); // the next epoch
+                            // Partition 1's member has no credit: partition 0 waits at its
+                            // marker, the epoch is not over, epoch-2 batches are not given.
+        let mut got = Vec::new();
+        s.deliver(g, |m, d| {
+            if d.part == 1 {
+                return false;
+            }
+            got.push((m, d));
+            true
+        });
+        assert_eq!(got.len(), 2, "partition 0's epoch-1 batches only");
+        assert_eq!(s.groups[g].epoch, 0);
+        let rest = take_all(&mut s, g);
+        assert_eq!(s.groups[g].epoch, 1, "every partition reached its marker");
+        assert_eq!(
+            rest.len(),
+            2 + 2,
+            "partition 1's epoch 1, then both epoch-2 batches"
+        );
+        assert!(
+            rest.iter().all(|(_, d)| !d.entry.is_end()),
+            "markers are never handed out"
+        );
+        let epoch2: Vec<u64> = rest[2..].iter().map(|(_, d)| d.offset).collect();
+        assert_eq!(epoch2, vec![3, 3], "after the marker at offset 2");
+        // Released and reused: the markers leave the index.
+        for (m, d) in got.iter().chain(rest.iter()) {
+            s.release(g, *m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        publish(&mut s, 16);
+        assert!(s
+            .parts
+            .iter()
+            .all(|p| p.index.values().all(|e| !e.is_end())));
+        check(&s);
+        // A group that never had a member does not count epochs.
+        let mut s = stream(1, 4);
+        s.end_epoch();
+        let h = s.join("h", 1, &GroupStart::Earliest).unwrap();
+        assert!(take_all(&mut s, h).is_empty());
+        assert_eq!(s.groups[h].epoch, 1, "the retained marker ends an epoch");
     }
 
     #[test]
@@ -1119,11 +1457,11 @@ mod tests {
     #[test]
     fn keys_pick_partitions_stably() {
         let mut s = stream(8, 64);
-        s.join("g", 1);
+        s.join("g", 1, &GroupStart::Default).unwrap();
         let a = s.grant(1).unwrap();
-        let (pa, _) = s.publish(1, a, 1, 0, Some(42), None).unwrap();
+        let (pa, _) = s.publish(1, a, 1, 0, Some(42), None, 0).unwrap();
         let b = s.grant(1).unwrap();
-        let (pb, _) = s.publish(1, b, 1, 0, Some(42), None).unwrap();
+        let (pb, _) = s.publish(1, b, 1, 0, Some(42), None, 0).unwrap();
         assert_eq!(pa, pb);
         let spread: std::collections::HashSet<u32> =
             (0..64).map(|k| partition_for_key(k, 8)).collect();

@@ -62,5 +62,22 @@ pub const FLAG_HAS_KEY: u16 = 1;
 /// GPU (slot `slot` there); the metadata in the host slot.
 pub const FLAG_DEVICE: u16 = 2;
 
+/// Producer: this producer is done with the current epoch. When every
+/// producer attached to the stream has said so, the daemon puts an end
+/// marker into each partition.
+pub const OP_END: u16 = 4;
+
+/// Consumer: the group has passed the end marker of every partition (and
+/// delivered everything before them): the epoch is over. Carries no batch.
+pub const OP_END_OF_EPOCH: u16 = 18;
+
+/// `OP_RELEASE`: after this release, commit every partition this consumer
+/// owns at its low watermark (automatic commit).
+pub const FLAG_COMMIT: u16 = 4;
+
+/// `OP_PUBLISH` and `OP_DELIVER`: the payload is a typed record (a field
+/// table, then the fields; see libferry's `record` module).
+pub const FLAG_RECORD: u16 = 8;
+
 /// `OP_COMMIT` partition value meaning "every partition I own".
 pub const COMMIT_ALL: u32 = u32::MAX;

@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to these messages or the shared layouts.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest message either side sends or accepts.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Longest stream or group name.
@@ -54,6 +54,9 @@ pub enum Request {
         prefetch: u32,
         device: Option<u32>,
         device_bus: Option<String>,
+        /// Where a group this join creates starts (ignored when the group
+        /// exists).
+        start: GroupStart,
     },
     /// Consumer: redeliver `partition` from `offset` (or skip to it).
     Seek {
@@ -67,6 +70,24 @@ pub enum Request {
 
 /// `Request::Wake` encoded, ready to send on the hot path.
 pub const WAKE: &[u8] = &[4];
+
+/// Where a new consumer group starts reading each partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum GroupStart {
+    /// Batches published from now on, plus those published while the
+    /// stream had no group at all (kept for the first group to form, so
+    /// that starting producers first loses nothing).
+    #[default]
+    Default,
+    /// The oldest batch still in the pool, released ones included (a
+    /// replay of everything retained).
+    Earliest,
+    /// Only batches published from now on.
+    Latest,
+    /// One offset per partition (each still retained, or the partition's
+    /// end).
+    Offsets(Vec<u64>),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {
@@ -251,6 +272,7 @@ mod tests {
             prefetch: 4,
             device: Some(1),
             device_bus: Some("0000:17:00.0".into()),
+            start: GroupStart::Offsets(vec![3, 0]),
         };
         let b = encode(&r).unwrap();
         assert_eq!(decode::<Request>(&b).unwrap(), r);

@@ -37,6 +37,8 @@ enum Op {
     Join {
         group: u8,
         member: u8,
+        /// 0: default, 1: earliest, 2: latest (for a group this creates).
+        start: u8,
     },
     Leave {
         group: u8,
@@ -80,7 +82,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..PRODUCERS, any::<u8>(), proptest::option::of(0u8..4))
             .prop_map(|(producer, pick, key)| Op::Publish { producer, pick, key }),
         1 => (0..PRODUCERS).prop_map(Op::ProducerDies),
-        2 => (0..GROUPS, 0..MEMBERS).prop_map(|(group, member)| Op::Join { group, member }),
+        2 => (0..GROUPS, 0..MEMBERS, 0u8..3)
+            .prop_map(|(group, member, start)| Op::Join { group, member, start }),
         1 => (0..GROUPS, 0..MEMBERS).prop_map(|(group, member)| Op::Leave { group, member }),
         3 => (0..GROUPS, 0u8..4).prop_map(|(group, credit)| Op::Deliver { group, credit }),
         3 => (0..GROUPS, any::<u8>()).prop_map(|(group, pick)| Op::Release { group, pick }),
@@ -211,6 +214,7 @@ impl Model {
                         0,
                         key.map(u64::from),
                         None,
+                        0,
                     )
                     .map_err(|v| TestCaseError::fail(v.0))?;
                 if let Some(k) = key {
@@ -234,7 +238,11 @@ impl Model {
                     self.s.return_grant(producer_sid(p), slot);
                 }
             }
-            Op::Join { group, member } => {
+            Op::Join {
+                group,
+                member,
+                start,
+            } => {
                 let sid = member_sid(group, member);
                 if self
                     .groups
@@ -244,33 +252,45 @@ impl Model {
                     return Ok(());
                 }
                 let new = !self.groups.contains_key(&group);
-                let owed = if new {
-                    // Starts at the earliest batch anybody holds.
+                let owed = if !new {
+                    BTreeSet::new()
+                } else if start == 1 {
+                    // Earliest: from the lowest offset from which every
+                    // batch up to the end is still readable.
                     let mut owed = BTreeSet::new();
                     for p in 0..PARTS {
-                        let held_low = self
-                            .groups
-                            .values()
-                            .flat_map(|g| g.owed.iter())
-                            .chain(self.orphans.iter())
-                            .filter(|b| b.0 == p)
-                            .map(|b| b.1)
-                            .min()
-                            .unwrap_or(self.end[p as usize]);
-                        for o in held_low..self.end[p as usize] {
-                            if self.readable((p, o)) {
-                                owed.insert((p, o));
-                            }
+                        let mut o = self.end[p as usize];
+                        while o > 0 && self.readable((p, o - 1)) {
+                            o -= 1;
                         }
+                        owed.extend((o..self.end[p as usize]).map(|o| (p, o)));
                     }
                     if self.groups.is_empty() {
                         self.orphans.clear();
                     }
                     owed
+                } else if start == 0 && self.groups.is_empty() {
+                    // Default, first group: the orphans (batches published
+                    // while there was no group).
+                    std::mem::take(&mut self.orphans)
                 } else {
+                    // Latest, or default with other groups: nothing yet.
+                    // Orphans (only when no group exists) stay unowned
+                    // then: a latest group does not take them.
+                    if self.groups.is_empty() {
+                        self.orphans.clear();
+                    }
                     BTreeSet::new()
                 };
-                let index = self.s.join(&format!("g{group}"), sid);
+                let how = [
+                    GroupStart::Default,
+                    GroupStart::Earliest,
+                    GroupStart::Latest,
+                ];
+                let index = self
+                    .s
+                    .join(&format!("g{group}"), sid, &how[start as usize % 3])
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let g = self.groups.entry(group).or_insert_with(|| ModelGroup {
                     index,
                     owed,
@@ -453,10 +473,9 @@ impl Model {
                     return Ok(());
                 }
                 res.map_err(TestCaseError::fail)?;
-                let g = self.groups.remove(&group).unwrap();
-                if self.groups.is_empty() {
-                    self.orphans.extend(g.owed);
-                }
+                // Its holds go, also when it was the last group: a later
+                // group does not inherit them.
+                self.groups.remove(&group);
             }
         }
         self.check()
@@ -532,12 +551,17 @@ impl Model {
             self.step(&Op::Join {
                 group: 0,
                 member: 0,
+                start: 0,
             })?;
         }
         let names: Vec<u8> = self.groups.keys().copied().collect();
         for group in names {
             if self.groups[&group].members.is_empty() {
-                self.step(&Op::Join { group, member: 0 })?;
+                self.step(&Op::Join {
+                    group,
+                    member: 0,
+                    start: 0,
+                })?;
             }
             for _ in 0..1000 {
                 if self.groups[&group].owed.is_empty() {
@@ -587,10 +611,12 @@ fn seek_back_leave_seek_forward_does_not_free_another_groups_slots() {
         Op::Join {
             group: 0,
             member: 0,
+            start: 0,
         },
         Op::Join {
             group: 1,
             member: 0,
+            start: 0,
         },
         Op::Grant(0),
         Op::Grant(0),
@@ -623,6 +649,7 @@ fn seek_back_leave_seek_forward_does_not_free_another_groups_slots() {
         Op::Join {
             group: 1,
             member: 1,
+            start: 0,
         },
         Op::Leave {
             group: 1,
