@@ -10,7 +10,7 @@
 
 // Version of this C ABI (struct layouts, signatures). Bumped on any
 // incompatible change; bindings compare it with `ferry_abi_version()`.
-#define FERRY_ABI_VERSION 3
+#define FERRY_ABI_VERSION 4
 
 // Success.
 #define FERRY_OK 0
@@ -63,6 +63,123 @@
 // The request is valid but this ferryd cannot do it.
 #define FERRY_E_UNSUPPORTED 16
 
+// `ferry_consumer_next`: the group passed the end of the epoch (every
+// producer of the stream called `ferry_producer_end`). Not an error: the
+// next call goes on with the next epoch's batches.
+#define FERRY_E_END_OF_EPOCH 17
+
+// `ferry_consumer_config.flags`: map the pool copy-on-write, so that a
+// batch's bytes may be written in place (writes stay in this process,
+// cost the pages they touch, and are gone when the slot carries another
+// batch). Without it `ferry_batch.data` must only be read.
+#define FERRY_CONSUMER_COPY_ON_WRITE 1
+
+// `ferry_consumer_config.flags`: no automatic commit; call
+// `ferry_consumer_commit` yourself.
+#define FERRY_CONSUMER_MANUAL_COMMIT 2
+
+// `ferry_consumer_config.start` (only for a group the join creates):
+// batches published from now on, plus those published while the stream
+// had no group at all (kept for the first group, so starting producers
+// first loses nothing).
+#define FERRY_START_DEFAULT 0
+
+// The oldest batch still in the pool, released ones included.
+#define FERRY_START_EARLIEST 1
+
+// Only batches published from now on.
+#define FERRY_START_LATEST 2
+
+// `start_offsets`: one offset per partition.
+#define FERRY_START_OFFSETS 3
+
+// `ferry_batch.flags`: the payload is a typed record (read its fields
+// with `ferry_batch_field`).
+#define FERRY_BATCH_RECORD 1
+
+// Field kinds of a typed record.
+#define FERRY_FIELD_TENSOR 1
+
+#define FERRY_FIELD_BYTES 2
+
+// UTF-8 text.
+#define FERRY_FIELD_STR 3
+
+// A signed 64-bit integer (`ferry_field.int_value`).
+#define FERRY_FIELD_INT 4
+
+// A 64-bit float (`ferry_field.float_value`).
+#define FERRY_FIELD_FLOAT 5
+
+// A boolean (`ferry_field.int_value` 0 or 1).
+#define FERRY_FIELD_BOOL 6
+
+// Tensor element types.
+#define FERRY_DTYPE_U8 1
+
+#define FERRY_DTYPE_I8 2
+
+#define FERRY_DTYPE_U16 3
+
+#define FERRY_DTYPE_I16 4
+
+#define FERRY_DTYPE_U32 5
+
+#define FERRY_DTYPE_I32 6
+
+#define FERRY_DTYPE_U64 7
+
+#define FERRY_DTYPE_I64 8
+
+#define FERRY_DTYPE_F16 9
+
+#define FERRY_DTYPE_BF16 10
+
+#define FERRY_DTYPE_F32 11
+
+#define FERRY_DTYPE_F64 12
+
+#define FERRY_DTYPE_BOOL 13
+
+// `ferry_record_add_tensor` flags: the elements are big-endian.
+#define FERRY_FIELD_BIG_ENDIAN 1
+
+// Most dimensions of a record's tensor field.
+#define FERRY_MAX_DIMS 8
+
+// A typed record is a payload that starts with this table (integers
+// little-endian, offsets from the payload's start):
+//
+//     header (16 bytes): uint32 magic = FERRY_RECORD_MAGIC ("FRC1"),
+//       uint16 version = FERRY_RECORD_VERSION, uint16 nfields (1-256),
+//       uint32 data_start (the table's end, a multiple of 64), uint32 0
+//     nfields entries of FERRY_RECORD_FIELD_SIZE (224) bytes:
+//       char name[64] (UTF-8, 1-63 bytes, NUL-terminated, zero-padded),
+//       uint8 kind (FERRY_FIELD_*), uint8 dtype (FERRY_DTYPE_*, tensors),
+//       uint8 ndim (0-8), uint8 byte_order (0 little, 1 big), uint32 0,
+//       uint64 offset, uint64 len (the field's bytes, inside the payload
+//       after data_start; tensors aligned to their element size),
+//       uint64 shape[8], uint64 strides[8] (in elements), uint64 0
+//     then each field's bytes, starting on a 64-byte boundary: tensors
+//     as shape and strides say, bytes and UTF-8 text as they are, an
+//     int as int64, a float as float64, a bool as one byte 0 or 1.
+//
+// Each field is one contiguous range, addressable on its own. The
+// `ferry_record_*` calls write it; `ferry_batch_field*` read it back after
+// checking every bound (a malformed table is FERRY_E_PROTOCOL).
+#define FERRY_RECORD_MAGIC 826495558
+
+#define FERRY_RECORD_VERSION 1
+
+#define FERRY_RECORD_HEADER_SIZE 16
+
+#define FERRY_RECORD_FIELD_SIZE 224
+
+#define FERRY_RECORD_MAX_FIELDS 256
+
+// Longest field name in bytes (without its NUL).
+#define FERRY_FIELD_NAME_MAX 63
+
 // A connection to ferryd.
 typedef struct ferry_client ferry_client;
 
@@ -107,6 +224,18 @@ typedef struct ferry_consumer_config {
   // handle in GPU N's primary context, and each batch's payload is at
   // `ferry_batch.device_data`).
   const char *device;
+  // `FERRY_CONSUMER_*` bits.
+  uint32_t flags;
+  // Automatic commit at most this often, in milliseconds (0: with
+  // every release). Releases not yet committed are committed by a later
+  // call once due, and when the consumer is freed.
+  uint32_t commit_interval_ms;
+  // `FERRY_START_*`: where a group this join creates starts.
+  uint32_t start;
+  // With FERRY_START_OFFSETS: the number of offsets (one per
+  // partition) at `start_offsets`.
+  uint32_t start_offsets_len;
+  const uint64_t *start_offsets;
 } ferry_consumer_config;
 
 // A delivered batch, read in place. Valid until released.
@@ -131,8 +260,53 @@ typedef struct ferry_batch {
   // The GPU holding the payload (this process's ordinal), or -1 for
   // host memory.
   int32_t device;
-  uint32_t _reserved;
+  // `FERRY_BATCH_*` bits.
+  uint32_t flags;
 } ferry_batch;
+
+// Writes a typed record into a reserved slot: `ferry_record_begin`, one
+// `ferry_record_add_*` per field, then `ferry_producer_publish_record`.
+// Allocated by the caller (on the stack); its fields are libferry's.
+typedef struct ferry_record_writer {
+  uint8_t *_base;
+  uint64_t _capacity;
+  uint64_t _used;
+  uint32_t _nfields;
+  uint32_t _added;
+  uint32_t _slot;
+  uint32_t _reserved;
+} ferry_record_writer;
+
+// One field of a delivered typed record. Everything it points to is valid
+// until the batch is released.
+typedef struct ferry_field {
+  // NUL-terminated UTF-8 (a copy owned by libferry).
+  const char *name;
+  // `FERRY_FIELD_*`.
+  uint32_t kind;
+  // `FERRY_DTYPE_*` for tensors, 0 otherwise.
+  uint32_t dtype;
+  // Dimensions of a tensor (0 for a scalar tensor and other kinds).
+  uint32_t ndim;
+  // 0: little-endian, 1: big-endian.
+  uint32_t big_endian;
+  // The field's bytes in host memory; NULL when the batch was delivered
+  // to a GPU (then see `device_data`).
+  const uint8_t *data;
+  // With GPU delivery: the field's bytes in GPU memory; 0 otherwise.
+  uint64_t device_data;
+  // Bytes of the field.
+  uint64_t len;
+  // Where the field starts, from the start of the payload.
+  uint64_t offset;
+  uint64_t shape[8];
+  // In elements, not bytes.
+  uint64_t strides[8];
+  // FERRY_FIELD_INT and FERRY_FIELD_BOOL.
+  int64_t int_value;
+  // FERRY_FIELD_FLOAT.
+  double float_value;
+} ferry_field;
 
 #ifdef __cplusplus
 extern "C" {
@@ -277,6 +451,116 @@ int32_t ferry_consumer_seek(struct ferry_consumer *consumer, uint32_t partition,
 // # Safety
 // `consumer` is NULL or a live handle, not used afterwards.
 void ferry_consumer_free(struct ferry_consumer *consumer);
+
+// Says this producer is done with the current epoch. When every producer
+// attached to the stream has said so (or left), ferryd puts an end marker
+// in every partition: consumers get FERRY_E_END_OF_EPOCH from
+// `ferry_consumer_next` once their group has passed all of them. Batches
+// published afterwards belong to the next epoch.
+//
+// # Safety
+// `producer` is a live handle.
+int32_t ferry_producer_end(struct ferry_producer *producer);
+
+// Starts a typed record of `nfields` fields (1-256) in a reserved host
+// slot: writes its table header and fills `*w`.
+//
+// # Safety
+// `producer` is a live handle; `slot` a slot it reserved; `w` valid.
+int32_t ferry_record_begin(const struct ferry_producer *producer,
+                           const struct ferry_slot *slot,
+                           uint32_t nfields,
+                           struct ferry_record_writer *w);
+
+// Adds a tensor field: `ndim` (0-8) dimensions of `shape`, `strides` in
+// elements (NULL: C-contiguous), elements of `dtype` (FERRY_DTYPE_*),
+// little-endian unless `flags` has FERRY_FIELD_BIG_ENDIAN. `*data` is set
+// to where its bytes go (64-byte aligned, in the slot): write them there.
+//
+// # Safety
+// `w` is a writer from `ferry_record_begin` whose slot is still reserved;
+// `name` NUL-terminated; `shape` (and `strides` unless NULL) valid for
+// `ndim` values; `data` valid.
+int32_t ferry_record_add_tensor(struct ferry_record_writer *w,
+                                const char *name,
+                                uint32_t dtype,
+                                uint32_t ndim,
+                                const uint64_t *shape,
+                                const uint64_t *strides,
+                                uint32_t flags,
+                                uint8_t **data);
+
+// Adds a field holding a copy of `len` bytes at `value` (`kind`:
+// FERRY_FIELD_BYTES or FERRY_FIELD_STR, which must be UTF-8).
+//
+// # Safety
+// As `ferry_record_add_tensor`; `value` valid for `len` bytes (may be
+// NULL when `len` is 0).
+int32_t ferry_record_add_bytes(struct ferry_record_writer *w,
+                               const char *name,
+                               uint32_t kind,
+                               const void *value,
+                               uint64_t len);
+
+// Adds a signed 64-bit integer field.
+//
+// # Safety
+// As `ferry_record_add_tensor`.
+int32_t ferry_record_add_int(struct ferry_record_writer *w, const char *name, int64_t value);
+
+// Adds a 64-bit float field.
+//
+// # Safety
+// As `ferry_record_add_tensor`.
+int32_t ferry_record_add_float(struct ferry_record_writer *w, const char *name, double value);
+
+// Adds a boolean field (`value` non-zero: true).
+//
+// # Safety
+// As `ferry_record_add_tensor`.
+int32_t ferry_record_add_bool(struct ferry_record_writer *w, const char *name, int32_t value);
+
+// Publishes the typed record `w` wrote (every field it was begun with
+// must have been added), with `meta` and `key` as `ferry_producer_publish`.
+//
+// # Safety
+// `producer` is a live handle; `w` a writer from `ferry_record_begin` on
+// one of its reserved slots; `meta`, `key` as for `ferry_producer_publish`.
+int32_t ferry_producer_publish_record(struct ferry_producer *producer,
+                                      const struct ferry_record_writer *w,
+                                      const void *meta,
+                                      uint32_t meta_len,
+                                      const uint64_t *key);
+
+// The number of fields of a typed record batch. FERRY_E_INVALID_ARGUMENT
+// for a plain batch, FERRY_E_PROTOCOL for a malformed record (the message
+// says what is wrong), FERRY_E_NOT_HELD for a released one.
+//
+// # Safety
+// `consumer` is a live handle; `batch` one of its batches; `count` valid.
+int32_t ferry_batch_field_count(struct ferry_consumer *consumer,
+                                const struct ferry_batch *batch,
+                                uint32_t *count);
+
+// Field `index` of a typed record batch (see `ferry_batch_field_count`
+// for the errors; FERRY_E_INVALID_ARGUMENT past the last field).
+//
+// # Safety
+// As `ferry_batch_field_count`; `out` valid.
+int32_t ferry_batch_field(struct ferry_consumer *consumer,
+                          const struct ferry_batch *batch,
+                          uint32_t index,
+                          struct ferry_field *out);
+
+// The field named `name` of a typed record batch
+// (FERRY_E_INVALID_ARGUMENT when it has none of that name).
+//
+// # Safety
+// As `ferry_batch_field`; `name` NUL-terminated.
+int32_t ferry_batch_field_by_name(struct ferry_consumer *consumer,
+                                  const struct ferry_batch *batch,
+                                  const char *name,
+                                  struct ferry_field *out);
 
 #ifdef __cplusplus
 }  // extern "C"

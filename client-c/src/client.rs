@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use ferry_shm::desc::{self, Desc};
 use ferry_shm::layout::{PoolLayout, SessionLayout, META_MAX};
-use ferry_shm::proto::{self, ErrorCode, Request, Response, SessionInfo, StreamSpec};
+use ferry_shm::proto::{self, ErrorCode, GroupStart, Request, Response, SessionInfo, StreamSpec};
+use ferry_shm::sys::PageMap;
+
+use crate::record::{self, Field, Writer};
 use ferry_shm::wait::{futex_sleep, remaining, Spinner};
 use ferry_shm::{attach_ring, sys, Region, RingConsumer, RingError, RingProducer};
 
@@ -39,6 +42,7 @@ pub enum Status {
     Internal = 14,
     NoDevice = 15,
     Unsupported = 16,
+    EndOfEpoch = 17,
 }
 
 impl Status {
@@ -68,7 +72,7 @@ impl Status {
 
 /// Descriptions of the status codes, indexed by code, NUL-terminated so
 /// that the C ABI can hand them out as they are.
-pub(crate) const STATUS_TEXT: [&str; 17] = [
+pub(crate) const STATUS_TEXT: [&str; 18] = [
     "ok\0",
     "timed out\0",
     "invalid argument\0",
@@ -86,6 +90,7 @@ pub(crate) const STATUS_TEXT: [&str; 17] = [
     "internal error\0",
     "no such device (e.g. GPU delivery on a host without that GPU)\0",
     "not supported by this ferryd\0",
+    "end of epoch: every producer of the stream ended it\0",
 ];
 
 /// A failed call: a status code and a sentence for people.
@@ -302,7 +307,7 @@ impl Client {
                 device,
                 device_bus,
             },
-            true,
+            Pool::Writable,
         )?;
         // A producer's GPU slots mirror the stream's slots one to one.
         let slots = s.info.slot_count;
@@ -329,18 +334,34 @@ impl Client {
                 prefetch: opts.prefetch,
                 device: opts.device,
                 device_bus,
+                start: opts.start.clone(),
             },
-            false,
+            if opts.copy_on_write {
+                Pool::CopyOnWrite
+            } else {
+                Pool::ReadOnly
+            },
         )?;
         s.spin = Duration::from_micros(opts.spin_us as u64);
         // A consumer has one GPU slot per batch it may hold.
         let slots = s.info.credits;
         let gpu = GpuPool::of_session(opts.device, &mut s, slots)?;
+        let pagemap = if opts.copy_on_write {
+            PageMap::open().ok()
+        } else {
+            None
+        };
         Ok(Consumer {
             gpu,
             s,
             inflight: HashMap::new(),
             next_token: 1,
+            pagemap,
+            scratch: Vec::new(),
+            auto_commit: opts.auto_commit,
+            commit_interval: opts.commit_interval,
+            last_commit: Instant::now(),
+            commit_due: false,
         })
     }
 }
@@ -356,7 +377,7 @@ fn check_name(what: &str, name: &str) -> Result<()> {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConsumerOptions {
     /// Most batches delivered and not yet released (0: ferryd's default, 8).
     pub prefetch: u32,
@@ -364,6 +385,20 @@ pub struct ConsumerOptions {
     pub spin_us: u32,
     /// Deliver into this GPU (`cuda:N`); `None`: host memory.
     pub device: Option<u32>,
+    /// Map the pool copy-on-write: a batch's bytes may then be written in
+    /// place (an in-place normalisation); the writes stay in this process,
+    /// cost only the pages they touch, and are dropped when the slot comes
+    /// back with another batch. Without it the pool is mapped read-only.
+    pub copy_on_write: bool,
+    /// Commit automatically: a release commits this member's partitions at
+    /// their low watermark (at most every `commit_interval`; the last
+    /// releases are committed by the next call once it is due, or when the
+    /// consumer closes).
+    pub auto_commit: bool,
+    /// Zero: every release commits.
+    pub commit_interval: Duration,
+    /// Where the group starts when this join creates it.
+    pub start: GroupStart,
 }
 
 /// GPU `n` as this process sees it, or NoDevice.
@@ -469,8 +504,23 @@ impl Default for ConsumerOptions {
             prefetch: 0,
             spin_us: DEFAULT_SPIN_US,
             device: None,
+            copy_on_write: false,
+            auto_commit: true,
+            commit_interval: Duration::ZERO,
+            start: GroupStart::Default,
         }
     }
+}
+
+/// How a session maps the stream's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    /// A producer fills its slots.
+    Writable,
+    ReadOnly,
+    /// A consumer that may write its private copy (see
+    /// `ConsumerOptions::copy_on_write`).
+    CopyOnWrite,
 }
 
 /// One open session: its socket, both rings, the stream's pool.
@@ -487,7 +537,7 @@ struct Session {
 }
 
 impl Session {
-    fn open(path: &Path, req: Request, producer: bool) -> Result<Session> {
+    fn open(path: &Path, req: Request, pool_map: Pool) -> Result<Session> {
         let sock = handshake(path)?;
         send_request(&sock, &req, path)?;
         let (resp, fds) = recv_response(&sock, path)?;
@@ -513,9 +563,11 @@ impl Session {
         let region = Arc::new(
             Region::attach(region_fd, slayout.total, true).map_err(|e| bad(e.to_string()))?,
         );
-        let pool = Arc::new(
-            Region::attach(pool_fd, layout.total, producer).map_err(|e| bad(e.to_string()))?,
-        );
+        let pool = match pool_map {
+            Pool::CopyOnWrite => Region::attach_private(pool_fd, layout.total),
+            p => Region::attach(pool_fd, layout.total, p == Pool::Writable),
+        };
+        let pool = Arc::new(pool.map_err(|e| bad(e.to_string()))?);
         let sub = attach_ring(
             &region,
             slayout.sub_offset,
@@ -716,6 +768,67 @@ impl Producer {
     /// 256 bytes) and an optional partitioning key. When this fails the slot
     /// stays reserved, so the call can be retried with corrected arguments.
     pub fn publish(&mut self, slot: u32, len: u64, meta: &[u8], key: Option<u64>) -> Result<()> {
+        self.publish_flags(slot, len, meta, key, 0)
+    }
+
+    /// Starts a typed record of `nfields` fields in a reserved slot (see
+    /// `record`); publish it with `publish_record`.
+    pub fn record_writer(&self, slot: &SlotBuf, nfields: u32) -> Result<Writer> {
+        if !self.granted.contains(&slot.slot) {
+            return err(
+                Status::NotHeld,
+                format!("slot {} is not reserved by this producer", slot.slot),
+            );
+        }
+        if self.gpu.is_some() {
+            return err(
+                Status::Unsupported,
+                "typed records are written in host memory: open the producer for the CPU",
+            );
+        }
+        Writer::begin(slot.ptr, slot.capacity.min(self.s.info.slot_size), nfields).map_err(|m| {
+            Error {
+                status: Status::InvalidArgument,
+                message: m,
+            }
+        })
+    }
+
+    /// Publishes a slot holding the typed record `w` wrote.
+    pub fn publish_record(
+        &mut self,
+        slot: u32,
+        w: &Writer,
+        meta: &[u8],
+        key: Option<u64>,
+    ) -> Result<()> {
+        let len = w.finish().map_err(|m| Error {
+            status: Status::InvalidArgument,
+            message: m,
+        })?;
+        self.publish_flags(slot, len, meta, key, desc::FLAG_RECORD)
+    }
+
+    /// Says this producer is done with the current epoch. Once every
+    /// producer attached to the stream has said so, ferryd puts an end
+    /// marker in every partition: consumers that reach them get
+    /// `Status::EndOfEpoch` from `next`, then the batches published after.
+    pub fn end(&mut self) -> Result<()> {
+        self.s.submit(&Desc {
+            op: desc::OP_END,
+            stream: self.s.info.stream_id,
+            ..Desc::default()
+        })
+    }
+
+    fn publish_flags(
+        &mut self,
+        slot: u32,
+        len: u64,
+        meta: &[u8],
+        key: Option<u64>,
+        flags: u16,
+    ) -> Result<()> {
         if !self.granted.contains(&slot) {
             return err(
                 Status::NotHeld,
@@ -749,6 +862,7 @@ impl Producer {
         debug_assert!(written, "pool size checked at attach");
         let mut d = Desc {
             op: desc::OP_PUBLISH,
+            flags,
             stream: self.s.info.stream_id,
             slot,
             len,
@@ -828,7 +942,12 @@ pub struct Batch {
     pub partition: u32,
     pub offset: u64,
     pub token: u64,
+    /// `BATCH_RECORD` when the payload is a typed record.
+    pub flags: u32,
 }
+
+/// `Batch::flags`: the payload is a typed record (`Consumer::fields`).
+pub const BATCH_RECORD: u32 = 1;
 
 impl Batch {
     /// The payload, read in place in the stream's pool.
@@ -857,14 +976,32 @@ impl Batch {
     }
 }
 
+/// A delivered batch not yet released.
+struct Held {
+    slot: u32,
+    dslot: u32,
+    partition: u32,
+    offset: u64,
+    /// A typed record's checked fields, or why it is malformed.
+    record: Option<std::result::Result<Vec<Field>, String>>,
+}
+
 /// One member of a consumer group.
 pub struct Consumer {
     /// Declared before `s`: the IPC mapping closes before the session.
     gpu: Option<GpuPool>,
     s: Session,
-    /// token -> (slot, GPU slot, partition, offset)
-    inflight: HashMap<u64, (u32, u32, u32, u64)>,
+    inflight: HashMap<u64, Held>,
     next_token: u64,
+    /// Copy-on-write consumers: which pages of the pool this process wrote
+    /// (None: unknown, treat every page as written).
+    pagemap: Option<PageMap>,
+    scratch: Vec<bool>,
+    auto_commit: bool,
+    commit_interval: Duration,
+    last_commit: Instant,
+    /// Releases since the last commit that an automatic commit still owes.
+    commit_due: bool,
 }
 
 impl Consumer {
@@ -908,9 +1045,52 @@ impl Consumer {
         self.inflight.len()
     }
 
+    /// Waits for the next descriptor, committing on the way when an
+    /// automatic commit falls due while waiting.
+    fn wait_committing(&mut self, timeout: Option<Duration>) -> Result<Desc> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            self.commit_if_due()?;
+            let mut slice = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if self.commit_due {
+                let due = self
+                    .commit_interval
+                    .saturating_sub(self.last_commit.elapsed());
+                slice = Some(slice.map_or(due, |s| s.min(due)));
+            }
+            match self.s.wait(slice) {
+                Err(e) if e.status == Status::Timeout && self.commit_due => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        self.commit_if_due()?;
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn commit_if_due(&mut self) -> Result<()> {
+        if self.commit_due && self.last_commit.elapsed() >= self.commit_interval {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
     /// The next batch, waiting up to `timeout` (None: forever).
+    /// `Status::EndOfEpoch` when the group has passed the end of the epoch
+    /// (calling again goes on with the next epoch's batches).
     pub fn next(&mut self, timeout: Option<Duration>) -> Result<Batch> {
-        let d = self.s.wait(timeout)?;
+        let d = self.wait_committing(timeout)?;
+        if d.op == desc::OP_END_OF_EPOCH {
+            return err(
+                Status::EndOfEpoch,
+                format!(
+                    "end of epoch {} of stream (every producer ended it)",
+                    d.offset
+                ),
+            );
+        }
         let info = &self.s.info;
         if d.op != desc::OP_DELIVER
             || d.slot >= info.slot_count
@@ -930,6 +1110,17 @@ impl Consumer {
         let (data, device_data, device) = match (&self.gpu, on_device) {
             (None, false) => {
                 let off = self.s.layout.slot_offset(d.slot).expect("slot checked");
+                // A copy-on-write pool may still have this process's
+                // writes into an earlier batch of the slot: show the new
+                // batch's bytes.
+                let refreshed = self.s.pool.refresh_private(
+                    off,
+                    d.len,
+                    (off, off + self.s.layout.stride),
+                    &mut self.pagemap,
+                    &mut self.scratch,
+                );
+                debug_assert!(refreshed, "slot range checked");
                 let data = self
                     .s
                     .pool
@@ -954,16 +1145,37 @@ impl Consumer {
             }
         };
         let moff = self.s.layout.meta_offset(d.slot).expect("slot checked");
+        // The shared view: never a private copy.
         let meta = self
             .s
             .pool
-            .range_ptr(moff, d.meta_len as u64)
+            .shared_range_ptr(moff, d.meta_len as u64)
             .expect("pool size checked at attach");
+        let is_record = d.flags & desc::FLAG_RECORD != 0;
+        let record = is_record.then(|| {
+            // The table is read from the host slot, also for GPU delivery
+            // (the host slot holds the same bytes).
+            let soff = self.s.layout.slot_offset(d.slot).expect("slot checked");
+            let pool = &self.s.pool;
+            record::parse(d.len, &|o, out| {
+                o.checked_add(out.len() as u64).is_some_and(|e| e <= d.len)
+                    && pool.read_shared(soff + o, out)
+            })
+        });
         let token = self.next_token;
         self.next_token += 1;
-        self.inflight
-            .insert(token, (d.slot, d.dslot, d.partition, d.offset));
+        self.inflight.insert(
+            token,
+            Held {
+                slot: d.slot,
+                dslot: d.dslot,
+                partition: d.partition,
+                offset: d.offset,
+                record,
+            },
+        );
         Ok(Batch {
+            flags: if is_record { BATCH_RECORD } else { 0 },
             data,
             device_data,
             device,
@@ -976,24 +1188,57 @@ impl Consumer {
         })
     }
 
-    /// Returns a batch's slot. Releasing twice is `NotHeld`.
-    pub fn release(&mut self, token: u64) -> Result<()> {
-        let Some(&(slot, dslot, partition, offset)) = self.inflight.get(&token) else {
+    /// The fields of a typed record this consumer holds.
+    pub fn fields(&self, token: u64) -> Result<&[Field]> {
+        let Some(h) = self.inflight.get(&token) else {
             return err(
                 Status::NotHeld,
                 "batch is not held by this consumer (already released, or from another consumer)",
             );
         };
+        match &h.record {
+            None => err(
+                Status::InvalidArgument,
+                "this batch is plain bytes, not a typed record",
+            ),
+            Some(Ok(f)) => Ok(f),
+            Some(Err(why)) => err(
+                Status::Protocol,
+                format!(
+                    "the producer sent a malformed typed record (partition {} offset {}): {why}",
+                    h.partition, h.offset
+                ),
+            ),
+        }
+    }
+
+    /// Returns a batch's slot. Releasing twice is `NotHeld`. With automatic
+    /// commit, the release carries a commit when one is due.
+    pub fn release(&mut self, token: u64) -> Result<()> {
+        let Some(h) = self.inflight.get(&token) else {
+            return err(
+                Status::NotHeld,
+                "batch is not held by this consumer (already released, or from another consumer)",
+            );
+        };
+        let commit = self.auto_commit && self.last_commit.elapsed() >= self.commit_interval;
         self.s.submit(&Desc {
             op: desc::OP_RELEASE,
+            flags: if commit { desc::FLAG_COMMIT } else { 0 },
             stream: self.s.info.stream_id,
-            partition,
-            slot,
-            dslot,
-            offset,
+            partition: h.partition,
+            slot: h.slot,
+            dslot: h.dslot,
+            offset: h.offset,
             ..Desc::default()
         })?;
         self.inflight.remove(&token);
+        if commit {
+            self.last_commit = Instant::now();
+            self.commit_due = false;
+        } else if self.auto_commit {
+            self.commit_due = true;
+        }
         Ok(())
     }
 
@@ -1005,7 +1250,10 @@ impl Consumer {
             stream: self.s.info.stream_id,
             partition: desc::COMMIT_ALL,
             ..Desc::default()
-        })
+        })?;
+        self.last_commit = Instant::now();
+        self.commit_due = false;
+        Ok(())
     }
 
     /// Moves the group's position in `partition` to `offset`: back to replay
@@ -1026,6 +1274,15 @@ impl Consumer {
                 Status::Protocol,
                 format!("unexpected reply to seek: {other:?}"),
             ),
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // Automatic commit covers the last releases too.
+        if self.commit_due {
+            let _ = self.commit();
         }
     }
 }

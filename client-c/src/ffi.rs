@@ -17,11 +17,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::client::{Client, Consumer, ConsumerOptions, Error, Producer, Status};
-use ferry_shm::proto::StreamSpec;
+use ferry_shm::proto::{GroupStart, StreamSpec};
+
+use crate::record::{self, NewField, Writer};
 
 /// Version of this C ABI (struct layouts, signatures). Bumped on any
 /// incompatible change; bindings compare it with `ferry_abi_version()`.
-pub const FERRY_ABI_VERSION: u32 = 3;
+pub const FERRY_ABI_VERSION: u32 = 4;
 
 /// Success.
 pub const FERRY_OK: i32 = 0;
@@ -57,6 +59,111 @@ pub const FERRY_E_INTERNAL: i32 = 14;
 pub const FERRY_E_NO_DEVICE: i32 = 15;
 /// The request is valid but this ferryd cannot do it.
 pub const FERRY_E_UNSUPPORTED: i32 = 16;
+/// `ferry_consumer_next`: the group passed the end of the epoch (every
+/// producer of the stream called `ferry_producer_end`). Not an error: the
+/// next call goes on with the next epoch's batches.
+pub const FERRY_E_END_OF_EPOCH: i32 = 17;
+
+/// `ferry_consumer_config.flags`: map the pool copy-on-write, so that a
+/// batch's bytes may be written in place (writes stay in this process,
+/// cost the pages they touch, and are gone when the slot carries another
+/// batch). Without it `ferry_batch.data` must only be read.
+pub const FERRY_CONSUMER_COPY_ON_WRITE: u32 = 1;
+/// `ferry_consumer_config.flags`: no automatic commit; call
+/// `ferry_consumer_commit` yourself.
+pub const FERRY_CONSUMER_MANUAL_COMMIT: u32 = 2;
+
+/// `ferry_consumer_config.start` (only for a group the join creates):
+/// batches published from now on, plus those published while the stream
+/// had no group at all (kept for the first group, so starting producers
+/// first loses nothing).
+pub const FERRY_START_DEFAULT: u32 = 0;
+/// The oldest batch still in the pool, released ones included.
+pub const FERRY_START_EARLIEST: u32 = 1;
+/// Only batches published from now on.
+pub const FERRY_START_LATEST: u32 = 2;
+/// `start_offsets`: one offset per partition.
+pub const FERRY_START_OFFSETS: u32 = 3;
+
+/// `ferry_batch.flags`: the payload is a typed record (read its fields
+/// with `ferry_batch_field`).
+pub const FERRY_BATCH_RECORD: u32 = 1;
+
+/// Field kinds of a typed record.
+pub const FERRY_FIELD_TENSOR: u32 = 1;
+pub const FERRY_FIELD_BYTES: u32 = 2;
+/// UTF-8 text.
+pub const FERRY_FIELD_STR: u32 = 3;
+/// A signed 64-bit integer (`ferry_field.int_value`).
+pub const FERRY_FIELD_INT: u32 = 4;
+/// A 64-bit float (`ferry_field.float_value`).
+pub const FERRY_FIELD_FLOAT: u32 = 5;
+/// A boolean (`ferry_field.int_value` 0 or 1).
+pub const FERRY_FIELD_BOOL: u32 = 6;
+
+/// Tensor element types.
+pub const FERRY_DTYPE_U8: u32 = 1;
+pub const FERRY_DTYPE_I8: u32 = 2;
+pub const FERRY_DTYPE_U16: u32 = 3;
+pub const FERRY_DTYPE_I16: u32 = 4;
+pub const FERRY_DTYPE_U32: u32 = 5;
+pub const FERRY_DTYPE_I32: u32 = 6;
+pub const FERRY_DTYPE_U64: u32 = 7;
+pub const FERRY_DTYPE_I64: u32 = 8;
+pub const FERRY_DTYPE_F16: u32 = 9;
+pub const FERRY_DTYPE_BF16: u32 = 10;
+pub const FERRY_DTYPE_F32: u32 = 11;
+pub const FERRY_DTYPE_F64: u32 = 12;
+pub const FERRY_DTYPE_BOOL: u32 = 13;
+
+/// `ferry_record_add_tensor` flags: the elements are big-endian.
+pub const FERRY_FIELD_BIG_ENDIAN: u32 = 1;
+
+/// Most dimensions of a record's tensor field.
+pub const FERRY_MAX_DIMS: u32 = 8;
+
+/// A typed record is a payload that starts with this table (integers
+/// little-endian, offsets from the payload's start):
+///
+///     header (16 bytes): uint32 magic = FERRY_RECORD_MAGIC ("FRC1"),
+///       uint16 version = FERRY_RECORD_VERSION, uint16 nfields (1-256),
+///       uint32 data_start (the table's end, a multiple of 64), uint32 0
+///     nfields entries of FERRY_RECORD_FIELD_SIZE (224) bytes:
+///       char name[64] (UTF-8, 1-63 bytes, NUL-terminated, zero-padded),
+///       uint8 kind (FERRY_FIELD_*), uint8 dtype (FERRY_DTYPE_*, tensors),
+///       uint8 ndim (0-8), uint8 byte_order (0 little, 1 big), uint32 0,
+///       uint64 offset, uint64 len (the field's bytes, inside the payload
+///       after data_start; tensors aligned to their element size),
+///       uint64 shape[8], uint64 strides[8] (in elements), uint64 0
+///     then each field's bytes, starting on a 64-byte boundary: tensors
+///     as shape and strides say, bytes and UTF-8 text as they are, an
+///     int as int64, a float as float64, a bool as one byte 0 or 1.
+///
+/// Each field is one contiguous range, addressable on its own. The
+/// `ferry_record_*` calls write it; `ferry_batch_field*` read it back after
+/// checking every bound (a malformed table is FERRY_E_PROTOCOL).
+pub const FERRY_RECORD_MAGIC: u32 = 0x3143_5246;
+pub const FERRY_RECORD_VERSION: u32 = 1;
+pub const FERRY_RECORD_HEADER_SIZE: u32 = 16;
+pub const FERRY_RECORD_FIELD_SIZE: u32 = 224;
+pub const FERRY_RECORD_MAX_FIELDS: u32 = 256;
+/// Longest field name in bytes (without its NUL).
+pub const FERRY_FIELD_NAME_MAX: u32 = 63;
+
+const _: () = {
+    assert!(FERRY_RECORD_MAGIC == record::MAGIC);
+    assert!(FERRY_RECORD_VERSION == record::VERSION as u32);
+    assert!(FERRY_RECORD_HEADER_SIZE as u64 == record::HEADER);
+    assert!(FERRY_RECORD_FIELD_SIZE as u64 == record::ENTRY);
+    assert!(FERRY_RECORD_MAX_FIELDS == record::MAX_FIELDS);
+    assert!(FERRY_FIELD_NAME_MAX as usize == record::NAME_MAX);
+    assert!(FERRY_MAX_DIMS as usize == record::MAX_DIMS);
+    assert!(
+        FERRY_FIELD_TENSOR == record::KIND_TENSOR as u32
+            && FERRY_FIELD_BOOL == record::KIND_BOOL as u32
+    );
+    assert!(FERRY_BATCH_RECORD == crate::client::BATCH_RECORD);
+};
 
 /// Configuration of a stream a producer may create.
 #[repr(C)]
@@ -82,6 +189,18 @@ pub struct ferry_consumer_config {
     /// handle in GPU N's primary context, and each batch's payload is at
     /// `ferry_batch.device_data`).
     pub device: *const c_char,
+    /// `FERRY_CONSUMER_*` bits.
+    pub flags: u32,
+    /// Automatic commit at most this often, in milliseconds (0: with
+    /// every release). Releases not yet committed are committed by a later
+    /// call once due, and when the consumer is freed.
+    pub commit_interval_ms: u32,
+    /// `FERRY_START_*`: where a group this join creates starts.
+    pub start: u32,
+    /// With FERRY_START_OFFSETS: the number of offsets (one per
+    /// partition) at `start_offsets`.
+    pub start_offsets_len: u32,
+    pub start_offsets: *const u64,
 }
 
 /// A reserved slot: write up to `capacity` bytes at `data`, then publish.
@@ -125,7 +244,56 @@ pub struct ferry_batch {
     /// The GPU holding the payload (this process's ordinal), or -1 for
     /// host memory.
     pub device: i32,
+    /// `FERRY_BATCH_*` bits.
+    pub flags: u32,
+}
+
+/// Writes a typed record into a reserved slot: `ferry_record_begin`, one
+/// `ferry_record_add_*` per field, then `ferry_producer_publish_record`.
+/// Allocated by the caller (on the stack); its fields are libferry's.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ferry_record_writer {
+    pub _base: *mut u8,
+    pub _capacity: u64,
+    pub _used: u64,
+    pub _nfields: u32,
+    pub _added: u32,
+    pub _slot: u32,
     pub _reserved: u32,
+}
+
+/// One field of a delivered typed record. Everything it points to is valid
+/// until the batch is released.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ferry_field {
+    /// NUL-terminated UTF-8 (a copy owned by libferry).
+    pub name: *const c_char,
+    /// `FERRY_FIELD_*`.
+    pub kind: u32,
+    /// `FERRY_DTYPE_*` for tensors, 0 otherwise.
+    pub dtype: u32,
+    /// Dimensions of a tensor (0 for a scalar tensor and other kinds).
+    pub ndim: u32,
+    /// 0: little-endian, 1: big-endian.
+    pub big_endian: u32,
+    /// The field's bytes in host memory; NULL when the batch was delivered
+    /// to a GPU (then see `device_data`).
+    pub data: *const u8,
+    /// With GPU delivery: the field's bytes in GPU memory; 0 otherwise.
+    pub device_data: u64,
+    /// Bytes of the field.
+    pub len: u64,
+    /// Where the field starts, from the start of the payload.
+    pub offset: u64,
+    pub shape: [u64; 8],
+    /// In elements, not bytes.
+    pub strides: [u64; 8],
+    /// FERRY_FIELD_INT and FERRY_FIELD_BOOL.
+    pub int_value: i64,
+    /// FERRY_FIELD_FLOAT.
+    pub float_value: f64,
 }
 
 /// A connection to ferryd.
@@ -497,6 +665,35 @@ pub unsafe extern "C" fn ferry_consumer_open(
         if let Some(c) = unsafe { config.as_ref() } {
             opts.prefetch = c.prefetch;
             opts.spin_us = c.spin_us;
+            if c.flags & !(FERRY_CONSUMER_COPY_ON_WRITE | FERRY_CONSUMER_MANUAL_COMMIT) != 0 {
+                return invalid(&format!("config->flags {:#x} has unknown bits", c.flags));
+            }
+            opts.copy_on_write = c.flags & FERRY_CONSUMER_COPY_ON_WRITE != 0;
+            opts.auto_commit = c.flags & FERRY_CONSUMER_MANUAL_COMMIT == 0;
+            opts.commit_interval = Duration::from_millis(c.commit_interval_ms as u64);
+            opts.start = match c.start {
+                FERRY_START_DEFAULT => GroupStart::Default,
+                FERRY_START_EARLIEST => GroupStart::Earliest,
+                FERRY_START_LATEST => GroupStart::Latest,
+                FERRY_START_OFFSETS => {
+                    if c.start_offsets.is_null() || c.start_offsets_len == 0 {
+                        return invalid(
+                            "FERRY_START_OFFSETS needs start_offsets and start_offsets_len",
+                        );
+                    }
+                    // SAFETY: valid for start_offsets_len values per the
+                    // contract.
+                    let o = unsafe {
+                        std::slice::from_raw_parts(c.start_offsets, c.start_offsets_len as usize)
+                    };
+                    GroupStart::Offsets(o.to_vec())
+                }
+                other => {
+                    return invalid(&format!(
+                        "config->start {other} is not a FERRY_START_* value"
+                    ))
+                }
+            };
             // SAFETY: NULL or NUL-terminated per the contract.
             opts.device = match unsafe { device_arg(c.device, "config->device") } {
                 Ok(d) => d,
@@ -558,7 +755,7 @@ pub unsafe extern "C" fn ferry_consumer_next(
                         token: b.token,
                         device_data: b.device_data,
                         device: b.device,
-                        _reserved: 0,
+                        flags: b.flags,
                     }
                 };
                 FERRY_OK
@@ -662,6 +859,461 @@ pub unsafe extern "C" fn ferry_consumer_free(consumer: *mut ferry_consumer) {
     }
 }
 
+/// Says this producer is done with the current epoch. When every producer
+/// attached to the stream has said so (or left), ferryd puts an end marker
+/// in every partition: consumers get FERRY_E_END_OF_EPOCH from
+/// `ferry_consumer_next` once their group has passed all of them. Batches
+/// published afterwards belong to the next epoch.
+///
+/// # Safety
+/// `producer` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_producer_end(producer: *mut ferry_producer) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let Some(p) = (unsafe { producer.as_ref() }) else {
+            return invalid("producer is NULL");
+        };
+        let mut p = match p.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match p.end() {
+            Ok(()) => FERRY_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+fn writer_of(w: &ferry_record_writer) -> Writer {
+    // SAFETY: the fields were written by ferry_record_begin / _add from a
+    // Writer over a slot the caller keeps reserved.
+    unsafe { Writer::from_raw(w._base, w._capacity, w._used, w._nfields, w._added) }
+}
+
+fn store_writer(out: &mut ferry_record_writer, w: Writer) {
+    let (base, capacity, used, nfields, added) = w.to_raw();
+    out._base = base;
+    out._capacity = capacity;
+    out._used = used;
+    out._nfields = nfields;
+    out._added = added;
+}
+
+/// Starts a typed record of `nfields` fields (1-256) in a reserved host
+/// slot: writes its table header and fills `*w`.
+///
+/// # Safety
+/// `producer` is a live handle; `slot` a slot it reserved; `w` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_record_begin(
+    producer: *const ferry_producer,
+    slot: *const ferry_slot,
+    nfields: u32,
+    w: *mut ferry_record_writer,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let (Some(p), Some(slot), Some(w)) = (
+            unsafe { producer.as_ref() },
+            unsafe { slot.as_ref() },
+            unsafe { w.as_mut() },
+        ) else {
+            return invalid("producer, slot or w is NULL");
+        };
+        let p = match p.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        let buf = crate::client::SlotBuf {
+            slot: slot.slot,
+            ptr: slot.data,
+            device_ptr: slot.device_data,
+            capacity: slot.capacity,
+        };
+        match p.record_writer(&buf, nfields) {
+            Ok(writer) => {
+                store_writer(w, writer);
+                w._slot = slot.slot;
+                w._reserved = 0;
+                FERRY_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Reads a field name argument; `Err` is the status to return.
+///
+/// # Safety
+/// `name` is NULL or NUL-terminated.
+unsafe fn field_name<'a>(name: *const c_char) -> Result<&'a str, i32> {
+    // SAFETY: per the caller's contract.
+    unsafe { str_arg(name, "field name") }
+}
+
+fn add_status(r: Result<u64, String>) -> Result<u64, i32> {
+    r.map_err(|m| {
+        let code = if m.contains("does not fit") {
+            FERRY_E_TOO_LARGE
+        } else {
+            FERRY_E_INVALID_ARGUMENT
+        };
+        set_last_error(&m);
+        code
+    })
+}
+
+/// Adds a tensor field: `ndim` (0-8) dimensions of `shape`, `strides` in
+/// elements (NULL: C-contiguous), elements of `dtype` (FERRY_DTYPE_*),
+/// little-endian unless `flags` has FERRY_FIELD_BIG_ENDIAN. `*data` is set
+/// to where its bytes go (64-byte aligned, in the slot): write them there.
+///
+/// # Safety
+/// `w` is a writer from `ferry_record_begin` whose slot is still reserved;
+/// `name` NUL-terminated; `shape` (and `strides` unless NULL) valid for
+/// `ndim` values; `data` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_record_add_tensor(
+    w: *mut ferry_record_writer,
+    name: *const c_char,
+    dtype: u32,
+    ndim: u32,
+    shape: *const u64,
+    strides: *const u64,
+    flags: u32,
+    data: *mut *mut u8,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let Some(w) = (unsafe { w.as_mut() }) else {
+            return invalid("w is NULL");
+        };
+        if data.is_null() || (shape.is_null() && ndim > 0) {
+            return invalid("data or shape is NULL");
+        }
+        if ndim > FERRY_MAX_DIMS || dtype > u8::MAX as u32 || flags & !FERRY_FIELD_BIG_ENDIAN != 0 {
+            return invalid(&format!(
+                "ndim {ndim} (at most 8), dtype {dtype} or flags {flags:#x} out of range"
+            ));
+        }
+        // SAFETY: per the contract.
+        let name = match unsafe { field_name(name) } {
+            Ok(n) => n,
+            Err(c) => return c,
+        };
+        // SAFETY: valid for ndim values per the contract.
+        let shape = if ndim == 0 {
+            &[][..]
+        } else {
+            unsafe { std::slice::from_raw_parts(shape, ndim as usize) }
+        };
+        // SAFETY: NULL or valid for ndim values per the contract.
+        let strides = (!strides.is_null() && ndim > 0)
+            .then(|| unsafe { std::slice::from_raw_parts(strides, ndim as usize) });
+        let mut writer = writer_of(w);
+        let off = match add_status(writer.add(&NewField {
+            name,
+            kind: record::KIND_TENSOR,
+            dtype: dtype as u8,
+            big_endian: flags & FERRY_FIELD_BIG_ENDIAN != 0,
+            shape,
+            strides,
+            len: 0,
+        })) {
+            Ok(o) => o,
+            Err(c) => return c,
+        };
+        store_writer(w, writer);
+        // SAFETY: `off` lies inside the slot (checked by add); data is
+        // valid per the contract.
+        unsafe { *data = w._base.add(off as usize) };
+        FERRY_OK
+    })
+}
+
+/// Adds a field holding a copy of `len` bytes at `value` (`kind`:
+/// FERRY_FIELD_BYTES or FERRY_FIELD_STR, which must be UTF-8).
+///
+/// # Safety
+/// As `ferry_record_add_tensor`; `value` valid for `len` bytes (may be
+/// NULL when `len` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn ferry_record_add_bytes(
+    w: *mut ferry_record_writer,
+    name: *const c_char,
+    kind: u32,
+    value: *const c_void,
+    len: u64,
+) -> i32 {
+    guard(|| {
+        if kind != FERRY_FIELD_BYTES && kind != FERRY_FIELD_STR {
+            return invalid(&format!(
+                "kind {kind} is neither FERRY_FIELD_BYTES nor FERRY_FIELD_STR"
+            ));
+        }
+        if value.is_null() && len > 0 {
+            return invalid("value is NULL");
+        }
+        let bytes: &[u8] = if len == 0 {
+            &[]
+        } else {
+            // SAFETY: valid for len bytes per the contract.
+            unsafe { std::slice::from_raw_parts(value.cast::<u8>(), len as usize) }
+        };
+        // SAFETY: per the contract.
+        unsafe { add_copy(w, name, kind as u8, bytes) }
+    })
+}
+
+/// # Safety
+/// As `ferry_record_add_tensor`.
+unsafe fn add_copy(
+    w: *mut ferry_record_writer,
+    name: *const c_char,
+    kind: u8,
+    bytes: &[u8],
+) -> i32 {
+    // SAFETY: per the contract.
+    let Some(w) = (unsafe { w.as_mut() }) else {
+        return invalid("w is NULL");
+    };
+    // SAFETY: per the contract.
+    let name = match unsafe { field_name(name) } {
+        Ok(n) => n,
+        Err(c) => return c,
+    };
+    let mut writer = writer_of(w);
+    if let Err(c) = add_status(writer.add_copy(name, kind, bytes)) {
+        return c;
+    }
+    store_writer(w, writer);
+    FERRY_OK
+}
+
+/// Adds a signed 64-bit integer field.
+///
+/// # Safety
+/// As `ferry_record_add_tensor`.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_record_add_int(
+    w: *mut ferry_record_writer,
+    name: *const c_char,
+    value: i64,
+) -> i32 {
+    // SAFETY: per the contract.
+    guard(|| unsafe { add_copy(w, name, record::KIND_INT, &value.to_le_bytes()) })
+}
+
+/// Adds a 64-bit float field.
+///
+/// # Safety
+/// As `ferry_record_add_tensor`.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_record_add_float(
+    w: *mut ferry_record_writer,
+    name: *const c_char,
+    value: f64,
+) -> i32 {
+    // SAFETY: per the contract.
+    guard(|| unsafe { add_copy(w, name, record::KIND_FLOAT, &value.to_le_bytes()) })
+}
+
+/// Adds a boolean field (`value` non-zero: true).
+///
+/// # Safety
+/// As `ferry_record_add_tensor`.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_record_add_bool(
+    w: *mut ferry_record_writer,
+    name: *const c_char,
+    value: i32,
+) -> i32 {
+    // SAFETY: per the contract.
+    guard(|| unsafe { add_copy(w, name, record::KIND_BOOL, &[(value != 0) as u8]) })
+}
+
+/// Publishes the typed record `w` wrote (every field it was begun with
+/// must have been added), with `meta` and `key` as `ferry_producer_publish`.
+///
+/// # Safety
+/// `producer` is a live handle; `w` a writer from `ferry_record_begin` on
+/// one of its reserved slots; `meta`, `key` as for `ferry_producer_publish`.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_producer_publish_record(
+    producer: *mut ferry_producer,
+    w: *const ferry_record_writer,
+    meta: *const c_void,
+    meta_len: u32,
+    key: *const u64,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let (Some(p), Some(w)) = (unsafe { producer.as_ref() }, unsafe { w.as_ref() }) else {
+            return invalid("producer or w is NULL");
+        };
+        if meta.is_null() && meta_len > 0 {
+            return invalid("meta is NULL but meta_len is not 0");
+        }
+        let meta: &[u8] = if meta_len == 0 {
+            &[]
+        } else {
+            // SAFETY: valid for meta_len bytes per the contract.
+            unsafe { std::slice::from_raw_parts(meta.cast::<u8>(), meta_len as usize) }
+        };
+        // SAFETY: key is NULL or valid per the contract.
+        let key = unsafe { key.as_ref() }.copied();
+        let mut p = match p.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match p.publish_record(w._slot, &writer_of(w), meta, key) {
+            Ok(()) => FERRY_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// The number of fields of a typed record batch. FERRY_E_INVALID_ARGUMENT
+/// for a plain batch, FERRY_E_PROTOCOL for a malformed record (the message
+/// says what is wrong), FERRY_E_NOT_HELD for a released one.
+///
+/// # Safety
+/// `consumer` is a live handle; `batch` one of its batches; `count` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_batch_field_count(
+    consumer: *mut ferry_consumer,
+    batch: *const ferry_batch,
+    count: *mut u32,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let (Some(c), Some(b)) = (unsafe { consumer.as_ref() }, unsafe { batch.as_ref() }) else {
+            return invalid("consumer or batch is NULL");
+        };
+        if count.is_null() {
+            return invalid("count is NULL");
+        }
+        let c = match c.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match c.fields(b.token) {
+            Ok(f) => {
+                // SAFETY: valid per the contract.
+                unsafe { *count = f.len() as u32 };
+                FERRY_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+fn field_view(b: &ferry_batch, f: &record::Field) -> ferry_field {
+    let on_gpu = b.data.is_null() && b.device_data != 0;
+    ferry_field {
+        name: f.name.as_ptr(),
+        kind: f.kind as u32,
+        dtype: f.dtype as u32,
+        ndim: f.ndim as u32,
+        big_endian: f.big_endian as u32,
+        // In range: parse checked offset + len <= the batch's len.
+        data: if on_gpu {
+            std::ptr::null()
+        } else {
+            b.data.wrapping_add(f.offset as usize)
+        },
+        device_data: if on_gpu { b.device_data + f.offset } else { 0 },
+        len: f.len,
+        offset: f.offset,
+        shape: f.shape,
+        strides: f.strides,
+        int_value: f.int_value,
+        float_value: f.float_value,
+    }
+}
+
+/// Field `index` of a typed record batch (see `ferry_batch_field_count`
+/// for the errors; FERRY_E_INVALID_ARGUMENT past the last field).
+///
+/// # Safety
+/// As `ferry_batch_field_count`; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_batch_field(
+    consumer: *mut ferry_consumer,
+    batch: *const ferry_batch,
+    index: u32,
+    out: *mut ferry_field,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let (Some(c), Some(b)) = (unsafe { consumer.as_ref() }, unsafe { batch.as_ref() }) else {
+            return invalid("consumer or batch is NULL");
+        };
+        if out.is_null() {
+            return invalid("out is NULL");
+        }
+        let c = match c.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match c.fields(b.token) {
+            Ok(f) => match f.get(index as usize) {
+                Some(field) => {
+                    // SAFETY: valid per the contract.
+                    unsafe { *out = field_view(b, field) };
+                    FERRY_OK
+                }
+                None => invalid(&format!("field {index} of a record of {} fields", f.len())),
+            },
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// The field named `name` of a typed record batch
+/// (FERRY_E_INVALID_ARGUMENT when it has none of that name).
+///
+/// # Safety
+/// As `ferry_batch_field`; `name` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_batch_field_by_name(
+    consumer: *mut ferry_consumer,
+    batch: *const ferry_batch,
+    name: *const c_char,
+    out: *mut ferry_field,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let (Some(c), Some(b)) = (unsafe { consumer.as_ref() }, unsafe { batch.as_ref() }) else {
+            return invalid("consumer or batch is NULL");
+        };
+        if out.is_null() {
+            return invalid("out is NULL");
+        }
+        // SAFETY: per the contract.
+        let name = match unsafe { field_name(name) } {
+            Ok(n) => n,
+            Err(c) => return c,
+        };
+        let c = match c.inner.lock() {
+            Ok(g) => g,
+            Err(_) => return fail_poisoned(),
+        };
+        match c.fields(b.token) {
+            Ok(f) => match f.iter().find(|x| x.name.as_bytes() == name.as_bytes()) {
+                Some(field) => {
+                    // SAFETY: valid per the contract.
+                    unsafe { *out = field_view(b, field) };
+                    FERRY_OK
+                }
+                None => invalid(&format!("the record has no field named {name:?}")),
+            },
+            Err(e) => fail(e),
+        }
+    })
+}
+
 fn fail_poisoned() -> i32 {
     set_last_error("handle is unusable after an earlier internal error");
     Status::Internal as i32
@@ -678,7 +1330,8 @@ mod tests {
         assert_eq!(Status::NotHeld as i32, FERRY_E_NOT_HELD);
         assert_eq!(Status::Internal as i32, FERRY_E_INTERNAL);
         assert_eq!(Status::Unsupported as i32, FERRY_E_UNSUPPORTED);
-        for code in 0..=FERRY_E_UNSUPPORTED {
+        assert_eq!(Status::EndOfEpoch as i32, FERRY_E_END_OF_EPOCH);
+        for code in 0..=FERRY_E_END_OF_EPOCH {
             // SAFETY (test): static NUL-terminated strings.
             let s = unsafe { CStr::from_ptr(ferry_status_str(code)) }
                 .to_str()

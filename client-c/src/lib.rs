@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod ffi;
+pub mod record;
 
 pub use client::{Batch, Client, Consumer, ConsumerOptions, Error, Producer, SlotBuf, Status};
 pub use ferry_shm::proto::StreamSpec;
