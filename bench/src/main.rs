@@ -431,6 +431,7 @@ fn consume(socket: &Path, stream: &str, spin_us: u32, prefetch: u32) -> Res<()> 
             prefetch,
             spin_us,
             device: None,
+            ..ConsumerOptions::default()
         },
     )?;
     println!("ready");
@@ -507,6 +508,7 @@ fn loopback(socket: &Path, millis: u64) -> Res<()> {
             prefetch: 1,
             spin_us: 10_000_000,
             device: None,
+            ..ConsumerOptions::default()
         },
     )?;
     let mut lat = Vec::new();

@@ -122,6 +122,23 @@ pub fn open_raw(d: &Daemon, req: Request) -> RawSession {
 }
 
 pub fn raw_consumer(d: &Daemon, stream: &str, group: &str, prefetch: u32) -> RawSession {
+    raw_consumer_from(
+        d,
+        stream,
+        group,
+        prefetch,
+        ferry_shm::proto::GroupStart::Default,
+    )
+}
+
+/// As `raw_consumer`, with the start position of a group the join creates.
+pub fn raw_consumer_from(
+    d: &Daemon,
+    stream: &str,
+    group: &str,
+    prefetch: u32,
+    start: ferry_shm::proto::GroupStart,
+) -> RawSession {
     open_raw(
         d,
         Request::OpenConsumer {
@@ -130,6 +147,7 @@ pub fn raw_consumer(d: &Daemon, stream: &str, group: &str, prefetch: u32) -> Raw
             prefetch,
             device: None,
             device_bus: None,
+            start,
         },
     )
 }

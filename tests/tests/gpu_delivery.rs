@@ -62,6 +62,7 @@ fn daemon_refuses_a_gpu_it_does_not_have() {
         prefetch: 4,
         device: Some(0),
         device_bus: Some("0000:99:00.0".into()),
+        start: proto::GroupStart::Default,
     });
     let Response::Error { code, message } = r else {
         panic!("{r:?}")
@@ -78,6 +79,7 @@ fn daemon_refuses_a_gpu_it_does_not_have() {
         prefetch: 4,
         device: None,
         device_bus: None,
+        start: proto::GroupStart::Default,
     });
     assert!(
         matches!(r, Response::Opened(ref i) if i.gpu.is_none()),
@@ -231,6 +233,7 @@ fn a_release_naming_the_wrong_gpu_slot_closes_that_session_only() {
         prefetch: 2,
         device: Some(0),
         device_bus: Some(bus),
+        start: proto::GroupStart::Default,
     });
     let Response::Opened(info) = r else {
         panic!("{r:?}")

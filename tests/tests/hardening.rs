@@ -20,10 +20,11 @@ use ferry::{ConsumerOptions, Status, StreamSpec};
 use ferry_daemon::server::admin_command;
 use ferry_shm::desc::{self, Desc};
 use ferry_shm::layout::PoolLayout;
-use ferry_shm::proto::{self, ErrorCode, Request, Response};
+use ferry_shm::proto::{self, ErrorCode, GroupStart, Request, Response};
 use ferry_shm::sys;
 use ferry_tests::raw::{
-    closed_by_daemon, encode, hello, raw_consumer, raw_producer, recv_reply, say_hello,
+    closed_by_daemon, encode, hello, raw_consumer, raw_consumer_from, raw_producer, recv_reply,
+    say_hello,
 };
 use ferry_tests::{bin, bin_dir, eventually, Daemon, HonestPair, HONEST_SPEC};
 
@@ -549,8 +550,8 @@ fn seek_attack_cannot_touch_another_group() {
     let pair = running_pair(&d, "s", 50);
     // The honest consumer stops taking batches: the pool fills with
     // batches the honest group still owes, which the evil group (starting
-    // at the earliest held batch) is delivered too. Freeing any of their
-    // slots early lets the stalled producer overwrite them.
+    // at the earliest batch in the pool) is delivered too. Freeing any of
+    // their slots early lets the stalled producer overwrite them.
     pair.pause(true);
     let mut last = pair.published();
     assert!(
@@ -563,7 +564,7 @@ fn seek_attack_cannot_touch_another_group() {
     );
 
     // Member A of "evil" takes deliveries and keeps them.
-    let mut a = raw_consumer(&d, "s", "evil", 8);
+    let mut a = raw_consumer_from(&d, "s", "evil", 8, GroupStart::Earliest);
     let mut took = a.take(4, Duration::from_secs(5));
     assert!(
         !took.is_empty(),

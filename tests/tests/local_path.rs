@@ -66,8 +66,8 @@ fn groups_split_partitions_and_every_group_sees_everything() {
         prefetch: 64,
         ..Default::default()
     };
-    let mut a1 = client.consumer("img", "train", opts).unwrap();
-    let mut a2 = client.consumer("img", "train", opts).unwrap();
+    let mut a1 = client.consumer("img", "train", opts.clone()).unwrap();
+    let mut a2 = client.consumer("img", "train", opts.clone()).unwrap();
     let mut b = client.consumer("img", "eval", opts).unwrap();
     let mut p = client.producer("img", None).unwrap();
     let n = 40u64;
