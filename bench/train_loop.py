@@ -62,7 +62,7 @@ def ferry_producer(socket, stream, worker, workers, steps, batch, side, cpu_pass
     prod = client.producer(stream)
     for i in range(worker, steps, workers):
         x, y = make_batch(i, batch, side, cpu_passes)
-        slot = prod.reserve(timeout=60)
+        slot = prod.reserve(timeout_s=60)
         view = slot.data
         xb = x.view(np.uint8).reshape(-1)
         view[: xb.size] = xb
@@ -151,7 +151,7 @@ def run_ferry(torch, args):
         client = ferry.Client(str(sock))
         creator = client.producer("train", partitions=args.workers, slot_size=size, slot_count=4 * args.workers + 8)
         ds = ferry.iterable_dataset(
-            "train", "trainer", socket=str(sock), timeout=60, device="cuda:0", prefetch=args.prefetch
+            "train", "trainer", socket=str(sock), timeout_s=60, device="cuda:0", prefetch=args.prefetch
         )
         procs = [
             mp.Process(

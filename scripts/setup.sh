@@ -28,10 +28,15 @@ if ! command -v cargo >/dev/null; then
     if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
         export PATH="$HOME/.cargo/bin:$PATH"
     else
-        log "cargo not found: Ferry needs a Rust toolchain (1.85 or newer) on PATH"
+        log "cargo not found: Ferry needs a Rust toolchain (1.89 or newer) on PATH"
         exit 1
     fi
 fi
+
+pip_install() {
+    python3 -m pip install --quiet --disable-pip-version-check "$@" 2>/dev/null ||
+        python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+}
 
 # Python packages for the tests and the demo (NumPy is optional for users,
 # but the tests exercise the NumPy path).
@@ -44,4 +49,19 @@ if [[ "${FERRY_SETUP_PYTHON:-1}" == 1 ]]; then
             DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends python3-pytest python3-numpy
         fi
     fi
+fi
+
+# PyTorch, for the tests of the PyTorch paths (scripts/test.sh asks for it
+# with FERRY_SETUP_TORCH=1). The wheel from PyPI (it brings the CUDA
+# libraries along, some GiB) is downloaded once into target/python-wheels
+# and installed from there on later runs.
+if [[ "${FERRY_SETUP_TORCH:-0}" == 1 ]] && ! python3 -c 'import torch' >/dev/null 2>&1; then
+    wheels="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target/python-wheels"
+    mkdir -p "$wheels"
+    if ! pip_install --no-index --find-links "$wheels" torch; then
+        log "downloading PyTorch from PyPI into $wheels (once)"
+        python3 -m pip download --quiet --disable-pip-version-check --dest "$wheels" torch
+        pip_install --no-index --find-links "$wheels" torch
+    fi
+    python3 -c 'import torch' || { log "PyTorch did not install"; exit 1; }
 fi

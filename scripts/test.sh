@@ -3,16 +3,19 @@
 # workspace integration against real ferryd processes, the fabric conformance
 # suite on the soft backend), the same conformance suite on real kernel verbs
 # (soft-RoCE in a qemu VM, scripts/rxe-vm.sh), the C ABI tests under
-# AddressSanitizer and UndefinedBehaviorSanitizer, the Python tests, the
-# ferry.h staleness check, the loom models of the rings, and a smoke run of
-# the benchmark binary (shm, fabric, gpu), and the GPU paths against a fake
-# CUDA driver (tests/fakecuda). With FERRY_FUZZ_SECONDS set, also
+# AddressSanitizer and UndefinedBehaviorSanitizer, the Python tests (with
+# PyTorch, which scripts/setup.sh installs), the ferry.h staleness check,
+# the loom models of the rings, a smoke run of the benchmarks (shm, fabric,
+# gpu, the CPU training loop), and the GPU paths against a fake CUDA driver
+# (tests/fakecuda). With FERRY_FUZZ_SECONDS set, also
 # fuzzes the soft fabric's frame decoder for that long. Installs what it
 # needs first (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-source scripts/setup.sh
+FERRY_SETUP_TORCH=1 source scripts/setup.sh
+# The PyTorch tests must run here, not skip.
+export FERRY_REQUIRE_TORCH=1
 
 step() { echo; echo "=== $*"; }
 WORK=$(mktemp -d /tmp/ferry-test.XXXXXX)
@@ -85,12 +88,14 @@ step "loom models of the rings"
 RUSTFLAGS="--cfg loom" cargo test --quiet -p ferry-shm --test loom_ring --release --target-dir target-loom
 
 step "benchmark smoke run (checks it runs, not speed)"
-cargo build --release --quiet -p ferry-bench -p ferry-daemon
+cargo build --release --quiet -p ferry-bench -p ferry-daemon -p ferry-client
 target/release/ferry-bench shm --smoke > "$WORK/bench.jsonl"
 target/release/ferry-bench fabric --smoke >> "$WORK/bench.jsonl"
 # On the fake CUDA driver: proves the GPU benchmark runs, measures nothing.
 FAKECUDA_COPY_DELAY_US=0 LD_LIBRARY_PATH="$FAKE" target/release/ferry-bench gpu --smoke >> "$WORK/bench.jsonl"
 python3 -m py_compile bench/train_loop.py
+# The CPU training loop, Ferry against a DataLoader (PyTorch on the CPU).
+python3 bench/cpu_loop.py --smoke 2>/dev/null | grep '^{' >> "$WORK/bench.jsonl"
 python3 - "$WORK/bench.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]

@@ -40,7 +40,7 @@ def main():
     with open(out_path, "w") as out:
         while True:
             try:
-                b = cons.next(timeout=0.5)
+                b = cons.next(timeout_s=0.5)
             except ferry.Timeout:
                 if os.path.exists(done_path):
                     break

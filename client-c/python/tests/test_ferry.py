@@ -20,10 +20,11 @@ def test_round_trip_zero_copy(daemon):
     cons = client.consumer("py", "g")
     payload = bytes(range(256)) * 4
     prod.send(payload, meta=b"m1", key=7)
-    b = cons.next(timeout=5)
+    b = cons.next(timeout_s=5)
     assert bytes(b.data) == payload
     assert (b.stream, b.meta) == ("py", b"m1")
-    assert b.data.readonly
+    # Copy-on-write by default: writable, privately.
+    assert not b.data.readonly
     # The memoryview points into the shared pool, not at a Python copy.
     assert isinstance(b.data.obj, ctypes.Array)
     assert ctypes.addressof(b.data.obj) == b.address
@@ -39,13 +40,13 @@ def test_numpy_view_is_zero_copy(daemon):
     prod = client.producer("np", slot_size=3 * 8 * 8, slot_count=4)
     cons = client.consumer("np", "g")
     img = np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8)
-    slot = prod.reserve(timeout=5)
+    slot = prod.reserve(timeout_s=5)
     np.frombuffer(slot.data, dtype=np.uint8)[:] = img.reshape(-1)
     prod.publish(slot, img.nbytes)
-    b = cons.next(timeout=5)
+    b = cons.next(timeout_s=5)
     arr = b.numpy(shape=(3, 8, 8))
     assert arr.__array_interface__["data"][0] == b.address
-    assert not arr.flags.writeable
+    assert arr.flags.writeable  # copy-on-write: private writes
     assert (arr == img).all()
     del arr
     b.release()
@@ -58,9 +59,9 @@ def test_iterator_releases_previous_batch(daemon):
     got = []
     # Only 2 slots: without auto-release the producer would block forever.
     for i in range(6):
-        prod.send(i.to_bytes(8, "little"), timeout=5)
+        prod.send(i.to_bytes(8, "little"), timeout_s=5)
         if i % 2 == 1:
-            for b in cons.batches(timeout=0.5):
+            for b in cons.batches(timeout_s=0.5):
                 got.append(int.from_bytes(bytes(b.data), "little"))
     assert got == list(range(6))
 
@@ -84,16 +85,16 @@ def test_errors_are_clear(daemon, tmp_path):
     prod.send(b"a" * 16)
     prod.send(b"b" * 16)
     with pytest.raises(ferry.Timeout):
-        prod.reserve(timeout=0.1)
+        prod.reserve(timeout_s=0.1)
     cons = client.consumer("small", "g")
-    # A group formed later starts at the earliest batch still held.
-    assert bytes(client.consumer("small", "other").next(timeout=5).data) == b"a" * 16
+    # A group formed later asks for the batches still in the pool.
+    assert bytes(client.consumer("small", "other", start="earliest").next(timeout_s=5).data) == b"a" * 16
     client.producer("empty", slot_size=8, slot_count=2)
     with pytest.raises(ferry.Timeout):
-        client.consumer("empty", "g").next(timeout=0.05)
-    assert bytes(cons.next(timeout=5).data) == b"a" * 16
+        client.consumer("empty", "g").next(timeout_s=0.05)
+    assert bytes(cons.next(timeout_s=5).data) == b"a" * 16
     with pytest.raises(ValueError):
-        cons.next(timeout=-1)
+        cons.next(timeout_s=-1)
     # Numbers ctypes would wrap or that mean nothing are refused by name.
     for kw, word in [
         (dict(partitions=0, slot_size=8), "partitions"),
@@ -168,14 +169,14 @@ def test_gpu_delivery_every_byte(daemon):
             got.append(bytes(t.cpu().numpy()))
 
     for i, data in enumerate(sent):
-        prod.send(data, meta=i.to_bytes(4, "little"), timeout=5)
+        prod.send(data, meta=i.to_bytes(4, "little"), timeout_s=5)
         if i % 3 == 2:  # several batches (and copies) in flight at a time
             for _ in range(3):
-                with cons.next(timeout=5) as b:
+                with cons.next(timeout_s=5) as b:
                     check(b)
     assert got == sent
     with pytest.raises(ferry.Timeout):
-        cons.next(timeout=0)
+        cons.next(timeout_s=0)
 
 
 @pytest.mark.skipif(not _real_gpu(), reason="needs PyTorch with a CUDA GPU")
@@ -185,8 +186,8 @@ def test_torch_cuda_iterable_dataset(daemon):
     client = ferry.Client(str(daemon.socket))
     prod = client.producer("tc", slot_size=4 * 256, slot_count=8)
     for i in range(5):
-        prod.send(torch.full((256,), float(i)).numpy().tobytes(), timeout=5)
-    ds = ferry.iterable_dataset("tc", "g", socket=str(daemon.socket), dtype=torch.float32, shape=(16, 16), timeout=0.5, device="cuda:0")
+        prod.send(torch.full((256,), float(i)).numpy().tobytes(), timeout_s=5)
+    ds = ferry.iterable_dataset("tc", "g", socket=str(daemon.socket), dtype=torch.float32, shape=(16, 16), timeout_s=0.5, device="cuda:0")
     seen = [(t.device.type, t.shape, float(t.sum())) for t in torch.utils.data.DataLoader(ds, batch_size=None)]
     assert seen == [("cuda", torch.Size([16, 16]), 256.0 * i) for i in range(5)]
 
@@ -197,16 +198,16 @@ def test_consumer_process_killed_mid_batch_is_redelivered(daemon):
     code = (
         "import sys, time; sys.path.insert(0, sys.argv[2]); import ferry\n"
         "c = ferry.Client(sys.argv[1]).consumer('kill', 'g')\n"
-        "b = c.next(timeout=10); print(b.offset, flush=True); time.sleep(60)\n"
+        "b = c.next(timeout_s=10); print(b.offset, flush=True); time.sleep(60)\n"
     )
     pkg = os.path.dirname(os.path.dirname(ferry.__file__))
     child = subprocess.Popen([sys.executable, "-c", code, str(daemon.socket), pkg], stdout=subprocess.PIPE, text=True)
-    prod.send(b"precious", timeout=5)
+    prod.send(b"precious", timeout_s=5)
     held = int(child.stdout.readline())
     child.kill()
     child.wait()
     cons = client.consumer("kill", "g")
-    b = cons.next(timeout=10)
+    b = cons.next(timeout_s=10)
     assert (b.offset, bytes(b.data)) == (held, b"precious")
 
 
@@ -217,7 +218,7 @@ def test_crc_of_large_batch(daemon):
     cons = client.consumer("big", "g")
     data = os.urandom(size)
     prod.send(data, meta=zlib.crc32(data).to_bytes(4, "little"))
-    b = cons.next(timeout=5)
+    b = cons.next(timeout_s=5)
     assert zlib.crc32(b.data) == int.from_bytes(b.meta, "little")
 
 
@@ -227,7 +228,7 @@ def test_torch_iterable_dataset(daemon):
     prod = client.producer("t", slot_size=16, slot_count=4)
     for i in range(3):
         prod.send(bytes([i]) * 16)
-    ds = ferry.iterable_dataset("t", "g", socket=str(daemon.socket), timeout=0.5)
+    ds = ferry.iterable_dataset("t", "g", socket=str(daemon.socket), timeout_s=0.5)
     loader = torch.utils.data.DataLoader(ds, batch_size=None)
     seen = [int(t[0]) for t in loader]
     assert seen == [0, 1, 2]
@@ -262,7 +263,7 @@ def test_gpu_batches_are_released_after_the_gpu_work_on_them(daemon, monkeypatch
     cons = client.consumer("defer", "g", device="cuda:0", prefetch=4)
     for i in range(4):
         prod.send(bytes([i]) * 8)
-    it = cons.batches(timeout=0.5)
+    it = cons.batches(timeout_s=0.5)
     first = next(it)
     second = next(it)
     # The first batch was retired with an event, not released: its GPU
@@ -285,17 +286,17 @@ def test_gpu_producer_to_host_and_gpu_consumers(daemon):
     sent = [os.urandom(100 + 37 * i) for i in range(6)]
     for i, data in enumerate(sent):
         if FAKE_CUDA:  # the fake's device pointers are host addresses
-            slot = prod.reserve(timeout=5)
+            slot = prod.reserve(timeout_s=5)
             assert slot.data is None and slot.device_data != 0
             assert slot.__cuda_array_interface__["shape"] == (4096,)
             ctypes.memmove(slot.device_data, data, len(data))
             prod.publish(slot, len(data), meta=bytes([i]))
         else:
-            prod.send(data, meta=bytes([i]), timeout=5)
+            prod.send(data, meta=bytes([i]), timeout_s=5)
     for i, data in enumerate(sent):
-        with host.next(timeout=5) as b:
+        with host.next(timeout_s=5) as b:
             assert (b.meta, bytes(b.data)) == (bytes([i]), data)
-        with gpu.next(timeout=5) as b:
+        with gpu.next(timeout_s=5) as b:
             assert b.meta == bytes([i]) and len(b) == len(data)
             if FAKE_CUDA:
                 assert ctypes.string_at(b.device_data, len(b)) == data

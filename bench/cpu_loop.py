@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""CPU training-loop benchmark: one small PyTorch model trained on the CPU,
+fed two ways in one run.
+
+(a) Ferry: ``--producers`` producer processes build batches (the same
+    ``make_batch`` as train_loop.py: random images plus augmentation
+    passes) and send them as typed records ``{"x": images, "y": labels}``;
+    the trainer iterates ``ferry.iterable_dataset`` with ``num_workers=0``
+    and gets tensors viewing the slots in place (no copy, no dtype or
+    shape passed); each slot goes back to ferryd when its tensors die.
+(b) PyTorch's DataLoader with as many worker processes producing the
+    same batches with the same CPU cost (collated in shared memory by the
+    workers, as DataLoader does).
+
+Reports batches per second of the training loop for each, as one JSON
+line with (b) as the baseline:
+
+  {"bench":"cpu_loop","case":"ferry_batches_per_s",...,"baseline":"dataloader_batches_per_s",...}
+
+Needs PyTorch, ferryd and libferry.so (FERRY_BIN_DIR, or target/release
+beside this file); it starts its own ferryd. ``--smoke`` runs a few steps
+to check that it works (the figures then mean nothing).
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIN_DIR = pathlib.Path(os.environ.get("FERRY_BIN_DIR", ROOT / "target" / "release"))
+os.environ.setdefault("FERRY_LIB", str(BIN_DIR / "libferry.so"))
+sys.path.insert(0, str(ROOT / "client-c" / "python"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from train_loop import batch_bytes, make_batch  # noqa: E402
+
+
+def producer(socket, worker, workers, steps, batch, side, cpu_passes):
+    import torch
+
+    import ferry
+
+    torch.set_num_threads(1)
+    prod = ferry.Client(socket).producer("cpu")
+    for i in range(worker, steps, workers):
+        x, y = make_batch(i, batch, side, cpu_passes)
+        prod.send({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, timeout_s=120)
+    prod.end()
+    prod.close()
+
+
+class Synthetic:
+    """DataLoader source with the same per-batch work as the producers (an
+    IterableDataset once PyTorch is imported; module level, so that it
+    pickles)."""
+
+    def __init__(self, steps, batch, side, cpu_passes):
+        self.args = (steps, batch, side, cpu_passes)
+
+    def __iter__(self):
+        import torch
+
+        steps, batch, side, cpu_passes = self.args
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(w, steps, n):
+            x, y = make_batch(i, batch, side, cpu_passes)
+            yield torch.from_numpy(x), torch.from_numpy(y)
+
+
+def model_for(torch, side):
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
+    )
+
+
+def train(torch, batches, steps, side, warmup):
+    """Steps of SGD over ``batches`` ((x, y) pairs); batches/s after
+    ``warmup`` steps."""
+    torch.manual_seed(0)
+    model = model_for(torch, side)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    t0 = time.perf_counter()
+    n = 0
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        n = i + 1
+        if n >= steps:
+            break
+    if n <= warmup:
+        raise SystemExit(f"cpu_loop.py: only {n} batches arrived")
+    return (n - warmup) / (time.perf_counter() - t0)
+
+
+def run_ferry(torch, args):
+    import ferry
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ferry-cpu-"))
+    sock = tmp / "ferryd.sock"
+    (tmp / "ferryd.toml").write_text(f'version = 1\n[daemon]\nsocket = "{sock}"\nlog = "warn"\n')
+    daemon = subprocess.Popen([str(BIN_DIR / "ferryd"), "--config", str(tmp / "ferryd.toml")])
+    try:
+        for _ in range(500):
+            if sock.exists():
+                break
+            time.sleep(0.01)
+        size = batch_bytes(args.batch, args.side) + 4096  # + the record's table
+        client = ferry.Client(str(sock))
+        client.producer("cpu", partitions=args.producers, slot_size=size, slot_count=4 * args.producers + 8).close()
+        ds = ferry.iterable_dataset("cpu", "trainer", socket=str(sock), timeout_s=120)
+        it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0))
+        procs = [
+            mp.get_context("spawn").Process(
+                target=producer,
+                args=(str(sock), w, args.producers, args.steps, args.batch, args.side, args.cpu_passes),
+            )
+            for w in range(args.producers)
+        ]
+        for p in procs:
+            p.start()
+        result = train(torch, ((r["x"], r["y"]) for r in it), args.steps, args.side, args.warmup)
+        for p in procs:
+            p.join(timeout=60)
+        return result
+    finally:
+        daemon.terminate()
+        daemon.wait()
+
+
+def run_dataloader(torch, args):
+    loader = torch.utils.data.DataLoader(
+        SyntheticDataset(args.steps, args.batch, args.side, args.cpu_passes),
+        batch_size=None,
+        num_workers=args.producers,
+        prefetch_factor=4,
+    )
+    return train(torch, iter(loader), args.steps, args.side, args.warmup)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--side", type=int, default=32, help="image side (3 x side x side float32)")
+    ap.add_argument("--producers", type=int, default=2, help="Ferry producers / DataLoader workers")
+    ap.add_argument("--cpu-passes", type=int, default=2, help="augmentation passes per batch (CPU cost)")
+    ap.add_argument("--smoke", action="store_true", help="a few steps: checks it runs, measures nothing")
+    args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.warmup = 12, 2
+    import torch
+
+    torch.set_num_threads(1)  # the trainer's share of a small machine, both runs
+    global SyntheticDataset
+
+    class SyntheticDataset(Synthetic, torch.utils.data.IterableDataset):
+        pass
+
+    ferry_bps = run_ferry(torch, args)
+    loader_bps = run_dataloader(torch, args)
+    print(
+        json.dumps(
+            {
+                "bench": "cpu_loop",
+                "case": "ferry_batches_per_s",
+                "unit": "batches/s",
+                "value": round(ferry_bps, 2),
+                "baseline": "dataloader_batches_per_s",
+                "baseline_value": round(loader_bps, 2),
+                "ratio": round(ferry_bps / loader_bps, 3),
+                "config": {k: v for k, v in vars(args).items() if k != "smoke"},
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
