@@ -38,10 +38,22 @@ os.environ.setdefault("FERRY_LIB", str(BIN_DIR / "libferry.so"))
 sys.path.insert(0, str(ROOT / "client-c" / "python"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_loop import batch_bytes, make_batch  # noqa: E402
+from train_loop import make_batch  # noqa: E402
 
 
-def producer(socket, worker, workers, steps, batch, side, cpu_passes):
+def make(seed, batch, side, cpu_passes, uint8):
+    """make_batch, as uint8 images (the decoded-JPEG case) when asked."""
+    x, y = make_batch(seed, batch, side, cpu_passes)
+    if uint8:
+        x = (x * 255).astype("uint8")
+    return x, y
+
+
+def nbytes(batch, side, uint8):
+    return batch * 3 * side * side * (1 if uint8 else 4) + batch * 8
+
+
+def producer(socket, worker, workers, steps, batch, side, cpu_passes, uint8):
     import torch
 
     import ferry
@@ -49,7 +61,7 @@ def producer(socket, worker, workers, steps, batch, side, cpu_passes):
     torch.set_num_threads(1)
     prod = ferry.Client(socket).producer("cpu")
     for i in range(worker, steps, workers):
-        x, y = make_batch(i, batch, side, cpu_passes)
+        x, y = make(i, batch, side, cpu_passes, uint8)
         prod.send({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, timeout_s=120)
     prod.end()
     prod.close()
@@ -60,23 +72,26 @@ class Synthetic:
     IterableDataset once PyTorch is imported; module level, so that it
     pickles)."""
 
-    def __init__(self, steps, batch, side, cpu_passes):
-        self.args = (steps, batch, side, cpu_passes)
+    def __init__(self, steps, batch, side, cpu_passes, uint8):
+        self.args = (steps, batch, side, cpu_passes, uint8)
 
     def __iter__(self):
         import torch
 
-        steps, batch, side, cpu_passes = self.args
+        steps, batch, side, cpu_passes, uint8 = self.args
         info = torch.utils.data.get_worker_info()
         w, n = (info.id, info.num_workers) if info else (0, 1)
         for i in range(w, steps, n):
-            x, y = make_batch(i, batch, side, cpu_passes)
+            x, y = make(i, batch, side, cpu_passes, uint8)
             yield torch.from_numpy(x), torch.from_numpy(y)
 
 
 def model_for(torch, side):
     nn = torch.nn
+    # Large images are pooled down to 32x32 first (cheap), so that the
+    # model's cost does not grow with them.
     return nn.Sequential(
+        nn.AdaptiveAvgPool2d(32) if side > 32 else nn.Identity(),
         nn.Conv2d(3, 16, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
@@ -100,6 +115,8 @@ def train(torch, batches, steps, side, warmup):
     for i, (x, y) in enumerate(batches):
         if i == warmup:
             t0 = time.perf_counter()
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         opt.step()
@@ -123,7 +140,7 @@ def run_ferry(torch, args):
             if sock.exists():
                 break
             time.sleep(0.01)
-        size = batch_bytes(args.batch, args.side) + 4096  # + the record's table
+        size = nbytes(args.batch, args.side, args.uint8) + 4096  # + the record's table
         client = ferry.Client(str(sock))
         client.producer("cpu", partitions=args.producers, slot_size=size, slot_count=4 * args.producers + 8).close()
         ds = ferry.iterable_dataset("cpu", "trainer", socket=str(sock), timeout_s=120)
@@ -131,7 +148,7 @@ def run_ferry(torch, args):
         procs = [
             mp.get_context("spawn").Process(
                 target=producer,
-                args=(str(sock), w, args.producers, args.steps, args.batch, args.side, args.cpu_passes),
+                args=(str(sock), w, args.producers, args.steps, args.batch, args.side, args.cpu_passes, args.uint8),
             )
             for w in range(args.producers)
         ]
@@ -148,7 +165,7 @@ def run_ferry(torch, args):
 
 def run_dataloader(torch, args):
     loader = torch.utils.data.DataLoader(
-        SyntheticDataset(args.steps, args.batch, args.side, args.cpu_passes),
+        SyntheticDataset(args.steps, args.batch, args.side, args.cpu_passes, args.uint8),
         batch_size=None,
         num_workers=args.producers,
         prefetch_factor=4,
@@ -164,6 +181,7 @@ def main():
     ap.add_argument("--side", type=int, default=32, help="image side (3 x side x side float32)")
     ap.add_argument("--producers", type=int, default=2, help="Ferry producers / DataLoader workers")
     ap.add_argument("--cpu-passes", type=int, default=2, help="augmentation passes per batch (CPU cost)")
+    ap.add_argument("--uint8", action="store_true", help="uint8 images (as decoded JPEGs), converted by the trainer")
     ap.add_argument("--smoke", action="store_true", help="a few steps: checks it runs, measures nothing")
     args = ap.parse_args()
     if args.smoke:

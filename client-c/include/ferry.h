@@ -150,19 +150,22 @@
 // A typed record is a payload that starts with this table (integers
 // little-endian, offsets from the payload's start):
 //
-//     header (16 bytes): uint32 magic = FERRY_RECORD_MAGIC ("FRC1"),
-//       uint16 version = FERRY_RECORD_VERSION, uint16 nfields (1-256),
-//       uint32 data_start (the table's end, a multiple of 64), uint32 0
-//     nfields entries of FERRY_RECORD_FIELD_SIZE (224) bytes:
-//       char name[64] (UTF-8, 1-63 bytes, NUL-terminated, zero-padded),
-//       uint8 kind (FERRY_FIELD_*), uint8 dtype (FERRY_DTYPE_*, tensors),
-//       uint8 ndim (0-8), uint8 byte_order (0 little, 1 big), uint32 0,
-//       uint64 offset, uint64 len (the field's bytes, inside the payload
-//       after data_start; tensors aligned to their element size),
-//       uint64 shape[8], uint64 strides[8] (in elements), uint64 0
-//     then each field's bytes, starting on a 64-byte boundary: tensors
-//     as shape and strides say, bytes and UTF-8 text as they are, an
-//     int as int64, a float as float64, a bool as one byte 0 or 1.
+// ```text
+// header (16 bytes): uint32 magic = FERRY_RECORD_MAGIC ("FRC1"),
+//   uint16 version = FERRY_RECORD_VERSION, uint16 nfields (1-256),
+//   uint32 data_start (the table's end, a multiple of 64), uint32 0
+// nfields entries of FERRY_RECORD_FIELD_SIZE (224) bytes:
+//   char name[64] (UTF-8, 1-63 bytes, NUL-terminated, zero-padded),
+//   uint8 kind (FERRY_FIELD_*), uint8 dtype (FERRY_DTYPE_*, tensors),
+//   uint8 ndim (0-8), uint8 byte_order (0 little, 1 big), uint32 0,
+//   uint64 offset, uint64 len (the field's bytes, inside the payload
+//   after data_start; tensors aligned to their element size),
+//   uint64 shape[8], uint64 strides[8] (in elements), uint64 0
+// then the fields' bytes (tensors from a 64-byte boundary, numbers
+// from an 8-byte one): tensors as shape and strides say, bytes and
+// UTF-8 text as they are, an int as int64, a float as float64, a bool
+// as one byte 0 or 1.
+// ```
 //
 // Each field is one contiguous range, addressable on its own. The
 // `ferry_record_*` calls write it; `ferry_batch_field*` read it back after

@@ -23,7 +23,8 @@
 //!   88 u64 shape[8]    (tensors; unused dimensions 0)
 //!   152 u64 strides[8] in elements, not bytes (tensors)
 //!   216 u64 reserved 0
-//! then the fields' bytes, each starting on a 64-byte boundary.
+//! then the fields' bytes: tensors from a 64-byte boundary, numbers from
+//! an 8-byte one.
 //! ```
 //!
 //! An integer field is 8 bytes (i64), a float 8 bytes (f64), a boolean 1
