@@ -6,4 +6,4 @@ pub mod ffi;
 pub mod record;
 
 pub use client::{Batch, Client, Consumer, ConsumerOptions, Error, Producer, SlotBuf, Status};
-pub use ferry_shm::proto::StreamSpec;
+pub use ferry_shm::proto::{GroupStart, StreamSpec};

@@ -296,8 +296,16 @@ fn a_gpu_producer_reaches_host_and_gpu_consumers_and_gpu_ones_copy_from_gpu_memo
     assert!(r.ptr.is_null() && r.device_ptr != 0);
     p.publish(r.slot, 0, b"empty", None).unwrap();
     let mut gpu = client.consumer("s", "on-gpu", gpu0(3)).unwrap();
+    // Formed after the GPU group: it asks for the batches already there.
     let mut host = client
-        .consumer("s", "on-host", ConsumerOptions::default())
+        .consumer(
+            "s",
+            "on-host",
+            ConsumerOptions {
+                start: ferry::GroupStart::Earliest,
+                ..ConsumerOptions::default()
+            },
+        )
         .unwrap();
     let n = 24u64;
     let len = |i: u64| (i as usize * 10007) % slot + 1;

@@ -197,6 +197,12 @@ fn print_status(st: &Status) {
             s.slots_held,
             s.published
         );
+        if s.slots_held_for_first_group > 0 || s.groups_expired > 0 {
+            println!(
+                "  {} slots held for the first group to form; {} groups expired (no member for group_idle_timeout_ms)",
+                s.slots_held_for_first_group, s.groups_expired
+            );
+        }
         for p in &s.producers {
             let device = match &p.device {
                 Some(d) => format!(
@@ -205,18 +211,42 @@ fn print_status(st: &Status) {
                 ),
                 None => String::new(),
             };
+            let waiting = match p.waiting_for_slot_ms {
+                Some(ms) => {
+                    let holders: Vec<String> = s
+                        .groups
+                        .iter()
+                        .filter(|g| g.slots_held > 0)
+                        .map(|g| {
+                            format!("{} ({}, {} members)", g.name, g.slots_held, g.members.len())
+                        })
+                        .collect();
+                    format!(
+                        "; WAITING {:.1} s for a free slot, held by: {}",
+                        ms as f64 / 1000.0,
+                        if holders.is_empty() {
+                            "the first group to form".to_string()
+                        } else {
+                            holders.join(", ")
+                        }
+                    )
+                }
+                None => String::new(),
+            };
             println!(
-                "  producer session {} pid {}: {} slots granted, {} published{device}",
+                "  producer session {} pid {}: {} slots granted, {} published{device}{waiting}",
                 p.session, p.pid, p.granted, p.published
             );
         }
         for g in &s.groups {
             println!(
-                "  group {} (uid {}): {} members, lag {}",
+                "  group {} (uid {}): {} members, lag {}, {} slots held, {} epochs ended",
                 g.name,
                 g.owner_uid,
                 g.members.len(),
-                g.lag
+                g.lag,
+                g.slots_held,
+                g.epochs
             );
             for m in &g.members {
                 let device = match &m.device {
