@@ -53,7 +53,17 @@ def nbytes(batch, side, uint8):
     return batch * 3 * side * side * (1 if uint8 else 4) + batch * 8
 
 
-def producer(socket, worker, workers, steps, batch, side, cpu_passes, uint8):
+def _timeout(fn, *args, **kw):
+    """Calls fn with a 120 s timeout, in this package's keyword (timeout_s)
+    or an older one's (timeout): --raw also measures older builds."""
+    try:
+        return fn(*args, timeout_s=120, **kw)
+    except TypeError:
+        return fn(*args, timeout=120, **kw)
+
+
+def producer(socket, worker, workers, steps, batch, side, cpu_passes, uint8, raw):
+    import numpy as np
     import torch
 
     import ferry
@@ -62,8 +72,13 @@ def producer(socket, worker, workers, steps, batch, side, cpu_passes, uint8):
     prod = ferry.Client(socket).producer("cpu")
     for i in range(worker, steps, workers):
         x, y = make(i, batch, side, cpu_passes, uint8)
-        prod.send({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, timeout_s=120)
-    prod.end()
+        if raw:
+            buf = np.concatenate([x.reshape(-1).view(np.uint8), y.view(np.uint8)])
+            _timeout(prod.send, buf)
+        else:
+            prod.send({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, timeout_s=120)
+    if hasattr(prod, "end"):
+        prod.end()
     prod.close()
 
 
@@ -143,18 +158,39 @@ def run_ferry(torch, args):
         size = nbytes(args.batch, args.side, args.uint8) + 4096  # + the record's table
         client = ferry.Client(str(sock))
         client.producer("cpu", partitions=args.producers, slot_size=size, slot_count=4 * args.producers + 8).close()
-        ds = ferry.iterable_dataset("cpu", "trainer", socket=str(sock), timeout_s=120)
+        ds = _timeout(ferry.iterable_dataset, "cpu", "trainer", socket=str(sock))
         it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0))
+        nx = nbytes(args.batch, args.side, args.uint8) - args.batch * 8
+        shape = (args.batch, 3, args.side, args.side)
+        xtype = torch.uint8 if args.uint8 else torch.float32
+
+        def pairs():
+            for r in it:
+                if args.raw:  # plain bytes: the trainer must know the layout
+                    yield r[:nx].view(xtype).view(shape), r[nx : nx + args.batch * 8].view(torch.int64)
+                else:  # a typed record: it says itself
+                    yield r["x"], r["y"]
+
         procs = [
             mp.get_context("spawn").Process(
                 target=producer,
-                args=(str(sock), w, args.producers, args.steps, args.batch, args.side, args.cpu_passes, args.uint8),
+                args=(
+                    str(sock),
+                    w,
+                    args.producers,
+                    args.steps,
+                    args.batch,
+                    args.side,
+                    args.cpu_passes,
+                    args.uint8,
+                    args.raw,
+                ),
             )
             for w in range(args.producers)
         ]
         for p in procs:
             p.start()
-        result = train(torch, ((r["x"], r["y"]) for r in it), args.steps, args.side, args.warmup)
+        result = train(torch, pairs(), args.steps, args.side, args.warmup)
         for p in procs:
             p.join(timeout=60)
         return result
@@ -182,6 +218,7 @@ def main():
     ap.add_argument("--producers", type=int, default=2, help="Ferry producers / DataLoader workers")
     ap.add_argument("--cpu-passes", type=int, default=2, help="augmentation passes per batch (CPU cost)")
     ap.add_argument("--uint8", action="store_true", help="uint8 images (as decoded JPEGs), converted by the trainer")
+    ap.add_argument("--raw", action="store_true", help="plain bytes instead of typed records (works with older builds)")
     ap.add_argument("--smoke", action="store_true", help="a few steps: checks it runs, measures nothing")
     args = ap.parse_args()
     if args.smoke:
@@ -200,7 +237,7 @@ def main():
         json.dumps(
             {
                 "bench": "cpu_loop",
-                "case": "ferry_batches_per_s",
+                "case": "ferry_raw_batches_per_s" if args.raw else "ferry_batches_per_s",
                 "unit": "batches/s",
                 "value": round(ferry_bps, 2),
                 "baseline": "dataloader_batches_per_s",
