@@ -305,3 +305,26 @@ def test_gpu_producer_to_host_and_gpu_consumers(daemon):
     with pytest.raises(ferry.FerryError) as e:
         client.producer("from-gpu", device="cuda:9")
     assert e.value.status == ferry.E_NO_DEVICE
+
+
+@pytest.mark.skipif(not _real_gpu(), reason="needs PyTorch with a CUDA GPU (scripts/gpu-tests.sh runs it there)")
+def test_cuda_tensor_kept_after_the_loop_moved_on_keeps_its_bytes(daemon):
+    """A CUDA tensor of a GPU batch keeps its GPU slot while it lives, as a
+    CPU tensor keeps its host slot."""
+    import torch
+
+    client = ferry.Client(str(daemon.socket))
+    prod = client.producer("cuda-keep", slot_size=4096, slot_count=8)
+    cons = client.consumer("cuda-keep", "g", device="cuda:0", prefetch=3)
+    for i in range(12):
+        prod.send(bytes([i]) * 4096, timeout_s=5)
+    kept = None
+    seen = []
+    for b in cons.batches(timeout_s=1):
+        t = b.tensor()
+        seen.append(int(t[0]))
+        if kept is None:
+            kept = t
+        del t
+    assert seen == list(range(12))
+    assert bool((kept == 0).all()), "the kept CUDA tensor shows another batch's bytes"
