@@ -27,9 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import pathlib
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -38,7 +36,7 @@ os.environ.setdefault("FERRY_LIB", str(BIN_DIR / "libferry.so"))
 sys.path.insert(0, str(ROOT / "client-c" / "python"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_loop import make_batch  # noqa: E402
+from train_loop import ferryd, make_batch  # noqa: E402
 
 
 def make(seed, batch, side, cpu_passes, uint8):
@@ -147,15 +145,7 @@ def train(torch, batches, steps, side, warmup):
 def run_ferry(torch, args):
     import ferry
 
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ferry-cpu-"))
-    sock = tmp / "ferryd.sock"
-    (tmp / "ferryd.toml").write_text(f'version = 1\n[daemon]\nsocket = "{sock}"\nlog = "warn"\n')
-    daemon = subprocess.Popen([str(BIN_DIR / "ferryd"), "--config", str(tmp / "ferryd.toml")])
-    try:
-        for _ in range(500):
-            if sock.exists():
-                break
-            time.sleep(0.01)
+    with ferryd("ferry-cpu-", BIN_DIR) as sock:
         size = nbytes(args.batch, args.side, args.uint8) + 4096  # + the record's table
         client = ferry.Client(str(sock))
         client.producer("cpu", partitions=args.producers, slot_size=size, slot_count=4 * args.producers + 8).close()
@@ -195,9 +185,6 @@ def run_ferry(torch, args):
         for p in procs:
             p.join(timeout=60)
         return result
-    finally:
-        daemon.terminate()
-        daemon.wait()
 
 
 def run_dataloader(torch, args):

@@ -23,6 +23,7 @@ target/release beside this file); it starts its own ferryd.
 """
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -135,18 +136,28 @@ def train(torch, batches, steps, side, batch, warmup):
     return timed / wall, min(busy / wall, 1.0), timed
 
 
-def run_ferry(torch, args):
-    import ferry
-
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ferry-train-"))
+@contextlib.contextmanager
+def ferryd(prefix, bin_dir=None):
+    """A ferryd of our own in a fresh directory; yields its socket path."""
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
     sock = tmp / "ferryd.sock"
     (tmp / "ferryd.toml").write_text(f'version = 1\n[daemon]\nsocket = "{sock}"\nlog = "warn"\n')
-    daemon = subprocess.Popen([str(BIN_DIR / "ferryd"), "--config", str(tmp / "ferryd.toml")])
+    daemon = subprocess.Popen([str((bin_dir or BIN_DIR) / "ferryd"), "--config", str(tmp / "ferryd.toml")])
     try:
         for _ in range(500):
             if sock.exists():
                 break
             time.sleep(0.01)
+        yield sock
+    finally:
+        daemon.terminate()
+        daemon.wait()
+
+
+def run_ferry(torch, args):
+    import ferry
+
+    with ferryd("ferry-train-") as sock:
         size = batch_bytes(args.batch, args.side)
         client = ferry.Client(str(sock))
         creator = client.producer("train", partitions=args.workers, slot_size=size, slot_count=4 * args.workers + 8)
@@ -176,9 +187,6 @@ def run_ferry(torch, args):
             p.join(timeout=60)
         client.close()
         return result
-    finally:
-        daemon.terminate()
-        daemon.wait()
 
 
 def run_dataloader(torch, args):

@@ -1177,6 +1177,35 @@ pub unsafe extern "C" fn ferry_producer_publish_record(
     })
 }
 
+/// Runs `f` on the checked fields of `batch`, after the checks every
+/// field call shares (NULL arguments, the handle's lock, the batch being a
+/// held, well-formed record).
+///
+/// # Safety
+/// `consumer` is NULL or a live handle; `batch` NULL or valid.
+unsafe fn with_fields(
+    consumer: *mut ferry_consumer,
+    batch: *const ferry_batch,
+    out_null: bool,
+    f: impl FnOnce(&[record::Field], &ferry_batch) -> i32,
+) -> i32 {
+    // SAFETY: per the contract.
+    let (Some(c), Some(b)) = (unsafe { consumer.as_ref() }, unsafe { batch.as_ref() }) else {
+        return invalid("consumer or batch is NULL");
+    };
+    if out_null {
+        return invalid("the output pointer is NULL");
+    }
+    let c = match c.inner.lock() {
+        Ok(g) => g,
+        Err(_) => return fail_poisoned(),
+    };
+    match c.fields(b.token) {
+        Ok(fields) => f(fields, b),
+        Err(e) => fail(e),
+    }
+}
+
 /// The number of fields of a typed record batch. FERRY_E_INVALID_ARGUMENT
 /// for a plain batch, FERRY_E_PROTOCOL for a malformed record (the message
 /// says what is wrong), FERRY_E_NOT_HELD for a released one.
@@ -1189,26 +1218,12 @@ pub unsafe extern "C" fn ferry_batch_field_count(
     batch: *const ferry_batch,
     count: *mut u32,
 ) -> i32 {
-    guard(|| {
-        // SAFETY: per the contract.
-        let (Some(c), Some(b)) = (unsafe { consumer.as_ref() }, unsafe { batch.as_ref() }) else {
-            return invalid("consumer or batch is NULL");
-        };
-        if count.is_null() {
-            return invalid("count is NULL");
-        }
-        let c = match c.inner.lock() {
-            Ok(g) => g,
-            Err(_) => return fail_poisoned(),
-        };
-        match c.fields(b.token) {
-            Ok(f) => {
-                // SAFETY: valid per the contract.
-                unsafe { *count = f.len() as u32 };
-                FERRY_OK
-            }
-            Err(e) => fail(e),
-        }
+    // SAFETY: per the contract; `count` is checked non-NULL first.
+    guard(|| unsafe {
+        with_fields(consumer, batch, count.is_null(), |f, _| {
+            *count = f.len() as u32;
+            FERRY_OK
+        })
     })
 }
 
@@ -1248,29 +1263,17 @@ pub unsafe extern "C" fn ferry_batch_field(
     index: u32,
     out: *mut ferry_field,
 ) -> i32 {
-    guard(|| {
-        // SAFETY: per the contract.
-        let (Some(c), Some(b)) = (unsafe { consumer.as_ref() }, unsafe { batch.as_ref() }) else {
-            return invalid("consumer or batch is NULL");
-        };
-        if out.is_null() {
-            return invalid("out is NULL");
-        }
-        let c = match c.inner.lock() {
-            Ok(g) => g,
-            Err(_) => return fail_poisoned(),
-        };
-        match c.fields(b.token) {
-            Ok(f) => match f.get(index as usize) {
+    // SAFETY: per the contract; `out` is checked non-NULL first.
+    guard(|| unsafe {
+        with_fields(consumer, batch, out.is_null(), |f, b| {
+            match f.get(index as usize) {
                 Some(field) => {
-                    // SAFETY: valid per the contract.
-                    unsafe { *out = field_view(b, field) };
+                    *out = field_view(b, field);
                     FERRY_OK
                 }
                 None => invalid(&format!("field {index} of a record of {} fields", f.len())),
-            },
-            Err(e) => fail(e),
-        }
+            }
+        })
     })
 }
 
@@ -1288,31 +1291,21 @@ pub unsafe extern "C" fn ferry_batch_field_by_name(
 ) -> i32 {
     guard(|| {
         // SAFETY: per the contract.
-        let (Some(c), Some(b)) = (unsafe { consumer.as_ref() }, unsafe { batch.as_ref() }) else {
-            return invalid("consumer or batch is NULL");
-        };
-        if out.is_null() {
-            return invalid("out is NULL");
-        }
-        // SAFETY: per the contract.
         let name = match unsafe { field_name(name) } {
             Ok(n) => n,
             Err(c) => return c,
         };
-        let c = match c.inner.lock() {
-            Ok(g) => g,
-            Err(_) => return fail_poisoned(),
-        };
-        match c.fields(b.token) {
-            Ok(f) => match f.iter().find(|x| x.name.as_bytes() == name.as_bytes()) {
-                Some(field) => {
-                    // SAFETY: valid per the contract.
-                    unsafe { *out = field_view(b, field) };
-                    FERRY_OK
+        // SAFETY: per the contract; `out` is checked non-NULL first.
+        unsafe {
+            with_fields(consumer, batch, out.is_null(), |f, b| {
+                match f.iter().find(|x| x.name.as_bytes() == name.as_bytes()) {
+                    Some(field) => {
+                        *out = field_view(b, field);
+                        FERRY_OK
+                    }
+                    None => invalid(&format!("the record has no field named {name:?}")),
                 }
-                None => invalid(&format!("the record has no field named {name:?}")),
-            },
-            Err(e) => fail(e),
+            })
         }
     })
 }
