@@ -526,6 +526,8 @@ enum Pool {
 /// One open session: its socket, both rings, the stream's pool.
 struct Session {
     path: PathBuf,
+    /// The stream's name, for messages.
+    stream: String,
     sock: OwnedFd,
     info: SessionInfo,
     _region: Arc<Region>,
@@ -582,8 +584,15 @@ impl Session {
             info.ring_capacity,
         )
         .map_err(|e| bad(e.to_string()))?;
+        let stream = match &req {
+            Request::OpenProducer { stream, .. } | Request::OpenConsumer { stream, .. } => {
+                stream.clone()
+            }
+            _ => String::new(),
+        };
         Ok(Session {
             path: path.to_path_buf(),
+            stream,
             sock,
             info,
             _region: region,
@@ -731,7 +740,18 @@ impl Producer {
         let slot = match self.spare.pop() {
             Some(s) => s,
             None => {
-                let d = self.s.wait(timeout)?;
+                let d = self.s.wait(timeout).map_err(|e| match e.status {
+                    Status::Timeout => Error {
+                        status: Status::Timeout,
+                        message: format!(
+                            "no free slot in stream {} within {} ms: every slot holds a batch some consumer group has not released (`ferry status {}` shows which)",
+                            self.s.stream,
+                            timeout.map_or(0, |t| t.as_millis()),
+                            self.s.stream
+                        ),
+                    },
+                    _ => e,
+                })?;
                 if d.op != desc::OP_GRANT || d.slot >= self.s.info.slot_count {
                     return err(
                         Status::Protocol,
@@ -1086,8 +1106,8 @@ impl Consumer {
             return err(
                 Status::EndOfEpoch,
                 format!(
-                    "end of epoch {} of stream (every producer ended it)",
-                    d.offset
+                    "end of epoch {} of stream {}: every producer ended it",
+                    d.offset, self.s.stream
                 ),
             );
         }

@@ -995,9 +995,17 @@ pub unsafe extern "C" fn ferry_record_add_tensor(
         if data.is_null() || (shape.is_null() && ndim > 0) {
             return invalid("data or shape is NULL");
         }
-        if ndim > FERRY_MAX_DIMS || dtype > u8::MAX as u32 || flags & !FERRY_FIELD_BIG_ENDIAN != 0 {
+        if ndim > FERRY_MAX_DIMS {
             return invalid(&format!(
-                "ndim {ndim} (at most 8), dtype {dtype} or flags {flags:#x} out of range"
+                "{ndim} dimensions: a record's tensors have at most {FERRY_MAX_DIMS}"
+            ));
+        }
+        if dtype > u8::MAX as u32 || record::itemsize(dtype as u8).is_none() {
+            return invalid(&format!("dtype {dtype} is not a FERRY_DTYPE_* value"));
+        }
+        if flags & !FERRY_FIELD_BIG_ENDIAN != 0 {
+            return invalid(&format!(
+                "flags {flags:#x} has bits other than FERRY_FIELD_BIG_ENDIAN"
             ));
         }
         // SAFETY: per the contract.

@@ -52,8 +52,6 @@ struct ProducerState {
     published: u64,
     /// Said the epoch is over for it (`OP_END`) and has not published since.
     ended: bool,
-    /// An `OP_END` that waits for this GPU producer's copies to finish.
-    end_after_copies: bool,
     /// Since when it has no slot granted and the pool has none free.
     starved_since: Option<Instant>,
     /// Whether that wait was logged already.
@@ -135,6 +133,9 @@ struct StreamEntry {
     group_idle_timeout_ms: Option<u64>,
     /// Groups deleted for having no member too long.
     groups_expired: u64,
+    /// A producer ended the current epoch and left before the others
+    /// ended it: its end still counts.
+    end_pending: bool,
     dirty: bool,
 }
 
@@ -550,6 +551,7 @@ impl Server {
                 acl: (None, None),
                 group_idle_timeout_ms: None,
                 groups_expired: 0,
+                end_pending: false,
                 dirty: true,
             },
         );
@@ -1498,7 +1500,6 @@ impl Server {
                 credits,
                 published: 0,
                 ended: false,
-                end_after_copies: false,
                 starved_since: None,
                 starved_logged: false,
                 gpu,
@@ -1687,16 +1688,21 @@ impl Server {
                 let entry = &mut self.streams[p.stream];
                 while let Some(d) = p.rings.sub.pop().map_err(|e| Violation(e.to_string()))? {
                     if d.op == desc::OP_END {
-                        match &p.gpu {
-                            // After the publishes still copying.
-                            Some(g) if g.pending() > 0 => p.end_after_copies = true,
-                            _ => {
-                                p.ended = true;
-                                end_check = Some(p.stream);
-                            }
-                        }
                         n += 1;
-                        continue;
+                        if let Some(g) = &mut p.gpu {
+                            // In order: the publishes before it go in first
+                            // (a short wait for their copies, once an epoch).
+                            let (granted, published) = (&mut p.granted, &mut p.published);
+                            let dev = g.info.ordinal;
+                            g.finish(|d| publish_copied(entry, id, d, dev, granted, published))
+                                .map_err(Violation)?;
+                        }
+                        p.ended = true;
+                        end_check = Some(p.stream);
+                        // The epoch may end here: what this producer
+                        // publishes next waits for that, so that it lands
+                        // after the markers.
+                        break;
                     }
                     if d.op != desc::OP_PUBLISH {
                         return Err(Violation(format!("producer sent op {}", d.op)));
@@ -1788,7 +1794,8 @@ impl Server {
     /// into every partition, and the producers start the next epoch.
     fn maybe_end_epoch(&mut self, idx: usize, leaving_ended: bool) {
         let entry = &mut self.streams[idx];
-        let mut any = leaving_ended;
+        entry.end_pending |= leaving_ended;
+        let mut any = entry.end_pending;
         for pid in &entry.producers {
             if let Some(Session {
                 role: Role::Producer(p),
@@ -1804,6 +1811,7 @@ impl Server {
         if !any {
             return;
         }
+        entry.end_pending = false;
         for pid in &entry.producers {
             if let Some(Session {
                 role: Role::Producer(p),
@@ -1901,6 +1909,7 @@ impl Server {
             for g in 0..entry.stream.groups.len() {
                 let sid = entry.stream.id;
                 let pool_layout = entry.layout;
+                let epoch = entry.stream.groups[g].epoch;
                 let n = entry.stream.deliver(g, |m, dv| {
                     let Some(Session {
                         role: Role::Consumer(c),
@@ -1911,6 +1920,9 @@ impl Server {
                     };
                     if c.inflight >= c.prefetch {
                         return false; // no credit: prefetch batches unreleased
+                    }
+                    if c.epoch_seen < epoch {
+                        return false; // the next epoch, after its end of epoch
                     }
                     let d = Desc {
                         op: desc::OP_DELIVER,
@@ -1968,6 +1980,11 @@ impl Server {
                 // every batch of it that they were given, GPU copies
                 // included).
                 let group = &entry.stream.groups[g];
+                if group.epoch > epoch {
+                    // Delivery stopped at the end of the epoch: go on once
+                    // the members were told.
+                    entry.dirty = true;
+                }
                 for &m in &group.members {
                     let Some(Session {
                         role: Role::Consumer(c),
@@ -1976,25 +1993,30 @@ impl Server {
                     else {
                         continue;
                     };
-                    if c.epoch_seen >= group.epoch
-                        || c.gpu.as_ref().is_some_and(|g| g.pending() > 0)
+                    while c.epoch_seen < group.epoch
+                        && !c.gpu.as_ref().is_some_and(|g| g.pending() > 0)
                     {
-                        continue;
-                    }
-                    let d = Desc {
-                        op: desc::OP_END_OF_EPOCH,
-                        stream: sid,
-                        offset: group.epoch,
-                        ..Desc::default()
-                    };
-                    match c.rings.comp.push(&d) {
-                        Ok(()) => {
-                            c.epoch_seen = group.epoch;
-                            pushed += 1;
-                            to_wake.push(m);
+                        let d = Desc {
+                            op: desc::OP_END_OF_EPOCH,
+                            stream: sid,
+                            offset: c.epoch_seen + 1,
+                            ..Desc::default()
+                        };
+                        match c.rings.comp.push(&d) {
+                            Ok(()) => {
+                                c.epoch_seen += 1;
+                                pushed += 1;
+                                to_wake.push(m);
+                            }
+                            Err(ferry_shm::RingError::Full) => {
+                                entry.dirty = true;
+                                break;
+                            }
+                            Err(e) => {
+                                failed.push((m, e.to_string()));
+                                break;
+                            }
                         }
-                        Err(ferry_shm::RingError::Full) => entry.dirty = true,
-                        Err(e) => failed.push((m, e.to_string())),
                     }
                 }
             }
@@ -2023,7 +2045,6 @@ impl Server {
         }
         let mut pushed = 0;
         let mut failed: Vec<(SessionId, String)> = Vec::new();
-        let mut ended = Vec::new();
         let streams = &mut self.streams;
         for (&id, s) in self.sessions.iter_mut() {
             if let Role::Producer(p) = &mut s.role {
@@ -2037,11 +2058,6 @@ impl Server {
                             Ok(n) => pushed += n,
                             Err(e) => failed.push((id, e)),
                         }
-                    }
-                    if p.end_after_copies && g.pending() == 0 {
-                        p.end_after_copies = false;
-                        p.ended = true;
-                        ended.push(p.stream);
                     }
                 }
                 continue;
@@ -2078,9 +2094,6 @@ impl Server {
                 }
             }
         }
-        for idx in ended {
-            self.maybe_end_epoch(idx, false);
-        }
         for (id, why) in failed {
             self.fail_session(id, &why);
         }
@@ -2116,8 +2129,18 @@ impl Server {
     /// client handed over before it went away is lost.
     fn close_session(&mut self, id: SessionId, skip_drain: bool) {
         if !skip_drain {
-            if let Err(v) = self.drain_session_inner(id) {
-                limited!(WARN, session = id, "while closing: {}", v.0);
+            // Until the ring is empty: a producer's drain stops after an
+            // end of epoch (bounded: a client writing on after its death
+            // cannot keep us here).
+            for _ in 0..=self.cfg.daemon.ring_capacity {
+                match self.drain_session_inner(id) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(v) => {
+                        limited!(WARN, session = id, "while closing: {}", v.0);
+                        break;
+                    }
+                }
             }
         }
         let Some(s) = self.sessions.remove(&id) else {
@@ -2149,7 +2172,7 @@ impl Server {
                 entry.dirty = true;
                 // The others may all have ended already (or this one was
                 // the last, and ended).
-                let (idx, ended) = (p.stream, p.ended || p.end_after_copies);
+                let (idx, ended) = (p.stream, p.ended);
                 self.maybe_end_epoch(idx, ended);
                 limited!(
                     INFO,

@@ -48,6 +48,10 @@ pub const NO_SLOT: u32 = u32::MAX;
 pub const ENTRY_RECORD: u16 = 1;
 /// `Entry::flags`: an end marker (the producers ended the epoch here).
 pub const ENTRY_END: u16 = 2;
+/// `Entry::flags`, with ENTRY_END: put in while the stream had no group;
+/// the first group to form starts no later than it (as it does for batches
+/// published then).
+pub const ENTRY_ORPHAN: u16 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
@@ -182,7 +186,7 @@ pub enum SeekError {
     StartOffsets { given: u32, parts: u32 },
     #[error("offset {offset} is past the end {end} of partition {part}")]
     PastEnd { part: u32, offset: u64, end: u64 },
-    #[error("offset {offset} of partition {part} is no longer retained (earliest retained: {earliest:?})")]
+    #[error("offset {offset} of partition {part} is no longer retained ({})", match earliest { Some(e) => format!("the earliest retained is {e}"), None => "nothing is retained".to_string() })]
     Gone {
         part: u32,
         offset: u64,
@@ -378,6 +382,11 @@ impl Stream {
     /// delivered everything before them), then tells its members the epoch
     /// is over and goes on with what follows.
     pub fn end_epoch(&mut self) {
+        let orphan = if self.live_groups() == 0 {
+            ENTRY_ORPHAN
+        } else {
+            0
+        };
         for part in &mut self.parts {
             let offset = part.end;
             part.end += 1;
@@ -388,7 +397,7 @@ impl Stream {
                     len: 0,
                     meta_len: 0,
                     device: None,
-                    flags: ENTRY_END,
+                    flags: ENTRY_END | orphan,
                 },
             );
         }
@@ -598,8 +607,13 @@ impl Stream {
     /// cannot start there.
     fn start_of(&self, p: usize, start: &GroupStart) -> Result<u64, SeekError> {
         let partition = &self.parts[p];
-        let held = |e: &Entry| {
-            e.slot != NO_SLOT && matches!(self.slots[e.slot as usize], Slot::Held { .. })
+        // Batches and end markers put in while there was no group.
+        let orphan = |e: &Entry| {
+            if e.slot == NO_SLOT {
+                e.flags & ENTRY_ORPHAN != 0
+            } else {
+                matches!(self.slots[e.slot as usize], Slot::Held { .. })
+            }
         };
         Ok(match start {
             // Batches published while no group existed are orphans, held
@@ -608,7 +622,7 @@ impl Stream {
             GroupStart::Default if self.live_groups() == 0 => partition
                 .index
                 .iter()
-                .find(|(_, e)| held(e))
+                .find(|(_, e)| orphan(e))
                 .map(|(o, _)| *o)
                 .unwrap_or(partition.end),
             GroupStart::Default | GroupStart::Latest => partition.end,
@@ -711,6 +725,14 @@ impl Stream {
                     }
                 }
                 if first {
+                    // Markers put in while there was no group are this
+                    // group's now (or skipped by it): no later group
+                    // starts at them.
+                    for part in &mut self.parts {
+                        for e in part.index.values_mut() {
+                            e.flags &= !ENTRY_ORPHAN;
+                        }
+                    }
                     // Orphans this first group did not take (it started
                     // later) were kept for it alone: free them.
                     for slot in 0..self.slots.len() {
@@ -766,16 +788,17 @@ impl Stream {
     /// now (no credit, ring full); the batch is then kept for later. End
     /// markers are not handed over: a partition stops at one until every
     /// partition has reached its own and has nothing left to redeliver;
-    /// then the group's `epoch` goes up (the caller tells the members) and
-    /// delivery goes on past them. Allocation-free: this runs on every
-    /// publish and release.
+    /// then the group's `epoch` goes up and this returns: the caller tells
+    /// the members, and delivers past the markers (the next epoch) on a
+    /// later call, to members told of the end. Allocation-free: this runs
+    /// on every publish and release.
     pub fn deliver(
         &mut self,
         g: usize,
         mut sink: impl FnMut(SessionId, Delivery) -> bool,
     ) -> usize {
         let mut count = 0;
-        loop {
+        {
             for p in 0..self.parts.len() {
                 let Some(owner) = self.groups[g].assign[p] else {
                     continue;
@@ -839,7 +862,7 @@ impl Stream {
                 gp.at_end = false;
             }
             group.epoch += 1;
-            // Go on with the next epoch's batches.
+            count
         }
     }
 
@@ -1399,19 +1422,22 @@ mod tests {
         });
         assert_eq!(got.len(), 2, "partition 0's epoch-1 batches only");
         assert_eq!(s.groups[g].epoch, 0);
-        let rest = take_all(&mut s, g);
+        let mut rest = take_all(&mut s, g);
         assert_eq!(s.groups[g].epoch, 1, "every partition reached its marker");
         assert_eq!(
             rest.len(),
-            2 + 2,
-            "partition 1's epoch 1, then both epoch-2 batches"
+            2,
+            "partition 1's epoch 1; it stops at the end of the epoch"
         );
+        let epoch2 = take_all(&mut s, g);
+        assert_eq!(s.groups[g].epoch, 1);
+        let offsets: Vec<u64> = epoch2.iter().map(|(_, d)| d.offset).collect();
+        assert_eq!(offsets, vec![3, 3], "after the markers at offset 2");
+        rest.extend(epoch2);
         assert!(
             rest.iter().all(|(_, d)| !d.entry.is_end()),
             "markers are never handed out"
         );
-        let epoch2: Vec<u64> = rest[2..].iter().map(|(_, d)| d.offset).collect();
-        assert_eq!(epoch2, vec![3, 3], "after the marker at offset 2");
         // Released and reused: the markers leave the index.
         for (m, d) in got.iter().chain(rest.iter()) {
             s.release(g, *m, d.part, d.offset, d.entry.slot).unwrap();
@@ -1422,6 +1448,23 @@ mod tests {
             .iter()
             .all(|p| p.index.values().all(|e| !e.is_end())));
         check(&s);
+        // Markers put in while there was no group: the first group starts
+        // no later than them, also in a partition that got no batch.
+        let mut s = stream(4, 8);
+        publish(&mut s, 3);
+        s.end_epoch();
+        let f = s.join("first", 1, &GroupStart::Default).unwrap();
+        assert_eq!(take_all(&mut s, f).len(), 3);
+        assert_eq!(s.groups[f].epoch, 1, "the first group reaches every marker");
+        s.end_epoch();
+        s.leave(f, 1);
+        s.delete_group("first").unwrap();
+        let later = s.join("later", 2, &GroupStart::Default).unwrap();
+        assert!(take_all(&mut s, later).is_empty());
+        assert_eq!(
+            s.groups[later].epoch, 0,
+            "markers from a group's time are not a later group's"
+        );
         // A group that never had a member does not count epochs.
         let mut s = stream(1, 4);
         s.end_epoch();

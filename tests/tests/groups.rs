@@ -197,3 +197,118 @@ fn the_epoch_ends_when_every_producer_ended_or_left() {
     assert_eq!(unsafe { x.data() }, b"c");
     assert_eq!(d.status().streams[0].groups[0].epochs, 1);
 }
+
+/// Sequence of what a consumer gets until `n` ends of epoch: the first
+/// payload byte of each batch (the epoch it was sent in), `E` for an end.
+fn epochs_seen(c: &mut ferry::Consumer, n: usize) -> Vec<char> {
+    let mut seen = Vec::new();
+    while seen.iter().filter(|&&x| x == 'E').count() < n {
+        match c.next(T) {
+            Ok(b) => {
+                // SAFETY (test): held until released below.
+                seen.push((b'0' + unsafe { b.data() }[0]) as char);
+                c.release(b.token).unwrap();
+            }
+            Err(e) if e.status == Status::EndOfEpoch => seen.push('E'),
+            Err(e) => panic!("{e} after {seen:?}"),
+        }
+    }
+    seen
+}
+
+#[test]
+fn an_end_read_together_with_later_publishes_still_separates_the_epochs() {
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let mut p = client.producer("s", spec(1, 32)).unwrap();
+    let mut c = client
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    // ferryd stopped: it reads all of this in one pass afterwards.
+    d.signal(libc::SIGSTOP);
+    for epoch in 0..3u8 {
+        for _ in 0..2 {
+            p.send(&[epoch], b"", None, T).unwrap();
+        }
+        p.end().unwrap();
+    }
+    d.signal(libc::SIGCONT);
+    let seen: String = epochs_seen(&mut c, 3).into_iter().collect();
+    assert_eq!(seen, "00E11E22E");
+}
+
+#[test]
+fn no_member_gets_the_next_epoch_before_the_end_of_this_one() {
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let mut p = client.producer("s", spec(2, 32)).unwrap();
+    let mut a = client
+        .consumer(
+            "s",
+            "g",
+            ConsumerOptions {
+                prefetch: 8,
+                ..ConsumerOptions::default()
+            },
+        )
+        .unwrap();
+    let mut b = client
+        .consumer(
+            "s",
+            "g",
+            ConsumerOptions {
+                prefetch: 1,
+                ..ConsumerOptions::default()
+            },
+        )
+        .unwrap();
+    for epoch in 0..2u8 {
+        for _ in 0..4 {
+            p.send(&[epoch], b"", None, T).unwrap();
+        }
+        p.end().unwrap();
+    }
+    // The slow member (prefetch 1) holds the group at the first end; the
+    // fast one must not run ahead into epoch 1 meanwhile.
+    let slow = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let s: String = epochs_seen(&mut b, 2).into_iter().collect();
+        s
+    });
+    let sa: String = epochs_seen(&mut a, 2).into_iter().collect();
+    let sb = slow.join().unwrap();
+    assert_eq!((sa.as_str(), sb.as_str()), ("00E11E", "00E11E"));
+}
+
+#[test]
+fn a_group_formed_after_the_end_reaches_it_also_through_empty_partitions() {
+    let d = Daemon::start("", "");
+    let client = d.client();
+    // 4 partitions, 1 batch: three partitions hold only their marker.
+    let mut p = client.producer("s", spec(4, 8)).unwrap();
+    p.send(&[0], b"", None, T).unwrap();
+    p.end().unwrap();
+    let mut c = client
+        .consumer("s", "late", ConsumerOptions::default())
+        .unwrap();
+    let seen: String = epochs_seen(&mut c, 1).into_iter().collect();
+    assert_eq!(seen, "0E");
+}
+
+#[test]
+fn an_end_counts_after_its_producer_left() {
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let idle = client.producer("s", spec(1, 8)).unwrap();
+    let mut c = client
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    let mut b = client.producer("s", None).unwrap();
+    b.send(&[0], b"", None, T).unwrap();
+    b.end().unwrap();
+    drop(b); // ended, and gone, while `idle` has not ended
+    std::thread::sleep(Duration::from_millis(200));
+    drop(idle); // leaving counts as done: B's end still stands
+    let seen: String = epochs_seen(&mut c, 1).into_iter().collect();
+    assert_eq!(seen, "0E");
+}

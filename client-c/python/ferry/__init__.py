@@ -32,6 +32,7 @@ Time is in seconds in Python (``timeout_s``), in milliseconds in C.
 
 import collections
 import ctypes
+import numbers
 import ctypes.util
 import os
 import pathlib
@@ -110,12 +111,11 @@ class FerryError(Exception):
         self.message = message
 
 
-class TimeoutError_(FerryError):
-    pass
+class Timeout(FerryError):
+    """Nothing came in time (``timeout_s``)."""
 
 
-# Exported as ferry.Timeout; subclass of FerryError.
-Timeout = TimeoutError_
+TimeoutError_ = Timeout  # the name of earlier versions
 
 
 class EndOfEpoch(FerryError):
@@ -321,6 +321,17 @@ def _ms(timeout_s):
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s < 0:
         raise ValueError(f"timeout_s must be a number of seconds >= 0, or None to wait forever, not {timeout_s!r}")
     return int(timeout_s * 1000)
+
+
+def _is_np_bool(value):
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.bool_)
+
+
+def _meta(meta):
+    if isinstance(meta, str):
+        raise TypeError("meta must be bytes (at most 256), not str: encode it, e.g. meta.encode()")
+    return bytes(meta)
 
 
 def _uint(name, value, low, high=2**32 - 1):
@@ -530,11 +541,12 @@ class Producer(_Handle):
     def reserve(self, timeout_s=None):
         """Takes a free slot, waiting (``timeout_s`` seconds; None:
         forever) while all are in use downstream."""
+        ms = _ms(timeout_s)
         if self._spare is not None:
             slot, self._spare = self._spare, None
             return slot
         raw = _Slot()
-        _check(_lib.ferry_producer_reserve(self._h, _ms(timeout_s), ctypes.byref(raw)))
+        _check(_lib.ferry_producer_reserve(self._h, ms, ctypes.byref(raw)))
         return Slot(raw, self.device)
 
     def publish(self, slot, length, meta=b"", key=None):
@@ -544,7 +556,7 @@ class Producer(_Handle):
         waits for the current CUDA stream first."""
         if slot.device is not None:
             _torch_sync(slot.device)
-        meta = bytes(meta)
+        meta = _meta(meta)
         length = _uint("length", length, 0, 2**64 - 1)
         k = None if key is None else ctypes.byref(ctypes.c_uint64(_uint("key", key, 0, 2**64 - 1)))
         _check(_lib.ferry_producer_publish(self._h, ctypes.byref(slot._raw), length, meta, len(meta), k))
@@ -589,17 +601,22 @@ class Producer(_Handle):
         for name, value in fields.items():
             if not isinstance(name, str):
                 raise TypeError(f"field names are str, not {name!r}")
+            if "\0" in name or not 1 <= len(name.encode()) <= 63:
+                raise ValueError(f"field name {name!r} must be 1-63 bytes of UTF-8 without NUL")
             tensor = _flat_bytes(value)
             if tensor is not None:
+                if len(tensor[1]) > 8:
+                    raise ValueError(f"field {name!r}: {len(tensor[1])} dimensions, a record's tensors have at most 8")
                 plan.append((name, "tensor", tensor))
-            elif isinstance(value, bool):
-                plan.append((name, "bool", value))
-            elif isinstance(value, int):
+            elif isinstance(value, bool) or _is_np_bool(value):
+                plan.append((name, "bool", bool(value)))
+            elif isinstance(value, numbers.Integral):
+                value = int(value)
                 if not -(2**63) <= value < 2**63:
                     raise ValueError(f"field {name!r}: {value} does not fit a signed 64-bit integer")
                 plan.append((name, "int", value))
-            elif isinstance(value, float):
-                plan.append((name, "float", value))
+            elif isinstance(value, numbers.Real):
+                plan.append((name, "float", float(value)))
             elif isinstance(value, str):
                 plan.append((name, "str", value.encode()))
             elif isinstance(value, (bytes, bytearray, memoryview)):
@@ -608,7 +625,7 @@ class Producer(_Handle):
                 raise TypeError(
                     f"field {name!r}: {type(value).__name__} is not a tensor, array, bytes, str, int, float or bool"
                 )
-        meta = bytes(meta)
+        meta = _meta(meta)
         slot = self.reserve(timeout_s)
         try:
             w = _RecordWriter()
@@ -1234,6 +1251,12 @@ def iterable_dataset(stream, group, socket=None, dtype=None, shape=None, timeout
     output). CUDA delivery (``device="cuda:N"``) needs ``num_workers=0``.
     The dataset pickles (for the "spawn" start method).
     """
+    import inspect
+
+    known = set(inspect.signature(Client.consumer).parameters) - {"self", "stream", "group"}
+    unknown = sorted(set(consumer_options) - known)
+    if unknown:
+        raise TypeError(f"iterable_dataset: unknown consumer option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return _dataset_class()(stream, group, socket, dtype, shape, timeout_s, with_info, consumer_options)
 
 

@@ -261,3 +261,40 @@ def test_group_start_positions(daemon):
     assert e.value.status == ferry.E_INVALID_ARGUMENT and "2 partitions" in str(e.value)
     with pytest.raises(ValueError, match="start"):
         client.consumer("st", "bad", start="oldest")
+
+
+def test_readme_trainer_snippet_ends_with_the_epoch(daemon):
+    """The README's Python trainer, as written: one record into 4
+    partitions (three hold only their end marker), a dataset formed after
+    the end."""
+    client = ferry.Client(str(daemon.socket))
+    prod = client.producer("readme", partitions=4, slot_size=8 << 20, slot_count=64)
+    prod.send({"image": image(0), "label": torch.tensor([7]), "caption": "..."})
+    prod.end()
+    ds = ferry.iterable_dataset("readme", "trainers", socket=str(daemon.socket), timeout_s=30)
+    t0 = time.monotonic()
+    recs = list(torch.utils.data.DataLoader(ds, batch_size=None))
+    assert time.monotonic() - t0 < 20, "ended by the epoch, not the timeout"
+    assert len(recs) == 1 and torch.equal(recs[0]["image"], image(0))
+
+
+def test_record_values_are_checked_before_a_slot_is_taken(daemon):
+    client = ferry.Client(str(daemon.socket))
+    prod = client.producer("vals", slot_size=4096, slot_count=2)
+    cons = client.consumer("vals", "g")
+    for bad, err, word in [
+        ({"a\0b": 1}, ValueError, "without NUL"),
+        ({"x" * 64: 1}, ValueError, "1-63 bytes"),
+        ({"t": torch.zeros([1] * 9)}, ValueError, "at most 8"),
+    ]:
+        with pytest.raises(err, match=word):
+            prod.send(bad)
+    with pytest.raises(TypeError, match="meta must be bytes"):
+        prod.send({"x": 1}, meta="text")
+    with pytest.raises(TypeError, match="unknown consumer option"):
+        ferry.iterable_dataset("vals", "g", bogus=1)
+    prod.send({"i": np.int64(5), "f": np.float32(0.5), "b": np.bool_(True)})
+    with cons.next(timeout_s=5) as b:
+        assert b.record() == {"i": 5, "f": 0.5, "b": True}
+    with pytest.raises(ValueError, match="timeout_s"):
+        prod.send({"x": 1}, timeout_s=-5)
