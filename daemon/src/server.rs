@@ -1994,7 +1994,7 @@ impl Server {
                         continue;
                     };
                     while c.epoch_seen < group.epoch
-                        && !c.gpu.as_ref().is_some_and(|g| g.pending() > 0)
+                        && c.gpu.as_ref().is_none_or(|g| g.pending() == 0)
                     {
                         let d = Desc {
                             op: desc::OP_END_OF_EPOCH,
