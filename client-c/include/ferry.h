@@ -422,6 +422,14 @@ int32_t ferry_consumer_next(struct ferry_consumer *consumer,
                             int64_t timeout_ms,
                             struct ferry_batch *out);
 
+// The most batches this consumer may hold delivered and unreleased: the
+// `prefetch` it asked for, or ferryd's default (8), at most ferryd's
+// `ring_capacity`. 0 for NULL.
+//
+// # Safety
+// `consumer` is NULL or a live handle.
+uint32_t ferry_consumer_prefetch(const struct ferry_consumer *consumer);
+
 // Returns a batch's slot to ferryd. Releasing the same batch twice gives
 // FERRY_E_NOT_HELD. For a batch delivered to a GPU, release it only once
 // the GPU work reading it has finished (synchronize the stream that reads

@@ -768,6 +768,21 @@ pub unsafe extern "C" fn ferry_consumer_next(
     })
 }
 
+/// The most batches this consumer may hold delivered and unreleased: the
+/// `prefetch` it asked for, or ferryd's default (8), at most ferryd's
+/// `ring_capacity`. 0 for NULL.
+///
+/// # Safety
+/// `consumer` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_consumer_prefetch(consumer: *const ferry_consumer) -> u32 {
+    // SAFETY: per the contract.
+    let Some(c) = (unsafe { consumer.as_ref() }) else {
+        return 0;
+    };
+    c.inner.lock().map_or(0, |c| c.prefetch())
+}
+
 /// Returns a batch's slot to ferryd. Releasing the same batch twice gives
 /// FERRY_E_NOT_HELD. For a batch delivered to a GPU, release it only once
 /// the GPU work reading it has finished (synchronize the stream that reads

@@ -287,6 +287,7 @@ _sigs = {
     "ferry_consumer_commit": ([_p], _i32),
     "ferry_consumer_seek": ([_p, _u32, _u64], _i32),
     "ferry_consumer_free": ([_p], None),
+    "ferry_consumer_prefetch": ([_p], _u32),
     "ferry_batch_field_count": ([_p, _B, ctypes.POINTER(_u32)], _i32),
     "ferry_batch_field": ([_p, _B, _u32, ctypes.POINTER(_Field)], _i32),
 }
@@ -1055,7 +1056,8 @@ class Consumer(_Handle):
         self._h = handle
         self.stream = stream
         self.group = group
-        self.prefetch = prefetch or 8
+        # What ferryd granted (it caps the ask at its ring_capacity).
+        self.prefetch = _lib.ferry_consumer_prefetch(handle)
         self.copy_on_write = bool(copy_on_write) and device in (None, "cpu", "")
         self._lock = threading.Lock()  # bookkeeping only, never held across a wait
         self._in_call = threading.Lock()  # held while a libferry call runs

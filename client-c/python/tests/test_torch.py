@@ -298,3 +298,6 @@ def test_record_values_are_checked_before_a_slot_is_taken(daemon):
         assert b.record() == {"i": 5, "f": 0.5, "b": True}
     with pytest.raises(ValueError, match="timeout_s"):
         prod.send({"x": 1}, timeout_s=-5)
+    # What ferryd granted, not what was asked (ring_capacity caps it).
+    assert client.consumer("vals", "big", prefetch=100000).prefetch == 256
+    assert client.consumer("vals", "dflt").prefetch == 8

@@ -64,6 +64,7 @@ static void test_round_trip(ferry_client *client) {
     ferry_consumer_config ccfg = {.prefetch = 4, .spin_us = 10};
     EXPECT(ferry_producer_open(client, "c-abi", &cfg, &p), FERRY_OK);
     EXPECT(ferry_consumer_open(client, "c-abi", "g", &ccfg, &c), FERRY_OK);
+    CHECK(ferry_consumer_prefetch(c) == 4 && ferry_consumer_prefetch(NULL) == 0);
 
     for (uint64_t i = 0; i < 50; i++) {
         ferry_slot s;
