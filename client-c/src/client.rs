@@ -1241,7 +1241,11 @@ impl Consumer {
                 "batch is not held by this consumer (already released, or from another consumer)",
             );
         };
-        let commit = self.auto_commit && self.last_commit.elapsed() >= self.commit_interval;
+        // With no interval (the default) every release commits, without
+        // reading the clock.
+        let commit = self.auto_commit
+            && (self.commit_interval.is_zero()
+                || self.last_commit.elapsed() >= self.commit_interval);
         self.s.submit(&Desc {
             op: desc::OP_RELEASE,
             flags: if commit { desc::FLAG_COMMIT } else { 0 },
@@ -1254,7 +1258,9 @@ impl Consumer {
         })?;
         self.inflight.remove(&token);
         if commit {
-            self.last_commit = Instant::now();
+            if !self.commit_interval.is_zero() {
+                self.last_commit = Instant::now();
+            }
             self.commit_due = false;
         } else if self.auto_commit {
             self.commit_due = true;

@@ -612,14 +612,7 @@ pub unsafe extern "C" fn ferry_producer_publish(
         };
         // SAFETY: key is NULL or valid per the contract.
         let key = unsafe { key.as_ref() }.copied();
-        let mut p = match p.inner.lock() {
-            Ok(g) => g,
-            Err(_) => return fail_poisoned(),
-        };
-        match p.publish(slot.slot, len, meta, key) {
-            Ok(()) => FERRY_OK,
-            Err(e) => fail(e),
-        }
+        locked(&p.inner, |p| p.publish(slot.slot, len, meta, key))
     })
 }
 
@@ -802,14 +795,7 @@ pub unsafe extern "C" fn ferry_consumer_release(
         let (Some(c), Some(b)) = (unsafe { consumer.as_ref() }, unsafe { batch.as_ref() }) else {
             return invalid("consumer or batch is NULL");
         };
-        let mut c = match c.inner.lock() {
-            Ok(g) => g,
-            Err(_) => return fail_poisoned(),
-        };
-        match c.release(b.token) {
-            Ok(()) => FERRY_OK,
-            Err(e) => fail(e),
-        }
+        locked(&c.inner, |c| c.release(b.token))
     })
 }
 
@@ -825,14 +811,7 @@ pub unsafe extern "C" fn ferry_consumer_commit(consumer: *mut ferry_consumer) ->
         let Some(c) = (unsafe { consumer.as_ref() }) else {
             return invalid("consumer is NULL");
         };
-        let mut c = match c.inner.lock() {
-            Ok(g) => g,
-            Err(_) => return fail_poisoned(),
-        };
-        match c.commit() {
-            Ok(()) => FERRY_OK,
-            Err(e) => fail(e),
-        }
+        locked(&c.inner, |c| c.commit())
     })
 }
 
@@ -853,14 +832,7 @@ pub unsafe extern "C" fn ferry_consumer_seek(
         let Some(c) = (unsafe { consumer.as_ref() }) else {
             return invalid("consumer is NULL");
         };
-        let mut c = match c.inner.lock() {
-            Ok(g) => g,
-            Err(_) => return fail_poisoned(),
-        };
-        match c.seek(partition, offset) {
-            Ok(()) => FERRY_OK,
-            Err(e) => fail(e),
-        }
+        locked(&c.inner, |c| c.seek(partition, offset))
     })
 }
 
@@ -892,14 +864,7 @@ pub unsafe extern "C" fn ferry_producer_end(producer: *mut ferry_producer) -> i3
         let Some(p) = (unsafe { producer.as_ref() }) else {
             return invalid("producer is NULL");
         };
-        let mut p = match p.inner.lock() {
-            Ok(g) => g,
-            Err(_) => return fail_poisoned(),
-        };
-        match p.end() {
-            Ok(()) => FERRY_OK,
-            Err(e) => fail(e),
-        }
+        locked(&p.inner, |p| p.end())
     })
 }
 
@@ -1189,14 +1154,9 @@ pub unsafe extern "C" fn ferry_producer_publish_record(
         };
         // SAFETY: key is NULL or valid per the contract.
         let key = unsafe { key.as_ref() }.copied();
-        let mut p = match p.inner.lock() {
-            Ok(g) => g,
-            Err(_) => return fail_poisoned(),
-        };
-        match p.publish_record(w._slot, &writer_of(w), meta, key) {
-            Ok(()) => FERRY_OK,
-            Err(e) => fail(e),
-        }
+        locked(&p.inner, |p| {
+            p.publish_record(w._slot, &writer_of(w), meta, key)
+        })
     })
 }
 
@@ -1331,6 +1291,17 @@ pub unsafe extern "C" fn ferry_batch_field_by_name(
             })
         }
     })
+}
+
+/// Runs `f` on the object behind `m` and turns its result into a status.
+fn locked<T>(m: &Mutex<T>, f: impl FnOnce(&mut T) -> crate::client::Result<()>) -> i32 {
+    match m.lock() {
+        Ok(mut g) => match f(&mut g) {
+            Ok(()) => FERRY_OK,
+            Err(e) => fail(e),
+        },
+        Err(_) => fail_poisoned(),
+    }
 }
 
 fn fail_poisoned() -> i32 {

@@ -136,6 +136,9 @@ struct StreamEntry {
     /// A producer ended the current epoch and left before the others
     /// ended it: its end still counts.
     end_pending: bool,
+    /// Some member of some group was not told yet of an epoch its group
+    /// finished (the pump looks at the members only then).
+    ends_untold: bool,
     dirty: bool,
 }
 
@@ -552,6 +555,7 @@ impl Server {
                 group_idle_timeout_ms: None,
                 groups_expired: 0,
                 end_pending: false,
+                ends_untold: false,
                 dirty: true,
             },
         );
@@ -1906,6 +1910,7 @@ impl Server {
             }
             // Deliveries.
             let sessions = &mut self.sessions;
+            let ends_untold = std::mem::take(&mut entry.ends_untold);
             for g in 0..entry.stream.groups.len() {
                 let sid = entry.stream.id;
                 let pool_layout = entry.layout;
@@ -1984,6 +1989,8 @@ impl Server {
                     // Delivery stopped at the end of the epoch: go on once
                     // the members were told.
                     entry.dirty = true;
+                } else if !ends_untold {
+                    continue;
                 }
                 for &m in &group.members {
                     let Some(Session {
@@ -2008,15 +2015,17 @@ impl Server {
                                 pushed += 1;
                                 to_wake.push(m);
                             }
-                            Err(ferry_shm::RingError::Full) => {
-                                entry.dirty = true;
-                                break;
-                            }
+                            Err(ferry_shm::RingError::Full) => break,
                             Err(e) => {
                                 failed.push((m, e.to_string()));
                                 break;
                             }
                         }
+                    }
+                    if c.epoch_seen < group.epoch {
+                        // Ring full or GPU copies in flight: again later.
+                        entry.ends_untold = true;
+                        entry.dirty = true;
                     }
                 }
             }
@@ -2585,9 +2594,6 @@ fn serve_admin(
     let _ = conn.write_all(b"\n");
 }
 
-/// Puts a batch a producer published from GPU `dev` into its stream, now
-/// that its copy to the host slot is done (batches published from host
-/// memory by the same producer wait in the same queue, keeping its order).
 /// The stream entry flags a publish descriptor asks for.
 fn entry_flags(d: &Desc) -> u16 {
     if d.flags & desc::FLAG_RECORD != 0 {
@@ -2597,6 +2603,9 @@ fn entry_flags(d: &Desc) -> u16 {
     }
 }
 
+/// Puts a batch a producer published from GPU `dev` into its stream, now
+/// that its copy to the host slot is done (batches published from host
+/// memory by the same producer wait in the same queue, keeping its order).
 fn publish_copied(
     entry: &mut StreamEntry,
     id: SessionId,

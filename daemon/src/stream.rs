@@ -364,13 +364,15 @@ impl Stream {
     /// can still reach (every group is past them): dropped, so that epochs
     /// do not grow the index.
     fn drop_old_end_markers(&mut self, p: usize) {
+        // Runs with every grant: the common case (no marker in front)
+        // costs one look at the index.
         while let Some((&o, e)) = self.parts[p].index.first_key_value() {
-            let passed = self
-                .groups
-                .iter()
-                .filter(|g| !g.deleted)
-                .all(|g| g.parts[p].position() > o);
-            if !e.is_end() || !passed {
+            if !e.is_end()
+                || self
+                    .groups
+                    .iter()
+                    .any(|g| !g.deleted && g.parts[p].position() <= o)
+            {
                 break;
             }
             self.parts[p].index.remove(&o);
@@ -603,6 +605,20 @@ impl Stream {
         Ok(held)
     }
 
+    /// `Gone` unless every offset of `[from, to)` of partition `p` is still
+    /// in the pool (a seek back, or a start, can deliver exactly those).
+    fn check_retained(&self, p: usize, from: u64, to: u64) -> Result<(), SeekError> {
+        let index = &self.parts[p].index;
+        if (from..to).all(|o| index.contains_key(&o)) {
+            return Ok(());
+        }
+        Err(SeekError::Gone {
+            part: p as u32,
+            offset: from,
+            earliest: index.keys().next().copied(),
+        })
+    }
+
     /// Where a group created now would start in partition `p`, or why it
     /// cannot start there.
     fn start_of(&self, p: usize, start: &GroupStart) -> Result<u64, SeekError> {
@@ -646,8 +662,7 @@ impl Stream {
                         parts,
                     });
                 }
-                let offset = offsets[p];
-                let end = partition.end;
+                let (offset, end) = (offsets[p], partition.end);
                 if offset > end {
                     return Err(SeekError::PastEnd {
                         part: p as u32,
@@ -655,13 +670,7 @@ impl Stream {
                         end,
                     });
                 }
-                if !(offset..end).all(|o| partition.index.contains_key(&o)) {
-                    return Err(SeekError::Gone {
-                        part: p as u32,
-                        offset,
-                        earliest: partition.index.keys().next().copied(),
-                    });
-                }
+                self.check_retained(p, offset, end)?;
                 offset
             }
         })
@@ -798,72 +807,70 @@ impl Stream {
         mut sink: impl FnMut(SessionId, Delivery) -> bool,
     ) -> usize {
         let mut count = 0;
-        {
-            for p in 0..self.parts.len() {
-                let Some(owner) = self.groups[g].assign[p] else {
+        for p in 0..self.parts.len() {
+            let Some(owner) = self.groups[g].assign[p] else {
+                continue;
+            };
+            loop {
+                let gp = &mut self.groups[g].parts[p];
+                let (o, from_pending) = if let Some(o) = gp.pending.pop_first() {
+                    (o, true)
+                } else if !gp.at_end && gp.next < self.parts[p].end {
+                    let o = gp.next;
+                    gp.next += 1;
+                    (o, false)
+                } else {
+                    break;
+                };
+                let Some(entry) = self.parts[p].index.get(&o).copied() else {
+                    // Cannot happen while the group holds `o`; skip
+                    // rather than wedge the partition.
                     continue;
                 };
-                loop {
-                    let gp = &mut self.groups[g].parts[p];
-                    let (o, from_pending) = if let Some(o) = gp.pending.pop_first() {
-                        (o, true)
-                    } else if !gp.at_end && gp.next < self.parts[p].end {
-                        let o = gp.next;
-                        gp.next += 1;
-                        (o, false)
-                    } else {
-                        break;
-                    };
-                    let Some(entry) = self.parts[p].index.get(&o).copied() else {
-                        // Cannot happen while the group holds `o`; skip
-                        // rather than wedge the partition.
-                        continue;
-                    };
-                    if entry.is_end() {
-                        self.groups[g].parts[p].at_end = true;
-                        continue;
-                    }
-                    if !sink(
-                        owner,
-                        Delivery {
-                            part: p as u32,
-                            offset: o,
-                            entry,
-                        },
-                    ) {
-                        let gp = &mut self.groups[g].parts[p];
-                        if from_pending {
-                            gp.pending.insert(o);
-                        } else {
-                            gp.next -= 1;
-                        }
-                        break;
-                    }
-                    self.groups[g].parts[p].inflight.insert(
-                        o,
-                        Inflight {
-                            session: owner,
-                            replay: false,
-                        },
-                    );
-                    count += 1;
+                if entry.is_end() {
+                    self.groups[g].parts[p].at_end = true;
+                    continue;
                 }
+                if !sink(
+                    owner,
+                    Delivery {
+                        part: p as u32,
+                        offset: o,
+                        entry,
+                    },
+                ) {
+                    let gp = &mut self.groups[g].parts[p];
+                    if from_pending {
+                        gp.pending.insert(o);
+                    } else {
+                        gp.next -= 1;
+                    }
+                    break;
+                }
+                self.groups[g].parts[p].inflight.insert(
+                    o,
+                    Inflight {
+                        session: owner,
+                        replay: false,
+                    },
+                );
+                count += 1;
             }
-            let group = &mut self.groups[g];
-            let epoch_over = !group.members.is_empty()
-                && group
-                    .parts
-                    .iter()
-                    .all(|gp| gp.at_end && gp.pending.is_empty());
-            if !epoch_over {
-                return count;
-            }
-            for gp in &mut group.parts {
-                gp.at_end = false;
-            }
-            group.epoch += 1;
-            count
         }
+        let group = &mut self.groups[g];
+        let epoch_over = !group.members.is_empty()
+            && group
+                .parts
+                .iter()
+                .all(|gp| gp.at_end && gp.pending.is_empty());
+        if !epoch_over {
+            return count;
+        }
+        for gp in &mut group.parts {
+            gp.at_end = false;
+        }
+        group.epoch += 1;
+        count
     }
 
     /// A consumer is done with (`part`, `offset`) in `slot`.
@@ -961,16 +968,7 @@ impl Stream {
         }
         let p = part as usize;
         let next = self.groups[g].parts[p].next;
-        if offset < next {
-            let index = &self.parts[p].index;
-            if !(offset..next).all(|o| index.contains_key(&o)) {
-                return Err(SeekError::Gone {
-                    part,
-                    offset,
-                    earliest: index.keys().next().copied(),
-                });
-            }
-        }
+        self.check_retained(p, offset, next)?;
         // Skipped: pending offsets before `offset`.
         let skipped: Vec<u64> = self.groups[g].parts[p]
             .pending

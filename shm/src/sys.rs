@@ -179,6 +179,8 @@ pub fn discard_private(map: &Mapping, offset: usize, len: usize) -> io::Result<(
 pub struct PageMap {
     file: std::fs::File,
     pid: u32,
+    /// The raw entries of the last read (kept: one read per delivery).
+    raw: Vec<u8>,
 }
 
 impl PageMap {
@@ -186,6 +188,7 @@ impl PageMap {
         Ok(PageMap {
             file: std::fs::File::open("/proc/self/pagemap")?,
             pid: std::process::id(),
+            raw: Vec::new(),
         })
     }
 
@@ -207,11 +210,11 @@ impl PageMap {
         if self.pid != std::process::id() {
             *self = PageMap::open()?;
         }
-        let mut raw = vec![0u8; pages * 8];
+        self.raw.resize(pages * 8, 0);
         let vpage = map.ptr.as_ptr() as usize / page + first;
-        self.file.read_exact_at(&mut raw, (vpage * 8) as u64)?;
+        self.file.read_exact_at(&mut self.raw, (vpage * 8) as u64)?;
         out.clear();
-        out.extend(raw.chunks_exact(8).map(|c| {
+        out.extend(self.raw.chunks_exact(8).map(|c| {
             let e = u64::from_le_bytes(c.try_into().expect("8 bytes"));
             let present_or_swapped = e & (3 << 62) != 0;
             let file_page = e & (1 << 61) != 0;

@@ -933,7 +933,7 @@ class Batch:
                 raise ValueError("this batch is plain bytes, not a typed record (tensor() and numpy() view it)")
             c = self._cons
             count = ctypes.c_uint32()
-            with c._call():
+            with c._in_call:
                 _check(_lib.ferry_batch_field_count(c._h, ctypes.byref(self._raw), ctypes.byref(count)))
                 fields = []
                 for i in range(count.value):
@@ -1068,9 +1068,6 @@ class Consumer(_Handle):
         self._warned = False
 
     # -- releases -------------------------------------------------------
-    def _call(self):
-        return self._in_call
-
     def _release_soon(self, hold):
         """Releases `hold` now when no other libferry call on this consumer
         runs, else queues it for the running (or next) call."""
