@@ -1825,7 +1825,9 @@ impl Server {
                 p.ended = false;
             }
         }
-        entry.stream.end_epoch();
+        if !entry.stream.end_epoch() {
+            return; // nothing published since the last end
+        }
         entry.dirty = true;
         limited!(
             INFO,

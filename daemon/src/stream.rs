@@ -383,7 +383,17 @@ impl Stream {
     /// group that reaches one waits until it has reached all of them (and
     /// delivered everything before them), then tells its members the epoch
     /// is over and goes on with what follows.
-    pub fn end_epoch(&mut self) {
+    /// An epoch with no batch in it is not marked: when every partition
+    /// ends with a marker already (or is empty), this does nothing and
+    /// returns false, so that ending again and again (a buggy or hostile
+    /// producer) cannot grow the index, whose markers take no slot.
+    pub fn end_epoch(&mut self) -> bool {
+        let empty = self.parts.iter().all(|part| {
+            part.end == 0 || part.index.get(&(part.end - 1)).is_some_and(|e| e.is_end())
+        });
+        if empty {
+            return false;
+        }
         let orphan = if self.live_groups() == 0 {
             ENTRY_ORPHAN
         } else {
@@ -403,6 +413,7 @@ impl Stream {
                 },
             );
         }
+        true
     }
 
     /// Gives back slots granted to a producer that went away unpublished.
@@ -1454,7 +1465,8 @@ mod tests {
         let f = s.join("first", 1, &GroupStart::Default).unwrap();
         assert_eq!(take_all(&mut s, f).len(), 3);
         assert_eq!(s.groups[f].epoch, 1, "the first group reaches every marker");
-        s.end_epoch();
+        publish(&mut s, 1);
+        assert!(s.end_epoch());
         s.leave(f, 1);
         s.delete_group("first").unwrap();
         let later = s.join("later", 2, &GroupStart::Default).unwrap();
@@ -1463,12 +1475,19 @@ mod tests {
             s.groups[later].epoch, 0,
             "markers from a group's time are not a later group's"
         );
-        // A group that never had a member does not count epochs.
-        let mut s = stream(1, 4);
-        s.end_epoch();
+        // An epoch without a batch is not marked: ending again and again
+        // does not grow the index (markers take no slot).
+        let mut s = stream(2, 4);
+        assert!(!s.end_epoch(), "nothing published yet");
+        publish(&mut s, 1);
+        assert!(s.end_epoch());
+        for _ in 0..1000 {
+            assert!(!s.end_epoch());
+        }
+        assert_eq!(s.parts.iter().map(|p| p.index.len()).sum::<usize>(), 3);
         let h = s.join("h", 1, &GroupStart::Earliest).unwrap();
-        assert!(take_all(&mut s, h).is_empty());
-        assert_eq!(s.groups[h].epoch, 1, "the retained marker ends an epoch");
+        assert_eq!(take_all(&mut s, h).len(), 1);
+        assert_eq!(s.groups[h].epoch, 1, "the retained markers end an epoch");
     }
 
     #[test]

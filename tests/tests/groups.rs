@@ -312,3 +312,27 @@ fn an_end_counts_after_its_producer_left() {
     let seen: String = epochs_seen(&mut c, 1).into_iter().collect();
     assert_eq!(seen, "0E");
 }
+
+#[test]
+fn a_producer_ending_over_and_over_marks_one_end() {
+    let d = Daemon::start("", "");
+    let client = d.client();
+    let mut p = client.producer("s", spec(2, 8)).unwrap();
+    let mut c = client
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    p.send(&[0], b"", None, T).unwrap();
+    for _ in 0..10_000 {
+        p.end().unwrap(); // markers take no slot: nothing else bounds them
+    }
+    let seen: String = epochs_seen(&mut c, 1).into_iter().collect();
+    assert_eq!(seen, "0E");
+    assert!(eventually(Duration::from_secs(5), || d.status().streams[0]
+        .end_offsets
+        == vec![2, 1]));
+    assert_eq!(
+        c.next(Some(Duration::from_millis(200))).unwrap_err().status,
+        Status::Timeout,
+        "one end, not ten thousand"
+    );
+}
