@@ -86,6 +86,22 @@ step "Python tests"
 
 step "loom models of the rings"
 RUSTFLAGS="--cfg loom" cargo test --quiet -p ferry-shm --test loom_ring --release --target-dir target-loom
+# Mutation check: each deliberately broken variant of the ring protocol
+# (shm/src/ring.rs, mod mutant) must make a model fail, with loom's own
+# finding (a causality violation on a descriptor, or a deadlock).
+for mutant in seq_relaxed head_early wake_load check_first; do
+    if FERRY_RING_MUTANT=$mutant RUSTFLAGS="--cfg loom" cargo test --quiet -p ferry-shm \
+        --test loom_ring --release --target-dir target-loom > "$WORK/mutant.log" 2>&1; then
+        echo "the loom models pass with the broken ring variant $mutant" >&2
+        exit 1
+    fi
+    grep -qE "Causality violation|deadlock" "$WORK/mutant.log" || {
+        cat "$WORK/mutant.log" >&2
+        echo "ring variant $mutant failed, but not with a loom finding" >&2
+        exit 1
+    }
+    echo "ring variant $mutant: caught"
+done
 
 step "benchmark smoke run (checks it runs, not speed)"
 cargo build --release --quiet -p ferry-bench -p ferry-daemon -p ferry-client

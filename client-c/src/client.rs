@@ -689,7 +689,7 @@ impl Session {
             let Some(left) = remaining(deadline, LIVENESS_CHECK) else {
                 return err(Status::Timeout, "timed out");
             };
-            futex_sleep(&self.comp, left).map_err(|e| self.ring_error(e))?;
+            futex_sleep(&mut self.comp, left).map_err(|e| self.ring_error(e))?;
         }
     }
 

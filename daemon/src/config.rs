@@ -13,6 +13,8 @@ pub const CONFIG_VERSION: u32 = 1;
 pub const MAX_SLOT_SIZE: u64 = 1 << 30;
 pub const MAX_SLOT_COUNT: u32 = 65536;
 pub const MAX_PARTITIONS: u32 = 1024;
+/// `daemon.spin_while_waited_us` unless configured.
+pub const DEFAULT_SPIN_WHILE_WAITED_US: u64 = 1000;
 /// Largest configuration file read (a bigger one, or /dev/zero, is refused).
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Longest socket path: `sun_path` holds 108 bytes with the NUL.
@@ -144,6 +146,20 @@ pub struct DaemonConfig {
     /// A producer that has waited this long for a free slot is logged,
     /// with the groups holding the slots (0: never).
     pub slot_wait_log_ms: u64,
+    /// How many released batches of each stream stay readable for a seek
+    /// (the replay window). Free slots outside it are reused most recently
+    /// freed first; slots inside it, oldest release first, only when no
+    /// other slot is free. Absent: the whole pool (every free slot keeps
+    /// its batch until reused), the default because `ferry-bench shm`
+    /// measured it faster than a window of 0 (see the README).
+    pub replay_window: Option<u32>,
+    /// While a consumer sleeps waiting for a batch (it has credit left and
+    /// its stream has a producer), ferryd keeps polling for up to this long
+    /// after its last work instead of sleeping after `spin_us`: a publish
+    /// then costs the sleeping consumer one wake-up (its own), not ferryd's
+    /// and then its own. The price is a polling core while trainers wait
+    /// (0: sleep after `spin_us` as always).
+    pub spin_while_waited_us: u64,
 }
 
 impl Default for DaemonConfig {
@@ -179,6 +195,8 @@ impl Default for DaemonConfig {
             max_groups_per_stream: 64,
             group_idle_timeout_ms: 600_000,
             slot_wait_log_ms: 5_000,
+            replay_window: None,
+            spin_while_waited_us: DEFAULT_SPIN_WHILE_WAITED_US,
         }
     }
 }
@@ -199,6 +217,8 @@ pub struct StreamConfig {
     pub consumers: Option<Vec<u32>>,
     /// This stream's `daemon.group_idle_timeout_ms` (0: never).
     pub group_idle_timeout_ms: Option<u64>,
+    /// This stream's `daemon.replay_window`.
+    pub replay_window: Option<u32>,
 }
 
 fn default_version() -> u32 {

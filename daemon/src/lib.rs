@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod gpu;
+pub mod idhash;
 pub mod ratelimit;
 pub mod server;
 pub mod stream;

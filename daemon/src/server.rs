@@ -9,7 +9,7 @@
 //! nothing a client does with its file descriptors can block the loop or
 //! take another client's wake-up.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{check_socket_dir, check_socket_file, check_stream_spec, Config, SocketFile};
 use crate::gpu::{GpuDelivery, GpuPublish, Gpus};
+use crate::idhash::IdSet;
 use crate::limited;
 use crate::stream::{SessionId, Stream, Violation};
 
@@ -47,7 +48,7 @@ struct Rings {
 struct ProducerState {
     stream: usize,
     rings: Rings,
-    granted: HashSet<u32>,
+    granted: IdSet<u32>,
     credits: u32,
     published: u64,
     /// Said the epoch is over for it (`OP_END`) and has not published since.
@@ -482,6 +483,9 @@ impl Server {
                 .map(|idx| {
                     server.streams[idx].acl = (s.producers.clone(), s.consumers.clone());
                     server.streams[idx].group_idle_timeout_ms = s.group_idle_timeout_ms;
+                    if let Some(w) = s.replay_window {
+                        server.streams[idx].stream.set_replay_window(w);
+                    }
                 })
                 .map_err(|(_, m)| anyhow::anyhow!(m))?;
         }
@@ -541,10 +545,14 @@ impl Server {
             owner = owner.map_or_else(|| "config".to_string(), |u| format!("uid {u}")),
             "stream created"
         );
+        let mut stream = Stream::new(idx as u32, name.to_string(), spec);
+        if let Some(w) = self.cfg.daemon.replay_window {
+            stream.set_replay_window(w);
+        }
         self.streams.insert(
             idx,
             StreamEntry {
-                stream: Stream::new(idx as u32, name.to_string(), spec),
+                stream,
                 pool: Arc::new(pool),
                 pool_ro,
                 layout,
@@ -832,7 +840,15 @@ impl Server {
         );
         notify_systemd("READY=1");
         let spin = Duration::from_micros(self.cfg.daemon.spin_us);
+        let waited_spin = Duration::from_micros(self.cfg.daemon.spin_while_waited_us);
+        let mut waited = false;
         let mut last_work = Instant::now();
+        // The clock is read once after each burst of work and then every
+        // 32 idle turns, not on every turn (it showed in the hand-off
+        // path's profile): `idle` is how long the loop has had no work.
+        let mut worked = false;
+        let mut idle_turns: u32 = 0;
+        let mut idle = Duration::ZERO;
         let mut spinner = ferry_shm::wait::Spinner::new();
         let mut iter: u32 = 0;
         loop {
@@ -866,13 +882,26 @@ impl Server {
                 self.housekeeping();
             }
             if work > 0 {
-                last_work = Instant::now();
+                worked = true;
+                idle_turns = 0;
                 if iter.is_multiple_of(64) {
                     self.poll_events(0)?;
                 }
                 continue;
             }
-            if last_work.elapsed() < spin || self.copies_pending() {
+            if idle_turns.is_multiple_of(32) {
+                let now = Instant::now();
+                if worked {
+                    last_work = now;
+                    worked = false;
+                }
+                idle = now - last_work;
+            }
+            idle_turns = idle_turns.wrapping_add(1);
+            if idle >= spin && idle < waited_spin && iter.is_multiple_of(64) {
+                waited = self.consumers_waiting();
+            }
+            if idle < spin || self.copies_pending() || (waited && idle < waited_spin) {
                 spinner.spin();
                 if iter.is_multiple_of(128) {
                     self.poll_events(0)?;
@@ -883,8 +912,8 @@ impl Server {
             // after the announcement, stay awake.
             let mut can_sleep = true;
             let mut bad = Vec::new();
-            for s in self.sessions.values() {
-                if let Some(r) = rings_of(&s.role) {
+            for s in self.sessions.values_mut() {
+                if let Some(r) = rings_of_mut(&mut s.role) {
                     match r.sub.prepare_sleep() {
                         Ok(true) => {}
                         Ok(false) => can_sleep = false,
@@ -910,9 +939,35 @@ impl Server {
                 }
             }
             last_work = Instant::now();
+            idle = Duration::ZERO;
+            idle_turns = 1;
+            worked = false;
         }
         self.shutdown();
         Ok(())
+    }
+
+    /// Whether some consumer sleeps on its ring waiting for a batch: it
+    /// has credit left and its stream has a producer attached.
+    fn consumers_waiting(&self) -> bool {
+        self.sessions.values().any(|s| match &s.role {
+            Role::Consumer(c) => {
+                c.inflight < c.prefetch
+                    && c.rings
+                        .comp
+                        .ring()
+                        .sleep_word()
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        == ferry_shm::ring::SLEEPING
+                    && self
+                        .streams
+                        .slots
+                        .get(c.stream)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|e| !e.producers.is_empty())
+            }
+            _ => false,
+        })
     }
 
     /// The streams with held slots and who holds them, for the drain
@@ -1500,7 +1555,7 @@ impl Server {
             s.role = Role::Producer(ProducerState {
                 stream: idx,
                 rings,
-                granted: HashSet::new(),
+                granted: IdSet::default(),
                 credits,
                 published: 0,
                 ended: false,
@@ -2613,7 +2668,7 @@ fn publish_copied(
     id: SessionId,
     d: &Desc,
     dev: u32,
-    granted: &mut HashSet<u32>,
+    granted: &mut IdSet<u32>,
     published: &mut u64,
 ) -> Result<(), Violation> {
     let key = (d.flags & desc::FLAG_HAS_KEY != 0).then_some(d.key);
@@ -2631,6 +2686,14 @@ fn rings_of(role: &Role) -> Option<&Rings> {
     match role {
         Role::Producer(p) => Some(&p.rings),
         Role::Consumer(c) => Some(&c.rings),
+        _ => None,
+    }
+}
+
+fn rings_of_mut(role: &mut Role) -> Option<&mut Rings> {
+    match role {
+        Role::Producer(p) => Some(&mut p.rings),
+        Role::Consumer(c) => Some(&mut c.rings),
         _ => None,
     }
 }

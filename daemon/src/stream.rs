@@ -19,7 +19,9 @@
 //! group can drop another group's hold (`model_tests` checks this against a
 //! reference model over random interleavings).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::idhash::IdMap;
 
 use ferry_shm::proto::{GroupStart, StreamSpec};
 
@@ -78,6 +80,8 @@ pub struct Partition {
     pub end: u64,
     /// Offsets whose batch is still in a slot (held or retained).
     pub index: BTreeMap<u64, Entry>,
+    /// The last offset put in is an end marker.
+    pub ended: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -87,7 +91,7 @@ pub struct GroupPart {
     /// Offsets below `next` to deliver (again), lowest first.
     pub pending: BTreeSet<u64>,
     /// Delivered and not yet released.
-    pub inflight: HashMap<u64, Inflight>,
+    pub inflight: IdMap<u64, Inflight>,
     pub committed: u64,
     /// The group passed an end marker here and waits for every partition
     /// to reach theirs (the end of the epoch) before delivering more.
@@ -200,16 +204,21 @@ pub struct Stream {
     pub name: String,
     pub spec: StreamSpec,
     pub slots: Vec<Slot>,
-    /// Free slots, least recently released first (so retained batches live
-    /// as long as possible).
-    pub free: FreeList,
+    /// Free slots: the replay window (released batches a seek can still
+    /// read) and the spare slots, which grants take first.
+    pub free: FreeSlots,
+    /// At most this many released batches stay readable for a seek (the
+    /// oldest release leaves the window first). A grant takes a spare
+    /// slot, most recently freed first, and only when there is none the
+    /// oldest slot of the window: producers never wait for the window.
+    pub replay_window: u32,
     pub parts: Vec<Partition>,
     pub groups: Vec<Group>,
     pub published: u64,
     rr: u32,
 }
 
-/// The free slots in reuse order: a doubly linked list threaded through
+/// A list of free slots: a doubly linked list threaded through
 /// per-slot arrays, so that taking a given slot out (a replay holding a
 /// retained batch again) costs O(1), not a scan of the list, and nothing
 /// allocates after creation.
@@ -226,16 +235,21 @@ pub struct FreeList {
 const NIL: u32 = u32::MAX;
 
 impl FreeList {
-    /// Every slot of `n` free, in index order.
-    pub fn full(n: u32) -> FreeList {
-        let mut f = FreeList {
+    /// An empty list for slots `0..n`.
+    pub fn empty(n: u32) -> FreeList {
+        FreeList {
             next: vec![NIL; n as usize],
             prev: vec![NIL; n as usize],
             linked: vec![false; n as usize],
             head: NIL,
             tail: NIL,
             len: 0,
-        };
+        }
+    }
+
+    /// Every slot of `n` free, in index order.
+    pub fn full(n: u32) -> FreeList {
+        let mut f = FreeList::empty(n);
         for s in 0..n {
             f.push_back(s);
         }
@@ -322,6 +336,48 @@ impl FreeList {
     }
 }
 
+/// The free slots of a pool, in two lists. `window`: released slots whose
+/// batch is still readable for a seek (the replay window), oldest release
+/// first. `spare`: free slots holding nothing anyone can ask for, most
+/// recently freed first, so that a grant hands out the slot whose bytes
+/// are most likely still in the caches (as a memory allocator does).
+#[derive(Debug)]
+pub struct FreeSlots {
+    pub(crate) window: FreeList,
+    pub(crate) spare: FreeList,
+}
+
+impl FreeSlots {
+    fn full(n: u32) -> FreeSlots {
+        FreeSlots {
+            window: FreeList::empty(n),
+            spare: FreeList::full(n),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.window.len() + self.spare.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, slot: u32) -> bool {
+        self.window.contains(slot) || self.spare.contains(slot)
+    }
+
+    /// Released slots whose batch a seek can still read.
+    pub fn retained(&self) -> usize {
+        self.window.len()
+    }
+
+    fn remove(&mut self, slot: u32) {
+        self.window.remove(slot);
+        self.spare.remove(slot);
+    }
+}
+
 /// Picks a partition from a key: a 64-bit mix, then modulo.
 pub fn partition_for_key(key: u64, partitions: u32) -> u32 {
     let mut z = key.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -337,7 +393,8 @@ impl Stream {
             id,
             name,
             slots: vec![Slot::Free { retained: None }; spec.slot_count as usize],
-            free: FreeList::full(spec.slot_count),
+            free: FreeSlots::full(spec.slot_count),
+            replay_window: spec.slot_count,
             parts: (0..spec.partitions).map(|_| Partition::default()).collect(),
             groups: Vec::new(),
             published: 0,
@@ -346,18 +403,60 @@ impl Stream {
         }
     }
 
-    /// Takes the least recently released free slot for `session`.
+    /// Sets how many released batches stay readable for a seek; slots
+    /// over the new window leave it at once, oldest release first.
+    pub fn set_replay_window(&mut self, window: u32) {
+        self.replay_window = window;
+        self.trim_window();
+    }
+
+    /// Grants a free slot to `session`: the most recently freed spare
+    /// slot, or, when there is none, the oldest slot of the replay window
+    /// (whose batch can then no longer be replayed).
     pub fn grant(&mut self, session: SessionId) -> Option<u32> {
-        let slot = self.free.pop_front()?;
+        let slot = match self.free.spare.pop_front() {
+            Some(s) => s,
+            None => {
+                let s = self.free.window.pop_front()?;
+                self.forget(s);
+                s
+            }
+        };
+        self.slots[slot as usize] = Slot::Granted { session };
+        Some(slot)
+    }
+
+    /// A free slot's batch is no longer readable: out of the index.
+    fn forget(&mut self, slot: u32) {
         if let Slot::Free {
             retained: Some((p, o)),
         } = self.slots[slot as usize]
         {
             self.parts[p as usize].index.remove(&o);
             self.drop_old_end_markers(p as usize);
+            self.slots[slot as usize] = Slot::Free { retained: None };
         }
-        self.slots[slot as usize] = Slot::Granted { session };
-        Some(slot)
+    }
+
+    /// Frees `slot`, which holds batch `o` of partition `p`: into the
+    /// replay window, whose oldest slots move to the spare list once it is
+    /// over its size.
+    fn free_released(&mut self, slot: u32, p: u32, o: u64) {
+        self.slots[slot as usize] = Slot::Free {
+            retained: Some((p, o)),
+        };
+        self.free.window.push_back(slot);
+        self.trim_window();
+    }
+
+    fn trim_window(&mut self) {
+        while self.free.window.len() > self.replay_window as usize {
+            let Some(old) = self.free.window.pop_front() else {
+                break;
+            };
+            self.forget(old);
+            self.free.spare.push_front(old);
+        }
     }
 
     /// End markers at the front of partition `p`'s index that no group
@@ -388,9 +487,7 @@ impl Stream {
     /// returns false, so that ending again and again (a buggy or hostile
     /// producer) cannot grow the index, whose markers take no slot.
     pub fn end_epoch(&mut self) -> bool {
-        let empty = self.parts.iter().all(|part| {
-            part.end == 0 || part.index.get(&(part.end - 1)).is_some_and(|e| e.is_end())
-        });
+        let empty = self.parts.iter().all(|part| part.end == 0 || part.ended);
         if empty {
             return false;
         }
@@ -402,6 +499,7 @@ impl Stream {
         for part in &mut self.parts {
             let offset = part.end;
             part.end += 1;
+            part.ended = true;
             part.index.insert(
                 offset,
                 Entry {
@@ -420,7 +518,7 @@ impl Stream {
     pub fn return_grant(&mut self, session: SessionId, slot: u32) {
         if self.slots.get(slot as usize) == Some(&Slot::Granted { session }) {
             self.slots[slot as usize] = Slot::Free { retained: None };
-            self.free.push_front(slot);
+            self.free.spare.push_front(slot);
         }
     }
 
@@ -486,6 +584,7 @@ impl Stream {
         let partition = &mut self.parts[part as usize];
         let offset = partition.end;
         partition.end += 1;
+        partition.ended = false;
         partition.index.insert(
             offset,
             Entry {
@@ -550,10 +649,7 @@ impl Stream {
         if let Slot::Held { holders, .. } = &mut self.slots[e.slot as usize] {
             *holders -= 1;
             if *holders == 0 {
-                self.slots[e.slot as usize] = Slot::Free {
-                    retained: Some((p, o)),
-                };
-                self.free.push_back(e.slot);
+                self.free_released(e.slot, p, o);
             }
         }
     }
@@ -763,10 +859,7 @@ impl Stream {
                             ..
                         } = self.slots[slot]
                         {
-                            self.slots[slot] = Slot::Free {
-                                retained: Some((part, offset)),
-                            };
-                            self.free.push_back(slot as u32);
+                            self.free_released(slot as u32, part, offset);
                         }
                     }
                 }
@@ -1267,6 +1360,66 @@ mod tests {
             5,
             "refused batch is delivered next"
         );
+    }
+
+    #[test]
+    fn grants_reuse_the_most_recently_freed_slot_outside_the_replay_window() {
+        // Window 0: a release goes back on top, and the next grant takes it.
+        let mut s = stream(1, 8);
+        s.set_replay_window(0);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        publish(&mut s, 3);
+        let got = take_all(&mut s, g);
+        for (m, d) in &got {
+            s.release(g, *m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        let last = got.last().unwrap().1.entry.slot;
+        assert_eq!(s.grant(1), Some(last), "the slot released last comes first");
+        assert!(
+            matches!(s.seek(g, 0, 2), Err(SeekError::Gone { .. })),
+            "nothing is kept for replay with a window of 0"
+        );
+        check(&s);
+
+        // Window 2: the two latest releases stay readable; grants take
+        // spare slots first (the release that left the window first among
+        // them), and the window's oldest slot only when nothing else is free.
+        let mut s = stream(1, 4);
+        s.set_replay_window(2);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        publish(&mut s, 4);
+        let got = take_all(&mut s, g);
+        for (m, d) in &got {
+            s.release(g, *m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        let slot_of = |o: usize| got[o].1.entry.slot;
+        assert_eq!(s.free.retained(), 2);
+        assert!(s.seek(g, 0, 1).is_err(), "offset 1 left the window");
+        // Offsets 0 and 1 left the window, 1 last: it is reused first.
+        assert_eq!(s.grant(1), Some(slot_of(1)));
+        assert_eq!(s.grant(1), Some(slot_of(0)));
+        s.seek(g, 0, 2).unwrap();
+        let again: Vec<u64> = take_all(&mut s, g).iter().map(|(_, d)| d.offset).collect();
+        assert_eq!(again, vec![2, 3], "the window replays exactly");
+        for (m, d) in take_all(&mut s, g) {
+            s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        check(&s);
+        // Shrinking the window lets its oldest batches go at once.
+        let mut s = stream(1, 4);
+        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        publish(&mut s, 3);
+        for (m, d) in take_all(&mut s, g) {
+            s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        s.seek(g, 0, 0).unwrap();
+        take_all(&mut s, g)
+            .into_iter()
+            .for_each(|(m, d)| s.release(g, m, d.part, d.offset, d.entry.slot).unwrap());
+        s.set_replay_window(1);
+        assert!(s.seek(g, 0, 1).is_err());
+        s.seek(g, 0, 2).unwrap();
+        check(&s);
     }
 
     #[test]

@@ -811,3 +811,39 @@ pub fn poll_readable(fd: impl AsFd, timeout: Duration) -> bool {
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
     n > 0
 }
+
+/// CPUs the calling thread may run on (`sched_getaffinity`).
+pub fn thread_affinity() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain bits; sched_getaffinity(0) fills the set
+    // we pass, of the size we pass, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
+    }
+}
+
+/// Restricts the calling thread to `cpus` (`sched_setaffinity`).
+pub fn set_thread_affinity(cpus: &[usize]) -> io::Result<()> {
+    if cpus.is_empty() || cpus.iter().any(|&c| c >= libc::CPU_SETSIZE as usize) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("no such CPU set {cpus:?}"),
+        ));
+    }
+    // SAFETY: as above; CPU_SET is given indices below CPU_SETSIZE only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

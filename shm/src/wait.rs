@@ -38,7 +38,7 @@ impl Default for Spinner {
 /// Sleeps on the consumer's futex until the producer wakes us or `timeout`
 /// passes. Returns immediately when data arrived meanwhile.
 #[cfg(not(loom))]
-pub fn futex_sleep(cons: &RingConsumer, timeout: Duration) -> Result<(), RingError> {
+pub fn futex_sleep(cons: &mut RingConsumer, timeout: Duration) -> Result<(), RingError> {
     if cons.prepare_sleep()? {
         sys::futex_wait(cons.ring().sleep_word(), SLEEPING, Some(timeout));
         cons.finish_sleep();

@@ -45,18 +45,71 @@ fn push_pop_in_order_through_wraparound() {
 }
 
 #[test]
-fn hostile_indices_are_detected_not_trusted() {
+fn hostile_indices_and_sequences_are_detected_not_trusted() {
     let (mut p, mut c, region) = ring_pair(8);
     p.push(&d(1)).unwrap();
-    // The header's tail word lives on the third 64-byte line.
-    // SAFETY (test): writes an aligned u32 inside the region we own.
+    // The slots follow the four header lines; each slot's sequence word is
+    // its last 4 bytes. A garbage number in the next slot is corruption.
+    // SAFETY (test): aligned u32s inside the region we own.
+    let seq = |i: usize| unsafe { &*(region.as_ptr().add(256 + 64 * i + 60) as *const AtomicU32) };
+    assert_eq!(seq(0).load(Ordering::Acquire), 1, "slot 0 carries number 1");
+    assert_eq!(c.pop().unwrap(), Some(d(1)));
+    seq(1).store(1000, Ordering::Release);
+    assert!(matches!(
+        c.pop(),
+        Err(RingError::Sequence {
+            index: 1,
+            found: 1000,
+            ..
+        })
+    ));
+    // The previous lap's number means empty, not corrupt.
+    seq(1).store(2u32.wrapping_sub(8), Ordering::Release);
+    assert_eq!(c.pop().unwrap(), None);
+    // The tail word (third line) is for displays only: garbage there
+    // changes nothing the consumer does.
     let tail = unsafe { &*(region.as_ptr().add(128) as *const AtomicU32) };
     tail.store(1000, Ordering::Release);
-    assert!(matches!(c.pop(), Err(RingError::Corrupt { .. })));
-    // A garbage head seen by the producer.
+    assert_eq!(c.pop().unwrap(), None);
+    assert!(c.ring().occupancy() <= 8, "displays stay within capacity");
+    // A garbage head seen by the producer once it has to read it (its
+    // cached copy says the ring is full).
+    let (mut p, _c, region) = ring_pair(2);
+    p.push(&d(1)).unwrap();
+    p.push(&d(2)).unwrap();
     let head = unsafe { &*(region.as_ptr().add(64) as *const AtomicU32) };
     head.store(500, Ordering::Release);
-    assert!(matches!(p.push(&d(2)), Err(RingError::Corrupt { .. })));
+    assert!(matches!(p.push(&d(3)), Err(RingError::Corrupt { .. })));
+}
+
+#[test]
+fn consumer_publishes_its_head_in_batches_and_when_empty() {
+    let (mut p, mut c, region) = ring_pair(64);
+    let head =
+        || unsafe { &*(region.as_ptr().add(64) as *const AtomicU32) }.load(Ordering::Acquire);
+    for i in 0..10 {
+        p.push(&d(i)).unwrap();
+    }
+    for i in 0..3 {
+        assert_eq!(c.pop().unwrap(), Some(d(i)));
+    }
+    assert_eq!(head(), 0, "three of 64: not yet published");
+    for i in 3..4 {
+        assert_eq!(c.pop().unwrap(), Some(d(i)));
+    }
+    assert_eq!(head(), 4, "every capacity/16 = 4 descriptors");
+    for i in 4..10 {
+        assert_eq!(c.pop().unwrap(), Some(d(i)));
+    }
+    assert_eq!(c.pop().unwrap(), None);
+    assert_eq!(head(), 10, "an empty ring publishes what was read");
+    // A producer filling the ring sees the room the consumer made.
+    let (mut p, mut c, _r) = ring_pair(4);
+    for round in 0..50u64 {
+        while p.push(&d(round)).is_ok() {}
+        while c.pop().unwrap().is_some() {}
+    }
+    assert!(p.free().unwrap() == 4);
 }
 
 #[test]
@@ -75,7 +128,7 @@ fn attach_rejects_garbage_and_wrong_capacity() {
 
 #[test]
 fn wake_only_when_consumer_sleeps() {
-    let (mut p, c, _r) = ring_pair(4);
+    let (mut p, mut c, _r) = ring_pair(4);
     p.push(&d(1)).unwrap();
     assert!(!p.wake_needed(), "consumer never announced sleep");
     // Data is present, so the consumer must not go to sleep.
@@ -92,7 +145,7 @@ fn futex_sleeper_is_woken_by_push() {
             if let Some(x) = c.pop().unwrap() {
                 return (x, start.elapsed());
             }
-            wait::futex_sleep(&c, Duration::from_secs(20)).unwrap();
+            wait::futex_sleep(&mut c, Duration::from_secs(20)).unwrap();
         }
     });
     std::thread::sleep(Duration::from_millis(50));

@@ -148,17 +148,19 @@ fn oversized_publish_in_a_granted_slot_is_rejected() {
 }
 
 #[test]
-fn corrupt_ring_index_closes_the_session() {
+fn corrupt_ring_sequence_closes_the_session() {
     let d = daemon();
     let bad = raw_producer(&d, "s");
-    // The submission ring's tail word sits on the header's third line.
-    let tail_ptr = bad
+    // The first slot of the submission ring follows the header's four
+    // lines; its sequence number is the slot's last word. A number that is
+    // neither "ready" nor the previous lap's is corruption.
+    let seq_ptr = bad
         .region
-        .range_ptr(bad.layout.sub_offset + 128, 4)
+        .range_ptr(bad.layout.sub_offset + 256 + 60, 4)
         .unwrap();
     // SAFETY (test): an aligned u32 inside our own mapping of the region.
-    let tail = unsafe { &*(tail_ptr as *const AtomicU32) };
-    tail.store(123_456, Ordering::Release);
+    let seq = unsafe { &*(seq_ptr as *const AtomicU32) };
+    seq.store(123_456, Ordering::Release);
     sys::send_dontwait(&bad.sock, proto::WAKE).unwrap();
     assert!(bad.closed_by_daemon(), "{}", d.log());
     assert!(d.log().contains("corrupt"), "{}", d.log());

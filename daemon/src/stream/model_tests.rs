@@ -11,7 +11,9 @@
 //! - after draining, every group received every batch it owed.
 //!
 //! "Bytes" are modelled by the slot's content: the (partition, offset) the
-//! last publish wrote there, erased when the slot is granted again.
+//! last publish wrote there, erased when the slot is granted again or the
+//! stream says it left the replay window (which must never hold more than
+//! its size, nor ever drop a batch somebody owes).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -135,14 +137,16 @@ fn member_sid(g: u8, m: u8) -> SessionId {
 }
 
 impl Model {
-    fn new() -> Model {
+    fn new(window: u32) -> Model {
         let spec = StreamSpec {
             partitions: PARTS,
             slot_size: 64,
             slot_count: SLOTS,
         };
+        let mut s = Stream::new(0, "m".into(), spec);
+        s.set_replay_window(window);
         Model {
-            s: Stream::new(0, "m".into(), spec),
+            s,
             content: vec![None; SLOTS as usize],
             slot_of: HashMap::new(),
             end: vec![0; PARTS as usize],
@@ -172,6 +176,34 @@ impl Model {
     }
 
     fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        self.apply(op)?;
+        // Batches the stream let go of (out of the replay window) are no
+        // longer readable; only unowed ones may go.
+        let mut retained = 0;
+        for slot in 0..SLOTS as usize {
+            match self.s.slots[slot] {
+                Slot::Free { retained: None } => {
+                    if let Some(b) = self.content[slot].take() {
+                        prop_assert!(
+                            self.owers(b) == 0 && !self.orphans.contains(&b),
+                            "batch {b:?} left the replay window while owed"
+                        );
+                    }
+                }
+                Slot::Free { retained: Some(_) } => retained += 1,
+                _ => {}
+            }
+        }
+        prop_assert!(
+            retained <= self.s.replay_window,
+            "{retained} batches retained, window {}",
+            self.s.replay_window
+        );
+        prop_assert_eq!(retained as usize, self.s.free.retained());
+        Ok(())
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
         match *op {
             Op::Grant(p) => {
                 let sid = producer_sid(p);
@@ -592,8 +624,11 @@ proptest! {
     })]
 
     #[test]
-    fn no_group_changes_what_another_receives(ops in proptest::collection::vec(op(), 1..80)) {
-        let mut m = Model::new();
+    fn no_group_changes_what_another_receives(
+        ops in proptest::collection::vec(op(), 1..80),
+        window in prop_oneof![Just(0u32), Just(1), Just(3), Just(SLOTS)],
+    ) {
+        let mut m = Model::new(window);
         for op in &ops {
             m.step(op)?;
         }
@@ -606,7 +641,7 @@ proptest! {
 /// seeks forward), kept as a plain regression test.
 #[test]
 fn seek_back_leave_seek_forward_does_not_free_another_groups_slots() {
-    let mut m = Model::new();
+    let mut m = Model::new(SLOTS);
     let ops = [
         Op::Join {
             group: 0,
