@@ -41,7 +41,7 @@ pub(crate) fn bench_gpu(quick: bool, smoke: bool, ferryd: Option<PathBuf>) -> Re
     );
     let millis = run_millis(quick, smoke);
     let ferryd = ferryd.unwrap_or_else(|| me().with_file_name("ferryd"));
-    let d = start_daemon(&ferryd, 100)?;
+    let d = start_daemon(&ferryd, 100, "")?;
     for (name, size) in [("1MiB", 1u64 << 20), ("16MiB", 16 << 20)] {
         let baseline = pinned_h2d(size as usize, millis)?;
         let stream = format!("gpu-{name}");

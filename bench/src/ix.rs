@@ -71,10 +71,16 @@ pub fn publish(name: &str, size: usize, millis: u64, pace_us: u64) -> Res<()> {
     let end = Instant::now() + Duration::from_millis(millis);
     let mut seq = 0u64;
     while Instant::now() < end || seq < MIN_BATCHES {
-        let sample = publisher.loan_slice_uninit(size)?;
+        let mut sample = publisher.loan_slice_uninit(size)?;
         // Same generation work as the other transports (a fill with the
-        // sequence number, as `generate` does), then the timestamp.
-        let mut sample = sample.write_from_fn(|_| seq as u8);
+        // sequence number, as `generate` does: one memset), then the
+        // timestamp.
+        let payload = sample.payload_mut();
+        // SAFETY: `payload` is `size` loaned bytes, ours until sent;
+        // writing every one of them initialises the whole sample.
+        unsafe { std::ptr::write_bytes(payload.as_mut_ptr(), seq as u8, payload.len()) };
+        // SAFETY: every byte was written just above.
+        let mut sample = unsafe { sample.assume_init() };
         let buf = sample.payload_mut();
         buf[..8].copy_from_slice(&monotonic_ns().to_le_bytes());
         if sample.send()? == 0 && seq == 0 {

@@ -33,10 +33,12 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+mod cpu;
 mod fabric;
 mod gpu;
 #[cfg(feature = "iceoryx2")]
 mod ix;
+use cpu::Cost;
 use ferry::{Client, ConsumerOptions, StreamSpec};
 use ferry_shm::sys::monotonic_ns;
 
@@ -126,7 +128,11 @@ enum Cmd {
     #[command(hide = true)]
     Loopback { socket: PathBuf, millis: u64 },
     #[command(hide = true)]
-    UdsEcho { path: PathBuf, size: usize },
+    UdsEcho {
+        path: PathBuf,
+        size: usize,
+        cpu: Option<usize>,
+    },
     #[cfg(feature = "iceoryx2")]
     #[command(hide = true)]
     IxSub { name: String },
@@ -182,7 +188,7 @@ fn main() {
             prefetch,
         } => consume(&socket, &stream, spin_us, prefetch),
         Cmd::Loopback { socket, millis } => loopback(&socket, millis),
-        Cmd::UdsEcho { path, size } => uds_echo(&path, size),
+        Cmd::UdsEcho { path, size, cpu } => uds_echo(&path, size, cpu),
         Cmd::UdsSink { path, batch } => uds_sink(&path, batch),
         #[cfg(feature = "iceoryx2")]
         Cmd::IxSub { name } => ix::sub(&name),
@@ -207,8 +213,23 @@ const END: &[u8] = b"END";
 /// Every run moves at least this many batches.
 const MIN_BATCHES: u64 = 4;
 
-fn emit(case: &str, unit: &str, value: f64, baseline: &str, baseline_value: f64) {
-    emit_for("shm", case, unit, value, baseline, baseline_value);
+fn emit(
+    case: &str,
+    unit: &str,
+    (value, cost): (f64, Cost),
+    baseline: &str,
+    (baseline_value, baseline_cost): (f64, Cost),
+) {
+    emit_cost(
+        "shm",
+        case,
+        unit,
+        value,
+        baseline,
+        baseline_value,
+        cost,
+        baseline_cost,
+    );
 }
 
 /// Prints one result line of benchmark `bench`.
@@ -220,23 +241,63 @@ pub(crate) fn emit_for(
     baseline: &str,
     baseline_value: f64,
 ) {
+    emit_line(bench, case, unit, value, baseline, baseline_value, None);
+}
+
+/// Prints one result line with the CPU time both sides spent (all their
+/// processes): seconds per GiB moved and microseconds per batch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emit_cost(
+    bench: &str,
+    case: &str,
+    unit: &str,
+    value: f64,
+    baseline: &str,
+    baseline_value: f64,
+    cost: Cost,
+    baseline_cost: Cost,
+) {
+    emit_line(
+        bench,
+        case,
+        unit,
+        value,
+        baseline,
+        baseline_value,
+        Some((cost, baseline_cost)),
+    );
+}
+
+fn emit_line(
+    bench: &str,
+    case: &str,
+    unit: &str,
+    value: f64,
+    baseline: &str,
+    baseline_value: f64,
+    costs: Option<(Cost, Cost)>,
+) {
     let ratio = if baseline_value > 0.0 {
         value / baseline_value
     } else {
         f64::NAN
     };
-    println!(
-        "{}",
-        serde_json::json!({
-            "bench": bench,
-            "case": case,
-            "unit": unit,
-            "value": round3(value),
-            "baseline": baseline,
-            "baseline_value": round3(baseline_value),
-            "ratio": round3(ratio),
-        })
-    );
+    let mut line = serde_json::json!({
+        "bench": bench,
+        "case": case,
+        "unit": unit,
+        "value": round3(value),
+        "baseline": baseline,
+        "baseline_value": round3(baseline_value),
+        "ratio": round3(ratio),
+    });
+    if let Some((c, b)) = costs {
+        line["cpu_s_per_gib"] = round3(c.s_per_gib()).into();
+        line["baseline_cpu_s_per_gib"] = round3(b.s_per_gib()).into();
+        line["cpu_us_per_batch"] = round3(c.us_per_batch()).into();
+        line["baseline_cpu_us_per_batch"] = round3(b.us_per_batch()).into();
+    }
+    println!("{line}");
 }
 
 fn round3(v: f64) -> f64 {
@@ -283,7 +344,8 @@ impl Drop for Daemon {
     }
 }
 
-fn start_daemon(ferryd: &Path, spin_us: u64) -> Res<Daemon> {
+/// Starts a ferryd for one case (`extra`: more `[daemon]` settings).
+fn start_daemon(ferryd: &Path, spin_us: u64, extra: &str) -> Res<Daemon> {
     let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{spin_us}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -291,7 +353,7 @@ fn start_daemon(ferryd: &Path, spin_us: u64) -> Res<Daemon> {
     std::fs::write(
         dir.join("ferryd.toml"),
         format!(
-            "version = 1\n[daemon]\nsocket = \"{}\"\nlog = \"warn\"\nspin_us = {spin_us}\n",
+            "version = 1\n[daemon]\nsocket = \"{}\"\nlog = \"warn\"\nspin_us = {spin_us}\n{extra}\n",
             socket.display()
         ),
     )?;
@@ -532,15 +594,36 @@ fn uds_path(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("ferry-bench-uds-{}-{tag}.sock", std::process::id()))
 }
 
+/// A latency result: p50 and p99 in microseconds, and what it cost.
+struct Latency {
+    p50: f64,
+    p99: f64,
+    cost: Cost,
+}
+
 /// Baseline: one-way latency of a `size`-byte ping-pong over a Unix socket
-/// between two processes (round trip / 2).
-fn uds_pingpong(size: usize, millis: u64) -> Res<(u64, u64)> {
+/// between two processes (round trip / 2); the cost is per one-way message.
+/// `cross_cpu`: the two ends pinned to different CPUs, so that every
+/// message wakes a process on another CPU, as a sleeping consumer's
+/// wake-up does (left alone, the scheduler runs both ends on one CPU,
+/// each waking the other where it is about to sleep).
+fn uds_pingpong(size: usize, millis: u64, cross_cpu: Option<(usize, usize)>) -> Res<Latency> {
+    let cpu0 = cpu::used_s();
     let path = uds_path("pp");
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
-    let mut child = Command::new(me())
-        .args(["uds-echo", path.to_str().unwrap(), &size.to_string()])
-        .spawn()?;
+    let mut echo = Command::new(me());
+    echo.args(["uds-echo", path.to_str().unwrap(), &size.to_string()]);
+    let restore = match cross_cpu {
+        Some((mine, theirs)) => {
+            echo.arg(theirs.to_string());
+            let old = ferry_shm::sys::thread_affinity()?;
+            ferry_shm::sys::set_thread_affinity(&[mine])?;
+            Some(old)
+        }
+        None => None,
+    };
+    let mut child = echo.spawn()?;
     let (mut s, _) = listener.accept()?;
     let mut buf = vec![0u8; size];
     let mut rtts = Vec::new();
@@ -553,11 +636,22 @@ fn uds_pingpong(size: usize, millis: u64) -> Res<(u64, u64)> {
     }
     drop(s);
     child.wait()?;
+    if let Some(old) = restore {
+        ferry_shm::sys::set_thread_affinity(&old)?;
+    }
     let _ = std::fs::remove_file(&path);
-    Ok((percentile(&mut rtts, 50.0), percentile(&mut rtts, 99.0)))
+    let messages = 2.0 * rtts.len() as f64;
+    Ok(Latency {
+        p50: percentile(&mut rtts, 50.0) as f64 / 1000.0,
+        p99: percentile(&mut rtts, 99.0) as f64 / 1000.0,
+        cost: Cost::since(cpu0, messages, size as f64),
+    })
 }
 
-fn uds_echo(path: &Path, size: usize) -> Res<()> {
+fn uds_echo(path: &Path, size: usize, cpu: Option<usize>) -> Res<()> {
+    if let Some(c) = cpu {
+        ferry_shm::sys::set_thread_affinity(&[c])?;
+    }
     let mut s = UnixStream::connect(path)?;
     let mut buf = vec![0u8; size];
     while s.read_exact(&mut buf).is_ok() {
@@ -566,9 +660,16 @@ fn uds_echo(path: &Path, size: usize) -> Res<()> {
     Ok(())
 }
 
+/// Bytes per second of a reader's report (counted from the first batch's
+/// arrival on).
+fn rate(r: &serde_json::Value) -> f64 {
+    r["bytes"].as_f64().unwrap_or(0.0) / r["secs"].as_f64().unwrap_or(1.0).max(1e-9)
+}
+
 /// Baseline: the same batches generated, sent over a Unix stream socket to
 /// another process, which reads and touches every byte. Bytes per second.
-fn uds_stream(batch: usize, millis: u64) -> Res<f64> {
+fn uds_stream(batch: usize, millis: u64) -> Res<(f64, Cost)> {
+    let cpu0 = cpu::used_s();
     let path = uds_path("st");
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
@@ -591,7 +692,7 @@ fn uds_stream(batch: usize, millis: u64) -> Res<f64> {
     child.wait()?;
     let _ = std::fs::remove_file(&path);
     let v: serde_json::Value = serde_json::from_str(report.trim())?;
-    Ok(v["bytes"].as_f64().unwrap_or(0.0) / v["secs"].as_f64().unwrap_or(1.0).max(1e-9))
+    Ok((rate(&v), Cost::since(cpu0, seq as f64, batch as f64)))
 }
 
 fn uds_sink(path: &Path, batch: usize) -> Res<()> {
@@ -617,7 +718,8 @@ fn uds_sink(path: &Path, batch: usize) -> Res<()> {
 }
 
 /// Baseline: a single-thread memcpy of `batch`-byte buffers. Bytes/second.
-fn memcpy_rate(batch: usize, millis: u64) -> f64 {
+fn memcpy_rate(batch: usize, millis: u64) -> (f64, Cost) {
+    let cpu0 = cpu::used_s();
     let src = vec![7u8; batch];
     let mut dst = vec![0u8; batch];
     let start = Instant::now();
@@ -627,107 +729,187 @@ fn memcpy_rate(batch: usize, millis: u64) -> f64 {
         std::hint::black_box(&mut dst);
         n += 1;
     }
-    n as f64 * batch as f64 / start.elapsed().as_secs_f64()
+    let bps = n as f64 * batch as f64 / start.elapsed().as_secs_f64();
+    (bps, Cost::since(cpu0, n as f64, batch as f64))
 }
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs one Ferry case with a ferryd of its own (spin budget `daemon_spin`,
+/// more `[daemon]` settings in `extra`), stopped before the case's cost is
+/// read: returns the reader's report and the cost of every process.
+#[allow(clippy::too_many_arguments)]
+fn ferry_case(
+    ferryd: &Path,
+    daemon_spin: u64,
+    extra: &str,
+    stream: &str,
+    batch: u64,
+    millis: u64,
+    slots: u32,
+    spin_us: u32,
+    prefetch: u32,
+    pace_us: u64,
+) -> Res<(serde_json::Value, Cost)> {
+    let cpu0 = cpu::used_s();
+    let d = start_daemon(ferryd, daemon_spin, extra)?;
+    let r = ferry_run(&d, stream, batch, millis, slots, spin_us, prefetch, pace_us)?;
+    drop(d);
+    let count = r["count"].as_f64().unwrap_or(0.0);
+    Ok((r, Cost::since(cpu0, count, batch as f64)))
+}
+
+/// ferryd's spin budget while it busy-polls for a whole case.
+const BUSY_SPIN_US: u64 = 1_000_000;
 
 fn bench_shm(quick: bool, smoke: bool, ferryd: Option<PathBuf>) -> Res<()> {
     let ferryd = ferryd.unwrap_or_else(|| me().with_file_name("ferryd"));
-    // The busy-poll case polls everywhere: ferryd's loop spins for as long
-    // as the run lasts. Everything else uses ferryd's default spin budget.
-    let default_spin = std::env::var("FERRY_BENCH_DAEMON_SPIN_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100u64);
-    let d = start_daemon(&ferryd, default_spin)?;
-    let busy = start_daemon(&ferryd, 1_000_000)?;
+    // The busy-poll cases poll everywhere: ferryd's loop spins for as long
+    // as the case lasts. Everything else uses ferryd's default spin budget.
+    let default_spin = env_u64("FERRY_BENCH_DAEMON_SPIN_US", 100);
     let ms = run_millis(quick, smoke);
     let desc = 64usize;
 
     // Hand-off latency. Two slots and one producer grant: each batch is
     // published once the previous one was released, so the consumer is
-    // never behind and every sample is a true hand-off.
-    let (uds50, uds99) = uds_pingpong(desc, ms)?;
-    let pace = std::env::var("FERRY_BENCH_PACE_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100u64);
+    // never behind and every sample is a true hand-off. Every case runs
+    // alone: its own ferryd, stopped before the next case (or baseline).
+    let uds = uds_pingpong(desc, ms, None)?;
+    // A sleeping consumer is woken from another CPU: the same ping-pong
+    // with its ends on two CPUs is that wake-up's own cost.
+    let cpus = ferry_shm::sys::thread_affinity()?;
+    let uds_cross = match cpus[..] {
+        [a, b, ..] => Some(uds_pingpong(desc, ms, Some((a, b)))?),
+        _ => None,
+    };
+    let pace = env_u64("FERRY_BENCH_PACE_US", 100);
     let us = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(0.0) / 1000.0;
-    let (uds50, uds99) = (uds50 as f64 / 1000.0, uds99 as f64 / 1000.0);
-    let mut busy_poll: Vec<(&str, f64, f64)> = Vec::new();
-    for (case, daemon, spin) in [
-        ("handoff_busy_poll", &busy, 10_000_000u32),
-        ("handoff_sleeping", &d, 0),
+    let mut busy_poll: Vec<(&str, Latency)> = Vec::new();
+    // `handoff_sleeping_daemon_awake`: the consumer sleeps, ferryd keeps
+    // polling while it does (`spin_while_waited_us`), so that a publish
+    // costs one wake-up (the consumer's) instead of two (ferryd's, then
+    // the consumer's).
+    let awake = format!("spin_while_waited_us = {BUSY_SPIN_US}");
+    for (case, daemon_spin, extra, spin) in [
+        ("handoff_busy_poll", BUSY_SPIN_US, "", 10_000_000u32),
+        (
+            "handoff_sleeping",
+            default_spin,
+            "spin_while_waited_us = 0",
+            0,
+        ),
+        (
+            "handoff_sleeping_daemon_awake",
+            default_spin,
+            awake.as_str(),
+            0,
+        ),
     ] {
-        let r = ferry_run(daemon, case, desc as u64, ms, 2, spin, 1, pace)?;
-        let (p50, p99) = (us(&r, "p50_ns"), us(&r, "p99_ns"));
+        let (r, cost) = ferry_case(
+            &ferryd,
+            daemon_spin,
+            extra,
+            case,
+            desc as u64,
+            ms,
+            2,
+            spin,
+            1,
+            pace,
+        )?;
+        let lat = Latency {
+            p50: us(&r, "p50_ns"),
+            p99: us(&r, "p99_ns"),
+            cost,
+        };
         emit(
             &format!("{case}_p50"),
             "us",
-            p50,
+            (lat.p50, cost),
             "uds_pingpong_oneway_p50",
-            uds50,
+            (uds.p50, uds.cost),
         );
         emit(
             &format!("{case}_p99"),
             "us",
-            p99,
+            (lat.p99, cost),
             "uds_pingpong_oneway_p99",
-            uds99,
+            (uds.p99, uds.cost),
         );
+        if let (Some(x), 0) = (&uds_cross, spin) {
+            emit(
+                &format!("{case}_p50"),
+                "us",
+                (lat.p50, cost),
+                "uds_pingpong_cross_cpu_oneway_p50",
+                (x.p50, x.cost),
+            );
+        }
         if spin > 0 {
-            busy_poll.push((case, p50, p99));
+            busy_poll.push((case, lat));
         }
     }
 
+    let cpu0 = cpu::used_s();
+    let busy = start_daemon(&ferryd, BUSY_SPIN_US, "")?;
     let out = Command::new(me())
         .args(["loopback", busy.socket.to_str().unwrap(), &ms.to_string()])
         .output()?;
+    drop(busy);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let (p50, p99) = (us(&r, "p50_ns"), us(&r, "p99_ns"));
-    emit(
-        "handoff_busy_poll_2proc_p50",
-        "us",
-        p50,
-        "uds_pingpong_oneway_p50",
-        uds50,
-    );
-    emit(
-        "handoff_busy_poll_2proc_p99",
-        "us",
-        p99,
-        "uds_pingpong_oneway_p99",
-        uds99,
-    );
-    busy_poll.push(("handoff_busy_poll_2proc", p50, p99));
+    let lat = Latency {
+        p50: us(&r, "p50_ns"),
+        p99: us(&r, "p99_ns"),
+        cost: Cost::since(cpu0, r["count"].as_f64().unwrap_or(0.0), desc as f64),
+    };
+    for (pct, value, base) in [("p50", lat.p50, uds.p50), ("p99", lat.p99, uds.p99)] {
+        emit(
+            &format!("handoff_busy_poll_2proc_{pct}"),
+            "us",
+            (value, lat.cost),
+            &format!("uds_pingpong_oneway_{pct}"),
+            (base, uds.cost),
+        );
+    }
+    busy_poll.push(("handoff_busy_poll_2proc", lat));
 
     #[cfg(feature = "iceoryx2")]
     {
         // iceoryx2: the publisher paced like Ferry's producer, the
         // subscriber busy-polling; two processes, no daemon in between.
+        let cpu0 = cpu::used_s();
         let r = ix::run("lat", desc, ms, pace)?;
-        let (i50, i99) = (us(&r, "p50_ns"), us(&r, "p99_ns"));
-        for (case, p50, p99) in &busy_poll {
-            emit(
-                &format!("{case}_p50"),
-                "us",
-                *p50,
-                "iceoryx2_pubsub_busy_poll_p50",
-                i50,
-            );
-            emit(
-                &format!("{case}_p99"),
-                "us",
-                *p99,
-                "iceoryx2_pubsub_busy_poll_p99",
-                i99,
-            );
+        let ix = Latency {
+            p50: us(&r, "p50_ns"),
+            p99: us(&r, "p99_ns"),
+            cost: Cost::since(cpu0, r["count"].as_f64().unwrap_or(0.0), desc as f64),
+        };
+        for (case, lat) in &busy_poll {
+            for (pct, value, base) in [("p50", lat.p50, ix.p50), ("p99", lat.p99, ix.p99)] {
+                emit(
+                    &format!("{case}_{pct}"),
+                    "us",
+                    (value, lat.cost),
+                    &format!("iceoryx2_pubsub_busy_poll_{pct}"),
+                    (base, ix.cost),
+                );
+            }
         }
     }
     #[cfg(not(feature = "iceoryx2"))]
     let _ = busy_poll;
 
     // Throughput, producer process -> consumer process; the consumer
-    // touches every byte once.
+    // touches every byte once. Both slot-reuse policies: ferryd's default
+    // (every free slot keeps its batch for replay, reused least recently
+    // released first), and `replay_window = 0` (`_window_0`: the slot
+    // released last is reused first, as a memory allocator or iceoryx2
+    // does).
     let gib = (1u64 << 30) as f64;
     for (name, batch, slots) in [
         ("64KiB", 64u64 << 10, 64u32),
@@ -735,26 +917,52 @@ fn bench_shm(quick: bool, smoke: bool, ferryd: Option<PathBuf>) -> Res<()> {
         ("16MiB", 16 << 20, 8),
     ] {
         let spin = ferry::client::DEFAULT_SPIN_US;
-        let r = ferry_run(&d, &format!("tput-{name}"), batch, ms, slots, spin, 8, 0)?;
-        let ferry_bps =
-            r["bytes"].as_f64().unwrap_or(0.0) / r["secs"].as_f64().unwrap_or(1.0).max(1e-9);
-        let uds_bps = uds_stream(batch as usize, ms)?;
-        let mc = memcpy_rate(batch as usize, ms.min(1000));
+        let stream = format!("tput-{name}");
+        let mut by_policy = Vec::new();
+        for extra in ["", "replay_window = 0"] {
+            let (r, cost) = ferry_case(
+                &ferryd,
+                default_spin,
+                extra,
+                &stream,
+                batch,
+                ms,
+                slots,
+                spin,
+                8,
+                0,
+            )?;
+            by_policy.push((rate(&r) / gib, cost));
+        }
+        let (ferry, window_0) = (by_policy[0], by_policy[1]);
+        let (uds_bps, uds_cost) = uds_stream(batch as usize, ms)?;
+        let (mc, mc_cost) = memcpy_rate(batch as usize, ms.min(1000));
         let case = format!("throughput_{name}");
-        emit(&case, "GiB/s", ferry_bps / gib, "uds_stream", uds_bps / gib);
-        emit(&case, "GiB/s", ferry_bps / gib, "memcpy_1thread", mc / gib);
+        let w0 = format!("throughput_{name}_window_0");
+        emit(
+            &case,
+            "GiB/s",
+            ferry,
+            "uds_stream",
+            (uds_bps / gib, uds_cost),
+        );
+        emit(&case, "GiB/s", ferry, "memcpy_1thread", (mc / gib, mc_cost));
+        emit(
+            &w0,
+            "GiB/s",
+            window_0,
+            "uds_stream",
+            (uds_bps / gib, uds_cost),
+        );
+        emit(&w0, "GiB/s", window_0, &case, ferry);
         #[cfg(feature = "iceoryx2")]
         if name == "1MiB" {
+            let cpu0 = cpu::used_s();
             let r = ix::run("tput", batch as usize, ms, 0)?;
-            let ix_bps =
-                r["bytes"].as_f64().unwrap_or(0.0) / r["secs"].as_f64().unwrap_or(1.0).max(1e-9);
-            emit(
-                &case,
-                "GiB/s",
-                ferry_bps / gib,
-                "iceoryx2_pubsub",
-                ix_bps / gib,
-            );
+            let ix_cost = Cost::since(cpu0, r["count"].as_f64().unwrap_or(0.0), batch as f64);
+            let ix = (rate(&r) / gib, ix_cost);
+            emit(&case, "GiB/s", ferry, "iceoryx2_pubsub", ix);
+            emit(&w0, "GiB/s", window_0, "iceoryx2_pubsub", ix);
         }
     }
     Ok(())
