@@ -71,3 +71,37 @@ pub fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
     n > 0
 }
+
+/// One `sendmsg` of `iov` on a connected socket, without SIGPIPE;
+/// `nonblocking`: `Ok(0)` instead of waiting when the socket buffer is
+/// full. Returns the bytes the kernel took.
+pub fn send_vectored(
+    fd: &impl AsRawFd,
+    iov: &[std::io::IoSlice<'_>],
+    nonblocking: bool,
+) -> io::Result<usize> {
+    let mut flags = libc::MSG_NOSIGNAL;
+    if nonblocking {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    loop {
+        // SAFETY: IoSlice is ABI-compatible with iovec (std guarantees
+        // it on Unix); the msghdr names only that live array, no address
+        // and no control data.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = iov.len() as _;
+            libc::sendmsg(fd.as_raw_fd(), &msg, flags)
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock if nonblocking => return Ok(0),
+            _ => return Err(e),
+        }
+    }
+}

@@ -13,9 +13,14 @@
 //! `RetryExceeded` and flushes the rest, at once on a closed connection,
 //! otherwise after the endpoint's timeout.
 //!
-//! Deviation from the design card: progress runs on two threads per
-//! endpoint (reader and writer) rather than one thread per domain; the
-//! writer queue keeps a responder from ever blocking on its own writes.
+//! Sending costs no thread hop: whoever queues a frame (the poster, or the
+//! reader answering a request) writes it at once with a non-blocking,
+//! vectored `sendmsg` of header and payload, unless another thread is
+//! writing; only when the socket buffer is full does the endpoint's writer
+//! thread take over (and block), so no poster and no reader ever blocks on
+//! a write, and frames never interleave. Work requests carry their
+//! scatter-gather lists and inline bytes in fixed arrays: nothing is
+//! allocated per frame. A reader thread per endpoint receives.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, IoSlice, Read, Write};
@@ -23,7 +28,7 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use tracing::debug;
@@ -34,6 +39,52 @@ use crate::mem;
 
 const HELLO_MAGIC: u32 = 0x5346_4552; // "REFS"
 const SOFT_MTU: u32 = 65536;
+/// Most scatter-gather entries in one work request (as the ibv backend).
+pub const MAX_SGE: usize = 8;
+/// Most bytes posted inline (`EndpointConfig::max_inline` is capped here).
+pub const MAX_INLINE: usize = 256;
+
+/// A work request's scatter-gather list, held inline.
+#[derive(Clone, Copy)]
+struct SgeList {
+    n: u8,
+    v: [Sge; MAX_SGE],
+}
+
+impl SgeList {
+    fn new(sges: &[Sge]) -> Result<SgeList> {
+        if sges.len() > MAX_SGE {
+            return Err(VerbsError::InvalidArgument(format!(
+                "{} scatter-gather entries, at most {MAX_SGE}",
+                sges.len()
+            )));
+        }
+        let mut v = [Sge {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        }; MAX_SGE];
+        v[..sges.len()].copy_from_slice(sges);
+        Ok(SgeList {
+            n: sges.len() as u8,
+            v,
+        })
+    }
+
+    fn empty() -> SgeList {
+        SgeList::new(&[]).expect("no entries")
+    }
+
+    fn as_slice(&self) -> &[Sge] {
+        &self.v[..self.n as usize]
+    }
+}
+
+/// Bytes copied at post time (inline sends and writes).
+struct InlineBytes {
+    n: u16,
+    b: [u8; MAX_INLINE],
+}
 
 /// The soft backend. `bind` is the address its domains listen on.
 #[derive(Debug, Clone)]
@@ -452,26 +503,60 @@ struct Outstanding {
     signaled: bool,
     byte_len: u32,
     /// Where a read's data goes.
-    read_sges: Vec<Sge>,
+    read_sges: SgeList,
     posted: Instant,
 }
 
 struct State {
     next_seq: u64,
     outstanding: VecDeque<Outstanding>,
-    recvs: VecDeque<(u64, Vec<Sge>)>,
+    recvs: VecDeque<(u64, SgeList)>,
     error: bool,
 }
 
 enum Out {
     /// A request: header, then the bytes of `sges`.
-    Request(Header, Vec<Sge>),
+    Request(Header, SgeList),
     /// A small request whose bytes were copied at post time (inline).
-    Inline(Header, Vec<u8>),
+    Inline(Header, InlineBytes),
     /// An ack or nak.
     Control(Header),
     /// A read response: header, then `len` bytes at `addr`.
     ReadResp(Header, u64, u32, Pin),
+}
+
+impl Out {
+    fn header(&mut self) -> &mut Header {
+        match self {
+            Out::Request(h, _) | Out::Inline(h, _) | Out::Control(h) | Out::ReadResp(h, ..) => h,
+        }
+    }
+
+    /// Header and payload bytes.
+    fn frame_len(&self) -> usize {
+        HEADER_LEN
+            + match self {
+                Out::Request(_, sges) => sges.as_slice().iter().map(|g| g.len as usize).sum(),
+                Out::Inline(_, b) => b.n as usize,
+                Out::Control(_) => 0,
+                Out::ReadResp(_, _, len, _) => *len as usize,
+            }
+    }
+}
+
+/// Frames waiting to be written, in order.
+struct TxQueue {
+    items: VecDeque<Out>,
+    /// The writer thread was asked to write (the socket was full).
+    kicked: bool,
+    closed: bool,
+}
+
+/// The right to write to the socket: whoever holds it writes the queue
+/// out, finishing first a frame another holder left half-written.
+struct Tx {
+    stream: TcpStream,
+    partial: Option<(Out, usize)>,
 }
 
 struct EpInner {
@@ -482,7 +567,10 @@ struct EpInner {
     recv_cq: Arc<SoftCq>,
     state: Mutex<State>,
     recv_posted: Condvar,
-    tx: Mutex<Option<mpsc::Sender<Out>>>,
+    queue: Mutex<TxQueue>,
+    /// Wakes the writer thread (with `queue`).
+    kick: Condvar,
+    tx: Mutex<Tx>,
     stream: TcpStream,
 }
 
@@ -501,7 +589,6 @@ impl SoftEndpoint {
         send_cq: Arc<SoftCq>,
         recv_cq: Arc<SoftCq>,
     ) -> Result<SoftEndpoint> {
-        let (tx, rx) = mpsc::channel();
         let inner = Arc::new(EpInner {
             domain,
             cfg,
@@ -515,7 +602,16 @@ impl SoftEndpoint {
                 error: false,
             }),
             recv_posted: Condvar::new(),
-            tx: Mutex::new(Some(tx)),
+            queue: Mutex::new(TxQueue {
+                items: VecDeque::new(),
+                kicked: false,
+                closed: false,
+            }),
+            kick: Condvar::new(),
+            tx: Mutex::new(Tx {
+                stream: stream.try_clone()?,
+                partial: None,
+            }),
             stream: stream.try_clone()?,
         });
         let reader_stream = stream.try_clone()?;
@@ -526,7 +622,8 @@ impl SoftEndpoint {
         let w = inner.clone();
         let tx_thread = std::thread::Builder::new()
             .name("ferry-soft-tx".into())
-            .spawn(move || writer(w, stream, rx))?;
+            .spawn(move || writer(w))?;
+        drop(stream);
         Ok(SoftEndpoint {
             inner,
             threads: vec![rx_thread, tx_thread],
@@ -540,7 +637,7 @@ impl Drop for SoftEndpoint {
     /// returns, so no copy touches the caller's memory afterwards.
     fn drop(&mut self) {
         self.inner.fail(WcStatus::WrFlush);
-        self.inner.tx.lock().expect("tx").take();
+        self.inner.close_tx();
         let _ = self.inner.stream.shutdown(Shutdown::Both);
         self.inner.recv_posted.notify_all();
         for t in self.threads.drain(..) {
@@ -555,10 +652,95 @@ impl EpInner {
             .all(|s| self.domain.check(s.lkey, s.addr, s.len as u64, need))
     }
 
+    /// Queues a frame and writes what is queued, never blocking (see the
+    /// module docs). False once the connection is closed.
     fn send_out(&self, out: Out) -> bool {
-        match self.tx.lock().expect("tx").as_ref() {
-            Some(tx) => tx.send(out).is_ok(),
-            None => false,
+        {
+            let mut q = self.queue.lock().expect("queue");
+            if q.closed {
+                return false;
+            }
+            q.items.push_back(out);
+        }
+        self.drain(false);
+        true
+    }
+
+    fn close_tx(&self) {
+        let mut q = self.queue.lock().expect("queue");
+        q.closed = true;
+        q.items.clear();
+        self.kick.notify_all();
+    }
+
+    /// Writes the queue out while this thread can get the socket (another
+    /// holder writes what we queued). `blocking`: the writer thread, which
+    /// may wait for the socket; anyone else stops when it is full and
+    /// hands over to the writer thread.
+    fn drain(&self, blocking: bool) {
+        loop {
+            let mut tx = match self.tx.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::WouldBlock) => return,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            };
+            match self.write_queued(&mut tx, blocking) {
+                Ok(true) => {}
+                Ok(false) => {
+                    drop(tx);
+                    let mut q = self.queue.lock().expect("queue");
+                    q.kicked = true;
+                    self.kick.notify_all();
+                    return;
+                }
+                Err(e) => {
+                    drop(tx);
+                    debug!("soft: write failed: {e}");
+                    self.fail(WcStatus::RetryExceeded);
+                    return;
+                }
+            }
+            drop(tx);
+            // A frame queued while we held the socket, by a thread that
+            // then left it to us: ours to write.
+            if self.queue.lock().expect("queue").items.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Writes queued frames until the queue is empty (`Ok(true)`) or, not
+    /// `blocking`, the socket is full (`Ok(false)`).
+    fn write_queued(&self, tx: &mut MutexGuard<'_, Tx>, blocking: bool) -> std::io::Result<bool> {
+        loop {
+            if tx.partial.is_none() {
+                let mut q = self.queue.lock().expect("queue");
+                let Some(mut out) = q.items.pop_front() else {
+                    return Ok(true);
+                };
+                // The last request of a burst asks for an Ack, so that
+                // unsignalled work never waits for a later request.
+                if q.items.is_empty() {
+                    let h = out.header();
+                    if matches!(h.kind, Kind::Send | Kind::Write) {
+                        h.flags |= FLAG_ACK_REQ;
+                    }
+                }
+                drop(q);
+                tx.partial = Some((out, 0));
+            }
+            let Tx { stream, partial } = &mut **tx;
+            let (out, done) = partial.as_mut().expect("a frame to write");
+            let n = write_out(stream, out, *done, !blocking)?;
+            *done += n;
+            if *done == out.frame_len() {
+                *partial = None;
+            } else if n == 0 {
+                if blocking {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                return Ok(false);
+            }
         }
     }
 
@@ -596,12 +778,12 @@ impl EpInner {
                 imm: None,
             });
         }
-        self.tx.lock().expect("tx").take();
+        self.close_tx();
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
     /// Takes the oldest posted receive, waiting up to the RNR timeout.
-    fn take_recv(&self) -> Option<(u64, Vec<Sge>)> {
+    fn take_recv(&self) -> Option<(u64, SgeList)> {
         let deadline = Instant::now() + self.cfg.rnr_timeout;
         let mut st = self.state.lock().expect("state");
         loop {
@@ -695,6 +877,7 @@ impl Endpoint for SoftEndpoint {
         if st.outstanding.len() >= inner.cfg.max_send_wr as usize {
             return Err(VerbsError::QueueFull("send queue"));
         }
+        let sge_list = SgeList::new(wr.sges)?;
         let seq = st.next_seq;
         st.next_seq += 1;
         st.outstanding.push_back(Outstanding {
@@ -704,9 +887,9 @@ impl Endpoint for SoftEndpoint {
             signaled: wr.signaled,
             byte_len: total as u32,
             read_sges: if matches!(wr.op, SendOp::Read { .. }) {
-                wr.sges.to_vec()
+                sge_list
             } else {
-                Vec::new()
+                SgeList::empty()
             },
             posted: Instant::now(),
         });
@@ -751,9 +934,9 @@ impl Endpoint for SoftEndpoint {
             }
         };
         let sges = if h.kind == Kind::ReadReq {
-            Vec::new()
+            SgeList::empty()
         } else {
-            wr.sges.to_vec()
+            sge_list
         };
         // Reads are always answered (by their data); sends and writes ask
         // for an Ack when signalled, and every 16th so that the queue of
@@ -764,12 +947,19 @@ impl Endpoint for SoftEndpoint {
         h.status = 0;
         // Inline, as a NIC does: small payloads are copied now, so the
         // caller may reuse the buffer as soon as this returns.
-        let out = if h.kind != Kind::ReadReq && total <= inner.cfg.max_inline as u64 {
-            let mut bytes = Vec::with_capacity(total as usize);
-            for g in &sges {
+        let max_inline = (inner.cfg.max_inline as usize).min(MAX_INLINE) as u64;
+        let out = if h.kind != Kind::ReadReq && total <= max_inline {
+            let mut bytes = InlineBytes {
+                n: 0,
+                b: [0; MAX_INLINE],
+            };
+            for g in sges.as_slice() {
+                let at = bytes.n as usize;
                 // SAFETY: checked against the region table above (sges_ok);
                 // valid per this function's contract.
-                bytes.extend_from_slice(unsafe { mem::slice(g.addr, g.len as usize) });
+                bytes.b[at..at + g.len as usize]
+                    .copy_from_slice(unsafe { mem::slice(g.addr, g.len as usize) });
+                bytes.n += g.len as u16;
             }
             Out::Inline(h, bytes)
         } else {
@@ -803,92 +993,88 @@ impl Endpoint for SoftEndpoint {
         if st.recvs.len() >= inner.cfg.max_recv_wr as usize {
             return Err(VerbsError::QueueFull("receive queue"));
         }
-        st.recvs.push_back((wr_id, sges.to_vec()));
+        st.recvs.push_back((wr_id, SgeList::new(sges)?));
         drop(st);
         inner.recv_posted.notify_all();
         Ok(())
     }
 }
 
-/// Writes a header and then registered memory, with as few system calls as
-/// the kernel allows.
-fn write_frame(s: &mut TcpStream, h: &Header, parts: &[(u64, u32)]) -> std::io::Result<()> {
-    let hb = h.encode();
-    let mut slices: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
-    slices.push(&hb);
-    for &(addr, len) in parts {
-        // SAFETY: the range was checked against the region table when the
-        // work was posted (or, for read responses, when the request
-        // arrived); the registration contract keeps it valid until the
-        // operation completes.
-        slices.push(unsafe { mem::slice(addr, len as usize) });
-    }
-    let (mut idx, mut off) = (0usize, 0usize);
-    while idx < slices.len() {
-        let iov: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&slices[idx][off..]))
-            .chain(slices[idx + 1..].iter().map(|b| IoSlice::new(b)))
-            .collect();
-        let mut n = match s.write_vectored(&iov) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        while idx < slices.len() && n >= slices[idx].len() - off {
-            n -= slices[idx].len() - off;
-            idx += 1;
-            off = 0;
+/// Writes what is left of `out` after its first `done` bytes (header,
+/// then payload) with one vectored `sendmsg`; returns the bytes written
+/// (0: `nonblocking` and the socket buffer is full).
+fn write_out(
+    s: &TcpStream,
+    out: &Out,
+    done: usize,
+    nonblocking: bool,
+) -> std::io::Result<usize> {
+    let hb = match out {
+        Out::Request(h, _) | Out::Inline(h, _) | Out::Control(h) | Out::ReadResp(h, ..) => {
+            h.encode()
         }
-        off += n;
+    };
+    let mut parts: [&[u8]; MAX_SGE + 1] = [&[]; MAX_SGE + 1];
+    parts[0] = &hb;
+    let mut n = 1;
+    match out {
+        Out::Request(_, sges) => {
+            for g in sges.as_slice() {
+                // SAFETY: the range was checked against the region table
+                // when the work was posted; the registration contract keeps
+                // it valid until the operation completes.
+                parts[n] = unsafe { mem::slice(g.addr, g.len as usize) };
+                n += 1;
+            }
+        }
+        Out::Inline(_, b) => {
+            parts[1] = &b.b[..b.n as usize];
+            n = 2;
+        }
+        Out::Control(_) => {}
+        Out::ReadResp(_, addr, len, _pin) => {
+            // SAFETY: checked (and pinned) when the request arrived; the
+            // pin keeps the region registered until this frame is written.
+            parts[1] = unsafe { mem::slice(*addr, *len as usize) };
+            n = 2;
+        }
     }
-    Ok(())
+    let mut iov = [IoSlice::new(&[]); MAX_SGE + 1];
+    let (mut skip, mut k) = (done, 0);
+    for p in &parts[..n] {
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        iov[k] = IoSlice::new(&p[skip..]);
+        skip = 0;
+        k += 1;
+    }
+    if k == 0 {
+        return Ok(0);
+    }
+    mem::send_vectored(s, &iov[..k], nonblocking)
 }
 
-fn writer(ep: Arc<EpInner>, mut s: TcpStream, rx: mpsc::Receiver<Out>) {
-    let mut burst: Vec<Out> = Vec::new();
+/// The endpoint's writer thread: writes (blocking) when a sender found the
+/// socket full, and fails the endpoint when the peer stops answering.
+fn writer(ep: Arc<EpInner>) {
     loop {
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(first) => {
-                burst.push(first);
-                while let Ok(more) = rx.try_recv() {
-                    burst.push(more);
-                }
-                // The last request of a burst asks for an Ack, so that
-                // unsignalled work never waits for a later request.
-                let last_request = burst.iter_mut().rev().find_map(|o| match o {
-                    Out::Request(h, _) | Out::Inline(h, _) => Some(h),
-                    _ => None,
-                });
-                if let Some(h) = last_request {
-                    if h.kind != Kind::ReadReq {
-                        h.flags |= FLAG_ACK_REQ;
-                    }
-                }
-                for out in burst.drain(..) {
-                    let res = match out {
-                        Out::Request(h, sges) => {
-                            let parts: Vec<(u64, u32)> =
-                                sges.iter().map(|g| (g.addr, g.len)).collect();
-                            write_frame(&mut s, &h, &parts)
-                        }
-                        Out::Inline(h, bytes) => {
-                            s.write_all(&h.encode()).and_then(|_| s.write_all(&bytes))
-                        }
-                        Out::Control(h) => write_frame(&mut s, &h, &[]),
-                        Out::ReadResp(h, addr, len, _pin) => {
-                            write_frame(&mut s, &h, &[(addr, len)])
-                        }
-                    };
-                    if let Err(e) = res {
-                        debug!("soft: write failed: {e}");
-                        ep.fail(WcStatus::RetryExceeded);
-                        return;
-                    }
-                }
+        {
+            let mut q = ep.queue.lock().expect("queue");
+            if !q.kicked && !q.closed {
+                q = ep
+                    .kick
+                    .wait_timeout(q, Duration::from_millis(50))
+                    .expect("queue")
+                    .0;
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            if q.closed {
+                return;
+            }
+            q.kicked = false;
         }
+        ep.drain(true);
         // The peer must answer within the timeout, like a NIC's retries.
         let overdue = {
             let st = ep.state.lock().expect("state");
@@ -1007,7 +1193,7 @@ fn reader_loop(ep: &EpInner, s: &mut impl Read) -> std::result::Result<(), Strin
                     ep.send_out(nak(h.seq, NakStatus::RnrRetryExceeded));
                     continue;
                 };
-                if scatter(s, &sges, h.payload_len).map_err(io)? {
+                if scatter(s, sges.as_slice(), h.payload_len).map_err(io)? {
                     ep.recv_cq.push(Completion {
                         wr_id,
                         status: WcStatus::Success,
@@ -1054,7 +1240,7 @@ fn reader_loop(ep: &EpInner, s: &mut impl Read) -> std::result::Result<(), Strin
                         h.seq
                     ));
                 }
-                scatter(s, &o.read_sges, h.payload_len).map_err(io)?;
+                scatter(s, o.read_sges.as_slice(), h.payload_len).map_err(io)?;
                 if o.signaled {
                     ep.send_cq.push(Completion {
                         wr_id: o.wr_id,
