@@ -13,6 +13,7 @@ use ferry_verbs::ibv::IbvProvider;
 use ferry_verbs::soft::SoftProvider;
 use ferry_verbs::*;
 
+use crate::cpu::{self, Cost};
 use crate::{percentile, Res};
 
 fn emit(case: &str, unit: &str, value: f64, baseline: &str, baseline_value: f64) {
@@ -225,7 +226,7 @@ fn spin_next<C: CompletionQueue>(
 const LAT_SIGNAL_EVERY: u64 = 64;
 
 /// 8-byte write-with-immediate ping-pong; round-trip p50 and p99 in ns.
-fn rtt<P: Provider>(p: &P, device: &str, millis: u64) -> Res<(u64, u64)>
+fn rtt<P: Provider>(p: &P, device: &str, millis: u64) -> Res<(u64, u64, usize)>
 where
     P::Domain: 'static,
 {
@@ -302,7 +303,8 @@ where
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     echo.join().map_err(|_| "echo thread panicked")??;
     drop(a);
-    Ok((percentile(&mut rtts, 50.0), percentile(&mut rtts, 99.0)))
+    let n = rtts.len();
+    Ok((percentile(&mut rtts, 50.0), percentile(&mut rtts, 99.0), n))
 }
 
 /// 8-byte RDMA write ping-pong where each side polls its memory for the
@@ -393,8 +395,8 @@ where
     Ok(percentile(&mut rtts, 50.0))
 }
 
-/// 8-byte TCP ping-pong round trip p50 and p99 in ns.
-fn tcp_rtt(millis: u64) -> Res<(u64, u64)> {
+/// 8-byte TCP ping-pong round trip p50 and p99 in ns, and round trips.
+fn tcp_rtt(millis: u64) -> Res<(u64, u64, usize)> {
     let (mut a, mut b) = tcp_pair()?;
     let echo = std::thread::spawn(move || {
         let mut buf = [0u8; 8];
@@ -415,7 +417,8 @@ fn tcp_rtt(millis: u64) -> Res<(u64, u64)> {
     }
     drop(a);
     let _ = echo.join();
-    Ok((percentile(&mut rtts, 50.0), percentile(&mut rtts, 99.0)))
+    let n = rtts.len();
+    Ok((percentile(&mut rtts, 50.0), percentile(&mut rtts, 99.0), n))
 }
 
 /// Runs perftest's `tool` as server and client on `device` and returns the
@@ -459,36 +462,51 @@ fn perftest(
         .collect()
 }
 
+/// Runs `f` and returns its result with the CPU it cost this process (the
+/// fabric cases run in threads of this process, the soft backend's
+/// included), over `f`'s (bytes, operations).
+fn costed<T>(f: impl FnOnce() -> Res<(T, f64, f64)>) -> Res<(T, Cost)> {
+    let cpu0 = cpu::used_s();
+    let (v, bytes, ops) = f()?;
+    let mut c = Cost::since(cpu0, ops, 0.0);
+    c.bytes = bytes;
+    Ok((v, c))
+}
+
 fn bench_soft(ms: u64) -> Res<()> {
     let p = SoftProvider::default();
     let gib = (1u64 << 30) as f64;
+    let secs = ms as f64 / 1000.0;
     for (name, size) in [("64KiB", 64usize << 10), ("1MiB", 1 << 20)] {
-        let soft = bandwidth(&p, "soft0", size, ms)?;
-        let tcp = tcp_bandwidth(size, ms)?;
-        emit(
+        let per = |bps: f64| (bps, bps * secs, bps * secs / size as f64);
+        let (soft, soft_cost) = costed(|| bandwidth(&p, "soft0", size, ms).map(per))?;
+        let (tcp, tcp_cost) = costed(|| tcp_bandwidth(size, ms).map(per))?;
+        crate::emit_cost(
+            "fabric",
             &format!("soft_write_imm_bw_{name}"),
             "GiB/s",
             soft / gib,
             "tcp_copy_loop",
             tcp / gib,
+            soft_cost,
+            tcp_cost,
         );
     }
-    let (s50, s99) = rtt(&p, "soft0", ms)?;
-    let (t50, t99) = tcp_rtt(ms)?;
-    emit(
-        "soft_rtt_8B_p50",
-        "us",
-        s50 as f64 / 1000.0,
-        "tcp_pingpong_rtt_p50",
-        t50 as f64 / 1000.0,
-    );
-    emit(
-        "soft_rtt_8B_p99",
-        "us",
-        s99 as f64 / 1000.0,
-        "tcp_pingpong_rtt_p99",
-        t99 as f64 / 1000.0,
-    );
+    let with_ops = |r: (u64, u64, usize)| ((r.0, r.1), 16.0 * r.2 as f64, 2.0 * r.2 as f64);
+    let ((s50, s99), soft_cost) = costed(|| rtt(&p, "soft0", ms).map(with_ops))?;
+    let ((t50, t99), tcp_cost) = costed(|| tcp_rtt(ms).map(with_ops))?;
+    for (pct, s, t) in [("p50", s50, t50), ("p99", s99, t99)] {
+        crate::emit_cost(
+            "fabric",
+            &format!("soft_rtt_8B_{pct}"),
+            "us",
+            s as f64 / 1000.0,
+            &format!("tcp_pingpong_rtt_{pct}"),
+            t as f64 / 1000.0,
+            soft_cost,
+            tcp_cost,
+        );
+    }
     Ok(())
 }
 
@@ -535,7 +553,7 @@ fn bench_ibv(ms: u64, device: &str, gid_index: u32, host: &str) -> Res<()> {
             perf / gib,
         );
     }
-    let (r50, _) = rtt(&p, device, ms).map_err(|e| format!("ibv latency: {e}"))?;
+    let (r50, _, _) = rtt(&p, device, ms).map_err(|e| format!("ibv latency: {e}"))?;
     let cols = perftest(
         "ib_write_lat",
         device,

@@ -60,7 +60,7 @@ pub fn eventfd_drain(fd: &OwnedFd) {
 }
 
 /// Waits until `fd` is readable or `timeout` passes.
-pub fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
+pub fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -102,6 +102,23 @@ pub fn send_vectored(
             io::ErrorKind::Interrupted => continue,
             io::ErrorKind::WouldBlock if nonblocking => return Ok(0),
             _ => return Err(e),
+        }
+    }
+}
+
+/// One `recv` without waiting: `Ok(0)` means the peer closed, `WouldBlock`
+/// that nothing is there. `peek`: the bytes stay in the socket.
+pub fn recv_nonblocking(fd: &impl AsRawFd, buf: &mut [u8], peek: bool) -> io::Result<usize> {
+    let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
+    loop {
+        // SAFETY: writes at most buf.len() bytes into the live slice.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

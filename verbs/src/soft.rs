@@ -20,13 +20,25 @@
 //! thread take over (and block), so no poster and no reader ever blocks on
 //! a write, and frames never interleave. Work requests carry their
 //! scatter-gather lists and inline bytes in fixed arrays: nothing is
-//! allocated per frame. A reader thread per endpoint receives.
+//! allocated per frame.
+//!
+//! Receiving: a reader thread per endpoint, and, while one of the
+//! endpoint's completion queues is being polled, the polling thread itself
+//! (busy-poll mode): a poll that finds its queue empty handles the frames
+//! already received whole that need no wait (payloads up to 16 KiB), so a
+//! polling peer pays no thread wake-up per operation and a round trip costs
+//! about two `sendmsg` and two `recv`. The reader thread stays out of the
+//! way while it sees polls and nobody in `wait`, and takes over large
+//! frames (whose payload it reads straight into registered memory), sends
+//! whose receive is not posted yet (it waits the RNR timeout) and errors,
+//! as soon as a poller leaves one to it, or a millisecond after the polls
+//! stop.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufReader, IoSlice, Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::{Duration, Instant};
@@ -41,6 +53,8 @@ const HELLO_MAGIC: u32 = 0x5346_4552; // "REFS"
 const SOFT_MTU: u32 = 65536;
 /// Most scatter-gather entries in one work request (as the ibv backend).
 pub const MAX_SGE: usize = 8;
+/// Unsignalled sends and writes ask for an Ack once in this many.
+const ACK_EVERY: u64 = 16;
 /// Most bytes posted inline (`EndpointConfig::max_inline` is capped here).
 pub const MAX_INLINE: usize = 256;
 
@@ -304,45 +318,122 @@ impl Drop for SoftMr {
 }
 
 /// A completion queue backed by an eventfd (for epoll/tokio).
+///
+/// Polling it also makes progress: when it is empty, `poll` handles the
+/// frames its endpoints have already received (whole, and needing no wait)
+/// in the polling thread, and while it is polled the endpoints' reader
+/// threads stay out of the way, so that a polling peer pays no thread
+/// wake-up per operation (busy-poll mode). A thread in `wait`, or no poll
+/// for a millisecond, hands progress back to the reader threads.
 pub struct SoftCq {
-    q: Mutex<VecDeque<Completion>>,
+    q: Mutex<CqState>,
     efd: OwnedFd,
+    /// Polls so far (the reader threads watch it to see a poller).
+    polls: AtomicU64,
+    /// Threads blocked in `wait`.
+    waiting: AtomicU32,
+    /// `fd` was handed out: someone may epoll it without calling `wait`.
+    fd_out: AtomicBool,
+    /// Endpoints completing into this queue.
+    eps: Mutex<Vec<std::sync::Weak<EpInner>>>,
+}
+
+struct CqState {
+    items: VecDeque<Completion>,
+    /// The eventfd is signalled.
+    signalled: bool,
 }
 
 impl SoftCq {
     fn push(&self, c: Completion) {
         let mut q = self.q.lock().expect("cq");
-        // The eventfd is readable exactly while the queue is non-empty:
-        // signalled on the empty -> non-empty edge, drained (under the same
-        // lock) when `poll` empties the queue. One system call per burst,
-        // not per completion.
-        let was_empty = q.is_empty();
-        q.push_back(c);
-        if was_empty {
+        // While someone may be waiting for it (a thread in `wait`, or an
+        // epoll on `fd`), the eventfd is readable exactly while the queue
+        // is non-empty: signalled on the empty -> non-empty edge, drained
+        // (under the same lock) when `poll` empties the queue. One system
+        // call per burst, none while only pollers look.
+        q.items.push_back(c);
+        if !q.signalled
+            && (self.fd_out.load(Ordering::Relaxed) || self.waiting.load(Ordering::SeqCst) > 0)
+        {
+            q.signalled = true;
             mem::eventfd_signal(&self.efd);
+        }
+    }
+
+    fn attach(&self, ep: &Arc<EpInner>) {
+        let mut eps = self.eps.lock().expect("cq endpoints");
+        eps.retain(|w| w.strong_count() > 0);
+        eps.push(Arc::downgrade(ep));
+    }
+
+    /// Handles what the endpoints received, in this thread.
+    fn progress(&self) {
+        let Ok(eps) = self.eps.try_lock() else {
+            return; // another poller is at it
+        };
+        for w in eps.iter() {
+            if let Some(ep) = w.upgrade() {
+                ep.progress();
+            }
+        }
+    }
+
+    /// Wakes the endpoints' reader threads: nobody polls now.
+    fn release_readers(&self) {
+        for w in self.eps.lock().expect("cq endpoints").iter() {
+            if let Some(ep) = w.upgrade() {
+                ep.wake_reader();
+            }
         }
     }
 }
 
 impl CompletionQueue for SoftCq {
     fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
+        self.polls.fetch_add(1, Ordering::Relaxed);
+        if self.q.lock().expect("cq").items.is_empty() {
+            self.progress();
+        }
         let mut q = self.q.lock().expect("cq");
-        let n = q.len().min(max);
-        out.extend(q.drain(..n));
-        if q.is_empty() {
+        let n = q.items.len().min(max);
+        out.extend(q.items.drain(..n));
+        if q.items.is_empty() && q.signalled {
+            q.signalled = false;
             mem::eventfd_drain(&self.efd);
         }
         n
     }
 
     fn wait(&self, timeout: Duration) -> bool {
-        if !self.q.lock().expect("cq").is_empty() {
-            return true;
-        }
-        mem::wait_readable(&self.efd, timeout)
+        // SeqCst pairs with the load in `push`: either the pusher sees us
+        // waiting (and signals), or we see its completion below.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let ready = {
+            let mut q = self.q.lock().expect("cq");
+            if !q.items.is_empty() && !q.signalled {
+                q.signalled = true;
+                mem::eventfd_signal(&self.efd);
+            }
+            !q.items.is_empty()
+        };
+        let ready = ready || {
+            self.release_readers();
+            mem::wait_readable(&self.efd, timeout)
+        };
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        ready
     }
 
     fn fd(&self) -> RawFd {
+        self.fd_out.store(true, Ordering::SeqCst);
+        // Completions queued before the fd was handed out make it readable
+        // too.
+        let mut q = self.q.lock().expect("cq");
+        if !q.items.is_empty() && !q.signalled {
+            q.signalled = true;
+            mem::eventfd_signal(&self.efd);
+        }
         self.efd.as_raw_fd()
     }
 }
@@ -397,8 +488,15 @@ impl Domain for SoftDomain {
 
     fn create_cq(&self, _depth: u32) -> Result<Arc<SoftCq>> {
         Ok(Arc::new(SoftCq {
-            q: Mutex::new(VecDeque::new()),
+            q: Mutex::new(CqState {
+                items: VecDeque::new(),
+                signalled: false,
+            }),
             efd: mem::eventfd()?,
+            polls: AtomicU64::new(0),
+            waiting: AtomicU32::new(0),
+            fd_out: AtomicBool::new(false),
+            eps: Mutex::new(Vec::new()),
         }))
     }
 
@@ -504,6 +602,9 @@ struct Outstanding {
     byte_len: u32,
     /// Where a read's data goes.
     read_sges: SgeList,
+    /// The peer answers this one (a read, or an Ack asked for): the
+    /// timeout runs for it.
+    answer_due: bool,
     posted: Instant,
 }
 
@@ -526,12 +627,6 @@ enum Out {
 }
 
 impl Out {
-    fn header(&mut self) -> &mut Header {
-        match self {
-            Out::Request(h, _) | Out::Inline(h, _) | Out::Control(h) | Out::ReadResp(h, ..) => h,
-        }
-    }
-
     /// Header and payload bytes.
     fn frame_len(&self) -> usize {
         HEADER_LEN
@@ -571,7 +666,76 @@ struct EpInner {
     /// Wakes the writer thread (with `queue`).
     kick: Condvar,
     tx: Mutex<Tx>,
+    /// The receiving side: whoever holds it handles frames (the reader
+    /// thread, or a poller of one of our completion queues).
+    rx: Mutex<Rx>,
+    /// Wakes the reader thread from its wait while pollers are active.
+    reader_wake: Condvar,
+    reader_idle: Mutex<bool>,
+    /// A poller met a frame it leaves to the reader thread.
+    reader_needed: AtomicBool,
     stream: TcpStream,
+}
+
+/// Received bytes not yet handled, so that small frames cost no system call
+/// each and a poller can tell, without waiting, whether a whole frame is
+/// there. Large payloads bypass it and land straight in registered memory.
+struct Rx {
+    s: TcpStream,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+const RX_BUF: usize = 64 << 10;
+
+impl Rx {
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Reads what the socket holds (at most `limit` bytes), without
+    /// waiting: `Ok(false)` when nothing came (or the buffer is full),
+    /// `UnexpectedEof` when the peer closed.
+    fn fill_nonblocking(&mut self, limit: usize) -> std::io::Result<bool> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            return Ok(false);
+        }
+        let to = self.buf.len().min(self.end + limit);
+        match mem::recv_nonblocking(&self.s, &mut self.buf[self.end..to], false) {
+            Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                self.end += n;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Read for Rx {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.start == self.end {
+            if out.len() >= self.buf.len() {
+                return self.s.read(out);
+            }
+            self.start = 0;
+            self.end = self.s.read(&mut self.buf)?;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
 }
 
 /// A connected soft endpoint. Dropping it closes the connection.
@@ -612,13 +776,25 @@ impl SoftEndpoint {
                 stream: stream.try_clone()?,
                 partial: None,
             }),
+            rx: Mutex::new(Rx {
+                s: stream.try_clone()?,
+                buf: vec![0u8; RX_BUF].into_boxed_slice(),
+                start: 0,
+                end: 0,
+            }),
+            reader_wake: Condvar::new(),
+            reader_idle: Mutex::new(false),
+            reader_needed: AtomicBool::new(false),
             stream: stream.try_clone()?,
         });
-        let reader_stream = stream.try_clone()?;
+        inner.send_cq.attach(&inner);
+        if !Arc::ptr_eq(&inner.send_cq, &inner.recv_cq) {
+            inner.recv_cq.attach(&inner);
+        }
         let r = inner.clone();
         let rx_thread = std::thread::Builder::new()
             .name("ferry-soft-rx".into())
-            .spawn(move || reader(r, reader_stream))?;
+            .spawn(move || reader(r))?;
         let w = inner.clone();
         let tx_thread = std::thread::Builder::new()
             .name("ferry-soft-tx".into())
@@ -640,6 +816,7 @@ impl Drop for SoftEndpoint {
         self.inner.close_tx();
         let _ = self.inner.stream.shutdown(Shutdown::Both);
         self.inner.recv_posted.notify_all();
+        self.inner.wake_reader();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -647,6 +824,94 @@ impl Drop for SoftEndpoint {
 }
 
 impl EpInner {
+    fn wake_reader(&self) {
+        let _g = self.reader_idle.lock().expect("reader");
+        self.reader_wake.notify_all();
+    }
+
+    /// Whether a poller drives this endpoint: one of its completion queues
+    /// was polled since `seen` (updated) and nobody waits on them.
+    fn polled_since(&self, seen: &mut u64) -> bool {
+        let now =
+            self.send_cq.polls.load(Ordering::Relaxed) + self.recv_cq.polls.load(Ordering::Relaxed);
+        let waiting = self.send_cq.waiting.load(Ordering::SeqCst)
+            + self.recv_cq.waiting.load(Ordering::SeqCst);
+        let polled = now != *seen;
+        *seen = now;
+        polled && waiting == 0
+    }
+
+    /// A poller's share of the work: the frames already received whole
+    /// that need no wait (a send finds its receive posted), handled in the
+    /// polling thread. Anything else stays for the reader thread.
+    fn progress(&self) {
+        let Ok(mut rx) = self.rx.try_lock() else {
+            return;
+        };
+        while self.frame_ready(&mut rx) {
+            match handle_frame(self, &mut *rx) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    debug!("soft: connection failed: {e}");
+                    drop(rx);
+                    self.fail(WcStatus::RetryExceeded);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether the next frame is one a poller handles: whole in the
+    /// buffer, at most [`POLLED_FRAME`] bytes of payload, and needing no
+    /// wait. Larger frames (whose payload the reader thread reads straight
+    /// into registered memory), a send without a posted receive, a bad
+    /// header or a closed socket are left to the reader thread, which is
+    /// told.
+    fn frame_ready(&self, rx: &mut Rx) -> bool {
+        if self.state.lock().expect("state").error {
+            return false;
+        }
+        let leave = || {
+            self.reader_needed.store(true, Ordering::Release);
+            self.wake_reader();
+            false
+        };
+        loop {
+            let b = rx.buffered();
+            if b.len() >= HEADER_LEN {
+                let hb: &[u8; HEADER_LEN] = b[..HEADER_LEN].try_into().expect("a header's bytes");
+                let Ok(h) = Header::decode(hb) else {
+                    return leave();
+                };
+                let payload = match h.kind {
+                    Kind::Write | Kind::Send | Kind::ReadResp => h.payload_len as usize,
+                    _ => 0,
+                };
+                if payload > POLLED_FRAME {
+                    return leave();
+                }
+                if b.len() >= HEADER_LEN + payload {
+                    let needs_recv =
+                        h.kind == Kind::Send || (h.kind == Kind::Write && h.imm().is_some());
+                    if needs_recv && self.state.lock().expect("state").recvs.is_empty() {
+                        return leave();
+                    }
+                    return true;
+                }
+            }
+            // A few KiB at a time: small frames come whole in one call,
+            // and of a large one (the reader thread's, which reads its
+            // payload straight into registered memory) little is copied
+            // twice.
+            match rx.fill_nonblocking(POLL_FILL) {
+                Ok(true) => {}
+                Ok(false) => return false,
+                Err(_) => return leave(),
+            }
+        }
+    }
+
     fn sges_ok(&self, sges: &[Sge], need: u32) -> bool {
         sges.iter()
             .all(|s| self.domain.check(s.lkey, s.addr, s.len as u64, need))
@@ -715,17 +980,9 @@ impl EpInner {
         loop {
             if tx.partial.is_none() {
                 let mut q = self.queue.lock().expect("queue");
-                let Some(mut out) = q.items.pop_front() else {
+                let Some(out) = q.items.pop_front() else {
                     return Ok(true);
                 };
-                // The last request of a burst asks for an Ack, so that
-                // unsignalled work never waits for a later request.
-                if q.items.is_empty() {
-                    let h = out.header();
-                    if matches!(h.kind, Kind::Send | Kind::Write) {
-                        h.flags |= FLAG_ACK_REQ;
-                    }
-                }
                 drop(q);
                 tx.partial = Some((out, 0));
             }
@@ -892,6 +1149,9 @@ impl Endpoint for SoftEndpoint {
                 SgeList::empty()
             },
             posted: Instant::now(),
+            answer_due: matches!(wr.op, SendOp::Read { .. })
+                || wr.signaled
+                || seq.is_multiple_of(ACK_EVERY),
         });
         drop(st);
         if !inner.sges_ok(wr.sges, need) {
@@ -940,8 +1200,11 @@ impl Endpoint for SoftEndpoint {
         };
         // Reads are always answered (by their data); sends and writes ask
         // for an Ack when signalled, and every 16th so that the queue of
-        // unacknowledged work stays short.
-        if h.kind != Kind::ReadReq && (wr.signaled || seq.is_multiple_of(16)) {
+        // unacknowledged work stays short. Unsignalled work after the last
+        // Ack asked for is settled by a later one (as on a NIC, whose send
+        // queue frees unsignalled entries only with a later completion):
+        // asking for an Ack per request doubled the frames of a ping-pong.
+        if h.kind != Kind::ReadReq && (wr.signaled || seq.is_multiple_of(ACK_EVERY)) {
             h.flags |= FLAG_ACK_REQ;
         }
         h.status = 0;
@@ -1003,12 +1266,7 @@ impl Endpoint for SoftEndpoint {
 /// Writes what is left of `out` after its first `done` bytes (header,
 /// then payload) with one vectored `sendmsg`; returns the bytes written
 /// (0: `nonblocking` and the socket buffer is full).
-fn write_out(
-    s: &TcpStream,
-    out: &Out,
-    done: usize,
-    nonblocking: bool,
-) -> std::io::Result<usize> {
+fn write_out(s: &TcpStream, out: &Out, done: usize, nonblocking: bool) -> std::io::Result<usize> {
     let hb = match out {
         Out::Request(h, _) | Out::Inline(h, _) | Out::Control(h) | Out::ReadResp(h, ..) => {
             h.encode()
@@ -1079,7 +1337,8 @@ fn writer(ep: Arc<EpInner>) {
         let overdue = {
             let st = ep.state.lock().expect("state");
             st.outstanding
-                .front()
+                .iter()
+                .find(|o| o.answer_due)
                 .is_some_and(|o| o.posted.elapsed() > ep.cfg.timeout)
         };
         if overdue {
@@ -1135,11 +1394,8 @@ fn nak(seq: u64, status: NakStatus) -> Out {
     Out::Control(h)
 }
 
-fn reader(ep: Arc<EpInner>, s: TcpStream) {
-    // Buffered, so small frames cost no system call each; large payloads
-    // bypass the buffer and land straight in registered memory.
-    let mut s = BufReader::with_capacity(64 << 10, s);
-    let res = reader_loop(&ep, &mut s);
+fn reader(ep: Arc<EpInner>) {
+    let res = reader_loop(&ep);
     match res {
         Ok(()) => debug!("soft: peer closed the connection"),
         Err(e) => debug!("soft: connection failed: {e}"),
@@ -1147,12 +1403,64 @@ fn reader(ep: Arc<EpInner>, s: TcpStream) {
     ep.fail(WcStatus::RetryExceeded);
 }
 
-fn reader_loop(ep: &EpInner, s: &mut impl Read) -> std::result::Result<(), String> {
-    let mut hb = [0u8; HEADER_LEN];
+/// How long the reader thread stays out of the way after seeing a poll.
+const POLLER_GRACE: Duration = Duration::from_millis(1);
+/// Largest payload a poller handles itself (see `EpInner::frame_ready`).
+const POLLED_FRAME: usize = 16 << 10;
+/// Most bytes a poller takes from the socket at once.
+const POLL_FILL: usize = 4 << 10;
+
+fn reader_loop(ep: &EpInner) -> std::result::Result<(), String> {
+    let mut seen = 0u64;
     loop {
+        if ep.state.lock().expect("state").error {
+            return Ok(());
+        }
+        // While a poller drives the endpoint, wait for it to stop (a
+        // thread entering `wait` wakes us at once).
+        if !ep.reader_needed.swap(false, Ordering::AcqRel) && ep.polled_since(&mut seen) {
+            let g = ep.reader_idle.lock().expect("reader");
+            // Checked under the lock `wake_reader` takes: a poller that
+            // leaves us a frame after this check finds us waiting.
+            if !ep.reader_needed.load(Ordering::Acquire) {
+                drop(
+                    ep.reader_wake
+                        .wait_timeout(g, POLLER_GRACE)
+                        .expect("reader")
+                        .0,
+                );
+            }
+            continue;
+        }
+        let buffered = !ep.rx.lock().expect("rx").buffered().is_empty();
+        if !buffered && !mem::wait_readable(&ep.stream, Duration::from_millis(50)) {
+            continue;
+        }
+        let mut rx = ep.rx.lock().expect("rx");
+        loop {
+            if rx.buffered().is_empty() {
+                match rx.fill_nonblocking(RX_BUF) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            if !handle_frame(ep, &mut *rx)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reads and handles one frame; `Ok(false)` when the connection is done
+/// (the peer closed at a frame boundary, or a Nak failed the endpoint).
+fn handle_frame(ep: &EpInner, s: &mut impl Read) -> std::result::Result<bool, String> {
+    let mut hb = [0u8; HEADER_LEN];
+    {
         match s.read_exact(&mut hb) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
             Err(e) => return Err(e.to_string()),
         }
         let h = Header::decode(&hb).map_err(|e| format!("malformed frame: {e}"))?;
@@ -1166,14 +1474,14 @@ fn reader_loop(ep: &EpInner, s: &mut impl Read) -> std::result::Result<(), Strin
                 else {
                     discard(s, len).map_err(io)?;
                     ep.send_out(nak(h.seq, NakStatus::RemoteAccess));
-                    continue;
+                    return Ok(true);
                 };
                 read_into(s, h.remote_addr, len).map_err(io)?;
                 drop(pin);
                 if let Some(imm) = h.imm() {
                     let Some((wr_id, _)) = ep.take_recv() else {
                         ep.send_out(nak(h.seq, NakStatus::RnrRetryExceeded));
-                        continue;
+                        return Ok(true);
                     };
                     ep.recv_cq.push(Completion {
                         wr_id,
@@ -1191,7 +1499,7 @@ fn reader_loop(ep: &EpInner, s: &mut impl Read) -> std::result::Result<(), Strin
                 let Some((wr_id, sges)) = ep.take_recv() else {
                     discard(s, h.payload_len).map_err(io)?;
                     ep.send_out(nak(h.seq, NakStatus::RnrRetryExceeded));
-                    continue;
+                    return Ok(true);
                 };
                 if scatter(s, sges.as_slice(), h.payload_len).map_err(io)? {
                     ep.recv_cq.push(Completion {
@@ -1223,7 +1531,7 @@ fn reader_loop(ep: &EpInner, s: &mut impl Read) -> std::result::Result<(), Strin
                     access::REMOTE_READ,
                 ) else {
                     ep.send_out(nak(h.seq, NakStatus::RemoteAccess));
-                    continue;
+                    return Ok(true);
                 };
                 let mut r = Header::new(Kind::ReadResp, h.seq);
                 r.payload_len = h.read_len;
@@ -1278,8 +1586,9 @@ fn reader_loop(ep: &EpInner, s: &mut impl Read) -> std::result::Result<(), Strin
                     return Err(format!("nak {} answers nothing outstanding", h.seq));
                 }
                 ep.fail(status);
-                return Ok(());
+                return Ok(false);
             }
         }
     }
+    Ok(true)
 }

@@ -206,3 +206,140 @@ fn dropping_a_region_waits_for_a_copy_in_flight() {
     drop(ep);
     drop(buf);
 }
+
+/// Spins on `cq` (no `wait`) until a completion comes: a polling consumer,
+/// which makes the soft backend progress in this thread.
+fn spin<C: CompletionQueue>(cq: &C) -> Completion {
+    let start = std::time::Instant::now();
+    let mut out = Vec::new();
+    while start.elapsed() < WAIT {
+        if cq.poll(&mut out, 1) == 1 {
+            return out[0];
+        }
+        std::hint::spin_loop();
+    }
+    panic!("no completion within {WAIT:?} of polling");
+}
+
+#[test]
+fn polling_and_waiting_consumers_both_get_every_frame_whole() {
+    // Frames small enough for a poller to handle and large ones left to
+    // the reader thread, interleaved: first while the receiver waits on
+    // its queue for each, then while another thread spins on it without
+    // pause (busy-poll progress all along, so the large frames must be
+    // handed to the reader thread).
+    let (mut a, b) = pair(&ferry_verbs::soft::SoftProvider::default(), 1 << 20);
+    let sizes = [8u32, 3000, 20_000, 200_000, 64, 16 << 10];
+    fill(&mut a.buf, 5);
+    let frame = |round: u32| {
+        let len = sizes[round as usize % sizes.len()];
+        let off = (round as usize * 7919) % ((1 << 20) - len as usize);
+        (off, len)
+    };
+    let post = |round: u32| {
+        let (off, len) = frame(round);
+        unsafe {
+            write(
+                &a,
+                round as u64,
+                off,
+                len,
+                b.mr.addr() + off as u64,
+                b.mr.rkey(),
+                Some(round),
+                round % 5 == 0,
+            )
+            .unwrap()
+        };
+    };
+    let check = |round: u32, c: Completion| {
+        let (off, len) = frame(round);
+        assert_eq!(
+            (c.status, c.imm, c.byte_len),
+            (WcStatus::Success, Some(round), len),
+            "round {round}"
+        );
+        assert_eq!(
+            &b.buf[off..off + len as usize],
+            &a.buf[off..off + len as usize],
+            "round {round}: {len} bytes"
+        );
+    };
+    for round in 0..30u32 {
+        unsafe { b.ep.post_recv(round as u64, &[]).unwrap() };
+        post(round);
+        check(round, next(&*b.recv_cq));
+    }
+    for round in 30..90u32 {
+        unsafe { b.ep.post_recv(round as u64, &[]).unwrap() };
+    }
+    let cq = b.recv_cq.clone();
+    let poller = std::thread::spawn(move || (30..90).map(|_| spin(&*cq)).collect::<Vec<_>>());
+    // Spaced out, so that the reader thread sees the poller between frames
+    // (and leaves the small ones to it). A poller that did not hand the
+    // large frames over would stall each until it paused for a
+    // millisecond: not a failure here, the reader's fallback.
+    for round in 30..90u32 {
+        std::thread::sleep(Duration::from_millis(3));
+        post(round);
+    }
+    for (round, c) in (30..90u32).zip(poller.join().unwrap()) {
+        check(round, c);
+    }
+    let mut sent = 0;
+    while sent < 90 / 5 {
+        assert_eq!(next(&*a.send_cq).status, WcStatus::Success);
+        sent += 1;
+    }
+}
+
+#[test]
+fn a_send_before_its_receive_is_served_while_the_receiver_polls() {
+    // The send needs a receive the receiver posts only later: a poller
+    // leaves it to the reader thread, which waits (within the RNR timeout).
+    let (mut a, b) = pair(&ferry_verbs::soft::SoftProvider::default(), 4096);
+    fill(&mut a.buf, 9);
+    let sge = [a.mr.sge(0, 100)];
+    unsafe {
+        a.ep.post_send(&SendWr {
+            wr_id: 1,
+            op: SendOp::Send { imm: Some(7) },
+            sges: &sge,
+            signaled: true,
+        })
+        .unwrap()
+    };
+    let mut out = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(50) {
+        assert_eq!(b.recv_cq.poll(&mut out, 1), 0);
+    }
+    unsafe { b.ep.post_recv(5, &[b.mr.sge(1000, 200)]).unwrap() };
+    let c = spin(&*b.recv_cq);
+    assert_eq!((c.wr_id, c.status, c.imm), (5, WcStatus::Success, Some(7)));
+    assert_eq!(&b.buf[1000..1100], &a.buf[..100]);
+    assert_eq!(spin(&*a.send_cq).status, WcStatus::Success);
+}
+
+#[test]
+fn the_queue_fd_is_readable_exactly_while_completions_wait() {
+    let (a, b) = pair(&ferry_verbs::soft::SoftProvider::default(), 4096);
+    let fd = b.recv_cq.fd();
+    let readable = |ms: i32| {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY (test): one live pollfd.
+        unsafe { libc::poll(&mut p, 1, ms) > 0 }
+    };
+    assert!(!readable(0), "nothing queued yet");
+    unsafe { b.ep.post_recv(1, &[]).unwrap() };
+    unsafe { write(&a, 1, 0, 8, b.mr.addr(), b.mr.rkey(), Some(3), false).unwrap() };
+    assert!(readable(10_000), "a completion makes the fd readable");
+    assert!(readable(0), "and it stays so until polled");
+    let mut out = Vec::new();
+    assert_eq!(b.recv_cq.poll(&mut out, 8), 1);
+    assert!(!readable(0), "drained with the queue");
+}
