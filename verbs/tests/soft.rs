@@ -247,7 +247,7 @@ fn polling_and_waiting_consumers_both_get_every_frame_whole() {
                 b.mr.addr() + off as u64,
                 b.mr.rkey(),
                 Some(round),
-                round % 5 == 0,
+                round.is_multiple_of(5),
             )
             .unwrap()
         };
