@@ -29,6 +29,11 @@ build)
     cp "$(scripts/test-binary.sh ferry-tests gpu_delivery --release)" "$CARRY/gpu-delivery-tests"
     cp target/release/ferryd target/release/ferry target/release/libferry.so \
         target/release/ferry-bench target/release/ferry-test-consumer "$CARRY/"
+    # ferryd links the system hwloc (placement); the device machine may
+    # not have it, so it travels along (LD_LIBRARY_PATH in `run`).
+    for lib in libhwloc.so.15 libudev.so.1; do
+        cp -L "$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')" "$CARRY/"
+    done
     gcc -std=c11 -O1 -g -I client-c/include client-c/tests/c/test_abi.c \
         -L "$CARRY" -lferry -Wl,-rpath,'$ORIGIN' -o "$CARRY/test_abi"
     for prog in producer consumer; do
@@ -45,6 +50,9 @@ run)
         exit 2
     fi
     [[ -x "$CARRY/cuda-gpu-tests" ]] || { echo "$CARRY missing: run 'scripts/gpu-tests.sh build' first and carry it" >&2; exit 2; }
+    # hwloc (and udev) as built against, for machines without them; the
+    # system's own come first when present.
+    export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/lib/x86_64-linux-gnu:$PWD/$CARRY"
     results=${OUT:-target/gpu-results}
     mkdir -p "$results"
     nvidia-smi -L || true

@@ -160,6 +160,10 @@ pub struct DaemonConfig {
     /// and then its own. The price is a polling core while trainers wait
     /// (0: sleep after `spin_us` as always).
     pub spin_while_waited_us: u64,
+    /// Where the data-plane thread runs: "auto" (a core on the NUMA node
+    /// of the RDMA NIC; unpinned with the soft fabric), "none", or a CPU
+    /// list such as "3" or "2-3,6".
+    pub data_plane_cpus: String,
 }
 
 impl Default for DaemonConfig {
@@ -197,6 +201,7 @@ impl Default for DaemonConfig {
             slot_wait_log_ms: 5_000,
             replay_window: None,
             spin_while_waited_us: DEFAULT_SPIN_WHILE_WAITED_US,
+            data_plane_cpus: "auto".into(),
         }
     }
 }
@@ -322,6 +327,9 @@ impl Config {
                 d.socket_mode
             ));
         }
+        if let Err(m) = crate::placement::parse(&d.data_plane_cpus) {
+            return bad(format!("daemon.{m}"));
+        }
         if !(2..=65536).contains(&d.ring_capacity) || !d.ring_capacity.is_power_of_two() {
             return bad(format!(
                 "daemon.ring_capacity must be a power of two in 2..=65536, got {}",
@@ -379,11 +387,13 @@ impl Config {
                 return bad(format!("daemon.{key} must be positive"));
             }
         }
-        if d.spin_us > 1_000_000 {
-            return bad(format!(
-                "daemon.spin_us must be at most 1000000, got {}",
-                d.spin_us
-            ));
+        for (key, v) in [
+            ("spin_us", d.spin_us),
+            ("spin_while_waited_us", d.spin_while_waited_us),
+        ] {
+            if v > 1_000_000 {
+                return bad(format!("daemon.{key} must be at most 1000000, got {v}"));
+            }
         }
         self.fabric_preference()?;
         let mut seen = std::collections::HashSet::new();
@@ -443,7 +453,15 @@ impl Config {
         let fabric = ferry_verbs::select::select(self.fabric_preference()?).map_err(|e| {
             ConfigError::Invalid(format!("fabric.provider = {:?}: {e}", self.fabric.provider))
         })?;
-        Ok(Preflight { fabric, live })
+        let want = crate::placement::parse(&self.daemon.data_plane_cpus)
+            .map_err(|m| ConfigError::Invalid(format!("daemon.{m}")))?;
+        let placement =
+            crate::placement::for_fabric(&want, &fabric).map_err(ConfigError::Invalid)?;
+        Ok(Preflight {
+            fabric,
+            live,
+            placement,
+        })
     }
 
     fn fabric_preference(&self) -> Result<ferry_verbs::select::Preference, ConfigError> {
@@ -521,6 +539,8 @@ pub struct Preflight {
     pub fabric: ferry_verbs::select::Selection,
     /// Socket paths a daemon answers on now (start-up would refuse them).
     pub live: Vec<PathBuf>,
+    /// Where the data-plane thread will run.
+    pub placement: crate::placement::Placement,
 }
 
 /// Reads a configuration file, refusing one over [`MAX_CONFIG_BYTES`].
@@ -774,6 +794,9 @@ slot_count = 16
             ("[daemon]\nring_capacity = 100", "power of two"),
             ("[daemon]\nsocket_mode = \"rw\"", "octal"),
             ("[daemon]\nbogus = 1", "unknown field"),
+            ("[daemon]\ndata_plane_cpus = \"fast\"", "data_plane_cpus"),
+            ("[daemon]\nspin_while_waited_us = 5000000", "spin_while_waited_us"),
+            ("[daemon]\nreplay_window = -1", "replay_window"),
             ("[fabric]\nprovider = \"infiniband\"", "auto, ibv or soft"),
             ("[[streams]]\nname = \"a b\"\nslot_size = 10\nslot_count = 4", "stream name"),
             ("[[streams]]\nname = \"a\"\nslot_size = 0\nslot_count = 4", "slot_size"),

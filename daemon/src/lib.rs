@@ -4,6 +4,7 @@
 pub mod config;
 pub mod gpu;
 pub mod idhash;
+pub mod placement;
 pub mod ratelimit;
 pub mod server;
 pub mod stream;

@@ -294,6 +294,8 @@ pub struct Server {
     last_housekeeping: Instant,
     started: Instant,
     draining: Option<Instant>,
+    /// Where the data-plane thread runs (pinned in `run`).
+    placement: crate::placement::Placement,
     /// The fabric backend chosen at start-up, and why (not yet used for
     /// data: moving batches between hosts comes with the peers work).
     fabric: String,
@@ -375,7 +377,8 @@ impl Server {
     /// Binds the sockets and creates the configured streams.
     pub fn bind(cfg: Config) -> anyhow::Result<Server> {
         // The same checks as `ferryd --check`, before anything is bound.
-        let sel = cfg.preflight()?.fabric;
+        let pre = cfg.preflight()?;
+        let (sel, placement) = (pre.fabric, pre.placement);
         sys::ignore_sigpipe();
         let signals = sys::signalfd_termination().context("setting up signal handling")?;
         let socket_path = cfg.socket_path();
@@ -418,6 +421,7 @@ impl Server {
             ferry_verbs::select::Choice::Soft => format!("soft ({})", sel.reason),
         };
         info!(fabric = %fabric, "fabric chosen");
+
         let gpus = ferry_cuda::probe();
         match &gpus {
             Ok(p) => {
@@ -470,6 +474,7 @@ impl Server {
             started: Instant::now(),
             draining: None,
             fabric,
+            placement,
             gpus: Gpus::new(gpus, cfg.daemon.max_gpu_pool_bytes),
             gpu_sessions: 0,
             events: Vec::with_capacity(64),
@@ -837,6 +842,23 @@ impl Server {
             admin = %self.admin_path.display(),
             streams = self.streams.len(),
             "ferryd ready"
+        );
+        if let Err(e) = crate::placement::apply(&self.placement) {
+            if crate::placement::parse(&self.cfg.daemon.data_plane_cpus)
+                .is_ok_and(|w| w != crate::placement::Want::Auto)
+            {
+                anyhow::bail!(e);
+            }
+            warn!("{e}; the data-plane thread runs unpinned");
+            self.placement = crate::placement::Placement {
+                reason: format!("not pinned: {e}"),
+                ..Default::default()
+            };
+        }
+        info!(
+            cpus = %crate::placement::list(&self.placement.cpus),
+            reason = %self.placement.reason,
+            "data-plane thread placement"
         );
         notify_systemd("READY=1");
         let spin = Duration::from_micros(self.cfg.daemon.spin_us);
@@ -2415,6 +2437,7 @@ impl Server {
             socket: self.socket_path.display().to_string(),
             draining: self.draining.is_some(),
             fabric: self.fabric.clone(),
+            placement: self.placement.clone(),
             gpus: match &self.gpus.probe {
                 Ok(p) => p.gpus.clone(),
                 Err(_) => Vec::new(),
@@ -2708,6 +2731,9 @@ pub struct Status {
     /// The fabric backend and why it was chosen.
     #[serde(default)]
     pub fabric: String,
+    /// Where the data-plane thread runs, and why.
+    #[serde(default)]
+    pub placement: crate::placement::Placement,
     /// GPUs found at start-up.
     #[serde(default)]
     pub gpus: Vec<ferry_cuda::GpuInfo>,

@@ -614,6 +614,62 @@ fn sigterm_drains_in_flight_batches_then_exits_zero() {
 }
 
 #[test]
+fn the_data_plane_thread_is_placed_as_configured_and_shown() {
+    // Soft fabric here: "auto" leaves the thread to the scheduler, and
+    // says why.
+    let d = Daemon::start("", "");
+    let p = d.status().placement;
+    assert!(p.cpus.is_empty(), "{p:?}");
+    assert!(p.reason.contains("soft fabric"), "{p:?}");
+    drop(d);
+    // An explicit CPU: the loop's thread (ferryd's main thread) runs
+    // there, and `ferry status` says so.
+    let last = *ferry_daemon::placement::cpus_here().last().unwrap();
+    let d = Daemon::start(&format!("data_plane_cpus = \"{last}\""), "");
+    let p = d.status().placement;
+    assert_eq!(p.cpus, vec![last], "{p:?}");
+    let task = std::fs::read_to_string(format!("/proc/{0}/task/{0}/status", d.pid())).unwrap();
+    let allowed = task
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(allowed, last.to_string(), "{task}");
+    let out = Command::new(bin("ferry"))
+        .args(["status", "--admin-socket", d.admin.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("data plane: CPU {last}")), "{text}");
+    drop(d);
+    // A CPU this host does not have, or a malformed list: ferryd refuses
+    // to start, naming the key.
+    for (value, want) in [("4095", "CPU 4095"), ("two", "data_plane_cpus")] {
+        let dir = std::env::temp_dir().join(format!("ferry-cpus-{}-{value}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("ferryd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 1\n[daemon]\nsocket = \"{}\"\ndata_plane_cpus = \"{value}\"\n",
+                dir.join("f.sock").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(bin("ferryd"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{value}: {err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
 fn ferry_status_cli_shows_streams_groups_and_lag() {
     let d = Daemon::start(
         "",

@@ -146,6 +146,19 @@ fn print_status(st: &Status) {
         if st.draining { ", DRAINING" } else { "" }
     );
     println!("fabric: {}", st.fabric);
+    let p = &st.placement;
+    if p.cpus.is_empty() {
+        println!("data plane: {}", p.reason);
+    } else {
+        let node = p
+            .numa_node
+            .map_or_else(String::new, |n| format!(", NUMA node {n}"));
+        println!(
+            "data plane: CPU {}{node} ({})",
+            ferry_daemon::placement::list(&p.cpus),
+            p.reason
+        );
+    }
     if st.gpus.is_empty() {
         println!("gpus: none ({})", st.gpu_note);
     }

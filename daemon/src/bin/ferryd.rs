@@ -103,6 +103,23 @@ fn run() -> anyhow::Result<()> {
         );
         println!("admin socket: {}", cfg.admin_socket_path().display());
         println!("fabric: {:?} ({})", sel.choice, sel.reason);
+        let pl = &pre.placement;
+        if pl.cpus.is_empty() {
+            println!("data plane: {}", pl.reason);
+        } else {
+            println!(
+                "data plane: CPU {} ({})",
+                ferry_daemon::placement::list(&pl.cpus),
+                pl.reason
+            );
+        }
+        println!(
+            "waiting: the loop polls {} us after its last work, {} us while a consumer waits; replay window {}",
+            d.spin_us,
+            d.spin_while_waited_us,
+            d.replay_window
+                .map_or("every free slot".to_string(), |w| format!("{w} batches per stream"))
+        );
         println!(
             "allowed: uids {:?}, gids {:?}{}",
             cfg.allowed_uids(),
