@@ -121,6 +121,23 @@ fn attach_rejects_garbage_and_wrong_capacity() {
         Err(RingError::NotARing)
     ));
     init_ring(&region, 0, len, 8).unwrap();
+    // A ring of another layout version (an older client's or daemon's) is
+    // refused with both versions named.
+    // SAFETY (test): the version word follows the 8-byte magic.
+    let version = unsafe { &*(region.as_ptr().add(8) as *const AtomicU32) };
+    version.store(1, Ordering::Release);
+    let Err(e) = attach_ring(&region, 0, len, 8) else {
+        panic!("a ring of layout 1 attached");
+    };
+    assert_eq!(
+        e,
+        RingError::Version {
+            found: 1,
+            expected: ferry_shm::ring::RING_LAYOUT_VERSION
+        }
+    );
+    assert!(e.to_string().contains("layout version 1, this build speaks 2"), "{e}");
+    version.store(ferry_shm::ring::RING_LAYOUT_VERSION, Ordering::Release);
     assert!(attach_ring(&region, 0, len, 16).is_err());
     assert!(attach_ring(&region, 0, len, 3).is_err());
     assert!(attach_ring(&region, 4096, len, 8).is_err());

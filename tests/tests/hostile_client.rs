@@ -182,3 +182,32 @@ fn undecodable_socket_message_closes_the_session() {
     ));
     healthy_round_trip(&d, 2);
 }
+
+#[test]
+fn a_client_of_the_previous_ring_layout_is_refused_by_name() {
+    // Protocol 6 brought ring layout 2 (sequence numbers in the slots): a
+    // client of protocol 5 would misread every ring, so it is refused at
+    // its Hello, with both versions named, and served nothing.
+    let d = daemon();
+    let sock = sys::seqpacket_connect(&d.socket).unwrap();
+    let old = proto::Request::Hello {
+        protocol: proto::PROTOCOL_VERSION - 1,
+        client: "an older libferry".into(),
+    };
+    sys::send_with_fds(&sock, &raw::encode(&old), &[]).unwrap();
+    match raw::recv_reply(&sock, Duration::from_secs(5)) {
+        Ok((proto::Response::Error { message, .. }, fds)) => {
+            assert!(fds.is_empty());
+            assert!(
+                message.contains(&format!(
+                    "client speaks protocol {}, this ferryd speaks {}",
+                    proto::PROTOCOL_VERSION - 1,
+                    proto::PROTOCOL_VERSION
+                )),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    healthy_round_trip(&d, 2);
+}

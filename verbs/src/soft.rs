@@ -32,7 +32,9 @@
 //! frames (whose payload it reads straight into registered memory), sends
 //! whose receive is not posted yet (it waits the RNR timeout) and errors,
 //! as soon as a poller leaves one to it, or a millisecond after the polls
-//! stop.
+//! stop. Once it has taken a large frame it keeps the socket to itself
+//! (bulk mode, pollers stay out) until a millisecond passes without one,
+//! so that bulk traffic is not handed over frame by frame.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{IoSlice, Read, Write};
@@ -674,6 +676,9 @@ struct EpInner {
     reader_idle: Mutex<bool>,
     /// A poller met a frame it leaves to the reader thread.
     reader_needed: AtomicBool,
+    /// The reader thread is taking large frames (bulk traffic): pollers
+    /// leave the socket to it until it has seen none for a while.
+    reader_bulk: AtomicBool,
     stream: TcpStream,
 }
 
@@ -785,6 +790,7 @@ impl SoftEndpoint {
             reader_wake: Condvar::new(),
             reader_idle: Mutex::new(false),
             reader_needed: AtomicBool::new(false),
+            reader_bulk: AtomicBool::new(false),
             stream: stream.try_clone()?,
         });
         inner.send_cq.attach(&inner);
@@ -845,6 +851,9 @@ impl EpInner {
     /// that need no wait (a send finds its receive posted), handled in the
     /// polling thread. Anything else stays for the reader thread.
     fn progress(&self) {
+        if self.reader_bulk.load(Ordering::Acquire) {
+            return;
+        }
         let Ok(mut rx) = self.rx.try_lock() else {
             return;
         };
@@ -1005,18 +1014,18 @@ impl EpInner {
     /// with `first`, every other request and every posted receive with
     /// `WrFlush`. Idempotent.
     fn fail(&self, first: WcStatus) {
-        let (outstanding, recvs) = {
-            let mut st = self.state.lock().expect("state");
-            if st.error {
-                return;
-            }
-            st.error = true;
-            (
-                std::mem::take(&mut st.outstanding),
-                std::mem::take(&mut st.recvs),
-            )
-        };
-        self.recv_posted.notify_all();
+        // The completions go out under the state lock, so that work posted
+        // after the endpoint entered the error state (flushed at once, also
+        // under the lock) completes after them, in posting order.
+        let mut st = self.state.lock().expect("state");
+        if st.error {
+            return;
+        }
+        st.error = true;
+        let (outstanding, recvs) = (
+            std::mem::take(&mut st.outstanding),
+            std::mem::take(&mut st.recvs),
+        );
         for (i, o) in outstanding.into_iter().enumerate() {
             self.send_cq.push(Completion {
                 wr_id: o.wr_id,
@@ -1035,6 +1044,8 @@ impl EpInner {
                 imm: None,
             });
         }
+        drop(st);
+        self.recv_posted.notify_all();
         self.close_tx();
         let _ = self.stream.shutdown(Shutdown::Both);
     }
@@ -1412,13 +1423,23 @@ const POLL_FILL: usize = 4 << 10;
 
 fn reader_loop(ep: &EpInner) -> std::result::Result<(), String> {
     let mut seen = 0u64;
+    // Bulk mode: the reader thread took a large frame less than
+    // POLLER_GRACE ago, and takes everything (pollers stay out), so that a
+    // stream of large frames is not handed from poller to reader frame by
+    // frame.
+    let mut last_large: Option<Instant> = None;
     loop {
         if ep.state.lock().expect("state").error {
             return Ok(());
         }
+        let bulk = last_large.is_some_and(|t| t.elapsed() < POLLER_GRACE);
+        if !bulk && last_large.take().is_some() {
+            ep.reader_bulk.store(false, Ordering::Release);
+        }
         // While a poller drives the endpoint, wait for it to stop (a
         // thread entering `wait` wakes us at once).
-        if !ep.reader_needed.swap(false, Ordering::AcqRel) && ep.polled_since(&mut seen) {
+        if !bulk && !ep.reader_needed.swap(false, Ordering::AcqRel) && ep.polled_since(&mut seen)
+        {
             let g = ep.reader_idle.lock().expect("reader");
             // Checked under the lock `wake_reader` takes: a poller that
             // leaves us a frame after this check finds us waiting.
@@ -1433,7 +1454,12 @@ fn reader_loop(ep: &EpInner) -> std::result::Result<(), String> {
             continue;
         }
         let buffered = !ep.rx.lock().expect("rx").buffered().is_empty();
-        if !buffered && !mem::wait_readable(&ep.stream, Duration::from_millis(50)) {
+        let patience = if bulk {
+            POLLER_GRACE
+        } else {
+            Duration::from_millis(50)
+        };
+        if !buffered && !mem::wait_readable(&ep.stream, patience) {
             continue;
         }
         let mut rx = ep.rx.lock().expect("rx");
@@ -1446,11 +1472,28 @@ fn reader_loop(ep: &EpInner) -> std::result::Result<(), String> {
                     Err(e) => return Err(e.to_string()),
                 }
             }
+            if large_frame_next(rx.buffered()) {
+                last_large = Some(Instant::now());
+                ep.reader_bulk.store(true, Ordering::Release);
+            }
             if !handle_frame(ep, &mut *rx)? {
                 return Ok(());
             }
         }
     }
+}
+
+/// Whether `buffered` starts with the header of a frame whose payload is
+/// more than a poller takes.
+fn large_frame_next(buffered: &[u8]) -> bool {
+    let Some(hb) = buffered.get(..HEADER_LEN) else {
+        return false;
+    };
+    let hb: &[u8; HEADER_LEN] = hb.try_into().expect("a header's bytes");
+    Header::decode(hb).is_ok_and(|h| {
+        matches!(h.kind, Kind::Write | Kind::Send | Kind::ReadResp)
+            && h.payload_len as usize > POLLED_FRAME
+    })
 }
 
 /// Reads and handles one frame; `Ok(false)` when the connection is done
