@@ -136,7 +136,11 @@ fn attach_rejects_garbage_and_wrong_capacity() {
             expected: ferry_shm::ring::RING_LAYOUT_VERSION
         }
     );
-    assert!(e.to_string().contains("layout version 1, this build speaks 2"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("layout version 1, this build speaks 2"),
+        "{e}"
+    );
     version.store(ferry_shm::ring::RING_LAYOUT_VERSION, Ordering::Release);
     assert!(attach_ring(&region, 0, len, 16).is_err());
     assert!(attach_ring(&region, 0, len, 3).is_err());
