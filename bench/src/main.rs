@@ -394,19 +394,33 @@ fn me() -> PathBuf {
     std::env::current_exe().expect("current exe")
 }
 
-/// Runs one producer process and one consumer process through ferryd and
-/// returns the consumer's report.
-#[allow(clippy::too_many_arguments)]
-fn ferry_run(
-    d: &Daemon,
-    stream: &str,
+/// One Ferry run: a stream of one partition, a producer process and a
+/// consumer process.
+struct Run<'a> {
+    stream: &'a str,
+    /// Bytes per batch (and slot).
     batch: u64,
     millis: u64,
     slots: u32,
+    /// The consumer's spin budget and prefetch.
     spin_us: u32,
     prefetch: u32,
+    /// Microseconds the producer sleeps between publishes.
     pace_us: u64,
-) -> Res<serde_json::Value> {
+}
+
+/// Runs one producer process and one consumer process through ferryd and
+/// returns the consumer's report.
+fn ferry_run(d: &Daemon, run: &Run<'_>) -> Res<serde_json::Value> {
+    let Run {
+        stream,
+        batch,
+        millis,
+        slots,
+        spin_us,
+        prefetch,
+        pace_us,
+    } = *run;
     let client = Client::connect(Some(&d.socket))?;
     // Create the stream first so the consumer can join before data flows.
     let _p = client.producer(
@@ -611,10 +625,25 @@ fn uds_path(tag: &str) -> PathBuf {
 }
 
 /// A latency result: p50 and p99 in microseconds, and what it cost.
+#[derive(Clone, Copy)]
 struct Latency {
     p50: f64,
     p99: f64,
     cost: Cost,
+}
+
+/// Emits `case`'s p50 and p99 against `baseline`'s (names get `_p50` and
+/// `_p99`).
+fn emit_latency(case: &str, lat: &Latency, baseline: &str, base: &Latency) {
+    for (pct, value, b) in [("p50", lat.p50, base.p50), ("p99", lat.p99, base.p99)] {
+        emit(
+            &format!("{case}_{pct}"),
+            "us",
+            (value, lat.cost),
+            &format!("{baseline}_{pct}"),
+            (b, base.cost),
+        );
+    }
 }
 
 /// Baseline: one-way latency of a `size`-byte ping-pong over a Unix socket
@@ -759,25 +788,18 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// Runs one Ferry case with a ferryd of its own (spin budget `daemon_spin`,
 /// more `[daemon]` settings in `extra`), stopped before the case's cost is
 /// read: returns the reader's report and the cost of every process.
-#[allow(clippy::too_many_arguments)]
 fn ferry_case(
     ferryd: &Path,
     daemon_spin: u64,
     extra: &str,
-    stream: &str,
-    batch: u64,
-    millis: u64,
-    slots: u32,
-    spin_us: u32,
-    prefetch: u32,
-    pace_us: u64,
+    run: &Run<'_>,
 ) -> Res<(serde_json::Value, Cost)> {
     let cpu0 = cpu::used_s();
     let d = start_daemon(ferryd, daemon_spin, extra)?;
-    let r = ferry_run(&d, stream, batch, millis, slots, spin_us, prefetch, pace_us)?;
+    let r = ferry_run(&d, run)?;
     drop(d);
     let count = r["count"].as_f64().unwrap_or(0.0);
-    Ok((r, Cost::since(cpu0, count, batch as f64)))
+    Ok((r, Cost::since(cpu0, count, run.batch as f64)))
 }
 
 /// ferryd's spin budget while it busy-polls for a whole case.
@@ -834,37 +856,22 @@ fn bench_handoff(ferryd: &Path, ms: u64, desc: usize, default_spin: u64) -> Res<
             0,
         ),
     ] {
-        let (r, cost) = ferry_case(
-            &ferryd,
-            daemon_spin,
-            extra,
-            case,
-            desc as u64,
-            ms,
-            2,
-            spin,
-            1,
-            pace,
-        )?;
+        let run = Run {
+            stream: case,
+            batch: desc as u64,
+            millis: ms,
+            slots: 2,
+            spin_us: spin,
+            prefetch: 1,
+            pace_us: pace,
+        };
+        let (r, cost) = ferry_case(&ferryd, daemon_spin, extra, &run)?;
         let lat = Latency {
             p50: us(&r, "p50_ns"),
             p99: us(&r, "p99_ns"),
             cost,
         };
-        emit(
-            &format!("{case}_p50"),
-            "us",
-            (lat.p50, cost),
-            "uds_pingpong_oneway_p50",
-            (uds.p50, uds.cost),
-        );
-        emit(
-            &format!("{case}_p99"),
-            "us",
-            (lat.p99, cost),
-            "uds_pingpong_oneway_p99",
-            (uds.p99, uds.cost),
-        );
+        emit_latency(case, &lat, "uds_pingpong_oneway", &uds);
         if let (Some(x), 0) = (&uds_cross, spin) {
             emit(
                 &format!("{case}_p50"),
@@ -891,15 +898,7 @@ fn bench_handoff(ferryd: &Path, ms: u64, desc: usize, default_spin: u64) -> Res<
         p99: us(&r, "p99_ns"),
         cost: Cost::since(cpu0, r["count"].as_f64().unwrap_or(0.0), desc as f64),
     };
-    for (pct, value, base) in [("p50", lat.p50, uds.p50), ("p99", lat.p99, uds.p99)] {
-        emit(
-            &format!("handoff_busy_poll_2proc_{pct}"),
-            "us",
-            (value, lat.cost),
-            &format!("uds_pingpong_oneway_{pct}"),
-            (base, uds.cost),
-        );
-    }
+    emit_latency("handoff_busy_poll_2proc", &lat, "uds_pingpong_oneway", &uds);
     busy_poll.push(("handoff_busy_poll_2proc", lat));
 
     #[cfg(feature = "iceoryx2")]
@@ -914,15 +913,7 @@ fn bench_handoff(ferryd: &Path, ms: u64, desc: usize, default_spin: u64) -> Res<
             cost: Cost::since(cpu0, r["count"].as_f64().unwrap_or(0.0), desc as f64),
         };
         for (case, lat) in &busy_poll {
-            for (pct, value, base) in [("p50", lat.p50, ix.p50), ("p99", lat.p99, ix.p99)] {
-                emit(
-                    &format!("{case}_{pct}"),
-                    "us",
-                    (value, lat.cost),
-                    &format!("iceoryx2_pubsub_busy_poll_{pct}"),
-                    (base, ix.cost),
-                );
-            }
+            emit_latency(case, lat, "iceoryx2_pubsub_busy_poll", &ix);
         }
     }
     #[cfg(not(feature = "iceoryx2"))]
@@ -950,18 +941,16 @@ fn bench_throughput(ferryd: &Path, ms: u64, default_spin: u64) -> Res<()> {
         let stream = format!("tput-{name}");
         let mut by_policy = Vec::new();
         for extra in ["", "replay_window = 0"] {
-            let (r, cost) = ferry_case(
-                &ferryd,
-                default_spin,
-                extra,
-                &stream,
+            let run = Run {
+                stream: &stream,
                 batch,
-                ms,
+                millis: ms,
                 slots,
-                spin,
-                8,
-                0,
-            )?;
+                spin_us: spin,
+                prefetch: 8,
+                pace_us: 0,
+            };
+            let (r, cost) = ferry_case(&ferryd, default_spin, extra, &run)?;
             by_policy.push((rate(&r) / gib, cost));
         }
         let (ferry, window_0) = (by_policy[0], by_policy[1]);
