@@ -343,3 +343,27 @@ fn the_queue_fd_is_readable_exactly_while_completions_wait() {
     assert_eq!(b.recv_cq.poll(&mut out, 8), 1);
     assert!(!readable(0), "drained with the queue");
 }
+
+#[test]
+fn a_refused_write_is_refused_also_while_the_responder_polls() {
+    // The responder's queue is being polled, so its frames are handled in
+    // the polling thread; a write outside the region must still be refused
+    // (left to the reader thread, which discards it and answers a Nak).
+    let (a, b) = pair(&ferry_verbs::soft::SoftProvider::default(), 4096);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (cq, st) = (b.recv_cq.clone(), stop.clone());
+    let poller = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            cq.poll(&mut out, 8);
+        }
+        out
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    unsafe { write(&a, 1, 0, 64, b.mr.addr() + 4090, b.mr.rkey(), None, true).unwrap() };
+    let c = next(&*a.send_cq);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((c.wr_id, c.status), (1, WcStatus::RemoteAccess));
+    assert!(poller.join().unwrap().is_empty(), "no receive completed");
+    assert!(b.buf.iter().all(|&x| x == 0), "nothing landed");
+}
