@@ -87,7 +87,24 @@ pub fn choose(want: &Want, nic: Option<Nic<'_>>) -> Result<Placement, String> {
             ..Placement::default()
         });
     }
-    let topo = Topology::new().map_err(|e| format!("reading the CPU topology (hwloc): {e}"))?;
+    if *want == Want::Auto && nic.is_none() {
+        return Ok(Placement {
+            reason: "not pinned: the soft fabric has no NIC to be near (set daemon.data_plane_cpus to pin)".into(),
+            ..Placement::default()
+        });
+    }
+    let topo = match Topology::new() {
+        Ok(t) => t,
+        // "auto" is a preference: without a topology the thread runs
+        // unpinned; an explicit list cannot be honoured.
+        Err(e) if *want == Want::Auto => {
+            return Ok(Placement {
+                reason: format!("not pinned: reading the CPU topology (hwloc) failed: {e}"),
+                ..Placement::default()
+            })
+        }
+        Err(e) => return Err(format!("reading the CPU topology (hwloc): {e}")),
+    };
     let allowed = topo.allowed_cpuset();
     let node_of = |cpus: &[u32]| -> Option<u32> {
         topo.objects_with_type(ObjectType::NUMANode)
@@ -114,10 +131,7 @@ pub fn choose(want: &Want, nic: Option<Nic<'_>>) -> Result<Placement, String> {
         }
         Want::Auto => {
             let Some(nic) = nic else {
-                return Ok(Placement {
-                    reason: "not pinned: the soft fabric has no NIC to be near (set daemon.data_plane_cpus to pin)".into(),
-                    ..Placement::default()
-                });
+                unreachable!("handled above")
             };
             let Some(node) = nic.numa_node else {
                 return Ok(Placement {
