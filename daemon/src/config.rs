@@ -158,7 +158,7 @@ pub struct DaemonConfig {
     /// after its last work instead of sleeping after `spin_us`: a publish
     /// then costs the sleeping consumer one wake-up (its own), not ferryd's
     /// and then its own. The price is a polling core while trainers wait
-    /// (0: sleep after `spin_us` as always).
+    /// (0, or anything below `spin_us`: sleep after `spin_us` as always).
     pub spin_while_waited_us: u64,
     /// Where the data-plane thread runs: "auto" (a core on the NUMA node
     /// of the RDMA NIC; unpinned with the soft fabric), "none", or a CPU

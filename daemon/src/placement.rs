@@ -34,7 +34,7 @@ pub fn parse(s: &str) -> Result<Want, String> {
         _ => {}
     }
     let bad = || {
-        format!("data_plane_cpus {s:?}: expected \"auto\", \"none\" or a CPU list such as \"3\" or \"2-3,6\"")
+        format!("data_plane_cpus {s:?}: expected \"auto\", \"none\" or a CPU list such as \"3\" or \"2-3,6\" (ranges low to high)")
     };
     let mut cpus = Vec::new();
     for part in t.split(',') {

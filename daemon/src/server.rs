@@ -837,12 +837,6 @@ impl Server {
 
     /// Runs until SIGTERM/SIGINT, then drains and returns.
     pub fn run(mut self) -> anyhow::Result<()> {
-        info!(
-            socket = %self.socket_path.display(),
-            admin = %self.admin_path.display(),
-            streams = self.streams.len(),
-            "ferryd ready"
-        );
         if let Err(e) = crate::placement::apply(&self.placement) {
             if crate::placement::parse(&self.cfg.daemon.data_plane_cpus)
                 .is_ok_and(|w| w != crate::placement::Want::Auto)
@@ -856,9 +850,19 @@ impl Server {
             };
         }
         info!(
-            cpus = %crate::placement::list(&self.placement.cpus),
+            cpus = %if self.placement.cpus.is_empty() {
+                "any".to_string()
+            } else {
+                crate::placement::list(&self.placement.cpus)
+            },
             reason = %self.placement.reason,
             "data-plane thread placement"
+        );
+        info!(
+            socket = %self.socket_path.display(),
+            admin = %self.admin_path.display(),
+            streams = self.streams.len(),
+            "ferryd ready"
         );
         notify_systemd("READY=1");
         let spin = Duration::from_micros(self.cfg.daemon.spin_us);

@@ -190,7 +190,7 @@ pub enum SeekError {
     StartOffsets { given: u32, parts: u32 },
     #[error("offset {offset} is past the end {end} of partition {part}")]
     PastEnd { part: u32, offset: u64, end: u64 },
-    #[error("offset {offset} of partition {part} is no longer retained ({})", match earliest { Some(e) => format!("the earliest retained is {e}"), None => "nothing is retained".to_string() })]
+    #[error("offset {offset} of partition {part} is no longer retained ({}; daemon.replay_window sets how many released batches stay readable)", match earliest { Some(e) => format!("the earliest retained is {e}"), None => "nothing is retained".to_string() })]
     Gone {
         part: u32,
         offset: u64,

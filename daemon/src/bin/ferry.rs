@@ -154,7 +154,8 @@ fn print_status(st: &Status) {
             .numa_node
             .map_or_else(String::new, |n| format!(", NUMA node {n}"));
         println!(
-            "data plane: CPU {}{node} ({})",
+            "data plane: {} {}{node} ({})",
+            if p.cpus.len() == 1 { "CPU" } else { "CPUs" },
             ferry_daemon::placement::list(&p.cpus),
             p.reason
         );

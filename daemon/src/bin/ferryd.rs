@@ -107,18 +107,22 @@ fn run() -> anyhow::Result<()> {
         if pl.cpus.is_empty() {
             println!("data plane: {}", pl.reason);
         } else {
+            let node = pl
+                .numa_node
+                .map_or_else(String::new, |n| format!(", NUMA node {n}"));
             println!(
-                "data plane: CPU {} ({})",
+                "data plane: {} {}{node} ({})",
+                if pl.cpus.len() == 1 { "CPU" } else { "CPUs" },
                 ferry_daemon::placement::list(&pl.cpus),
                 pl.reason
             );
         }
+        // While a consumer waits the loop polls the longer of the two.
         println!(
             "waiting: the loop polls {} us after its last work, {} us while a consumer waits; replay window {}",
             d.spin_us,
-            d.spin_while_waited_us,
-            d.replay_window
-                .map_or("every free slot".to_string(), |w| format!("{w} batches per stream"))
+            d.spin_us.max(d.spin_while_waited_us),
+            replay_window_text(d.replay_window)
         );
         println!(
             "allowed: uids {:?}, gids {:?}{}",
@@ -153,11 +157,12 @@ fn run() -> anyhow::Result<()> {
         );
         for s in &cfg.streams {
             println!(
-                "stream {}: {} partitions, {} slots of {} bytes; producers {}, consumers {}",
+                "stream {}: {} partitions, {} slots of {} bytes, replay window {}; producers {}, consumers {}",
                 s.name,
                 s.partitions,
                 s.slot_count,
                 s.slot_size,
+                replay_window_text(s.replay_window.or(d.replay_window)),
                 s.producers
                     .as_ref()
                     .map_or("any allowed user".to_string(), |u| format!(
@@ -181,6 +186,14 @@ fn run() -> anyhow::Result<()> {
     Server::bind(cfg)
         .with_context(|| format!("configuration {source}"))?
         .run()
+}
+
+/// How `ferryd --check` shows a replay window.
+fn replay_window_text(w: Option<u32>) -> String {
+    w.map_or(
+        "every free slot (slots granted to producers or held by groups do not count)".to_string(),
+        |w| format!("{w} released batches per stream"),
+    )
 }
 
 /// The log filter: RUST_LOG when set, which must then be valid too
