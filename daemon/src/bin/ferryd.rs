@@ -119,7 +119,7 @@ fn run() -> anyhow::Result<()> {
         }
         // While a consumer waits the loop polls the longer of the two.
         println!(
-            "waiting: the loop polls {} us after its last work, {} us while a consumer waits; replay window {}",
+            "waiting: the loop polls {} us after its last work, {} us while a consumer waits; replay window {} per stream",
             d.spin_us,
             d.spin_us.max(d.spin_while_waited_us),
             replay_window_text(d.replay_window)
@@ -192,7 +192,7 @@ fn run() -> anyhow::Result<()> {
 fn replay_window_text(w: Option<u32>) -> String {
     w.map_or(
         "every free slot (slots granted to producers or held by groups do not count)".to_string(),
-        |w| format!("{w} released batches per stream"),
+        |w| format!("{w} released batches"),
     )
 }
 
