@@ -68,6 +68,21 @@ pub struct Placement {
     pub reason: String,
 }
 
+impl std::fmt::Display for Placement {
+    /// "CPU 3, NUMA node 0 (why)", or the reason it is not pinned.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.cpus.is_empty() {
+            return f.write_str(&self.reason);
+        }
+        let word = if self.cpus.len() == 1 { "CPU" } else { "CPUs" };
+        write!(f, "{word} {}", list(&self.cpus))?;
+        if let Some(n) = self.numa_node {
+            write!(f, ", NUMA node {n}")?;
+        }
+        write!(f, " ({})", self.reason)
+    }
+}
+
 /// The NIC to be near: its name and NUMA node as the fabric reported them.
 pub struct Nic<'a> {
     pub name: &'a str,
@@ -192,8 +207,24 @@ pub fn for_fabric(want: &Want, sel: &ferry_verbs::select::Selection) -> Result<P
     choose(want, nic.map(|(name, numa_node)| Nic { name, numa_node }))
 }
 
+/// Pins the calling thread as `p` says. `want` is what was asked: with
+/// "auto" a failure leaves the thread unpinned (and `p` says why), an
+/// explicit list that cannot be honoured is an error.
+pub fn pin_thread(p: &mut Placement, want: &Want) -> Result<(), String> {
+    match apply(p) {
+        Err(e) if *want == Want::Auto => {
+            *p = Placement {
+                reason: format!("not pinned: {e}"),
+                ..Placement::default()
+            };
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// Pins the calling thread as `p` says (nothing when not pinned).
-pub fn apply(p: &Placement) -> Result<(), String> {
+fn apply(p: &Placement) -> Result<(), String> {
     if p.cpus.is_empty() {
         return Ok(());
     }

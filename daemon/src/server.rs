@@ -421,7 +421,6 @@ impl Server {
             ferry_verbs::select::Choice::Soft => format!("soft ({})", sel.reason),
         };
         info!(fabric = %fabric, "fabric chosen");
-
         let gpus = ferry_cuda::probe();
         match &gpus {
             Ok(p) => {
@@ -837,27 +836,10 @@ impl Server {
 
     /// Runs until SIGTERM/SIGINT, then drains and returns.
     pub fn run(mut self) -> anyhow::Result<()> {
-        if let Err(e) = crate::placement::apply(&self.placement) {
-            if crate::placement::parse(&self.cfg.daemon.data_plane_cpus)
-                .is_ok_and(|w| w != crate::placement::Want::Auto)
-            {
-                anyhow::bail!(e);
-            }
-            warn!("{e}; the data-plane thread runs unpinned");
-            self.placement = crate::placement::Placement {
-                reason: format!("not pinned: {e}"),
-                ..Default::default()
-            };
-        }
-        info!(
-            cpus = %if self.placement.cpus.is_empty() {
-                "any".to_string()
-            } else {
-                crate::placement::list(&self.placement.cpus)
-            },
-            reason = %self.placement.reason,
-            "data-plane thread placement"
-        );
+        let want = crate::placement::parse(&self.cfg.daemon.data_plane_cpus)
+            .map_err(|m| anyhow::anyhow!("daemon.{m}"))?;
+        crate::placement::pin_thread(&mut self.placement, &want).map_err(|e| anyhow::anyhow!(e))?;
+        info!(placement = %self.placement, "data-plane thread placed");
         info!(
             socket = %self.socket_path.display(),
             admin = %self.admin_path.display(),

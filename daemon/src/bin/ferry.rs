@@ -146,20 +146,7 @@ fn print_status(st: &Status) {
         if st.draining { ", DRAINING" } else { "" }
     );
     println!("fabric: {}", st.fabric);
-    let p = &st.placement;
-    if p.cpus.is_empty() {
-        println!("data plane: {}", p.reason);
-    } else {
-        let node = p
-            .numa_node
-            .map_or_else(String::new, |n| format!(", NUMA node {n}"));
-        println!(
-            "data plane: {} {}{node} ({})",
-            if p.cpus.len() == 1 { "CPU" } else { "CPUs" },
-            ferry_daemon::placement::list(&p.cpus),
-            p.reason
-        );
-    }
+    println!("data plane: {}", st.placement);
     if st.gpus.is_empty() {
         println!("gpus: none ({})", st.gpu_note);
     }

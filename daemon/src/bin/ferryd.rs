@@ -103,20 +103,7 @@ fn run() -> anyhow::Result<()> {
         );
         println!("admin socket: {}", cfg.admin_socket_path().display());
         println!("fabric: {:?} ({})", sel.choice, sel.reason);
-        let pl = &pre.placement;
-        if pl.cpus.is_empty() {
-            println!("data plane: {}", pl.reason);
-        } else {
-            let node = pl
-                .numa_node
-                .map_or_else(String::new, |n| format!(", NUMA node {n}"));
-            println!(
-                "data plane: {} {}{node} ({})",
-                if pl.cpus.len() == 1 { "CPU" } else { "CPUs" },
-                ferry_daemon::placement::list(&pl.cpus),
-                pl.reason
-            );
-        }
+        println!("data plane: {}", pre.placement);
         // While a consumer waits the loop polls the longer of the two.
         println!(
             "waiting: the loop polls {} us after its last work, {} us while a consumer waits; replay window {} per stream",
