@@ -399,10 +399,13 @@ impl SoftCq {
 impl CompletionQueue for SoftCq {
     fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
         self.polls.fetch_add(1, Ordering::Relaxed);
-        if self.q.lock().expect("cq").items.is_empty() {
-            self.progress();
-        }
         let mut q = self.q.lock().expect("cq");
+        if q.items.is_empty() {
+            // Progress pushes completions here: not under our lock.
+            drop(q);
+            self.progress();
+            q = self.q.lock().expect("cq");
+        }
         let n = q.items.len().min(max);
         out.extend(q.items.drain(..n));
         if q.items.is_empty() && q.signalled {
@@ -678,7 +681,7 @@ struct EpInner {
     rx: Mutex<Rx>,
     /// Wakes the reader thread from its wait while pollers are active.
     reader_wake: Condvar,
-    reader_idle: Mutex<bool>,
+    reader_idle: Mutex<()>,
     /// A poller met a frame it leaves to the reader thread.
     reader_needed: AtomicBool,
     stream: TcpStream,
@@ -810,7 +813,7 @@ impl SoftEndpoint {
                 write: None,
             }),
             reader_wake: Condvar::new(),
-            reader_idle: Mutex::new(false),
+            reader_idle: Mutex::new(()),
             reader_needed: AtomicBool::new(false),
             stream: stream.try_clone()?,
         });
