@@ -117,6 +117,21 @@ impl Default for EndpointConfig {
     }
 }
 
+/// Most scatter-gather entries one work request may carry, on every
+/// backend (the ibv queue pairs are created with this many).
+pub const MAX_SGE: usize = 8;
+
+/// `InvalidArgument` for a work request with more than [`MAX_SGE`] entries.
+pub fn check_sge_count(sges: &[Sge]) -> Result<()> {
+    if sges.len() > MAX_SGE {
+        return Err(VerbsError::InvalidArgument(format!(
+            "{} scatter-gather entries, at most {MAX_SGE}",
+            sges.len()
+        )));
+    }
+    Ok(())
+}
+
 /// One scatter-gather element: `len` bytes at `addr` in the region `lkey`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sge {

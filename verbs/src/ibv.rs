@@ -693,17 +693,9 @@ unsafe impl Send for IbvEndpoint {}
 // SAFETY: as for Send.
 unsafe impl Sync for IbvEndpoint {}
 
-/// Most sges one work request may carry (the queue pair's max_*_sge).
-const MAX_SGE: usize = 8;
-
 /// The sges on the stack, in verbs' layout.
 fn sge_array(sges: &[Sge]) -> Result<([ibv_sge; MAX_SGE], usize)> {
-    if sges.len() > MAX_SGE {
-        return Err(VerbsError::InvalidArgument(format!(
-            "{} scatter-gather entries, at most {MAX_SGE}",
-            sges.len()
-        )));
-    }
+    check_sge_count(sges)?;
     let mut out = [ibv_sge {
         addr: 0,
         length: 0,

@@ -58,8 +58,6 @@ use crate::mem;
 
 const HELLO_MAGIC: u32 = 0x5346_4552; // "REFS"
 const SOFT_MTU: u32 = 65536;
-/// Most scatter-gather entries in one work request (as the ibv backend).
-pub const MAX_SGE: usize = 8;
 /// Unsignalled sends and writes ask for an Ack once in this many.
 const ACK_EVERY: u64 = 16;
 /// Most bytes posted inline (`EndpointConfig::max_inline` is capped here).
@@ -74,12 +72,7 @@ struct SgeList {
 
 impl SgeList {
     fn new(sges: &[Sge]) -> Result<SgeList> {
-        if sges.len() > MAX_SGE {
-            return Err(VerbsError::InvalidArgument(format!(
-                "{} scatter-gather entries, at most {MAX_SGE}",
-                sges.len()
-            )));
-        }
+        check_sge_count(sges)?;
         let mut v = [Sge {
             addr: 0,
             len: 0,
