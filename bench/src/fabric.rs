@@ -481,30 +481,28 @@ fn bench_soft(ms: u64) -> Res<()> {
         let per = |bps: f64| (bps, bps * secs, bps * secs / size as f64);
         let (soft, soft_cost) = costed(|| bandwidth(&p, "soft0", size, ms).map(per))?;
         let (tcp, tcp_cost) = costed(|| tcp_bandwidth(size, ms).map(per))?;
-        crate::emit_cost(
+        crate::emit_line(
             "fabric",
             &format!("soft_write_imm_bw_{name}"),
             "GiB/s",
             soft / gib,
             "tcp_copy_loop",
             tcp / gib,
-            soft_cost,
-            tcp_cost,
+            Some((soft_cost, tcp_cost)),
         );
     }
     let with_ops = |r: (u64, u64, usize)| ((r.0, r.1), 16.0 * r.2 as f64, 2.0 * r.2 as f64);
     let ((s50, s99), soft_cost) = costed(|| rtt(&p, "soft0", ms).map(with_ops))?;
     let ((t50, t99), tcp_cost) = costed(|| tcp_rtt(ms).map(with_ops))?;
     for (pct, s, t) in [("p50", s50, t50), ("p99", s99, t99)] {
-        crate::emit_cost(
+        crate::emit_line(
             "fabric",
             &format!("soft_rtt_8B_{pct}"),
             "us",
             s as f64 / 1000.0,
             &format!("tcp_pingpong_rtt_{pct}"),
             t as f64 / 1000.0,
-            soft_cost,
-            tcp_cost,
+            Some((soft_cost, tcp_cost)),
         );
     }
     Ok(())

@@ -238,15 +238,14 @@ fn emit(
     baseline: &str,
     (baseline_value, baseline_cost): (f64, Cost),
 ) {
-    emit_cost(
+    emit_line(
         "shm",
         case,
         unit,
         value,
         baseline,
         baseline_value,
-        cost,
-        baseline_cost,
+        Some((cost, baseline_cost)),
     );
 }
 
@@ -262,31 +261,10 @@ pub(crate) fn emit_for(
     emit_line(bench, case, unit, value, baseline, baseline_value, None);
 }
 
-/// Prints one result line with the CPU time both sides spent (all their
-/// processes): seconds per GiB moved and microseconds per batch.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn emit_cost(
-    bench: &str,
-    case: &str,
-    unit: &str,
-    value: f64,
-    baseline: &str,
-    baseline_value: f64,
-    cost: Cost,
-    baseline_cost: Cost,
-) {
-    emit_line(
-        bench,
-        case,
-        unit,
-        value,
-        baseline,
-        baseline_value,
-        Some((cost, baseline_cost)),
-    );
-}
-
-fn emit_line(
+/// Prints one result line; with `costs`, also the CPU time both sides
+/// spent (all their processes): seconds per GiB moved and microseconds
+/// per batch.
+pub(crate) fn emit_line(
     bench: &str,
     case: &str,
     unit: &str,
