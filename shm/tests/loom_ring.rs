@@ -79,6 +79,17 @@ fn item(n: u64) -> Desc {
     }
 }
 
+/// Pushes `item(n)`, yielding while the ring is full.
+fn push_when_room(p: &mut RingProducer, n: u64) {
+    loop {
+        match p.push(&item(n)) {
+            Ok(()) => return,
+            Err(ferry_shm::RingError::Full) => thread::yield_now(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     if b.preemption_bound.is_none() {
@@ -130,13 +141,7 @@ fn wraparound_hands_over_whole_descriptors_in_order() {
         let (mut p, mut c) = new_ring(2);
         let producer = thread::spawn(move || {
             for n in 0..3 {
-                loop {
-                    match p.push(&item(n)) {
-                        Ok(()) => break,
-                        Err(ferry_shm::RingError::Full) => thread::yield_now(),
-                        Err(e) => panic!("{e}"),
-                    }
-                }
+                push_when_room(&mut p, n);
             }
         });
         let mut got = Vec::new();
@@ -162,13 +167,7 @@ fn batched_head_never_stalls_a_full_producer() {
         let producer = thread::spawn(move || {
             // Fill it without the consumer, then one more.
             for n in 0..33 {
-                loop {
-                    match p.push(&item(n)) {
-                        Ok(()) => break,
-                        Err(ferry_shm::RingError::Full) => thread::yield_now(),
-                        Err(e) => panic!("{e}"),
-                    }
-                }
+                push_when_room(&mut p, n);
             }
         });
         let mut n = 0;
