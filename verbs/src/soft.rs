@@ -926,18 +926,17 @@ impl EpInner {
         } = rx;
         let w = write.as_mut().expect("a write in progress");
         let len = w.h.payload_len as usize;
-        let addr = w.h.remote_addr + w.done as u64;
+        let first = w.done;
         // SAFETY: the range lies inside a region pinned (and checked for
         // remote write) when the header arrived; the pin keeps it
         // registered, and the verbs contract gives this write the range.
-        let dest = unsafe { mem::slice_mut(addr, len - w.done) };
+        let dest = unsafe { mem::slice_mut(w.h.remote_addr + first as u64, len - first) };
         let from_buf = dest.len().min(*end - *start);
         dest[..from_buf].copy_from_slice(&buf[*start..*start + from_buf]);
         *start += from_buf;
         w.done += from_buf;
         while w.done < len {
-            let dest = &mut dest[w.done - (addr - w.h.remote_addr) as usize..];
-            match mem::recv_nonblocking(s, dest, false) {
+            match mem::recv_nonblocking(s, &mut dest[w.done - first..], false) {
                 Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => w.done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
