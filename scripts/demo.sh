@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 FERRY_SETUP_PYTHON=0 source scripts/setup.sh
-cargo build --release --quiet -p ferry-daemon -p ferry-client
+cargo build --release --quiet -p ferry-daemon -p ferry-cli -p ferry-client
 for prog in producer consumer; do
     gcc -std=c11 -O2 -Wall -Wextra -I client-c/include "client-c/examples/$prog.c" \
         -L target/release -lferry -lz -Wl,-rpath,"$ROOT/target/release" -o "target/release/demo-$prog"

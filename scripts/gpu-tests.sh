@@ -22,7 +22,7 @@ CARRY=target/gpu-carry
 case "${1:-}" in
 build)
     source scripts/setup.sh
-    cargo build --release --quiet -p ferry-daemon -p ferry-client -p ferry-bench -p ferry-tests
+    cargo build --release --quiet -p ferry-daemon -p ferry-cli -p ferry-client -p ferry-bench -p ferry-tests
     rm -rf "$CARRY"
     mkdir -p "$CARRY"
     cp "$(scripts/test-binary.sh ferry-cuda gpu --release)" "$CARRY/cuda-gpu-tests"

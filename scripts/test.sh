@@ -104,7 +104,7 @@ for mutant in seq_relaxed head_early wake_load check_first; do
 done
 
 step "benchmark smoke run (checks it runs, not speed)"
-cargo build --release --quiet -p ferry-bench -p ferry-daemon -p ferry-client
+cargo build --release --quiet -p ferry-bench -p ferry-daemon -p ferry-cli -p ferry-client
 target/release/ferry-bench shm --smoke > "$WORK/bench.jsonl"
 target/release/ferry-bench fabric --smoke >> "$WORK/bench.jsonl"
 # On the fake CUDA driver: proves the GPU benchmark runs, measures nothing.

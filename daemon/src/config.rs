@@ -244,12 +244,7 @@ impl Default for Config {
     }
 }
 
-pub use ferry_shm::proto::default_socket_path;
-
-/// The admin socket that belongs to session socket `socket`.
-pub fn admin_path_for(socket: &Path) -> PathBuf {
-    socket.with_file_name("ferryd-admin.sock")
-}
+pub use ferry_admin::{admin_path_for, default_socket_path};
 
 /// Checks a stream's numbers against the limits; the error says which one.
 pub fn check_stream_spec(name: &str, spec: &StreamSpec, max_pool_bytes: u64) -> Result<(), String> {

@@ -15,7 +15,6 @@ use hwlocality::cpu::binding::CpuBindingFlags;
 use hwlocality::cpu::cpuset::CpuSet;
 use hwlocality::object::types::ObjectType;
 use hwlocality::topology::Topology;
-use serde::{Deserialize, Serialize};
 
 /// What `daemon.data_plane_cpus` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,31 +56,7 @@ pub fn parse(s: &str) -> Result<Want, String> {
     Ok(Want::Cpus(cpus))
 }
 
-/// Where the data-plane thread runs, for `ferry status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Placement {
-    /// The CPUs it may run on; empty when not pinned.
-    pub cpus: Vec<u32>,
-    /// The NUMA node of those CPUs, when they lie on one.
-    pub numa_node: Option<u32>,
-    /// Why: what was asked for, and what it was near.
-    pub reason: String,
-}
-
-impl std::fmt::Display for Placement {
-    /// "CPU 3, NUMA node 0 (why)", or the reason it is not pinned.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.cpus.is_empty() {
-            return f.write_str(&self.reason);
-        }
-        let word = if self.cpus.len() == 1 { "CPU" } else { "CPUs" };
-        write!(f, "{word} {}", list(&self.cpus))?;
-        if let Some(n) = self.numa_node {
-            write!(f, ", NUMA node {n}")?;
-        }
-        write!(f, " ({})", self.reason)
-    }
-}
+pub use ferry_admin::{cpu_list as list, Placement};
 
 /// The NIC to be near: its name and NUMA node as the fabric reported them.
 pub struct Nic<'a> {
@@ -239,25 +214,6 @@ fn apply(p: &Placement) -> Result<(), String> {
             list(&p.cpus)
         )
     })
-}
-
-/// `[0, 1, 2, 5]` as "0-2,5".
-pub fn list(cpus: &[u32]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let mut j = i;
-        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
-            j += 1;
-        }
-        out.push(if i == j {
-            cpus[i].to_string()
-        } else {
-            format!("{}-{}", cpus[i], cpus[j])
-        });
-        i = j + 1;
-    }
-    out.join(",")
 }
 
 /// The CPUs this process may use (for tests and messages).

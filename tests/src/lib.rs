@@ -96,8 +96,10 @@ impl Daemon {
         std::fs::read_to_string(self.dir.join("ferryd.log")).unwrap_or_default()
     }
 
-    pub fn status(&self) -> ferry_daemon::server::Status {
-        ferry_daemon::server::query_status(&self.admin).expect("status")
+    pub fn status(&self) -> ferry_admin::Status {
+        ferry_admin::Client::new(&self.admin)
+            .status(None)
+            .expect("status")
     }
 
     pub fn pid(&self) -> i32 {

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ferry::{ConsumerOptions, Status, StreamSpec};
-use ferry_daemon::server::admin_command;
+use ferry_admin::{AdminError, Client as Admin};
 use ferry_shm::desc::{self, Desc};
 use ferry_shm::layout::PoolLayout;
 use ferry_shm::proto::{self, ErrorCode, GroupStart, Request, Response};
@@ -327,8 +327,15 @@ fn ferryd_refuses(cfg: &Path) -> Ran {
 // ---------------------------------------------------------------------------
 // Status fields read from the JSON document, so that they are found by name.
 
+/// The status as its JSON document.
+fn status_json(admin: &std::path::Path) -> Result<serde_json::Value, AdminError> {
+    Admin::new(admin)
+        .status(None)
+        .map(|st| serde_json::to_value(st).expect("status serialises"))
+}
+
 fn status_json_u64(d: &Daemon, pointer: &str) -> u64 {
-    let v = admin_command(&d.admin, "status").expect("status");
+    let v = status_json(&d.admin).expect("status");
     v.pointer(pointer)
         .and_then(|x| x.as_u64())
         .unwrap_or_else(|| panic!("status has no number at {pointer}: {v}"))
@@ -340,7 +347,7 @@ fn stream_names(d: &Daemon) -> Vec<String> {
 
 /// A number field of stream `name` in the status document.
 fn stream_u64(d: &Daemon, name: &str, field: &str) -> u64 {
-    let v = admin_command(&d.admin, "status").expect("status");
+    let v = status_json(&d.admin).expect("status");
     let s = v["streams"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"].as_str() == Some(name)))
@@ -352,7 +359,7 @@ fn stream_u64(d: &Daemon, name: &str, field: &str) -> u64 {
 
 /// `owner_uid` of stream `name` (which must exist and have the field).
 fn stream_owner(d: &Daemon, name: &str) -> Option<u32> {
-    let v = admin_command(&d.admin, "status").expect("status");
+    let v = status_json(&d.admin).expect("status");
     let s = v["streams"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"].as_str() == Some(name)))
@@ -370,7 +377,7 @@ fn stream_owner(d: &Daemon, name: &str) -> Option<u32> {
 /// memory.per_uid's entry for `uid`: (streams, partitions, slots,
 /// pool_bytes); None when the uid has no entry.
 fn uid_usage(d: &Daemon, uid: u32) -> Option<(u64, u64, u64, u64)> {
-    let v = admin_command(&d.admin, "status").expect("status");
+    let v = status_json(&d.admin).expect("status");
     let per_uid = v
         .pointer("/memory/per_uid")
         .and_then(|p| p.as_array())
@@ -386,7 +393,7 @@ fn uid_usage(d: &Daemon, uid: u32) -> Option<(u64, u64, u64, u64)> {
 }
 
 fn status_text(d: &Daemon) -> String {
-    match admin_command(&d.admin, "status") {
+    match status_json(&d.admin) {
         Ok(v) => v.to_string(),
         Err(e) => format!("(no status: {e:#})"),
     }
@@ -530,7 +537,7 @@ fn ferry_cli_as_nobody(d: &Daemon, args: &[&str]) -> Ran {
 fn delete_group(d: &Daemon, stream: &str, group: &str) {
     let mut last = String::new();
     let ok = eventually(Duration::from_secs(5), || {
-        match admin_command(&d.admin, &format!("delete-group {stream} {group}")) {
+        match Admin::new(&d.admin).delete_group(stream, group) {
             Ok(_) => true,
             Err(e) => {
                 last = format!("{e:#}");
@@ -1186,12 +1193,11 @@ print("%.3f %s" % (time.monotonic() - t, data.decode(errors="replace")))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(100));
-    let e = admin_command(&d.admin, "status").unwrap_err().to_string();
+    let e = status_json(&d.admin).unwrap_err().to_string();
     assert!(e.contains("most admin requests in progress"), "{e}");
     drop(dribblers);
     assert!(
-        eventually(Duration::from_secs(3), || admin_command(&d.admin, "status")
-            .is_ok()),
+        eventually(Duration::from_secs(3), || status_json(&d.admin).is_ok()),
         "admin requests are served again once the dribblers are gone"
     );
 }
@@ -1311,17 +1317,17 @@ fn stream_delete() {
         let _p = client.producer("s2", spec(1, 64, 4)).unwrap();
     }
     assert!(
-        eventually(Duration::from_secs(5), || admin_command(
-            &d.admin,
-            "delete-stream s2"
-        )
-        .is_ok()),
+        eventually(Duration::from_secs(5), || Admin::new(&d.admin)
+            .delete_stream("s2", false)
+            .is_ok()),
         "delete-stream s2\n{}",
         d.log()
     );
     assert_eq!(stream_names(&d), ["declared"]);
-    assert!(admin_command(&d.admin, "delete-stream nope").is_err());
-    assert!(admin_command(&d.admin, "delete-stream declared force").is_err());
+    assert!(Admin::new(&d.admin).delete_stream("nope", false).is_err());
+    assert!(Admin::new(&d.admin)
+        .delete_stream("declared", true)
+        .is_err());
 }
 
 // ---------------------------------------------------------------------------
@@ -1590,7 +1596,7 @@ except ferry.FerryError as e:
     // The `ferry` CLI checks the admin socket's owner the same way.
     let admin = rogue_dir.join("ferryd-admin.sock");
     let (_rogue_admin, mut lines) = rogue_listener(&admin, "SOCK_STREAM", 1);
-    let e = admin_command(&admin, "status").unwrap_err().to_string();
+    let e = status_json(&admin).unwrap_err().to_string();
     assert!(e.contains("uid 65534"), "{e}");
     assert_eq!(
         lines.next().unwrap().unwrap(),
@@ -1953,7 +1959,7 @@ fn status_is_bounded_and_one_stream_is_shown_in_full() {
                 .unwrap()
         })
         .collect();
-    let rows = |st: &ferry_daemon::server::Status| -> (usize, u64) {
+    let rows = |st: &ferry_admin::Status| -> (usize, u64) {
         let groups = st.streams.iter().flat_map(|s| s.groups.iter());
         groups.fold((0, 0), |(r, o), g| {
             (r + g.partitions.len(), o + g.partitions_omitted as u64)
@@ -1967,10 +1973,10 @@ fn status_is_bounded_and_one_stream_is_shown_in_full() {
         5 * 1024 + 2,
         "every row shown or counted"
     );
-    let one = ferry_daemon::server::query_status_of(&d.admin, Some("wide")).unwrap();
+    let one = Admin::new(&d.admin).status(Some("wide")).unwrap();
     assert_eq!(one.streams.len(), 1);
     assert_eq!(rows(&one), (5 * 1024, 0), "one stream in full");
-    let e = ferry_daemon::server::query_status_of(&d.admin, Some("nope")).unwrap_err();
+    let e = Admin::new(&d.admin).status(Some("nope")).unwrap_err();
     assert!(e.to_string().contains("no stream named"), "{e}");
     drop(members);
     let stats = pair.finish();

@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use ferry_daemon::config::{admin_path_for, default_socket_path};
-use ferry_daemon::server::{admin_command, query_status_of, Status};
+use ferry_admin::{admin_path_for, default_socket_path, Client, Status};
 
 /// Inspect a running ferryd.
 #[derive(Parser, Debug)]
@@ -75,49 +74,34 @@ fn main() {
                 .unwrap_or_else(|| default_socket_path(ferry_shm::sys::geteuid()));
             admin_path_for(&sock)
         });
+    let client = Client::new(admin);
     match args.cmd {
         Cmd::Stream {
             action: StreamCmd::Delete { stream, force },
-        } => {
-            let line = if force {
-                format!("delete-stream {stream} force")
-            } else {
-                format!("delete-stream {stream}")
-            };
-            match admin_command(&admin, &line) {
-                Ok(v) => println!("{}", v.get("ok").and_then(|o| o.as_str()).unwrap_or("ok")),
-                Err(e) => {
-                    eprintln!("ferry: {e:#}");
-                    std::process::exit(1);
-                }
-            }
-        }
+        } => match client.delete_stream(&stream, force) {
+            Ok(m) => println!("{m}"),
+            Err(e) => fail(e),
+        },
         Cmd::Group {
             action: GroupCmd::Delete { stream, group },
-        } => match admin_command(&admin, &format!("delete-group {stream} {group}")) {
-            Ok(v) => println!("{}", v.get("ok").and_then(|o| o.as_str()).unwrap_or("ok")),
-            Err(e) => {
-                eprintln!("ferry: {e:#}");
-                std::process::exit(1);
-            }
+        } => match client.delete_group(&stream, &group) {
+            Ok(m) => println!("{m}"),
+            Err(e) => fail(e),
         },
-        Cmd::Status { stream, json } => match query_status_of(&admin, stream.as_deref()) {
-            Ok(st) => {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&st).expect("status serialises")
-                    );
-                } else {
-                    print_status(&st);
-                }
-            }
-            Err(e) => {
-                eprintln!("ferry: {e:#}");
-                std::process::exit(1);
-            }
+        Cmd::Status { stream, json } => match client.status(stream.as_deref()) {
+            Ok(st) if json => println!(
+                "{}",
+                serde_json::to_string_pretty(&st).expect("status serialises")
+            ),
+            Ok(st) => print_status(&st),
+            Err(e) => fail(e),
         },
     }
+}
+
+fn fail(e: ferry_admin::AdminError) -> ! {
+    eprintln!("ferry: {e}");
+    std::process::exit(1);
 }
 
 /// Bytes for people: "512 B", "20.0 KiB", "1.5 GiB".

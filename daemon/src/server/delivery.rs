@@ -1,0 +1,330 @@
+//! The pump: grants of free slots to producers, and deliveries of
+//! batches to consumers.
+
+use std::time::Instant;
+
+use ferry_shm::desc::{self, Desc};
+use ferry_shm::layout::META_MAX;
+use ferry_shm::sys::{self};
+
+use crate::idhash::IdSet;
+use crate::stream::{SessionId, Violation};
+
+use super::*;
+
+/// The stream entry flags a publish descriptor asks for.
+pub(super) fn entry_flags(d: &Desc) -> u16 {
+    if d.flags & desc::FLAG_RECORD != 0 {
+        crate::stream::ENTRY_RECORD
+    } else {
+        0
+    }
+}
+
+/// Puts a batch a producer published from GPU `dev` into its stream, now
+/// that its copy to the host slot is done (batches published from host
+/// memory by the same producer wait in the same queue, keeping its order).
+pub(super) fn publish_copied(
+    entry: &mut StreamEntry,
+    id: SessionId,
+    d: &Desc,
+    dev: u32,
+    granted: &mut IdSet<u32>,
+    published: &mut u64,
+) -> Result<(), Violation> {
+    let key = (d.flags & desc::FLAG_HAS_KEY != 0).then_some(d.key);
+    let device = (d.flags & desc::FLAG_DEVICE != 0).then_some(dev);
+    entry
+        .stream
+        .publish(id, d.slot, d.len, d.meta_len, key, device, entry_flags(d))?;
+    granted.remove(&d.slot);
+    *published += 1;
+    entry.dirty = true;
+    Ok(())
+}
+
+impl Server {
+    /// Grants free slots to producers and delivers batches to consumers of
+    /// every stream whose state changed. Returns descriptors pushed.
+    pub(super) fn pump(&mut self) -> usize {
+        let mut pushed = 0;
+        let mut to_wake = std::mem::take(&mut self.wake_scratch);
+        to_wake.clear();
+        let mut failed: Vec<(SessionId, String)> = Vec::new();
+        let draining = self.draining.is_some();
+        let gpus = &self.gpus;
+        for (idx, entry) in self.streams.iter_mut() {
+            if !entry.dirty {
+                continue;
+            }
+            entry.dirty = false;
+            // Grants, round-robin over producers.
+            if !draining && !entry.producers.is_empty() {
+                let n = entry.producers.len();
+                let mut progress = true;
+                while progress && !entry.stream.free.is_empty() {
+                    progress = false;
+                    for i in 0..n {
+                        let pid = entry.producers[i];
+                        let Some(Session {
+                            role: Role::Producer(p),
+                            ..
+                        }) = self.sessions.get_mut(&pid)
+                        else {
+                            continue;
+                        };
+                        if p.granted.len() as u32 >= p.credits {
+                            continue;
+                        }
+                        let Some(slot) = entry.stream.grant(pid) else {
+                            break;
+                        };
+                        p.starved_since = None;
+                        p.starved_logged = false;
+                        let d = Desc {
+                            op: desc::OP_GRANT,
+                            stream: entry.stream.id,
+                            slot,
+                            ..Desc::default()
+                        };
+                        match p.rings.comp.push(&d) {
+                            Ok(()) => {
+                                p.granted.insert(slot);
+                                pushed += 1;
+                                progress = true;
+                                to_wake.push(pid);
+                            }
+                            Err(e) => {
+                                entry.stream.return_grant(pid, slot);
+                                if !matches!(e, ferry_shm::RingError::Full) {
+                                    failed.push((pid, e.to_string()));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if entry.stream.free.is_empty() {
+                for pid in &entry.producers {
+                    if let Some(Session {
+                        role: Role::Producer(p),
+                        ..
+                    }) = self.sessions.get_mut(pid)
+                    {
+                        if p.granted.is_empty() && p.starved_since.is_none() {
+                            p.starved_since = Some(Instant::now());
+                        }
+                    }
+                }
+            }
+            // Deliveries.
+            let sessions = &mut self.sessions;
+            let ends_untold = std::mem::take(&mut entry.ends_untold);
+            for g in 0..entry.stream.groups.len() {
+                let sid = entry.stream.id;
+                let pool_layout = entry.layout;
+                let epoch = entry.stream.groups[g].epoch;
+                let n = entry.stream.deliver(g, |m, dv| {
+                    let Some(Session {
+                        role: Role::Consumer(c),
+                        ..
+                    }) = sessions.get_mut(&m)
+                    else {
+                        return false;
+                    };
+                    if c.inflight >= c.prefetch {
+                        return false; // no credit: prefetch batches unreleased
+                    }
+                    if c.epoch_seen < epoch {
+                        return false; // the next epoch, after its end of epoch
+                    }
+                    let d = Desc {
+                        op: desc::OP_DELIVER,
+                        flags: if dv.entry.flags & crate::stream::ENTRY_RECORD != 0 {
+                            desc::FLAG_RECORD
+                        } else {
+                            0
+                        },
+                        stream: sid,
+                        partition: dv.part,
+                        slot: dv.entry.slot,
+                        len: dv.entry.len,
+                        meta_len: dv.entry.meta_len.min(META_MAX),
+                        offset: dv.offset,
+                        ..Desc::default()
+                    };
+                    if let Some(g) = &mut c.gpu {
+                        // The descriptor goes out when the copy is done
+                        // (progress_gpu).
+                        let Some(src) = pool_layout.slot_offset(dv.entry.slot) else {
+                            return false;
+                        };
+                        let from = gpus.source(idx, dv.entry.device, dv.entry.slot);
+                        return match g.start(d, src, from) {
+                            Ok(true) => {
+                                c.inflight += 1;
+                                c.delivered += 1;
+                                true
+                            }
+                            Ok(false) => false,
+                            Err(e) => {
+                                failed.push((m, e));
+                                false
+                            }
+                        };
+                    }
+                    debug_assert!(pool_layout.slot_offset(dv.entry.slot).is_some());
+                    match c.rings.comp.push(&d) {
+                        Ok(()) => {
+                            c.inflight += 1;
+                            c.delivered += 1;
+                            to_wake.push(m);
+                            true
+                        }
+                        Err(e) => {
+                            if !matches!(e, ferry_shm::RingError::Full) {
+                                failed.push((m, e.to_string()));
+                            }
+                            false
+                        }
+                    }
+                });
+                pushed += n;
+                // Members not yet told of an epoch the group finished (after
+                // every batch of it that they were given, GPU copies
+                // included).
+                let group = &entry.stream.groups[g];
+                if group.epoch > epoch {
+                    // Delivery stopped at the end of the epoch: go on once
+                    // the members were told.
+                    entry.dirty = true;
+                } else if !ends_untold {
+                    continue;
+                }
+                for &m in &group.members {
+                    let Some(Session {
+                        role: Role::Consumer(c),
+                        ..
+                    }) = sessions.get_mut(&m)
+                    else {
+                        continue;
+                    };
+                    while c.epoch_seen < group.epoch
+                        && c.gpu.as_ref().is_none_or(|g| g.pending() == 0)
+                    {
+                        let d = Desc {
+                            op: desc::OP_END_OF_EPOCH,
+                            stream: sid,
+                            offset: c.epoch_seen + 1,
+                            ..Desc::default()
+                        };
+                        match c.rings.comp.push(&d) {
+                            Ok(()) => {
+                                c.epoch_seen += 1;
+                                pushed += 1;
+                                to_wake.push(m);
+                            }
+                            Err(ferry_shm::RingError::Full) => break,
+                            Err(e) => {
+                                failed.push((m, e.to_string()));
+                                break;
+                            }
+                        }
+                    }
+                    if c.epoch_seen < group.epoch {
+                        // Ring full or GPU copies in flight: again later.
+                        entry.ends_untold = true;
+                        entry.dirty = true;
+                    }
+                }
+            }
+        }
+        to_wake.sort_unstable();
+        to_wake.dedup();
+        for id in to_wake.iter() {
+            if let Some(r) = self.sessions.get(id).and_then(|s| rings_of(&s.role)) {
+                if r.comp.wake_needed() {
+                    sys::futex_wake(r.comp.ring().sleep_word());
+                }
+            }
+        }
+        self.wake_scratch = to_wake;
+        for (id, why) in failed {
+            self.fail_session(id, &why);
+        }
+        pushed
+    }
+
+    /// Puts the descriptors of finished GPU copies on their consumers'
+    /// rings. Returns descriptors pushed.
+    pub(super) fn progress_gpu(&mut self) -> usize {
+        if self.gpu_sessions == 0 {
+            return 0;
+        }
+        let mut pushed = 0;
+        let mut failed: Vec<(SessionId, String)> = Vec::new();
+        let streams = &mut self.streams;
+        for (&id, s) in self.sessions.iter_mut() {
+            if let Role::Producer(p) = &mut s.role {
+                if let Some(g) = &mut p.gpu {
+                    if g.pending() > 0 {
+                        let entry = &mut streams[p.stream];
+                        let (granted, published) = (&mut p.granted, &mut p.published);
+                        let dev = g.info.ordinal;
+                        match g.complete(|d| publish_copied(entry, id, d, dev, granted, published))
+                        {
+                            Ok(n) => pushed += n,
+                            Err(e) => failed.push((id, e)),
+                        }
+                    }
+                }
+                continue;
+            }
+            let Role::Consumer(c) = &mut s.role else {
+                continue;
+            };
+            let Some(g) = &mut c.gpu else {
+                continue;
+            };
+            if g.pending() == 0 {
+                continue;
+            }
+            let comp = &mut c.rings.comp;
+            let mut ring_err = None;
+            let res = g.complete(|d| match comp.push(d) {
+                Ok(()) => true,
+                Err(ferry_shm::RingError::Full) => false,
+                Err(e) => {
+                    ring_err = Some(e.to_string());
+                    false
+                }
+            });
+            match (res, ring_err) {
+                (Err(e), _) | (_, Some(e)) => failed.push((id, e)),
+                (Ok(0), None) => {}
+                (Ok(n), None) => {
+                    pushed += n;
+                    if comp.wake_needed() {
+                        sys::futex_wake(comp.ring().sleep_word());
+                    }
+                    // An end of epoch may wait for these copies.
+                    streams[c.stream].dirty = true;
+                }
+            }
+        }
+        for (id, why) in failed {
+            self.fail_session(id, &why);
+        }
+        pushed
+    }
+
+    /// GPU copies in flight anywhere (the loop keeps polling for them).
+    pub(super) fn copies_pending(&self) -> bool {
+        self.gpu_sessions > 0
+            && self.sessions.values().any(|s| match &s.role {
+                Role::Consumer(ConsumerState { gpu: Some(g), .. }) => g.pending() > 0,
+                Role::Producer(ProducerState { gpu: Some(g), .. }) => g.pending() > 0,
+                _ => false,
+            })
+    }
+}

@@ -1,0 +1,74 @@
+//! The loop's one way in from other threads: a channel and the loop's
+//! doorbell (an eventfd only ferryd holds, in the loop's epoll set). The
+//! admin thread, and later the peer control plane, send [`Message`]s; the
+//! loop owns all state and answers through the reply channels the
+//! messages carry. Nothing is shared with the loop but this.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use ferry_shm::sys;
+
+/// What another thread asks of the loop.
+pub(crate) enum Message {
+    /// An admin client's request, with the client's uid (from the socket).
+    Admin {
+        req: ferry_admin::Request,
+        uid: u32,
+        reply: mpsc::Sender<ferry_admin::Response>,
+    },
+}
+
+/// The sending side, cloned into each thread that may ask.
+#[derive(Clone)]
+pub(crate) struct Sender {
+    tx: mpsc::Sender<Message>,
+    doorbell: Arc<OwnedFd>,
+}
+
+impl Sender {
+    /// Queues `m` and wakes the loop; false when the loop is gone.
+    pub(crate) fn send(&self, m: Message) -> bool {
+        if self.tx.send(m).is_err() {
+            return false;
+        }
+        sys::eventfd_signal(self.doorbell.as_raw_fd());
+        true
+    }
+}
+
+/// The loop's side.
+pub(crate) struct Inbox {
+    rx: mpsc::Receiver<Message>,
+    doorbell: Arc<OwnedFd>,
+}
+
+impl Inbox {
+    pub(crate) fn new() -> std::io::Result<(Inbox, Sender)> {
+        let (tx, rx) = mpsc::channel();
+        let doorbell = Arc::new(sys::eventfd()?);
+        Ok((
+            Inbox {
+                rx,
+                doorbell: doorbell.clone(),
+            },
+            Sender { tx, doorbell },
+        ))
+    }
+
+    /// The doorbell, for the loop's epoll set.
+    pub(crate) fn fd(&self) -> i32 {
+        self.doorbell.as_raw_fd()
+    }
+
+    /// After the doorbell rang: nobody else reads it, so this never blocks.
+    pub(crate) fn rang(&self) {
+        sys::eventfd_drain(self.doorbell.as_raw_fd());
+    }
+
+    /// The next message, if any (the loop asks after every epoll wait).
+    pub(crate) fn next(&self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+}

@@ -1,0 +1,218 @@
+//! The daemon's life: its socket files, systemd notifications, the
+//! timeouts looked at by housekeeping, and draining on SIGTERM.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tracing::{debug, info, warn};
+
+use crate::config::{check_socket_dir, check_socket_file, SocketFile};
+use crate::stream::SessionId;
+
+use super::*;
+
+/// How often the timeouts are looked at (see `Server::housekeeping`).
+pub(super) const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(20);
+
+/// Makes the socket's directory if missing (mode 0755) and checks that it
+/// is safe to use.
+pub(super) fn prepare_socket_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    check_socket_dir(dir).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Removes a stale socket (a socket no daemon answers on) at `path`, and
+/// refuses anything else: a live daemon, or a file that is not a socket.
+pub(super) fn claim_socket_path(path: &Path) -> anyhow::Result<()> {
+    prepare_socket_dir(path)?;
+    match check_socket_file(path).map_err(|e| anyhow::anyhow!(e))? {
+        SocketFile::Absent => {}
+        SocketFile::Stale => std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?,
+        SocketFile::Live => {
+            anyhow::bail!("another ferryd is already listening on {}", path.display())
+        }
+    }
+    Ok(())
+}
+
+/// Sets a socket's mode and, with `daemon.socket_group`, its group.
+pub(super) fn set_socket_access(path: &Path, mode: u32, gid: Option<u32>) -> anyhow::Result<()> {
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(())
+}
+
+pub(super) fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = UnixDatagram::unbound() else {
+        return;
+    };
+    let p = path.to_string_lossy().to_string();
+    let res = if let Some(name) = p.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &p)
+    };
+    if let Err(e) = res {
+        debug!("sd_notify {state}: {e}");
+    }
+}
+
+impl Server {
+    /// The streams with held slots and who holds them, for the drain
+    /// summary.
+    pub(super) fn describe_held(&self) -> String {
+        self.streams
+            .iter()
+            .filter(|e| e.stream.slot_counts().2 > 0)
+            .map(|e| format!("stream {}: {}", e.stream.name, e.stream.describe_holders()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    pub(super) fn drained(&self) -> bool {
+        // Publishes from GPU memory still copying to host count as published.
+        !self.copies_pending()
+            && self.streams.iter().all(|s| {
+                s.stream.slot_counts().2 == 0
+                    || s.stream.groups.iter().all(|g| g.members.is_empty())
+                        && s.stream
+                            .groups
+                            .iter()
+                            .all(|g| g.parts.iter().all(|p| p.inflight.is_empty()))
+            })
+    }
+
+    pub(super) fn shutdown(&mut self) {
+        notify_systemd("STOPPING=1");
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            self.close_session(id, true);
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+        let _ = std::fs::remove_file(&self.admin_path);
+        info!("ferryd stopped");
+    }
+
+    pub(super) fn start_drain(&mut self, signo: i32) {
+        if self.draining.is_some() {
+            return;
+        }
+        info!(
+            signal = signo,
+            "draining: no new sessions; delivering what was published"
+        );
+        notify_systemd("STOPPING=1");
+        self.draining = Some(Instant::now());
+        if let Some(l) = self.listener.take() {
+            self.epoll.delete(l.as_raw_fd());
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+    }
+
+    /// Timeouts: connections without Hello, connections that opened
+    /// nothing, a listener paused for want of descriptors, idle groups and
+    /// streams. At most every HOUSEKEEPING_EVERY: the loop calls it each
+    /// time it goes to sleep (up to thousands of times a second under a
+    /// trickle of batches), and the timeouts are tens of milliseconds at
+    /// the least.
+    pub(super) fn housekeeping(&mut self) {
+        if self.last_housekeeping.elapsed() < HOUSEKEEPING_EVERY {
+            return;
+        }
+        self.last_housekeeping = Instant::now();
+        let hello = Duration::from_millis(self.cfg.daemon.handshake_timeout_ms);
+        let idle = Duration::from_millis(self.cfg.daemon.idle_timeout_ms);
+        let late: Vec<(SessionId, String)> = self
+            .sessions
+            .values()
+            .filter_map(|s| match s.role {
+                Role::Fresh if s.since.elapsed() > hello => {
+                    Some((s.id, format!("no Hello within {} ms", hello.as_millis())))
+                }
+                Role::Control if s.since.elapsed() > idle => Some((
+                    s.id,
+                    format!(
+                        "opened no producer or consumer within idle_timeout_ms = {}",
+                        idle.as_millis()
+                    ),
+                )),
+                _ => None,
+            })
+            .collect();
+        for (id, why) in late {
+            self.fail_session(id, &why);
+        }
+        if self
+            .listener_paused
+            .is_some_and(|t| t.elapsed() >= ACCEPT_PAUSE)
+        {
+            self.resume_listener();
+        }
+        self.expire_groups();
+        self.expire_streams();
+        self.report_waiting_producers();
+    }
+
+    /// Logs, once per wait, a producer that has waited `slot_wait_log_ms`
+    /// for a free slot, naming the groups that hold the slots: a stalled
+    /// producer is never silent.
+    pub(super) fn report_waiting_producers(&mut self) {
+        let after = self.cfg.daemon.slot_wait_log_ms;
+        if after == 0 {
+            return;
+        }
+        let after = Duration::from_millis(after);
+        for e in self.streams.iter() {
+            for pid in &e.producers {
+                let Some(Session {
+                    role: Role::Producer(p),
+                    cred,
+                    ..
+                }) = self.sessions.get_mut(pid)
+                else {
+                    continue;
+                };
+                let Some(since) = p.starved_since else {
+                    continue;
+                };
+                if p.starved_logged || since.elapsed() < after || !e.stream.free.is_empty() {
+                    continue;
+                }
+                p.starved_logged = true;
+                warn!(
+                    stream = %e.stream.name,
+                    session = *pid,
+                    pid = cred.pid,
+                    waited_ms = since.elapsed().as_millis() as u64,
+                    "producer waits for a free slot: all {} slots are held, by {}",
+                    e.stream.spec.slot_count,
+                    e.stream.describe_holders()
+                );
+            }
+        }
+    }
+}

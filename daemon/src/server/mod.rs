@@ -1,0 +1,407 @@
+//! The daemon's event loop: one thread owns all state. It accepts sessions
+//! on a SOCK_SEQPACKET socket, answers the admin socket, and moves
+//! descriptors between session rings: publish -> deliver, release -> free,
+//! free -> grant. While there is work it polls the rings without system
+//! calls; after `spin_us` of idleness it announces sleep on every
+//! submission ring and blocks in epoll; a client that sees the
+//! announcement sends `Wake` on its own session socket. The loop's own
+//! eventfd (woken by the admin thread) is never shared with a client, so
+//! nothing a client does with its file descriptors can block the loop or
+//! take another client's wake-up.
+
+mod admin;
+mod catalog;
+mod delivery;
+mod inbox;
+mod lifecycle;
+mod open;
+mod sessions;
+mod status;
+mod submit;
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ferry_shm::sys::{self, Epoll};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::gpu::Gpus;
+use crate::stream::SessionId;
+use catalog::{StreamEntry, Streams};
+use delivery::{entry_flags, publish_copied};
+use lifecycle::{claim_socket_path, notify_systemd, set_socket_access};
+use sessions::{
+    rings_of, rings_of_mut, ConsumerState, Policy, ProducerState, Role, Session, ACCEPT_PAUSE,
+};
+
+/// What an epoll event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Listener,
+    Signal,
+    /// The inbox's doorbell: another thread sent a message.
+    Inbox,
+    Session(SessionId),
+}
+
+impl Token {
+    const SESSION_BASE: u64 = 1 << 32;
+
+    fn to_u64(self) -> u64 {
+        match self {
+            Token::Listener => 1,
+            Token::Signal => 3,
+            Token::Inbox => 4,
+            Token::Session(id) => Token::SESSION_BASE + id,
+        }
+    }
+
+    fn from_u64(t: u64) -> Option<Token> {
+        match t {
+            1 => Some(Token::Listener),
+            3 => Some(Token::Signal),
+            4 => Some(Token::Inbox),
+            t if t >= Token::SESSION_BASE => Some(Token::Session(t - Token::SESSION_BASE)),
+            _ => None,
+        }
+    }
+}
+
+pub struct Server {
+    cfg: Config,
+    socket_path: PathBuf,
+    admin_path: PathBuf,
+    epoll: Epoll,
+    listener: Option<OwnedFd>,
+    /// Accepting paused (no file descriptor was free) since then.
+    listener_paused: Option<Instant>,
+    /// Messages from other threads (the admin thread); its doorbell is
+    /// never sent to a client.
+    inbox: inbox::Inbox,
+    signals: OwnedFd,
+    sessions: BTreeMap<SessionId, Session>,
+    next_session: SessionId,
+    streams: Streams,
+    by_name: HashMap<String, usize>,
+    policy: Policy,
+    last_housekeeping: Instant,
+    started: Instant,
+    draining: Option<Instant>,
+    /// Where the data-plane thread runs (pinned in `run`).
+    placement: crate::placement::Placement,
+    /// The fabric backend chosen at start-up, and why (not yet used for
+    /// data: moving batches between hosts comes with the peers work).
+    fabric: String,
+    /// GPUs found at start-up (or why there are none), opened on demand.
+    gpus: Gpus,
+    /// Sessions using a GPU (0: skip the GPU work entirely).
+    gpu_sessions: usize,
+    events: Vec<(u64, u32)>,
+    /// Scratch list of session ids, reused by every loop iteration.
+    scratch: Vec<SessionId>,
+    /// Sessions to wake after a pump, reused likewise.
+    wake_scratch: Vec<SessionId>,
+}
+
+impl Server {
+    /// Binds the sockets and creates the configured streams.
+    pub fn bind(cfg: Config) -> anyhow::Result<Server> {
+        // The same checks as `ferryd --check`, before anything is bound.
+        let pre = cfg.preflight()?;
+        let (sel, placement) = (pre.fabric, pre.placement);
+        sys::ignore_sigpipe();
+        let signals = sys::signalfd_termination().context("setting up signal handling")?;
+        let socket_path = cfg.socket_path();
+        let admin_path = cfg.admin_socket_path();
+        let mode = cfg.socket_mode();
+        let gid = cfg.socket_gid();
+
+        // Each session holds its socket and its ring region open; each
+        // stream its pool twice.
+        let d = &cfg.daemon;
+        let want = 2 * d.max_connections as u64 + 2 * d.max_streams as u64 + 256;
+        match sys::raise_nofile_limit(want) {
+            Ok((soft, _)) if soft >= want => {}
+            Ok((soft, hard)) => warn!(
+                soft,
+                hard,
+                want,
+                "the open-file limit is below what max_connections and max_streams need; new connections wait while no descriptor is free"
+            ),
+            Err(e) => warn!("reading the open-file limit: {e}"),
+        }
+
+        claim_socket_path(&socket_path)?;
+        let listener = sys::seqpacket_listen(&socket_path)
+            .with_context(|| format!("listening on {}", socket_path.display()))?;
+        set_socket_access(&socket_path, mode, gid)?;
+        claim_socket_path(&admin_path)?;
+        let admin = UnixListener::bind(&admin_path)
+            .with_context(|| format!("listening on {}", admin_path.display()))?;
+        set_socket_access(&admin_path, mode, gid)?;
+
+        let epoll = Epoll::new()?;
+        let (inbox, outside) = inbox::Inbox::new()?;
+        epoll.add(listener.as_raw_fd(), Token::Listener.to_u64())?;
+        epoll.add(signals.as_raw_fd(), Token::Signal.to_u64())?;
+        epoll.add(inbox.fd(), Token::Inbox.to_u64())?;
+
+        let fabric = match &sel.choice {
+            ferry_verbs::select::Choice::Ibv { device } => format!("ibv {device} ({})", sel.reason),
+            ferry_verbs::select::Choice::Soft => format!("soft ({})", sel.reason),
+        };
+        info!(fabric = %fabric, "fabric chosen");
+        let gpus = ferry_cuda::probe();
+        match &gpus {
+            Ok(p) => {
+                info!(
+                    driver = p.driver_version,
+                    count = p.gpus.len(),
+                    "CUDA driver found"
+                );
+                for g in &p.gpus {
+                    info!(
+                        ordinal = g.ordinal,
+                        name = %g.name,
+                        pci = %g.pci_bus_id,
+                        memory = g.total_memory,
+                        dma_buf = g.dma_buf,
+                        gpudirect_rdma = g.gpudirect_rdma,
+                        "GPU"
+                    );
+                }
+            }
+            Err(e) => info!("no GPUs: {e}"),
+        }
+        let mut gids = cfg.daemon.allowed_gids.clone();
+        gids.extend(gid);
+        let policy = Policy {
+            uids: cfg.allowed_uids(),
+            gids,
+        };
+        admin::spawn_admin(
+            admin,
+            policy.clone(),
+            Duration::from_millis(cfg.daemon.admin_timeout_ms),
+            outside,
+        )?;
+        let mut server = Server {
+            socket_path,
+            admin_path,
+            epoll,
+            listener: Some(listener),
+            listener_paused: None,
+            inbox,
+            signals,
+            sessions: BTreeMap::new(),
+            next_session: 1,
+            streams: Streams::default(),
+            by_name: HashMap::new(),
+            policy,
+            last_housekeeping: Instant::now(),
+            started: Instant::now(),
+            draining: None,
+            fabric,
+            placement,
+            gpus: Gpus::new(gpus, cfg.daemon.max_gpu_pool_bytes),
+            gpu_sessions: 0,
+            events: Vec::with_capacity(64),
+            scratch: Vec::with_capacity(64),
+            wake_scratch: Vec::with_capacity(64),
+            cfg,
+        };
+        for s in server.cfg.streams.clone() {
+            server
+                .create_stream(&s.name, s.spec(), None)
+                .map(|idx| {
+                    server.streams[idx].acl = (s.producers.clone(), s.consumers.clone());
+                    server.streams[idx].group_idle_timeout_ms = s.group_idle_timeout_ms;
+                    if let Some(w) = s.replay_window {
+                        server.streams[idx].stream.set_replay_window(w);
+                    }
+                })
+                .map_err(|(_, m)| anyhow::anyhow!(m))?;
+        }
+        Ok(server)
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Runs until SIGTERM/SIGINT, then drains and returns.
+    pub fn run(mut self) -> anyhow::Result<()> {
+        let want = crate::placement::parse(&self.cfg.daemon.data_plane_cpus)
+            .map_err(|m| anyhow::anyhow!("daemon.{m}"))?;
+        crate::placement::pin_thread(&mut self.placement, &want).map_err(|e| anyhow::anyhow!(e))?;
+        info!(placement = %self.placement, "data-plane thread placed");
+        info!(
+            socket = %self.socket_path.display(),
+            admin = %self.admin_path.display(),
+            streams = self.streams.len(),
+            "ferryd ready"
+        );
+        notify_systemd("READY=1");
+        let spin = Duration::from_micros(self.cfg.daemon.spin_us);
+        let waited_spin = Duration::from_micros(self.cfg.daemon.spin_while_waited_us);
+        let mut waited = false;
+        let mut last_work = Instant::now();
+        // The clock is read once after each burst of work and then every
+        // 32 idle turns, not on every turn (it showed in the hand-off
+        // path's profile): `idle` is how long the loop has had no work.
+        let mut worked = false;
+        let mut idle_turns: u32 = 0;
+        let mut idle = Duration::ZERO;
+        let mut spinner = ferry_shm::wait::Spinner::new();
+        let mut iter: u32 = 0;
+        loop {
+            iter = iter.wrapping_add(1);
+            let work = self.poll_rings() + self.pump() + self.progress_gpu();
+            if let Some(since) = self.draining {
+                if self.drained() {
+                    let held: u32 = self.streams.iter().map(|s| s.stream.slot_counts().2).sum();
+                    if held == 0 {
+                        info!("drained: every published batch was delivered and released");
+                    } else {
+                        warn!(
+                            held,
+                            "drained as far as it can: {held} batches were never released, and no consumer is left to take them (they are lost with this memory-only ferryd): {}",
+                            self.describe_held()
+                        );
+                    }
+                    break;
+                }
+                if since.elapsed() >= Duration::from_millis(self.cfg.daemon.drain_timeout_ms) {
+                    let held: u32 = self.streams.iter().map(|s| s.stream.slot_counts().2).sum();
+                    warn!(
+                        held,
+                        "drain timeout: exiting with {held} batches not yet released: {}",
+                        self.describe_held()
+                    );
+                    break;
+                }
+            }
+            if iter.is_multiple_of(1024) {
+                self.housekeeping();
+            }
+            if work > 0 {
+                worked = true;
+                idle_turns = 0;
+                if iter.is_multiple_of(64) {
+                    self.poll_events(0)?;
+                }
+                continue;
+            }
+            if idle_turns.is_multiple_of(32) {
+                let now = Instant::now();
+                if worked {
+                    last_work = now;
+                    worked = false;
+                }
+                idle = now - last_work;
+            }
+            idle_turns = idle_turns.wrapping_add(1);
+            if idle >= spin && idle < waited_spin && iter.is_multiple_of(64) {
+                waited = self.consumers_waiting();
+            }
+            if idle < spin || self.copies_pending() || (waited && idle < waited_spin) {
+                spinner.spin();
+                if iter.is_multiple_of(128) {
+                    self.poll_events(0)?;
+                }
+                continue;
+            }
+            // Announce sleep on every submission ring; if any has work
+            // after the announcement, stay awake.
+            let mut can_sleep = true;
+            let mut bad = Vec::new();
+            for s in self.sessions.values_mut() {
+                if let Some(r) = rings_of_mut(&mut s.role) {
+                    match r.sub.prepare_sleep() {
+                        Ok(true) => {}
+                        Ok(false) => can_sleep = false,
+                        Err(e) => bad.push((s.id, e.to_string())),
+                    }
+                }
+            }
+            for (id, why) in bad {
+                self.fail_session(id, &why);
+            }
+            self.housekeeping();
+            let timeout = if !can_sleep {
+                0
+            } else if self.draining.is_some() {
+                50
+            } else {
+                500
+            };
+            self.poll_events(timeout)?;
+            for s in self.sessions.values() {
+                if let Some(r) = rings_of(&s.role) {
+                    r.sub.finish_sleep();
+                }
+            }
+            last_work = Instant::now();
+            idle = Duration::ZERO;
+            idle_turns = 1;
+            worked = false;
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    /// Whether some consumer sleeps on its ring waiting for a batch: it
+    /// has credit left and its stream has a producer attached.
+    fn consumers_waiting(&self) -> bool {
+        self.sessions.values().any(|s| match &s.role {
+            Role::Consumer(c) => {
+                c.inflight < c.prefetch
+                    && c.rings
+                        .comp
+                        .ring()
+                        .sleep_word()
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        == ferry_shm::ring::SLEEPING
+                    && self
+                        .streams
+                        .slots
+                        .get(c.stream)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|e| !e.producers.is_empty())
+            }
+            _ => false,
+        })
+    }
+
+    fn poll_events(&mut self, timeout_ms: i32) -> anyhow::Result<()> {
+        let mut events = std::mem::take(&mut self.events);
+        self.epoll.wait(&mut events, timeout_ms)?;
+        for &(token, _ev) in &events {
+            match Token::from_u64(token) {
+                Some(Token::Listener) => self.accept_all(),
+                Some(Token::Signal) => {
+                    while let Some(sig) = sys::signalfd_read(&self.signals) {
+                        self.start_drain(sig);
+                    }
+                }
+                Some(Token::Inbox) => self.inbox.rang(),
+                Some(Token::Session(id)) => self.session_readable(id),
+                None => {}
+            }
+        }
+        self.events = events;
+        while let Some(m) = self.inbox.next() {
+            match m {
+                inbox::Message::Admin { req, uid, reply } => {
+                    let _ = reply.send(self.answer_admin(req, uid));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! Opening a producer or a consumer on a session, and seek.
+
+use std::os::fd::AsRawFd;
+
+use ferry_shm::proto::{self, ErrorCode, Response, SessionInfo, StreamSpec};
+
+use crate::idhash::IdSet;
+use crate::limited;
+use crate::stream::SessionId;
+
+use super::*;
+
+impl Server {
+    pub(super) fn open_producer(
+        &mut self,
+        id: SessionId,
+        name: String,
+        spec: Option<StreamSpec>,
+        device: (Option<u32>, Option<String>),
+    ) {
+        let uid = self.sessions.get(&id).map_or(u32::MAX, |s| s.cred.uid);
+        let res = (|| {
+            self.check_open(id)?;
+            let ordinal = match &device {
+                (None, None) => None,
+                (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
+            };
+            let idx = match (self.by_name.get(&name).copied(), spec) {
+                (Some(idx), None) => {
+                    self.may_use(idx, uid, true)
+                        .map_err(|m| (ErrorCode::PermissionDenied, m))?;
+                    idx
+                }
+                (Some(idx), Some(want)) => {
+                    self.may_use(idx, uid, true)
+                        .map_err(|m| (ErrorCode::PermissionDenied, m))?;
+                    let e = &self.streams[idx];
+                    let have = &e.stream.spec;
+                    if *have != want {
+                        let whose = match e.owner {
+                            None => "is declared in the config, which alone defines it,".to_string(),
+                            Some(o) => format!(
+                                "was created by uid {o} (only that uid or root may delete it: `ferry stream delete {name}`), and exists"
+                            ),
+                        };
+                        return Err((
+                            ErrorCode::StreamMismatch,
+                            format!(
+                                "stream {name} {whose} with partitions={} slot_size={} slot_count={}, not partitions={} slot_size={} slot_count={}",
+                                have.partitions, have.slot_size, have.slot_count, want.partitions, want.slot_size, want.slot_count
+                            ),
+                        ));
+                    }
+                    idx
+                }
+                (None, Some(want)) => self.create_stream(&name, want, Some(uid))?,
+                (None, None) => {
+                    return Err((
+                        ErrorCode::UnknownStream,
+                        format!("no stream named {name:?} (declare it in the config, or open the producer with a stream config to create it)"),
+                    ))
+                }
+            };
+            let gpu = match ordinal {
+                None => None,
+                Some(n) => {
+                    let entry = &self.streams[idx];
+                    Some(self.gpus.publisher(
+                        n,
+                        idx,
+                        &entry.pool,
+                        entry.stream.spec.slot_size,
+                        entry.stream.spec.slot_count,
+                    )?)
+                }
+            };
+            let (rings, region) = self.new_rings(id)?;
+            Ok((idx, rings, region, gpu))
+        })();
+        let (idx, rings, region, gpu) = match res {
+            Ok(v) => v,
+            Err((code, msg)) => return self.refuse(id, code, msg),
+        };
+        if gpu.is_some() {
+            self.gpu_sessions += 1;
+        }
+        let entry = &mut self.streams[idx];
+        let spec = entry.stream.spec.clone();
+        let credits = (spec.slot_count / 4)
+            .clamp(1, 64)
+            .min(self.cfg.daemon.ring_capacity);
+        entry.producers.push(id);
+        entry.dirty = true;
+        let info = SessionInfo {
+            session: id,
+            stream_id: idx as u32,
+            partitions: spec.partitions,
+            slot_size: spec.slot_size,
+            slot_count: spec.slot_count,
+            ring_capacity: self.cfg.daemon.ring_capacity,
+            credits,
+            gpu: gpu.as_ref().map(|g| g.info.clone()),
+        };
+        entry.idle_since = None;
+        let fds = [region.fd(), entry.pool.fd()];
+        if let Some(s) = self.sessions.get_mut(&id) {
+            limited!(
+                INFO,
+                session = id,
+                pid = s.cred.pid,
+                stream = %name,
+                device = gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal)).unwrap_or_else(|| "host".into()),
+                "producer opened"
+            );
+            s.role = Role::Producer(ProducerState {
+                stream: idx,
+                rings,
+                granted: IdSet::default(),
+                credits,
+                published: 0,
+                ended: false,
+                starved_since: None,
+                starved_logged: false,
+                gpu,
+            });
+        }
+        self.reply(id, &Response::Opened(info), &fds);
+    }
+
+    pub(super) fn open_consumer(
+        &mut self,
+        id: SessionId,
+        name: String,
+        group: String,
+        prefetch: u32,
+        device: (Option<u32>, Option<String>),
+        start: proto::GroupStart,
+    ) {
+        let cap = self.cfg.daemon.ring_capacity;
+        let prefetch = if prefetch == 0 {
+            8.min(cap)
+        } else {
+            prefetch.min(cap)
+        };
+        let uid = self.sessions.get(&id).map_or(u32::MAX, |s| s.cred.uid);
+        let res = (|| {
+            self.check_open(id)?;
+            let ordinal = match &device {
+                (None, None) => None,
+                (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
+            };
+            if !proto::valid_name(&group) {
+                return Err((
+                    ErrorCode::InvalidArgument,
+                    format!("group name {group:?} must be 1-128 characters of A-Z a-z 0-9 . _ -"),
+                ));
+            }
+            let idx = self.by_name.get(&name).copied().ok_or_else(|| {
+                (
+                    ErrorCode::UnknownStream,
+                    format!("no stream named {name:?} (a producer creates it, or declare it in the config)"),
+                )
+            })?;
+            self.may_use_group(idx, &group, uid, "join")
+                .map_err(|m| (ErrorCode::PermissionDenied, m))?;
+            let s = &self.streams[idx].stream;
+            let max = self.cfg.daemon.max_groups_per_stream;
+            if s.group_index(&group).is_none() && s.live_groups() >= max as usize {
+                return Err((
+                    ErrorCode::Limit,
+                    format!("stream {name} has {} consumer groups, daemon.max_groups_per_stream = {max} (`ferry group delete` removes an unused one)", s.live_groups()),
+                ));
+            }
+            let gpu = match ordinal {
+                None => None,
+                Some(n) => {
+                    let entry = &self.streams[idx];
+                    Some(self.gpus.delivery(
+                        n,
+                        idx,
+                        &entry.pool,
+                        entry.stream.spec.slot_size,
+                        prefetch,
+                    )?)
+                }
+            };
+            let (rings, region) = self.new_rings(id)?;
+            Ok((idx, rings, region, gpu))
+        })();
+        let (idx, rings, region, gpu) = match res {
+            Ok(v) => v,
+            Err((code, msg)) => return self.refuse(id, code, msg),
+        };
+        let entry = &mut self.streams[idx];
+        let new_group = entry.stream.group_index(&group).is_none();
+        let g = match entry.stream.join(&group, id, &start) {
+            Ok(g) => g,
+            Err(e) => {
+                let code = match e {
+                    crate::stream::SeekError::Gone { .. } => ErrorCode::OffsetGone,
+                    _ => ErrorCode::InvalidArgument,
+                };
+                return self.refuse(id, code, format!("start of new group {group}: {e}"));
+            }
+        };
+        let epoch_seen = entry.stream.groups[g].epoch;
+        if new_group {
+            entry.stream.groups[g].owner = uid;
+        }
+        entry.dirty = true;
+        let spec = entry.stream.spec.clone();
+        let info = SessionInfo {
+            session: id,
+            stream_id: idx as u32,
+            partitions: spec.partitions,
+            slot_size: spec.slot_size,
+            slot_count: spec.slot_count,
+            ring_capacity: cap,
+            credits: prefetch,
+            gpu: gpu.as_ref().map(|g| g.info.clone()),
+        };
+        entry.idle_since = None;
+        // Consumers read the pool and nothing more: a read-only file
+        // description cannot be mapped writable or punched.
+        let fds = [region.fd(), entry.pool_ro.as_raw_fd()];
+        if gpu.is_some() {
+            self.gpu_sessions += 1;
+        }
+        if let Some(s) = self.sessions.get_mut(&id) {
+            limited!(
+                INFO,
+                session = id,
+                pid = s.cred.pid,
+                stream = %name,
+                group = %group,
+                device = gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal)).unwrap_or_else(|| "host".into()),
+                "consumer joined"
+            );
+            s.role = Role::Consumer(ConsumerState {
+                stream: idx,
+                group: g,
+                rings,
+                prefetch,
+                inflight: 0,
+                delivered: 0,
+                epoch_seen,
+                gpu,
+            });
+        }
+        self.reply(id, &Response::Opened(info), &fds);
+    }
+
+    pub(super) fn seek(&mut self, id: SessionId, partition: u32, offset: u64) {
+        // Releases already queued come first.
+        self.drain_session(id);
+        let Some(Role::Consumer(c)) = self.sessions.get(&id).map(|s| &s.role) else {
+            return self.refuse(
+                id,
+                ErrorCode::InvalidArgument,
+                "seek on a connection that is not a consumer".into(),
+            );
+        };
+        let (idx, g) = (c.stream, c.group);
+        let entry = &mut self.streams[idx];
+        match entry.stream.seek(g, partition, offset) {
+            Ok(()) => {
+                entry.dirty = true;
+                self.reply(id, &Response::Done, &[]);
+            }
+            Err(e) => self.refuse(id, ErrorCode::OffsetGone, e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The status snapshot the admin socket answers with.
+
+use ferry_admin::{
+    GpuStatus, GroupPartStatus, GroupStatus, MemberStatus, MemoryStatus, ProducerStatus, Status,
+    StreamStatus,
+};
+
+use super::sessions::Role;
+use super::Server;
+
+/// A GPU as the status shows it.
+fn gpu_status(g: &ferry_cuda::GpuInfo) -> GpuStatus {
+    GpuStatus {
+        ordinal: g.ordinal,
+        name: g.name.clone(),
+        pci_bus_id: g.pci_bus_id.clone(),
+        total_memory: g.total_memory,
+        dma_buf: g.dma_buf,
+        gpudirect_rdma: g.gpudirect_rdma,
+    }
+}
+
+impl Server {
+    /// A status snapshot: every stream with at most ferry_admin::MAX_STATUS_ROWS
+    /// partition rows in all, or stream `only` in full.
+    pub(super) fn status_view(&self, only: Option<&str>) -> Status {
+        let mut rows_left = if only.is_some() {
+            usize::MAX
+        } else {
+            ferry_admin::MAX_STATUS_ROWS
+        };
+        let streams = self
+            .streams
+            .iter()
+            .filter(|e| only.is_none_or(|n| n == e.stream.name))
+            .map(|e| {
+                let s = &e.stream;
+                let (free, granted, held) = s.slot_counts();
+                let ends: Vec<u64> = s.parts.iter().map(|p| p.end).collect();
+                StreamStatus {
+                    name: s.name.clone(),
+                    declared: e.owner.is_none(),
+                    owner_uid: e.owner,
+                    pool_bytes: e.layout.total,
+                    partitions: s.spec.partitions,
+                    slot_size: s.spec.slot_size,
+                    slot_count: s.spec.slot_count,
+                    slots_free: free,
+                    slots_granted: granted,
+                    slots_held: held,
+                    published: s.published,
+                    end_offsets: ends.clone(),
+                    slots_held_for_first_group: s.orphans(),
+                    groups_expired: e.groups_expired,
+                    producers: e
+                        .producers
+                        .iter()
+                        .filter_map(|id| {
+                            let sess = self.sessions.get(id)?;
+                            let Role::Producer(p) = &sess.role else {
+                                return None;
+                            };
+                            Some(ProducerStatus {
+                                session: *id,
+                                pid: sess.cred.pid,
+                                granted: p.granted.len() as u32,
+                                published: p.published,
+                                waiting_for_slot_ms: p
+                                    .starved_since
+                                    .filter(|_| s.free.is_empty())
+                                    .map(|t| t.elapsed().as_millis() as u64),
+                                device: p.gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal)),
+                                gpu_copies_in_flight: p
+                                    .gpu
+                                    .as_ref()
+                                    .map_or(0, |g| g.pending() as u32),
+                                gpu_bytes_copied: p.gpu.as_ref().map_or(0, |g| g.copied_bytes),
+                            })
+                        })
+                        .collect(),
+                    groups: s
+                        .groups
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, g)| !g.deleted)
+                        .map(|(gi, g)| {
+                            let shown = g.parts.len().min(rows_left);
+                            rows_left -= shown;
+                            let lag = g
+                                .parts
+                                .iter()
+                                .enumerate()
+                                .map(|(p, gp)| ends[p].saturating_sub(gp.committed))
+                                .sum();
+                            let parts: Vec<GroupPartStatus> = g
+                                .parts
+                                .iter()
+                                .enumerate()
+                                .take(shown)
+                                .map(|(p, gp)| GroupPartStatus {
+                                    partition: p as u32,
+                                    owner: g.assign[p],
+                                    next: gp.position(),
+                                    committed: gp.committed,
+                                    end: ends[p],
+                                    lag: ends[p].saturating_sub(gp.committed),
+                                    inflight: gp.inflight.len() as u32,
+                                    redeliver: gp.pending.len() as u32,
+                                })
+                                .collect();
+                            GroupStatus {
+                                name: g.name.clone(),
+                                lag,
+                                slots_held: s.held_by(gi),
+                                epochs: g.epoch,
+                                owner_uid: g.owner,
+                                partitions_omitted: (g.parts.len() - shown) as u32,
+                                members: g
+                                    .members
+                                    .iter()
+                                    .filter_map(|id| {
+                                        let sess = self.sessions.get(id)?;
+                                        let Role::Consumer(c) = &sess.role else {
+                                            return None;
+                                        };
+                                        Some(MemberStatus {
+                                            session: *id,
+                                            pid: sess.cred.pid,
+                                            partitions: g.partitions_of(*id),
+                                            prefetch: c.prefetch,
+                                            inflight: c.inflight,
+                                            delivered: c.delivered,
+                                            ring_occupancy: c.rings.comp.ring().occupancy(),
+                                            device: c
+                                                .gpu
+                                                .as_ref()
+                                                .map(|g| format!("cuda:{}", g.info.ordinal)),
+                                            gpu_copies_in_flight: c
+                                                .gpu
+                                                .as_ref()
+                                                .map_or(0, |g| g.pending() as u32),
+                                            gpu_bytes_copied: c
+                                                .gpu
+                                                .as_ref()
+                                                .map_or(0, |g| g.copied_bytes),
+                                            gpu_bytes_from_gpu: c
+                                                .gpu
+                                                .as_ref()
+                                                .map_or(0, |g| g.d2d_bytes),
+                                        })
+                                    })
+                                    .collect(),
+                                partitions: parts,
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Status {
+            daemon: format!("ferryd {}", env!("CARGO_PKG_VERSION")),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            socket: self.socket_path.display().to_string(),
+            draining: self.draining.is_some(),
+            fabric: self.fabric.clone(),
+            placement: self.placement.clone(),
+            gpus: match &self.gpus.probe {
+                Ok(p) => p.gpus.iter().map(gpu_status).collect(),
+                Err(_) => Vec::new(),
+            },
+            gpu_note: match &self.gpus.probe {
+                Ok(p) => format!("CUDA driver {}", p.driver_version),
+                Err(e) => e.to_string(),
+            },
+            sessions: self.sessions.len(),
+            memory: {
+                let (total, per_uid) = self.usage();
+                MemoryStatus {
+                    pool_bytes: total.pool_bytes,
+                    max_total_pool_bytes: self.cfg.max_total_pool_bytes(),
+                    max_pool_bytes_per_uid: self.cfg.max_pool_bytes_per_uid(),
+                    streams: total.streams,
+                    max_streams: self.cfg.daemon.max_streams,
+                    per_uid: per_uid.into_values().collect(),
+                }
+            },
+            streams,
+        }
+    }
+}
