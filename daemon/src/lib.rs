@@ -7,4 +7,5 @@ pub mod idhash;
 pub mod placement;
 pub mod ratelimit;
 pub mod server;
+pub mod sink;
 pub mod stream;

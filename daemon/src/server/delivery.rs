@@ -11,6 +11,7 @@ use crate::idhash::IdSet;
 use crate::stream::{SessionId, Violation};
 
 use super::*;
+use crate::sink::Batch;
 
 /// The stream entry flags a publish descriptor asks for.
 pub(super) fn entry_flags(d: &Desc) -> u16 {
@@ -153,38 +154,27 @@ impl Server {
                         offset: dv.offset,
                         ..Desc::default()
                     };
-                    if let Some(g) = &mut c.gpu {
-                        // The descriptor goes out when the copy is done
-                        // (progress_gpu).
-                        let Some(src) = pool_layout.slot_offset(dv.entry.slot) else {
-                            return false;
-                        };
-                        let from = gpus.source(idx, dv.entry.device, dv.entry.slot);
-                        return match g.start(d, src, from) {
-                            Ok(true) => {
-                                c.inflight += 1;
-                                c.delivered += 1;
-                                true
-                            }
-                            Ok(false) => false,
-                            Err(e) => {
-                                failed.push((m, e));
-                                false
-                            }
-                        };
-                    }
-                    debug_assert!(pool_layout.slot_offset(dv.entry.slot).is_some());
-                    match c.rings.comp.push(&d) {
-                        Ok(()) => {
+                    let Some(pool_offset) = pool_layout.slot_offset(dv.entry.slot) else {
+                        return false;
+                    };
+                    let batch = Batch {
+                        desc: d,
+                        pool_offset,
+                        from_gpu: dv
+                            .entry
+                            .device
+                            .and_then(|_| gpus.source(idx, dv.entry.device, dv.entry.slot)),
+                    };
+                    match c.sink.offer(batch) {
+                        Ok(true) => {
                             c.inflight += 1;
                             c.delivered += 1;
                             to_wake.push(m);
                             true
                         }
+                        Ok(false) => false,
                         Err(e) => {
-                            if !matches!(e, ferry_shm::RingError::Full) {
-                                failed.push((m, e.to_string()));
-                            }
+                            failed.push((m, e));
                             false
                         }
                     }
@@ -209,30 +199,28 @@ impl Server {
                     else {
                         continue;
                     };
-                    while c.epoch_seen < group.epoch
-                        && c.gpu.as_ref().is_none_or(|g| g.pending() == 0)
-                    {
+                    while c.epoch_seen < group.epoch {
                         let d = Desc {
                             op: desc::OP_END_OF_EPOCH,
                             stream: sid,
                             offset: c.epoch_seen + 1,
                             ..Desc::default()
                         };
-                        match c.rings.comp.push(&d) {
-                            Ok(()) => {
+                        match c.sink.end_of_epoch(&d) {
+                            Ok(true) => {
                                 c.epoch_seen += 1;
                                 pushed += 1;
                                 to_wake.push(m);
                             }
-                            Err(ferry_shm::RingError::Full) => break,
+                            Ok(false) => break,
                             Err(e) => {
-                                failed.push((m, e.to_string()));
+                                failed.push((m, e));
                                 break;
                             }
                         }
                     }
                     if c.epoch_seen < group.epoch {
-                        // Ring full or GPU copies in flight: again later.
+                        // No room, or deliveries still in flight: again later.
                         entry.ends_untold = true;
                         entry.dirty = true;
                     }
@@ -242,10 +230,12 @@ impl Server {
         to_wake.sort_unstable();
         to_wake.dedup();
         for id in to_wake.iter() {
-            if let Some(r) = self.sessions.get(id).and_then(|s| rings_of(&s.role)) {
-                if r.comp.wake_needed() {
-                    sys::futex_wake(r.comp.ring().sleep_word());
+            match self.sessions.get_mut(id).map(|s| &mut s.role) {
+                Some(Role::Producer(p)) if p.rings.comp.wake_needed() => {
+                    sys::futex_wake(p.rings.comp.ring().sleep_word());
                 }
+                Some(Role::Consumer(c)) => c.sink.wake(),
+                _ => {}
             }
         }
         self.wake_scratch = to_wake;
@@ -283,31 +273,16 @@ impl Server {
             let Role::Consumer(c) = &mut s.role else {
                 continue;
             };
-            let Some(g) = &mut c.gpu else {
-                continue;
-            };
-            if g.pending() == 0 {
+            if c.sink.pending() == 0 {
                 continue;
             }
-            let comp = &mut c.rings.comp;
-            let mut ring_err = None;
-            let res = g.complete(|d| match comp.push(d) {
-                Ok(()) => true,
-                Err(ferry_shm::RingError::Full) => false,
-                Err(e) => {
-                    ring_err = Some(e.to_string());
-                    false
-                }
-            });
-            match (res, ring_err) {
-                (Err(e), _) | (_, Some(e)) => failed.push((id, e)),
-                (Ok(0), None) => {}
-                (Ok(n), None) => {
+            match c.sink.complete() {
+                Err(e) => failed.push((id, e)),
+                Ok(0) => {}
+                Ok(n) => {
                     pushed += n;
-                    if comp.wake_needed() {
-                        sys::futex_wake(comp.ring().sleep_word());
-                    }
-                    // An end of epoch may wait for these copies.
+                    c.sink.wake();
+                    // An end of epoch may wait for these deliveries.
                     streams[c.stream].dirty = true;
                 }
             }
@@ -322,7 +297,7 @@ impl Server {
     pub(super) fn copies_pending(&self) -> bool {
         self.gpu_sessions > 0
             && self.sessions.values().any(|s| match &s.role {
-                Role::Consumer(ConsumerState { gpu: Some(g), .. }) => g.pending() > 0,
+                Role::Consumer(c) => c.sink.pending() > 0,
                 Role::Producer(ProducerState { gpu: Some(g), .. }) => g.pending() > 0,
                 _ => false,
             })

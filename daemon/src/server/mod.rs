@@ -36,7 +36,7 @@ use catalog::{StreamEntry, Streams};
 use delivery::{entry_flags, publish_copied};
 use lifecycle::{claim_socket_path, notify_systemd, set_socket_access};
 use sessions::{
-    rings_of, rings_of_mut, ConsumerState, Policy, ProducerState, Role, Session, ACCEPT_PAUSE,
+    sub_of, sub_of_mut, ConsumerState, Policy, ProducerState, Role, Session, ACCEPT_PAUSE,
 };
 
 /// What an epoll event is about.
@@ -321,8 +321,8 @@ impl Server {
             let mut can_sleep = true;
             let mut bad = Vec::new();
             for s in self.sessions.values_mut() {
-                if let Some(r) = rings_of_mut(&mut s.role) {
-                    match r.sub.prepare_sleep() {
+                if let Some(sub) = sub_of_mut(&mut s.role) {
+                    match sub.prepare_sleep() {
                         Ok(true) => {}
                         Ok(false) => can_sleep = false,
                         Err(e) => bad.push((s.id, e.to_string())),
@@ -342,8 +342,8 @@ impl Server {
             };
             self.poll_events(timeout)?;
             for s in self.sessions.values() {
-                if let Some(r) = rings_of(&s.role) {
-                    r.sub.finish_sleep();
+                if let Some(sub) = sub_of(&s.role) {
+                    sub.finish_sleep();
                 }
             }
             last_work = Instant::now();
@@ -361,12 +361,7 @@ impl Server {
         self.sessions.values().any(|s| match &s.role {
             Role::Consumer(c) => {
                 c.inflight < c.prefetch
-                    && c.rings
-                        .comp
-                        .ring()
-                        .sleep_word()
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        == ferry_shm::ring::SLEEPING
+                    && c.sink.consumer_sleeping()
                     && self
                         .streams
                         .slots

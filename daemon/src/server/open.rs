@@ -8,7 +8,9 @@ use crate::idhash::IdSet;
 use crate::limited;
 use crate::stream::SessionId;
 
+use super::sessions::Rings;
 use super::*;
+use crate::sink::{GpuPool, HostRing, Sink};
 
 impl Server {
     pub(super) fn open_producer(
@@ -223,9 +225,15 @@ impl Server {
         // Consumers read the pool and nothing more: a read-only file
         // description cannot be mapped writable or punched.
         let fds = [region.fd(), entry.pool_ro.as_raw_fd()];
-        if gpu.is_some() {
-            self.gpu_sessions += 1;
-        }
+        let device_name = gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal));
+        let Rings { _region, sub, comp } = rings;
+        let sink: Box<dyn Sink> = match gpu {
+            Some(g) => {
+                self.gpu_sessions += 1;
+                Box::new(GpuPool::new(comp, g))
+            }
+            None => Box::new(HostRing::new(comp)),
+        };
         if let Some(s) = self.sessions.get_mut(&id) {
             limited!(
                 INFO,
@@ -233,18 +241,19 @@ impl Server {
                 pid = s.cred.pid,
                 stream = %name,
                 group = %group,
-                device = gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal)).unwrap_or_else(|| "host".into()),
+                device = device_name.as_deref().unwrap_or("host"),
                 "consumer joined"
             );
             s.role = Role::Consumer(ConsumerState {
                 stream: idx,
                 group: g,
-                rings,
+                _region,
+                sub,
                 prefetch,
                 inflight: 0,
                 delivered: 0,
                 epoch_seen,
-                gpu,
+                sink,
             });
         }
         self.reply(id, &Response::Opened(info), &fds);

@@ -10,9 +10,10 @@ use ferry_shm::proto::{self, ErrorCode, Request, Response};
 use ferry_shm::sys::{self, PeerCred};
 use ferry_shm::{init_ring, Region, RingConsumer, RingProducer};
 
-use crate::gpu::{GpuDelivery, GpuPublish};
+use crate::gpu::GpuPublish;
 use crate::idhash::IdSet;
 use crate::limited;
+use crate::sink::Sink;
 use crate::stream::SessionId;
 
 use super::*;
@@ -43,16 +44,23 @@ pub(super) struct ProducerState {
 pub(super) struct ConsumerState {
     pub(super) stream: usize,
     pub(super) group: usize,
-    pub(super) rings: Rings,
+    /// The session's ring region (kept mapped) and its submission ring;
+    /// the completion ring belongs to the sink.
+    pub(super) _region: Arc<Region>,
+    pub(super) sub: RingConsumer,
     pub(super) prefetch: u32,
     pub(super) inflight: u32,
     pub(super) delivered: u64,
     /// The group's epochs this member was told of (OP_END_OF_EPOCH).
     pub(super) epoch_seen: u64,
-    /// GPU delivery: the consumer's GPU pool and copies in flight.
-    pub(super) gpu: Option<GpuDelivery>,
+    /// Where its batches go: its completion ring, or its GPU pool first.
+    pub(super) sink: Box<dyn Sink>,
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per session, in a map: boxing would add a pointer chase to every poll of a producer's ring"
+)]
 pub(super) enum Role {
     /// Connected, no Hello yet.
     Fresh,
@@ -96,18 +104,19 @@ pub(super) const MAX_MESSAGES_PER_EVENT: usize = 64;
 /// descriptors, unless a connection closes sooner.
 pub(super) const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-pub(super) fn rings_of(role: &Role) -> Option<&Rings> {
+/// The submission ring of a producer or consumer.
+pub(super) fn sub_of(role: &Role) -> Option<&RingConsumer> {
     match role {
-        Role::Producer(p) => Some(&p.rings),
-        Role::Consumer(c) => Some(&c.rings),
+        Role::Producer(p) => Some(&p.rings.sub),
+        Role::Consumer(c) => Some(&c.sub),
         _ => None,
     }
 }
 
-pub(super) fn rings_of_mut(role: &mut Role) -> Option<&mut Rings> {
+pub(super) fn sub_of_mut(role: &mut Role) -> Option<&mut RingConsumer> {
     match role {
-        Role::Producer(p) => Some(&mut p.rings),
-        Role::Consumer(c) => Some(&mut c.rings),
+        Role::Producer(p) => Some(&mut p.rings.sub),
+        Role::Consumer(c) => Some(&mut c.sub),
         _ => None,
     }
 }
@@ -438,13 +447,12 @@ impl Server {
                 );
             }
             Role::Consumer(mut c) => {
-                if let Some(g) = &mut c.gpu {
-                    // Copies still reading host slots finish before those
-                    // slots can go to anybody else.
-                    g.quiesce();
+                // Copies still reading host slots finish before those
+                // slots can go to anybody else.
+                c.sink.quiesce();
+                if c.sink.deferred() {
                     self.gpu_sessions -= 1;
                 }
-                drop(c.gpu.take());
                 let entry = &mut self.streams[c.stream];
                 entry.stream.leave(c.group, id);
                 entry.dirty = true;

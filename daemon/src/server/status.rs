@@ -123,6 +123,7 @@ impl Server {
                                         let Role::Consumer(c) = &sess.role else {
                                             return None;
                                         };
+                                        let sink = c.sink.status();
                                         Some(MemberStatus {
                                             session: *id,
                                             pid: sess.cred.pid,
@@ -130,23 +131,11 @@ impl Server {
                                             prefetch: c.prefetch,
                                             inflight: c.inflight,
                                             delivered: c.delivered,
-                                            ring_occupancy: c.rings.comp.ring().occupancy(),
-                                            device: c
-                                                .gpu
-                                                .as_ref()
-                                                .map(|g| format!("cuda:{}", g.info.ordinal)),
-                                            gpu_copies_in_flight: c
-                                                .gpu
-                                                .as_ref()
-                                                .map_or(0, |g| g.pending() as u32),
-                                            gpu_bytes_copied: c
-                                                .gpu
-                                                .as_ref()
-                                                .map_or(0, |g| g.copied_bytes),
-                                            gpu_bytes_from_gpu: c
-                                                .gpu
-                                                .as_ref()
-                                                .map_or(0, |g| g.d2d_bytes),
+                                            ring_occupancy: sink.ring_occupancy,
+                                            device: sink.device,
+                                            gpu_copies_in_flight: sink.copies_in_flight,
+                                            gpu_bytes_copied: sink.bytes_copied,
+                                            gpu_bytes_from_gpu: sink.bytes_from_gpu,
                                         })
                                     })
                                     .collect(),

@@ -16,7 +16,7 @@ impl Server {
         ids.extend(
             self.sessions
                 .iter()
-                .filter(|(_, s)| rings_of(&s.role).is_some())
+                .filter(|(_, s)| sub_of(&s.role).is_some())
                 .map(|(id, _)| *id),
         );
         let n = ids.iter().map(|&id| self.drain_session(id)).sum();
@@ -102,12 +102,10 @@ impl Server {
                 // "Commit everything I own" costs a pass over the member's
                 // partitions: a ring full of them is applied once.
                 let mut commit_all = false;
-                while let Some(d) = c.rings.sub.pop().map_err(|e| Violation(e.to_string()))? {
+                while let Some(d) = c.sub.pop().map_err(|e| Violation(e.to_string()))? {
                     match d.op {
                         desc::OP_RELEASE => {
-                            if let Some(g) = &mut c.gpu {
-                                g.release(d.partition, d.offset, d.dslot)?;
-                            }
+                            c.sink.release(&d)?;
                             entry
                                 .stream
                                 .release(c.group, id, d.partition, d.offset, d.slot)?;
