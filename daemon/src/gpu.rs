@@ -27,6 +27,7 @@ use ferry_shm::desc::{self, Desc};
 use ferry_shm::proto::{ErrorCode, GpuPoolInfo};
 use ferry_shm::Region;
 
+use crate::error::Refusal;
 use crate::stream::Violation;
 
 /// GPU slots start on this boundary, so that any dtype a trainer views
@@ -66,11 +67,7 @@ impl Gpus {
 
     /// ferryd's ordinal of the GPU a consumer asked for: by PCI bus id when
     /// given (ordinals differ between processes), else by ordinal.
-    pub fn resolve(
-        &self,
-        ordinal: Option<u32>,
-        bus: Option<&str>,
-    ) -> Result<u32, (ErrorCode, String)> {
+    pub fn resolve(&self, ordinal: Option<u32>, bus: Option<&str>) -> Result<u32, Refusal> {
         let what = match (bus, ordinal) {
             (Some(b), _) => format!("the GPU at PCI {b}"),
             (None, Some(n)) => format!("cuda:{n}"),
@@ -79,7 +76,7 @@ impl Gpus {
         let p = match &self.probe {
             Ok(p) => p,
             Err(e) => {
-                return Err((
+                return Err(Refusal::new(
                     ErrorCode::NoDevice,
                     format!("GPU delivery to {what} was requested, but ferryd's host has no usable CUDA GPU ({e})"),
                 ))
@@ -100,7 +97,7 @@ impl Gpus {
                 .iter()
                 .map(|g| format!("cuda:{} at {}", g.ordinal, g.pci_bus_id))
                 .collect();
-            (
+            Refusal::new(
                 ErrorCode::NoDevice,
                 format!(
                     "ferryd sees no {what}; it has {} GPU(s): {}",
@@ -150,18 +147,18 @@ impl Gpus {
         gpu: &Arc<Gpu>,
         slot_size: u64,
         slots: u32,
-    ) -> Result<(Mem, GpuPoolInfo), (ErrorCode, String)> {
+    ) -> Result<(Mem, GpuPoolInfo), Refusal> {
         let ordinal = gpu.ordinal;
         let stride = slot_size.max(1).div_ceil(STRIDE_ALIGN) * STRIDE_ALIGN;
         let len = stride
             .checked_mul(slots as u64)
             .filter(|&l| l <= usize::MAX as u64)
-            .ok_or((
+            .ok_or(Refusal::new(
                 ErrorCode::InvalidArgument,
                 "GPU pool size overflows".to_string(),
             ))?;
         if len > self.max_pool {
-            return Err((
+            return Err(Refusal::new(
                 ErrorCode::Limit,
                 format!(
                     "a GPU pool of {slots} x {stride} bytes exceeds daemon.max_gpu_pool_bytes = {} (ask for fewer prefetch slots)",
@@ -170,14 +167,14 @@ impl Gpus {
             ));
         }
         let pool = gpu.alloc(len as usize).map_err(|e| {
-            (
+            Refusal::new(
                 ErrorCode::Limit,
                 format!("allocating a {len}-byte GPU pool on cuda:{ordinal}: {e}"),
             )
         })?;
         let handle = pool
             .ipc_handle()
-            .map_err(|e| (ErrorCode::Internal, format!("cuda:{ordinal}: {e}")))?;
+            .map_err(|e| Refusal::new(ErrorCode::Internal, format!("cuda:{ordinal}: {e}")))?;
         let pci_bus_id = match &self.probe {
             Ok(p) => p
                 .gpus
@@ -206,8 +203,9 @@ impl Gpus {
         ordinal: u32,
         stream: usize,
         host: &Arc<Region>,
-    ) -> Result<(Arc<Gpu>, Mem, ferry_cuda::Stream), (ErrorCode, String)> {
-        let internal = |e: CudaError| (ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
+    ) -> Result<(Arc<Gpu>, Mem, ferry_cuda::Stream), Refusal> {
+        let internal =
+            |e: CudaError| Refusal::new(ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
         let gpu = self.gpu(ordinal).map_err(internal)?;
         let host = self.host(&gpu, stream, host).map_err(internal)?;
         let cuda_stream = gpu.stream().map_err(internal)?;
@@ -223,7 +221,7 @@ impl Gpus {
         host: &Arc<Region>,
         slot_size: u64,
         slots: u32,
-    ) -> Result<GpuDelivery, (ErrorCode, String)> {
+    ) -> Result<GpuDelivery, Refusal> {
         let (gpu, host, cuda_stream) = self.attach(ordinal, stream, host)?;
         let (pool, info) = self.pool(&gpu, slot_size, slots)?;
         Ok(GpuDelivery {
@@ -248,7 +246,7 @@ impl Gpus {
         host: &Arc<Region>,
         slot_size: u64,
         slot_count: u32,
-    ) -> Result<GpuPublish, (ErrorCode, String)> {
+    ) -> Result<GpuPublish, Refusal> {
         let (gpu, host, cuda_stream) = self.attach(ordinal, stream, host)?;
         let (mirror, info) = match self.mirrors.get(&(stream, ordinal)) {
             Some(m) => m.clone(),

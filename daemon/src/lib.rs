@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod error;
 pub mod gpu;
 pub mod idhash;
 pub mod placement;

@@ -200,21 +200,21 @@ pub enum SeekError {
 
 #[derive(Debug)]
 pub struct Stream {
-    pub id: u32,
-    pub name: String,
-    pub spec: StreamSpec,
-    pub slots: Vec<Slot>,
+    id: u32,
+    name: String,
+    spec: StreamSpec,
+    slots: Vec<Slot>,
     /// Free slots: the replay window (released batches a seek can still
     /// read) and the spare slots, which grants take first.
-    pub free: FreeSlots,
+    free: FreeSlots,
     /// At most this many released batches stay readable for a seek (the
     /// oldest release leaves the window first). A grant takes a spare
     /// slot, most recently freed first, and only when there is none the
     /// oldest slot of the window: producers never wait for the window.
-    pub replay_window: u32,
-    pub parts: Vec<Partition>,
-    pub groups: Vec<Group>,
-    pub published: u64,
+    replay_window: u32,
+    parts: Vec<Partition>,
+    groups: Vec<Group>,
+    published: u64,
     rr: u32,
 }
 
@@ -388,6 +388,38 @@ pub fn partition_for_key(key: u64, partitions: u32) -> u32 {
 }
 
 impl Stream {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn spec(&self) -> &StreamSpec {
+        &self.spec
+    }
+
+    /// Batches published into it since it was created.
+    pub fn published(&self) -> u64 {
+        self.published
+    }
+
+    /// Whether a slot is free for a grant.
+    pub fn has_free_slot(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Its groups by index, deleted ones included (`Group::deleted`).
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    /// The next offset of each partition.
+    pub fn end_offsets(&self) -> Vec<u64> {
+        self.parts.iter().map(|p| p.end).collect()
+    }
+
     pub fn new(id: u32, name: String, spec: StreamSpec) -> Stream {
         Stream {
             id,
@@ -786,10 +818,12 @@ impl Stream {
     /// Adds `session` to group `name` (creating the group, starting where
     /// `start` says) and rebalances. `start` is ignored when the group
     /// exists; a start that is not retained is an error and joins nothing.
+    /// A new group belongs to `uid`.
     pub fn join(
         &mut self,
         name: &str,
         session: SessionId,
+        uid: u32,
         start: &GroupStart,
     ) -> Result<usize, SeekError> {
         let g = match self.group_index(name) {
@@ -814,7 +848,7 @@ impl Stream {
                     parts,
                     deleted: false,
                     empty_since: None,
-                    owner: 0,
+                    owner: uid,
                     epoch: 0,
                 };
                 // Reuse a deleted group's index, so that creating and
@@ -1228,9 +1262,9 @@ mod tests {
     #[test]
     fn each_batch_goes_to_one_member_and_every_group() {
         let mut s = stream(4, 64);
-        let a = s.join("g1", 10, &GroupStart::Default).unwrap();
-        s.join("g1", 11, &GroupStart::Default).unwrap();
-        let b = s.join("g2", 20, &GroupStart::Default).unwrap();
+        let a = s.join("g1", 10, 0, &GroupStart::Default).unwrap();
+        s.join("g1", 11, 0, &GroupStart::Default).unwrap();
+        let b = s.join("g2", 20, 0, &GroupStart::Default).unwrap();
         let published = publish(&mut s, 40);
         let got1 = take_all(&mut s, a);
         let got2 = take_all(&mut s, b);
@@ -1258,7 +1292,7 @@ mod tests {
     #[test]
     fn double_release_and_foreign_release_are_violations() {
         let mut s = stream(1, 8);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 1);
         let d = take_all(&mut s, g)[0].1;
         assert!(
@@ -1296,8 +1330,8 @@ mod tests {
     #[test]
     fn leaving_member_batches_are_redelivered_to_the_rest() {
         let mut s = stream(2, 16);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
-        s.join("g", 2, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
+        s.join("g", 2, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 8);
         let first = take_all(&mut s, g);
         let of1: Vec<_> = first
@@ -1322,7 +1356,7 @@ mod tests {
         let mut s = stream(1, 4);
         publish(&mut s, 4);
         assert!(s.grant(1).is_none(), "pool full: producers must wait");
-        let g = s.join("late", 5, &GroupStart::Default).unwrap();
+        let g = s.join("late", 5, 0, &GroupStart::Default).unwrap();
         let got = take_all(&mut s, g);
         assert_eq!(got.len(), 4);
         for (m, d) in got {
@@ -1334,7 +1368,7 @@ mod tests {
     #[test]
     fn credit_limits_delivery_and_full_sink_puts_back() {
         let mut s = stream(1, 16);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 10);
         let mut n = 0;
         s.deliver(g, |_, _| {
@@ -1367,7 +1401,7 @@ mod tests {
         // Window 0: a release goes back on top, and the next grant takes it.
         let mut s = stream(1, 8);
         s.set_replay_window(0);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 3);
         let got = take_all(&mut s, g);
         for (m, d) in &got {
@@ -1386,7 +1420,7 @@ mod tests {
         // them), and the window's oldest slot only when nothing else is free.
         let mut s = stream(1, 4);
         s.set_replay_window(2);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 4);
         let got = take_all(&mut s, g);
         for (m, d) in &got {
@@ -1407,7 +1441,7 @@ mod tests {
         check(&s);
         // Shrinking the window lets its oldest batches go at once.
         let mut s = stream(1, 4);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 3);
         for (m, d) in take_all(&mut s, g) {
             s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
@@ -1425,7 +1459,7 @@ mod tests {
     #[test]
     fn seek_back_replays_retained_batches_exactly() {
         let mut s = stream(1, 8);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 4);
         for (m, d) in take_all(&mut s, g) {
             s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
@@ -1437,7 +1471,7 @@ mod tests {
         check(&s);
         // Too far back once the slots are reused.
         let mut s = stream(1, 2);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
         for _ in 0..3 {
             publish(&mut s, 1);
             for (m, d) in take_all(&mut s, g) {
@@ -1461,7 +1495,7 @@ mod tests {
     #[test]
     fn seek_forward_skips_and_frees() {
         let mut s = stream(1, 8);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 5);
         s.seek(g, 0, 3).unwrap();
         let got: Vec<u64> = take_all(&mut s, g).iter().map(|(_, d)| d.offset).collect();
@@ -1473,7 +1507,7 @@ mod tests {
     #[test]
     fn commit_all_records_low_watermark() {
         let mut s = stream(1, 8);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 4);
         let got = take_all(&mut s, g);
         let d1 = got[1].1;
@@ -1490,8 +1524,8 @@ mod tests {
     #[test]
     fn deleting_an_abandoned_group_frees_its_slots_or_keeps_them_for_the_next() {
         let mut s = stream(1, 4);
-        let a = s.join("a", 1, &GroupStart::Default).unwrap();
-        let b = s.join("b", 2, &GroupStart::Default).unwrap();
+        let a = s.join("a", 1, 0, &GroupStart::Default).unwrap();
+        let b = s.join("b", 2, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 4);
         for (m, d) in take_all(&mut s, a) {
             s.release(a, m, d.part, d.offset, d.entry.slot).unwrap();
@@ -1510,9 +1544,9 @@ mod tests {
         s.leave(a, 1);
         assert_eq!(s.delete_group("a").unwrap(), 2);
         assert_eq!(s.slot_counts().2, 0, "freed (retained for replay)");
-        let c = s.join("c", 3, &GroupStart::Default).unwrap();
+        let c = s.join("c", 3, 0, &GroupStart::Default).unwrap();
         assert_eq!(take_all(&mut s, c).len(), 0);
-        let d = s.join("d", 4, &GroupStart::Earliest).unwrap();
+        let d = s.join("d", 4, 0, &GroupStart::Earliest).unwrap();
         let got: Vec<u64> = take_all(&mut s, d).iter().map(|(_, d)| d.offset).collect();
         assert_eq!(
             got,
@@ -1527,16 +1561,16 @@ mod tests {
         let mut s = stream(2, 8);
         publish(&mut s, 4); // orphans: 2 per partition
                             // Latest as the first group: the orphans are freed, not kept.
-        let l = s.join("latest", 1, &GroupStart::Latest).unwrap();
+        let l = s.join("latest", 1, 0, &GroupStart::Latest).unwrap();
         assert_eq!(s.slot_counts().2, 0);
         publish(&mut s, 2);
         assert_eq!(take_all(&mut s, l).len(), 2);
         // Default with a group present: from now on only.
-        let d = s.join("default", 2, &GroupStart::Default).unwrap();
+        let d = s.join("default", 2, 0, &GroupStart::Default).unwrap();
         assert!(take_all(&mut s, d).is_empty());
         // Offsets: one per partition, retained or at the end.
         let o = s
-            .join("offsets", 3, &GroupStart::Offsets(vec![1, 3]))
+            .join("offsets", 3, 0, &GroupStart::Offsets(vec![1, 3]))
             .unwrap();
         let mut got: Vec<(u32, u64)> = take_all(&mut s, o)
             .iter()
@@ -1545,11 +1579,11 @@ mod tests {
         got.sort();
         assert_eq!(got, vec![(0, 1), (0, 2)]);
         assert!(matches!(
-            s.join("x", 4, &GroupStart::Offsets(vec![0])),
+            s.join("x", 4, 0, &GroupStart::Offsets(vec![0])),
             Err(SeekError::StartOffsets { given: 1, parts: 2 })
         ));
         assert!(matches!(
-            s.join("x", 4, &GroupStart::Offsets(vec![0, 9])),
+            s.join("x", 4, 0, &GroupStart::Offsets(vec![0, 9])),
             Err(SeekError::PastEnd { .. })
         ));
         assert!(
@@ -1560,15 +1594,15 @@ mod tests {
         // Default as the first group: takes the orphans.
         let mut s = stream(1, 8);
         publish(&mut s, 3);
-        let f = s.join("first", 1, &GroupStart::Default).unwrap();
+        let f = s.join("first", 1, 0, &GroupStart::Default).unwrap();
         assert_eq!(take_all(&mut s, f).len(), 3);
     }
 
     #[test]
     fn end_markers_end_the_epoch_for_the_whole_group() {
         let mut s = stream(2, 16);
-        let g = s.join("g", 1, &GroupStart::Default).unwrap();
-        s.join("g", 2, &GroupStart::Default).unwrap();
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
+        s.join("g", 2, 0, &GroupStart::Default).unwrap();
         publish(&mut s, 4);
         s.end_epoch();
         publish(&mut s, 2); // the next epoch
@@ -1615,14 +1649,14 @@ mod tests {
         let mut s = stream(4, 8);
         publish(&mut s, 3);
         s.end_epoch();
-        let f = s.join("first", 1, &GroupStart::Default).unwrap();
+        let f = s.join("first", 1, 0, &GroupStart::Default).unwrap();
         assert_eq!(take_all(&mut s, f).len(), 3);
         assert_eq!(s.groups[f].epoch, 1, "the first group reaches every marker");
         publish(&mut s, 1);
         assert!(s.end_epoch());
         s.leave(f, 1);
         s.delete_group("first").unwrap();
-        let later = s.join("later", 2, &GroupStart::Default).unwrap();
+        let later = s.join("later", 2, 0, &GroupStart::Default).unwrap();
         assert!(take_all(&mut s, later).is_empty());
         assert_eq!(
             s.groups[later].epoch, 0,
@@ -1638,7 +1672,7 @@ mod tests {
             assert!(!s.end_epoch());
         }
         assert_eq!(s.parts.iter().map(|p| p.index.len()).sum::<usize>(), 3);
-        let h = s.join("h", 1, &GroupStart::Earliest).unwrap();
+        let h = s.join("h", 1, 0, &GroupStart::Earliest).unwrap();
         assert_eq!(take_all(&mut s, h).len(), 1);
         assert_eq!(s.groups[h].epoch, 1, "the retained markers end an epoch");
     }
@@ -1670,7 +1704,7 @@ mod tests {
     #[test]
     fn keys_pick_partitions_stably() {
         let mut s = stream(8, 64);
-        s.join("g", 1, &GroupStart::Default).unwrap();
+        s.join("g", 1, 0, &GroupStart::Default).unwrap();
         let a = s.grant(1).unwrap();
         let (pa, _) = s.publish(1, a, 1, 0, Some(42), None, 0).unwrap();
         let b = s.grant(1).unwrap();

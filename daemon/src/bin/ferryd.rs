@@ -172,7 +172,8 @@ fn run() -> anyhow::Result<()> {
         .init();
     Server::bind(cfg)
         .with_context(|| format!("configuration {source}"))?
-        .run()
+        .run()?;
+    Ok(())
 }
 
 /// How `ferryd --check` shows a replay window.

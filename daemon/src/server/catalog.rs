@@ -15,6 +15,7 @@ use crate::limited;
 use crate::stream::{SessionId, Stream};
 
 use super::*;
+use crate::error::Refusal;
 use ferry_admin::{Response, UidUsage};
 
 pub(super) struct StreamEntry {
@@ -46,7 +47,7 @@ pub(super) struct StreamEntry {
 
 impl StreamEntry {
     pub(super) fn in_use(&self) -> bool {
-        !self.producers.is_empty() || self.stream.groups.iter().any(|g| !g.members.is_empty())
+        !self.producers.is_empty() || self.stream.groups().iter().any(|g| !g.members.is_empty())
     }
 }
 
@@ -113,8 +114,8 @@ impl std::ops::IndexMut<usize> for Streams {
 /// Counts stream `e` into `u`.
 fn add_usage(u: &mut UidUsage, e: &StreamEntry) {
     u.streams += 1;
-    u.partitions += e.stream.spec.partitions;
-    u.slots += e.stream.spec.slot_count as u64;
+    u.partitions += e.stream.spec().partitions;
+    u.slots += e.stream.spec().slot_count as u64;
     u.pool_bytes += e.layout.total;
 }
 
@@ -126,15 +127,16 @@ impl Server {
         name: &str,
         spec: StreamSpec,
         owner: Option<u32>,
-    ) -> Result<usize, (ErrorCode, String)> {
-        check_stream_spec(name, &spec, u64::MAX).map_err(|m| (ErrorCode::InvalidArgument, m))?;
-        let layout = PoolLayout::new(spec.slot_size, spec.slot_count).ok_or((
+    ) -> Result<usize, Refusal> {
+        check_stream_spec(name, &spec, u64::MAX)
+            .map_err(|m| Refusal::new(ErrorCode::InvalidArgument, m))?;
+        let layout = PoolLayout::new(spec.slot_size, spec.slot_count).ok_or(Refusal::new(
             ErrorCode::InvalidArgument,
             "pool size overflows".to_string(),
         ))?;
         let max = self.cfg.daemon.max_pool_bytes;
         if layout.total > max {
-            return Err((
+            return Err(Refusal::new(
                 ErrorCode::Limit,
                 format!(
                     "stream {name}: a pool of {} bytes ({} slots of {} bytes, each rounded up to 4 KiB, or to 64 B under 4 KiB, and 256 bytes of metadata per slot) is over daemon.max_pool_bytes = {max}",
@@ -144,16 +146,16 @@ impl Server {
         }
         if let Some(uid) = owner {
             self.check_quota(uid, &spec, layout.total)
-                .map_err(|m| (ErrorCode::Limit, m))?;
+                .map_err(|m| Refusal::new(ErrorCode::Limit, m))?;
         }
         let pool = Region::create(&format!("ferry-pool-{name}"), layout.total).map_err(|e| {
-            (
+            Refusal::new(
                 ErrorCode::Limit,
                 format!("creating the data pool of stream {name}: {e}"),
             )
         })?;
         let pool_ro = pool.open_readonly().map_err(|e| {
-            (
+            Refusal::new(
                 ErrorCode::Limit,
                 format!("opening the data pool of stream {name} read-only: {e}"),
             )
@@ -203,7 +205,7 @@ impl Server {
     pub(super) fn may_use(&self, idx: usize, uid: u32, produce: bool) -> Result<(), String> {
         let e = &self.streams[idx];
         let verb = if produce { "produce into" } else { "consume" };
-        let name = &e.stream.name;
+        let name = &e.stream.name();
         match e.owner {
             Some(o) if o == uid || self.cfg.daemon.stream_access == "shared" => Ok(()),
             Some(o) => Err(format!(
@@ -240,10 +242,10 @@ impl Server {
     ) -> Result<(), String> {
         self.may_use(idx, uid, false)?;
         let s = &self.streams[idx].stream;
-        match s.group_index(group).map(|g| s.groups[g].owner) {
+        match s.group_index(group).map(|g| s.groups()[g].owner) {
             Some(owner) if uid != owner && uid != 0 => Err(format!(
                 "uid {uid} may not {verb} group {group} of stream {}: uid {owner} created it (only its creator and root may; pick another group name)",
-                s.name
+                s.name()
             )),
             _ => Ok(()),
         }
@@ -404,7 +406,7 @@ impl Server {
         let Some(e) = self.streams.remove(idx) else {
             return (0, 0);
         };
-        self.by_name.remove(&e.stream.name);
+        self.by_name.remove(e.stream.name());
         (e.stream.slot_counts().2, e.layout.total)
     }
 
@@ -425,7 +427,7 @@ impl Server {
                     e.groups_expired += 1;
                     crate::limited!(
                         INFO,
-                        stream = %e.stream.name,
+                        stream = %e.stream.name(),
                         group = %g,
                         held,
                         "consumer group deleted: no member for group_idle_timeout_ms = {group_timeout}"
@@ -452,7 +454,7 @@ impl Server {
             }
         }
         for idx in expired {
-            let name = self.streams[idx].stream.name.clone();
+            let name = self.streams[idx].stream.name().to_string();
             let (held, bytes) = self.remove_stream(idx);
             crate::limited!(
                 INFO,

@@ -63,7 +63,7 @@ impl Server {
             if !draining && !entry.producers.is_empty() {
                 let n = entry.producers.len();
                 let mut progress = true;
-                while progress && !entry.stream.free.is_empty() {
+                while progress && entry.stream.has_free_slot() {
                     progress = false;
                     for i in 0..n {
                         let pid = entry.producers[i];
@@ -84,7 +84,7 @@ impl Server {
                         p.starved_logged = false;
                         let d = Desc {
                             op: desc::OP_GRANT,
-                            stream: entry.stream.id,
+                            stream: entry.stream.id(),
                             slot,
                             ..Desc::default()
                         };
@@ -105,7 +105,7 @@ impl Server {
                     }
                 }
             }
-            if entry.stream.free.is_empty() {
+            if !entry.stream.has_free_slot() {
                 for pid in &entry.producers {
                     if let Some(Session {
                         role: Role::Producer(p),
@@ -121,10 +121,10 @@ impl Server {
             // Deliveries.
             let sessions = &mut self.sessions;
             let ends_untold = std::mem::take(&mut entry.ends_untold);
-            for g in 0..entry.stream.groups.len() {
-                let sid = entry.stream.id;
+            for g in 0..entry.stream.groups().len() {
+                let sid = entry.stream.id();
                 let pool_layout = entry.layout;
-                let epoch = entry.stream.groups[g].epoch;
+                let epoch = entry.stream.groups()[g].epoch;
                 let n = entry.stream.deliver(g, |m, dv| {
                     let Some(Session {
                         role: Role::Consumer(c),
@@ -183,7 +183,7 @@ impl Server {
                 // Members not yet told of an epoch the group finished (after
                 // every batch of it that they were given, GPU copies
                 // included).
-                let group = &entry.stream.groups[g];
+                let group = &entry.stream.groups()[g];
                 if group.epoch > epoch {
                     // Delivery stopped at the end of the epoch: go on once
                     // the members were told.

@@ -7,20 +7,20 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tracing::{debug, info, warn};
 
 use crate::config::{check_socket_dir, check_socket_file, SocketFile};
 use crate::stream::SessionId;
 
 use super::*;
+use crate::error::{DaemonError, Doing};
 
 /// How often the timeouts are looked at (see `Server::housekeeping`).
 pub(super) const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(20);
 
 /// Makes the socket's directory if missing (mode 0755) and checks that it
 /// is safe to use.
-pub(super) fn prepare_socket_dir(path: &Path) -> anyhow::Result<()> {
+pub(super) fn prepare_socket_dir(path: &Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
     let Some(dir) = path.parent() else {
         return Ok(());
@@ -30,34 +30,41 @@ pub(super) fn prepare_socket_dir(path: &Path) -> anyhow::Result<()> {
             .recursive(true)
             .mode(0o755)
             .create(dir)
-            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+            .doing(|| format!("creating socket directory {}", dir.display()))?;
     }
-    check_socket_dir(dir).map_err(|e| anyhow::anyhow!(e))
+    check_socket_dir(dir).map_err(DaemonError::Other)
 }
 
 /// Removes a stale socket (a socket no daemon answers on) at `path`, and
 /// refuses anything else: a live daemon, or a file that is not a socket.
-pub(super) fn claim_socket_path(path: &Path) -> anyhow::Result<()> {
+pub(super) fn claim_socket_path(path: &Path) -> Result<(), DaemonError> {
     prepare_socket_dir(path)?;
-    match check_socket_file(path).map_err(|e| anyhow::anyhow!(e))? {
+    match check_socket_file(path).map_err(DaemonError::Other)? {
         SocketFile::Absent => {}
         SocketFile::Stale => std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?,
+            .doing(|| format!("removing stale socket {}", path.display()))?,
         SocketFile::Live => {
-            anyhow::bail!("another ferryd is already listening on {}", path.display())
+            return Err(DaemonError::Other(format!(
+                "another ferryd is already listening on {}",
+                path.display()
+            )))
         }
     }
     Ok(())
 }
 
 /// Sets a socket's mode and, with `daemon.socket_group`, its group.
-pub(super) fn set_socket_access(path: &Path, mode: u32, gid: Option<u32>) -> anyhow::Result<()> {
+pub(super) fn set_socket_access(
+    path: &Path,
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<(), DaemonError> {
     if let Some(gid) = gid {
         std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+            .doing(|| format!("giving {} to group {gid}", path.display()))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
+        .doing(|| format!("setting the mode of {}", path.display()))?;
     Ok(())
 }
 
@@ -88,7 +95,13 @@ impl Server {
         self.streams
             .iter()
             .filter(|e| e.stream.slot_counts().2 > 0)
-            .map(|e| format!("stream {}: {}", e.stream.name, e.stream.describe_holders()))
+            .map(|e| {
+                format!(
+                    "stream {}: {}",
+                    e.stream.name(),
+                    e.stream.describe_holders()
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ")
     }
@@ -98,9 +111,9 @@ impl Server {
         !self.copies_pending()
             && self.streams.iter().all(|s| {
                 s.stream.slot_counts().2 == 0
-                    || s.stream.groups.iter().all(|g| g.members.is_empty())
+                    || s.stream.groups().iter().all(|g| g.members.is_empty())
                         && s.stream
-                            .groups
+                            .groups()
                             .iter()
                             .all(|g| g.parts.iter().all(|p| p.inflight.is_empty()))
             })
@@ -199,17 +212,17 @@ impl Server {
                 let Some(since) = p.starved_since else {
                     continue;
                 };
-                if p.starved_logged || since.elapsed() < after || !e.stream.free.is_empty() {
+                if p.starved_logged || since.elapsed() < after || e.stream.has_free_slot() {
                     continue;
                 }
                 p.starved_logged = true;
                 warn!(
-                    stream = %e.stream.name,
+                    stream = %e.stream.name(),
                     session = *pid,
                     pid = cred.pid,
                     waited_ms = since.elapsed().as_millis() as u64,
                     "producer waits for a free slot: all {} slots are held, by {}",
-                    e.stream.spec.slot_count,
+                    e.stream.spec().slot_count,
                     e.stream.describe_holders()
                 );
             }

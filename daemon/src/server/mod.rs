@@ -25,11 +25,11 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use ferry_shm::sys::{self, Epoll};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::error::{DaemonError, Doing};
 use crate::gpu::Gpus;
 use crate::stream::SessionId;
 use catalog::{StreamEntry, Streams};
@@ -110,12 +110,12 @@ pub struct Server {
 
 impl Server {
     /// Binds the sockets and creates the configured streams.
-    pub fn bind(cfg: Config) -> anyhow::Result<Server> {
+    pub fn bind(cfg: Config) -> Result<Server, DaemonError> {
         // The same checks as `ferryd --check`, before anything is bound.
         let pre = cfg.preflight()?;
         let (sel, placement) = (pre.fabric, pre.placement);
         sys::ignore_sigpipe();
-        let signals = sys::signalfd_termination().context("setting up signal handling")?;
+        let signals = sys::signalfd_termination().doing(|| "setting up signal handling".into())?;
         let socket_path = cfg.socket_path();
         let admin_path = cfg.admin_socket_path();
         let mode = cfg.socket_mode();
@@ -138,18 +138,23 @@ impl Server {
 
         claim_socket_path(&socket_path)?;
         let listener = sys::seqpacket_listen(&socket_path)
-            .with_context(|| format!("listening on {}", socket_path.display()))?;
+            .doing(|| format!("listening on {}", socket_path.display()))?;
         set_socket_access(&socket_path, mode, gid)?;
         claim_socket_path(&admin_path)?;
         let admin = UnixListener::bind(&admin_path)
-            .with_context(|| format!("listening on {}", admin_path.display()))?;
+            .doing(|| format!("listening on {}", admin_path.display()))?;
         set_socket_access(&admin_path, mode, gid)?;
 
-        let epoll = Epoll::new()?;
-        let (inbox, outside) = inbox::Inbox::new()?;
-        epoll.add(listener.as_raw_fd(), Token::Listener.to_u64())?;
-        epoll.add(signals.as_raw_fd(), Token::Signal.to_u64())?;
-        epoll.add(inbox.fd(), Token::Inbox.to_u64())?;
+        let setup = || "setting up the event loop".to_string();
+        let epoll = Epoll::new().doing(setup)?;
+        let (inbox, outside) = inbox::Inbox::new().doing(setup)?;
+        epoll
+            .add(listener.as_raw_fd(), Token::Listener.to_u64())
+            .doing(setup)?;
+        epoll
+            .add(signals.as_raw_fd(), Token::Signal.to_u64())
+            .doing(setup)?;
+        epoll.add(inbox.fd(), Token::Inbox.to_u64()).doing(setup)?;
 
         let fabric = match &sel.choice {
             ferry_verbs::select::Choice::Ibv { device } => format!("ibv {device} ({})", sel.reason),
@@ -189,7 +194,8 @@ impl Server {
             policy.clone(),
             Duration::from_millis(cfg.daemon.admin_timeout_ms),
             outside,
-        )?;
+        )
+        .doing(|| "starting the admin thread".into())?;
         let mut server = Server {
             socket_path,
             admin_path,
@@ -225,7 +231,7 @@ impl Server {
                         server.streams[idx].stream.set_replay_window(w);
                     }
                 })
-                .map_err(|(_, m)| anyhow::anyhow!(m))?;
+                .map_err(|r| DaemonError::Other(r.message))?;
         }
         Ok(server)
     }
@@ -235,10 +241,10 @@ impl Server {
     }
 
     /// Runs until SIGTERM/SIGINT, then drains and returns.
-    pub fn run(mut self) -> anyhow::Result<()> {
+    pub fn run(mut self) -> Result<(), DaemonError> {
         let want = crate::placement::parse(&self.cfg.daemon.data_plane_cpus)
-            .map_err(|m| anyhow::anyhow!("daemon.{m}"))?;
-        crate::placement::pin_thread(&mut self.placement, &want).map_err(|e| anyhow::anyhow!(e))?;
+            .map_err(|m| DaemonError::Other(format!("daemon.{m}")))?;
+        crate::placement::pin_thread(&mut self.placement, &want).map_err(DaemonError::Other)?;
         info!(placement = %self.placement, "data-plane thread placed");
         info!(
             socket = %self.socket_path.display(),
@@ -373,9 +379,11 @@ impl Server {
         })
     }
 
-    fn poll_events(&mut self, timeout_ms: i32) -> anyhow::Result<()> {
+    fn poll_events(&mut self, timeout_ms: i32) -> Result<(), DaemonError> {
         let mut events = std::mem::take(&mut self.events);
-        self.epoll.wait(&mut events, timeout_ms)?;
+        self.epoll
+            .wait(&mut events, timeout_ms)
+            .doing(|| "waiting for events".into())?;
         for &(token, _ev) in &events {
             match Token::from_u64(token) {
                 Some(Token::Listener) => self.accept_all(),

@@ -10,6 +10,7 @@ use crate::stream::SessionId;
 
 use super::sessions::Rings;
 use super::*;
+use crate::error::Refusal;
 use crate::sink::{GpuPool, HostRing, Sink};
 
 impl Server {
@@ -30,14 +31,14 @@ impl Server {
             let idx = match (self.by_name.get(&name).copied(), spec) {
                 (Some(idx), None) => {
                     self.may_use(idx, uid, true)
-                        .map_err(|m| (ErrorCode::PermissionDenied, m))?;
+                        .map_err(|m| Refusal::new(ErrorCode::PermissionDenied, m))?;
                     idx
                 }
                 (Some(idx), Some(want)) => {
                     self.may_use(idx, uid, true)
-                        .map_err(|m| (ErrorCode::PermissionDenied, m))?;
+                        .map_err(|m| Refusal::new(ErrorCode::PermissionDenied, m))?;
                     let e = &self.streams[idx];
-                    let have = &e.stream.spec;
+                    let have = e.stream.spec();
                     if *have != want {
                         let whose = match e.owner {
                             None => "is declared in the config, which alone defines it,".to_string(),
@@ -45,7 +46,7 @@ impl Server {
                                 "was created by uid {o} (only that uid or root may delete it: `ferry stream delete {name}`), and exists"
                             ),
                         };
-                        return Err((
+                        return Err(Refusal::new(
                             ErrorCode::StreamMismatch,
                             format!(
                                 "stream {name} {whose} with partitions={} slot_size={} slot_count={}, not partitions={} slot_size={} slot_count={}",
@@ -57,7 +58,7 @@ impl Server {
                 }
                 (None, Some(want)) => self.create_stream(&name, want, Some(uid))?,
                 (None, None) => {
-                    return Err((
+                    return Err(Refusal::new(
                         ErrorCode::UnknownStream,
                         format!("no stream named {name:?} (declare it in the config, or open the producer with a stream config to create it)"),
                     ))
@@ -71,8 +72,8 @@ impl Server {
                         n,
                         idx,
                         &entry.pool,
-                        entry.stream.spec.slot_size,
-                        entry.stream.spec.slot_count,
+                        entry.stream.spec().slot_size,
+                        entry.stream.spec().slot_count,
                     )?)
                 }
             };
@@ -81,13 +82,13 @@ impl Server {
         })();
         let (idx, rings, region, gpu) = match res {
             Ok(v) => v,
-            Err((code, msg)) => return self.refuse(id, code, msg),
+            Err(r) => return self.refuse(id, r),
         };
         if gpu.is_some() {
             self.gpu_sessions += 1;
         }
         let entry = &mut self.streams[idx];
-        let spec = entry.stream.spec.clone();
+        let spec = entry.stream.spec().clone();
         let credits = (spec.slot_count / 4)
             .clamp(1, 64)
             .min(self.cfg.daemon.ring_capacity);
@@ -152,23 +153,23 @@ impl Server {
                 (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
             };
             if !proto::valid_name(&group) {
-                return Err((
+                return Err(Refusal::new(
                     ErrorCode::InvalidArgument,
                     format!("group name {group:?} must be 1-128 characters of A-Z a-z 0-9 . _ -"),
                 ));
             }
             let idx = self.by_name.get(&name).copied().ok_or_else(|| {
-                (
+                Refusal::new(
                     ErrorCode::UnknownStream,
                     format!("no stream named {name:?} (a producer creates it, or declare it in the config)"),
                 )
             })?;
             self.may_use_group(idx, &group, uid, "join")
-                .map_err(|m| (ErrorCode::PermissionDenied, m))?;
+                .map_err(|m| Refusal::new(ErrorCode::PermissionDenied, m))?;
             let s = &self.streams[idx].stream;
             let max = self.cfg.daemon.max_groups_per_stream;
             if s.group_index(&group).is_none() && s.live_groups() >= max as usize {
-                return Err((
+                return Err(Refusal::new(
                     ErrorCode::Limit,
                     format!("stream {name} has {} consumer groups, daemon.max_groups_per_stream = {max} (`ferry group delete` removes an unused one)", s.live_groups()),
                 ));
@@ -181,7 +182,7 @@ impl Server {
                         n,
                         idx,
                         &entry.pool,
-                        entry.stream.spec.slot_size,
+                        entry.stream.spec().slot_size,
                         prefetch,
                     )?)
                 }
@@ -191,26 +192,25 @@ impl Server {
         })();
         let (idx, rings, region, gpu) = match res {
             Ok(v) => v,
-            Err((code, msg)) => return self.refuse(id, code, msg),
+            Err(r) => return self.refuse(id, r),
         };
         let entry = &mut self.streams[idx];
-        let new_group = entry.stream.group_index(&group).is_none();
-        let g = match entry.stream.join(&group, id, &start) {
+        let g = match entry.stream.join(&group, id, uid, &start) {
             Ok(g) => g,
             Err(e) => {
                 let code = match e {
                     crate::stream::SeekError::Gone { .. } => ErrorCode::OffsetGone,
                     _ => ErrorCode::InvalidArgument,
                 };
-                return self.refuse(id, code, format!("start of new group {group}: {e}"));
+                return self.refuse(
+                    id,
+                    Refusal::new(code, format!("start of new group {group}: {e}")),
+                );
             }
         };
-        let epoch_seen = entry.stream.groups[g].epoch;
-        if new_group {
-            entry.stream.groups[g].owner = uid;
-        }
+        let epoch_seen = entry.stream.groups()[g].epoch;
         entry.dirty = true;
-        let spec = entry.stream.spec.clone();
+        let spec = entry.stream.spec().clone();
         let info = SessionInfo {
             session: id,
             stream_id: idx as u32,
@@ -265,8 +265,7 @@ impl Server {
         let Some(Role::Consumer(c)) = self.sessions.get(&id).map(|s| &s.role) else {
             return self.refuse(
                 id,
-                ErrorCode::InvalidArgument,
-                "seek on a connection that is not a consumer".into(),
+                Refusal::invalid("seek on a connection that is not a consumer"),
             );
         };
         let (idx, g) = (c.stream, c.group);
@@ -276,7 +275,7 @@ impl Server {
                 entry.dirty = true;
                 self.reply(id, &Response::Done, &[]);
             }
-            Err(e) => self.refuse(id, ErrorCode::OffsetGone, e.to_string()),
+            Err(e) => self.refuse(id, Refusal::new(ErrorCode::OffsetGone, e.to_string())),
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::sink::Sink;
 use crate::stream::SessionId;
 
 use super::*;
+use crate::error::Refusal;
 
 pub(super) struct Rings {
     pub(super) _region: Arc<Region>,
@@ -295,9 +296,9 @@ impl Server {
         }
     }
 
-    pub(super) fn refuse(&mut self, id: SessionId, code: ErrorCode, message: String) {
-        limited!(DEBUG, session = id, ?code, %message, "request refused");
-        self.reply(id, &Response::Error { code, message }, &[]);
+    pub(super) fn refuse(&mut self, id: SessionId, r: Refusal) {
+        limited!(DEBUG, session = id, code = ?r.code, message = %r.message, "request refused");
+        self.reply(id, &r.response(), &[]);
     }
 
     pub(super) fn handle_request(&mut self, id: SessionId, req: Request) {
@@ -322,10 +323,12 @@ impl Server {
                     );
                     self.refuse(
                         id,
-                        ErrorCode::PermissionDenied,
-                        format!(
+                        Refusal::new(
+                            ErrorCode::PermissionDenied,
+                            format!(
                             "uid {} gid {} is not allowed to use this ferryd (see daemon.allowed_uids / allowed_gids)",
                             cred.uid, cred.gid
+                            ),
                         ),
                     );
                     return self.close_session(id, true);
@@ -333,10 +336,12 @@ impl Server {
                 if protocol != proto::PROTOCOL_VERSION {
                     self.refuse(
                         id,
-                        ErrorCode::Protocol,
-                        format!(
-                            "client speaks protocol {protocol}, this ferryd speaks {}",
-                            proto::PROTOCOL_VERSION
+                        Refusal::new(
+                            ErrorCode::Protocol,
+                            format!(
+                                "client speaks protocol {protocol}, this ferryd speaks {}",
+                                proto::PROTOCOL_VERSION
+                            ),
                         ),
                     );
                     return self.close_session(id, true);
@@ -469,33 +474,34 @@ impl Server {
         }
     }
 
-    pub(super) fn check_open(&self, id: SessionId) -> Result<(), (ErrorCode, String)> {
+    pub(super) fn check_open(&self, id: SessionId) -> Result<(), Refusal> {
         if self.draining.is_some() {
-            return Err((ErrorCode::ShuttingDown, "ferryd is shutting down".into()));
+            return Err(Refusal::new(
+                ErrorCode::ShuttingDown,
+                "ferryd is shutting down",
+            ));
         }
         match self.sessions.get(&id).map(|s| &s.role) {
             Some(Role::Control) => Ok(()),
-            _ => Err((
+            _ => Err(Refusal::new(
                 ErrorCode::InvalidArgument,
-                "this connection already is a producer or consumer".into(),
+                "this connection already is a producer or consumer",
             )),
         }
     }
 
-    pub(super) fn new_rings(
-        &self,
-        id: SessionId,
-    ) -> Result<(Rings, Arc<Region>), (ErrorCode, String)> {
+    pub(super) fn new_rings(&self, id: SessionId) -> Result<(Rings, Arc<Region>), Refusal> {
         let cap = self.cfg.daemon.ring_capacity;
         let layout = SessionLayout::new(cap);
         let region = Arc::new(
-            Region::create(&format!("ferry-session-{id}"), layout.total)
-                .map_err(|e| (ErrorCode::Limit, format!("creating session rings: {e}")))?,
+            Region::create(&format!("ferry-session-{id}"), layout.total).map_err(|e| {
+                Refusal::new(ErrorCode::Limit, format!("creating session rings: {e}"))
+            })?,
         );
         let sub = init_ring(&region, layout.sub_offset, layout.ring_len, cap)
-            .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+            .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
         let comp = init_ring(&region, layout.comp_offset, layout.ring_len, cap)
-            .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+            .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
         Ok((
             Rings {
                 _region: region.clone(),

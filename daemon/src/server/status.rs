@@ -32,23 +32,23 @@ impl Server {
         let streams = self
             .streams
             .iter()
-            .filter(|e| only.is_none_or(|n| n == e.stream.name))
+            .filter(|e| only.is_none_or(|n| n == e.stream.name()))
             .map(|e| {
                 let s = &e.stream;
                 let (free, granted, held) = s.slot_counts();
-                let ends: Vec<u64> = s.parts.iter().map(|p| p.end).collect();
+                let ends = s.end_offsets();
                 StreamStatus {
-                    name: s.name.clone(),
+                    name: s.name().to_string(),
                     declared: e.owner.is_none(),
                     owner_uid: e.owner,
                     pool_bytes: e.layout.total,
-                    partitions: s.spec.partitions,
-                    slot_size: s.spec.slot_size,
-                    slot_count: s.spec.slot_count,
+                    partitions: s.spec().partitions,
+                    slot_size: s.spec().slot_size,
+                    slot_count: s.spec().slot_count,
                     slots_free: free,
                     slots_granted: granted,
                     slots_held: held,
-                    published: s.published,
+                    published: s.published(),
                     end_offsets: ends.clone(),
                     slots_held_for_first_group: s.orphans(),
                     groups_expired: e.groups_expired,
@@ -67,7 +67,7 @@ impl Server {
                                 published: p.published,
                                 waiting_for_slot_ms: p
                                     .starved_since
-                                    .filter(|_| s.free.is_empty())
+                                    .filter(|_| !s.has_free_slot())
                                     .map(|t| t.elapsed().as_millis() as u64),
                                 device: p.gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal)),
                                 gpu_copies_in_flight: p
@@ -79,7 +79,7 @@ impl Server {
                         })
                         .collect(),
                     groups: s
-                        .groups
+                        .groups()
                         .iter()
                         .enumerate()
                         .filter(|(_, g)| !g.deleted)

@@ -182,7 +182,7 @@ impl Server {
         entry.dirty = true;
         limited!(
             INFO,
-            stream = %entry.stream.name,
+            stream = %entry.stream.name(),
             producers = entry.producers.len(),
             "end of epoch: every producer said it is done"
         );

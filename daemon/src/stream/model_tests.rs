@@ -321,7 +321,7 @@ impl Model {
                 ];
                 let index = self
                     .s
-                    .join(&format!("g{group}"), sid, &how[start as usize % 3])
+                    .join(&format!("g{group}"), sid, 0, &how[start as usize % 3])
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let g = self.groups.entry(group).or_insert_with(|| ModelGroup {
                     index,
