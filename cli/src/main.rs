@@ -1,4 +1,5 @@
 //! ferry: command-line tool for a running ferryd.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
