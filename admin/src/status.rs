@@ -42,10 +42,48 @@ pub struct Status {
     #[serde(default)]
     pub gpu_note: String,
     pub sessions: usize,
+    /// This daemon's node id in its cluster (none: single host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Where its peer control plane listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_listen: Option<String>,
+    /// The other daemons of the cluster.
+    #[serde(default)]
+    pub peers: Vec<PeerStatus>,
+    /// Connections to the control plane refused before they were a
+    /// peer's (wrong secret, unknown node, not a ferry peer).
+    #[serde(default)]
+    pub peer_connections_refused: u64,
     /// Pool memory and streams against their limits.
     #[serde(default)]
     pub memory: MemoryStatus,
     pub streams: Vec<StreamStatus>,
+}
+
+/// One peer daemon as this one sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub node_id: String,
+    /// Its control plane's configured address.
+    pub addr: String,
+    /// "up", "down", or "connecting" (never up since start-up).
+    pub state: String,
+    /// How long it has been in that state.
+    pub state_ms: u64,
+    /// The fabric agreed with it (while up, or when last up).
+    pub fabric: String,
+    /// The last heartbeat's round trip.
+    pub rtt_us: Option<u64>,
+    /// Control bytes over the current (or last) connection.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Failed attempts and lost connections since start-up.
+    pub errors: u64,
+    pub last_error: Option<String>,
+    /// The streams whose home it is, as it announced them.
+    #[serde(default)]
+    pub streams: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -146,6 +146,43 @@ fn print_status(st: &Status) {
             if g.gpudirect_rdma { "yes" } else { "no" }
         );
     }
+    if let Some(node) = &st.node_id {
+        println!(
+            "cluster: node {node}, control plane on {}, {} peers, {} connections refused",
+            st.cluster_listen.as_deref().unwrap_or("?"),
+            st.peers.len(),
+            st.peer_connections_refused
+        );
+    }
+    for p in &st.peers {
+        println!(
+            "  peer {} at {}: {} for {:.1} s{}{}, {} control bytes in, {} out, {} errors{}{}",
+            p.node_id,
+            p.addr,
+            p.state,
+            p.state_ms as f64 / 1000.0,
+            if p.fabric.is_empty() {
+                String::new()
+            } else {
+                format!(", fabric {}", p.fabric)
+            },
+            p.rtt_us
+                .map(|r| format!(", rtt {r} us"))
+                .unwrap_or_default(),
+            p.bytes_in,
+            p.bytes_out,
+            p.errors,
+            p.last_error
+                .as_ref()
+                .map(|e| format!(" (last: {e})"))
+                .unwrap_or_default(),
+            if p.streams.is_empty() {
+                String::new()
+            } else {
+                format!("; its streams: {}", p.streams.join(", "))
+            }
+        );
+    }
     let m = &st.memory;
     println!(
         "memory: {} streams (max {}), {} of pools (max {}, {} per uid)",

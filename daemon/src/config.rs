@@ -47,6 +47,194 @@ pub struct Config {
     pub fabric: FabricConfig,
     #[serde(default)]
     pub streams: Vec<StreamConfig>,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: this daemon and the others it works with. Without a
+/// `node_id` ferryd serves its own host only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This daemon's name in the cluster: 1-64 characters of A-Z a-z 0-9
+    /// . _ -, unique among its peers.
+    pub node_id: Option<String>,
+    /// Where the control plane listens, "address:port" (TCP).
+    pub listen: Option<String>,
+    /// The other daemons (a static list; both sides list each other).
+    pub peers: Vec<PeerConfig>,
+    /// The cluster secret: a file of at least 16 bytes that only its owner
+    /// may read (mode 0600 or 0400), the same on every daemon.
+    pub secret_file: Option<PathBuf>,
+    /// How often a heartbeat goes to each peer.
+    pub heartbeat_ms: u64,
+    /// A peer that sends nothing for this long is declared down.
+    pub peer_timeout_ms: u64,
+    /// The longest wait between attempts to reach a peer that is down (the
+    /// wait doubles from 100 ms up to this).
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: None,
+            listen: None,
+            peers: Vec::new(),
+            secret_file: None,
+            heartbeat_ms: 500,
+            peer_timeout_ms: 3_000,
+            reconnect_max_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub node_id: String,
+    /// Its control plane's address, "address:port".
+    pub addr: String,
+}
+
+/// Shortest cluster secret, in bytes.
+pub const MIN_SECRET_BYTES: usize = 16;
+/// Longest cluster secret file read.
+pub const MAX_SECRET_BYTES: u64 = 4096;
+
+/// Whether `id` can name a node.
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Reads the cluster secret from `path`, refusing a file that others may
+/// read, that is not a regular file, or that is too short. Surrounding
+/// whitespace (a trailing newline) is not part of the secret.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let f = std::fs::File::open(path).map_err(|e| format!("cluster.secret_file {shown}: {e}"))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| format!("cluster.secret_file {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("cluster.secret_file {shown} is not a regular file"));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "cluster.secret_file {shown} has mode {:04o}: its group or others may access it; make it 0600 or 0400 (chmod 600 {shown})",
+            meta.mode() & 0o7777
+        ));
+    }
+    let me = ferry_shm::sys::geteuid();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "cluster.secret_file {shown} belongs to uid {}, not to ferryd's uid {me} or root",
+            meta.uid()
+        ));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cluster.secret_file {shown}: {e}"))?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(format!(
+            "cluster.secret_file {shown} is over {MAX_SECRET_BYTES} bytes"
+        ));
+    }
+    let secret = bytes.trim_ascii().to_vec();
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "cluster.secret_file {shown} holds {} bytes of secret, at least {MIN_SECRET_BYTES} are needed (for instance: head -c 32 /dev/urandom | base64 > {shown})",
+            secret.len()
+        ));
+    }
+    Ok(secret)
+}
+
+/// Checks an "address:port" of the cluster section (resolving a host
+/// name); the error names `key`.
+fn check_addr(key: &str, addr: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(|e| format!("{key} = {addr:?} is not an address:port: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{key} = {addr:?} resolves to no address"))
+}
+
+impl ClusterConfig {
+    /// Whether this daemon is part of a cluster.
+    pub fn enabled(&self) -> bool {
+        self.node_id.is_some()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let Some(me) = &self.node_id else {
+            if self.listen.is_some() || !self.peers.is_empty() || self.secret_file.is_some() {
+                return Err(
+                    "cluster.listen, cluster.peers and cluster.secret_file need cluster.node_id"
+                        .into(),
+                );
+            }
+            return Ok(());
+        };
+        if !valid_node_id(me) {
+            return Err(format!(
+                "cluster.node_id {me:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+            ));
+        }
+        let Some(listen) = &self.listen else {
+            return Err(
+                "cluster.listen (the control plane's address:port) is needed with cluster.node_id"
+                    .into(),
+            );
+        };
+        check_addr("cluster.listen", listen)?;
+        if self.secret_file.is_none() {
+            return Err("cluster.secret_file is needed with cluster.node_id: peers prove to each other that they hold the cluster secret".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.peers {
+            if !valid_node_id(&p.node_id) {
+                return Err(format!(
+                    "cluster.peers: node_id {:?} must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                    p.node_id
+                ));
+            }
+            if p.node_id == *me {
+                return Err(format!(
+                    "cluster.peers lists this daemon's own node_id {me:?}"
+                ));
+            }
+            if !seen.insert(p.node_id.as_str()) {
+                return Err(format!("cluster.peers lists {:?} twice", p.node_id));
+            }
+            check_addr(&format!("cluster.peers {}: addr", p.node_id), &p.addr)?;
+        }
+        if self.heartbeat_ms == 0 || self.heartbeat_ms > 60_000 {
+            return Err(format!(
+                "cluster.heartbeat_ms must be in 1..=60000, got {}",
+                self.heartbeat_ms
+            ));
+        }
+        if self.peer_timeout_ms < 2 * self.heartbeat_ms {
+            return Err(format!(
+                "cluster.peer_timeout_ms ({}) must be at least twice cluster.heartbeat_ms ({})",
+                self.peer_timeout_ms, self.heartbeat_ms
+            ));
+        }
+        if self.reconnect_max_ms < 100 {
+            return Err(format!(
+                "cluster.reconnect_max_ms must be at least 100, got {}",
+                self.reconnect_max_ms
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -240,6 +428,7 @@ impl Default for Config {
             daemon: DaemonConfig::default(),
             fabric: FabricConfig::default(),
             streams: Vec::new(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -391,6 +580,7 @@ impl Config {
             }
         }
         self.fabric_preference()?;
+        self.cluster.validate().map_err(ConfigError::Invalid)?;
         let mut seen = std::collections::HashSet::new();
         let (mut parts, mut slots, mut bytes) = (0u64, 0u64, 0u64);
         for s in &self.streams {
@@ -452,10 +642,15 @@ impl Config {
             .map_err(|m| ConfigError::Invalid(format!("daemon.{m}")))?;
         let placement =
             crate::placement::for_fabric(&want, &fabric).map_err(ConfigError::Invalid)?;
+        let secret = match &self.cluster.secret_file {
+            Some(p) => Some(read_secret(p).map_err(ConfigError::Invalid)?),
+            None => None,
+        };
         Ok(Preflight {
             fabric,
             live,
             placement,
+            secret,
         })
     }
 
@@ -536,6 +731,8 @@ pub struct Preflight {
     pub live: Vec<PathBuf>,
     /// Where the data-plane thread will run.
     pub placement: crate::placement::Placement,
+    /// The cluster secret, when in a cluster.
+    pub secret: Option<Vec<u8>>,
 }
 
 /// Reads a configuration file, refusing one over [`MAX_CONFIG_BYTES`].

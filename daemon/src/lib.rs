@@ -5,6 +5,8 @@ pub mod config;
 pub mod error;
 pub mod gpu;
 pub mod idhash;
+pub mod inbox;
+pub mod peers;
 pub mod placement;
 pub mod ratelimit;
 pub mod server;

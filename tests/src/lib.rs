@@ -59,29 +59,67 @@ impl Daemon {
             socket.display()
         );
         std::fs::write(dir.join("ferryd.toml"), cfg).unwrap();
-        let log = std::fs::File::create(dir.join("ferryd.log")).unwrap();
+        let mut d = Daemon {
+            dir,
+            socket,
+            admin,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts ferryd (again) from its config; the log is appended to.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("ferryd.log"))
+            .unwrap();
         let child = Command::new(bin("ferryd"))
             .arg("--config")
-            .arg(dir.join("ferryd.toml"))
+            .arg(self.dir.join("ferryd.toml"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn ferryd");
-        let d = Daemon {
-            dir,
-            socket,
-            admin,
-            child: Some(child),
-        };
-        d.wait_ready();
-        d
+        let ready_before = self.log().matches("ferryd ready").count();
+        self.child = Some(child);
+        self.wait_ready_after(ready_before);
     }
 
-    fn wait_ready(&self) {
+    /// SIGKILLs ferryd (if it runs) and starts it again with the same
+    /// config, as after a crash.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    /// SIGKILLs ferryd and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn wait_ready_after(&mut self, ready_before: usize) {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
-            if self.admin.exists() && self.socket.exists() && self.log().contains("ferryd ready") {
+            if self.admin.exists()
+                && self.socket.exists()
+                && self.log().matches("ferryd ready").count() > ready_before
+            {
                 return;
+            }
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!(
+                    "ferryd exited ({st}) before it was ready; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -148,6 +186,49 @@ impl Drop for Daemon {
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a cluster secret file (mode 0600) and returns its path.
+pub fn secret_file(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join(name);
+    let _ = std::fs::remove_file(&p);
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&p)
+        .unwrap();
+    writeln!(f, "{secret}").unwrap();
+    p
+}
+
+/// The `[cluster]` table of node `me` (index into `ports`), every other
+/// node its peer, named n0, n1, ...; `extra` adds keys to it.
+pub fn cluster_table(me: usize, ports: &[u16], secret: &Path, extra: &str) -> String {
+    let peers: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != me)
+        .map(|(i, p)| format!("{{ node_id = \"n{i}\", addr = \"127.0.0.1:{p}\" }}"))
+        .collect();
+    format!(
+        "[cluster]\nnode_id = \"n{me}\"\nlisten = \"127.0.0.1:{}\"\nsecret_file = \"{}\"\npeers = [{}]\n{extra}\n",
+        ports[me],
+        secret.display(),
+        peers.join(", ")
+    )
+}
+
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {

@@ -142,6 +142,32 @@ fn run() -> anyhow::Result<()> {
             "groups: at most {} per stream, deleted after {} ms without members (0: never)",
             d.max_groups_per_stream, d.group_idle_timeout_ms
         );
+        let c = &cfg.cluster;
+        match &c.node_id {
+            None => println!("cluster: none (no [cluster] node_id: this host only)"),
+            Some(node) => {
+                println!(
+                    "cluster: node {node}, control plane on {}, secret from {} (readable by its owner only); heartbeat every {} ms, a peer silent for {} ms is down, redialed within {} ms",
+                    c.listen.as_deref().unwrap_or("?"),
+                    c.secret_file.as_ref().map_or("?".into(), |p| p.display().to_string()),
+                    c.heartbeat_ms,
+                    c.peer_timeout_ms,
+                    c.reconnect_max_ms
+                );
+                for p in &c.peers {
+                    println!(
+                        "peer {} at {} ({})",
+                        p.node_id,
+                        p.addr,
+                        if *node < p.node_id {
+                            "this daemon dials it"
+                        } else {
+                            "it dials this daemon"
+                        }
+                    );
+                }
+            }
+        }
         for s in &cfg.streams {
             println!(
                 "stream {}: {} partitions, {} slots of {} bytes, replay window {}; producers {}, consumers {}",

@@ -11,7 +11,8 @@ use ferry_admin::{Request as AdminRequest, Response};
 use ferry_shm::sys::{self, PeerCred};
 
 use super::sessions::{Policy, ACCEPT_PAUSE};
-use super::{inbox, Server};
+use super::Server;
+use crate::inbox;
 use crate::limited;
 
 /// Most admin connections served at once; more are answered "busy".

@@ -193,6 +193,7 @@ impl Server {
             },
         );
         self.by_name.insert(name.to_string(), idx);
+        self.announce_streams();
         Ok(idx)
     }
 
@@ -407,6 +408,7 @@ impl Server {
             return (0, 0);
         };
         self.by_name.remove(e.stream.name());
+        self.announce_streams();
         (e.stream.slot_counts().2, e.layout.total)
     }
 

@@ -121,6 +121,9 @@ impl Server {
 
     pub(super) fn shutdown(&mut self) {
         notify_systemd("STOPPING=1");
+        if let Some(c) = &mut self.cluster {
+            c.peers.stop();
+        }
         let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         for id in ids {
             self.close_session(id, true);

@@ -11,8 +11,8 @@
 
 mod admin;
 mod catalog;
+mod cluster;
 mod delivery;
-mod inbox;
 mod lifecycle;
 mod open;
 mod sessions;
@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::error::{DaemonError, Doing};
 use crate::gpu::Gpus;
+use crate::inbox;
 use crate::stream::SessionId;
 use catalog::{StreamEntry, Streams};
 use delivery::{entry_flags, publish_copied};
@@ -99,6 +100,8 @@ pub struct Server {
     fabric: String,
     /// GPUs found at start-up (or why there are none), opened on demand.
     gpus: Gpus,
+    /// The peer control plane and what it said, in a cluster.
+    cluster: Option<cluster::Cluster>,
     /// Sessions using a GPU (0: skip the GPU work entirely).
     gpu_sessions: usize,
     events: Vec<(u64, u32)>,
@@ -189,6 +192,11 @@ impl Server {
             uids: cfg.allowed_uids(),
             gids,
         };
+        let cluster = cluster::Cluster::start(&cfg, pre.secret, &sel.choice, outside.clone())
+            .map_err(DaemonError::Other)?;
+        if let Some(c) = &cluster {
+            info!(node = %c.node, listen = %c.peers.listen, peers = c.table.len(), "cluster control plane listening");
+        }
         admin::spawn_admin(
             admin,
             policy.clone(),
@@ -215,6 +223,7 @@ impl Server {
             fabric,
             placement,
             gpus: Gpus::new(gpus, cfg.daemon.max_gpu_pool_bytes),
+            cluster,
             gpu_sessions: 0,
             events: Vec::with_capacity(64),
             scratch: Vec::with_capacity(64),
@@ -403,6 +412,7 @@ impl Server {
                 inbox::Message::Admin { req, uid, reply } => {
                     let _ = reply.send(self.answer_admin(req, uid));
                 }
+                inbox::Message::Peer(e) => self.peer_event(e),
             }
         }
         Ok(())

@@ -163,6 +163,10 @@ impl Server {
                 Err(e) => e.to_string(),
             },
             sessions: self.sessions.len(),
+            node_id: self.cluster.as_ref().map(|c| c.node.clone()),
+            cluster_listen: self.cluster.as_ref().map(|c| c.peers.listen.to_string()),
+            peers: self.cluster.as_ref().map_or_else(Vec::new, |c| c.status()),
+            peer_connections_refused: self.cluster.as_ref().map_or(0, |c| c.refused),
             memory: {
                 let (total, per_uid) = self.usage();
                 MemoryStatus {

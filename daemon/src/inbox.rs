@@ -11,25 +11,27 @@ use std::sync::Arc;
 use ferry_shm::sys;
 
 /// What another thread asks of the loop.
-pub(crate) enum Message {
+pub enum Message {
     /// An admin client's request, with the client's uid (from the socket).
     Admin {
         req: ferry_admin::Request,
         uid: u32,
         reply: mpsc::Sender<ferry_admin::Response>,
     },
+    /// From the peer control plane.
+    Peer(crate::peers::Event),
 }
 
 /// The sending side, cloned into each thread that may ask.
 #[derive(Clone)]
-pub(crate) struct Sender {
+pub struct Sender {
     tx: mpsc::Sender<Message>,
     doorbell: Arc<OwnedFd>,
 }
 
 impl Sender {
     /// Queues `m` and wakes the loop; false when the loop is gone.
-    pub(crate) fn send(&self, m: Message) -> bool {
+    pub fn send(&self, m: Message) -> bool {
         if self.tx.send(m).is_err() {
             return false;
         }
@@ -39,13 +41,13 @@ impl Sender {
 }
 
 /// The loop's side.
-pub(crate) struct Inbox {
+pub struct Inbox {
     rx: mpsc::Receiver<Message>,
     doorbell: Arc<OwnedFd>,
 }
 
 impl Inbox {
-    pub(crate) fn new() -> std::io::Result<(Inbox, Sender)> {
+    pub fn new() -> std::io::Result<(Inbox, Sender)> {
         let (tx, rx) = mpsc::channel();
         let doorbell = Arc::new(sys::eventfd()?);
         Ok((
@@ -58,17 +60,17 @@ impl Inbox {
     }
 
     /// The doorbell, for the loop's epoll set.
-    pub(crate) fn fd(&self) -> i32 {
+    pub fn fd(&self) -> i32 {
         self.doorbell.as_raw_fd()
     }
 
     /// After the doorbell rang: nobody else reads it, so this never blocks.
-    pub(crate) fn rang(&self) {
+    pub fn rang(&self) {
         sys::eventfd_drain(self.doorbell.as_raw_fd());
     }
 
     /// The next message, if any (the loop asks after every epoll wait).
-    pub(crate) fn next(&self) -> Option<Message> {
+    pub fn next(&self) -> Option<Message> {
         self.rx.try_recv().ok()
     }
 }

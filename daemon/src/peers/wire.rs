@@ -1,0 +1,272 @@
+//! The control connection's frames: a little-endian u32 length, then one
+//! [`Frame`] encoded with postcard. Everything read is untrusted: a frame
+//! over [`MAX_FRAME`] bytes, one that does not decode, or one that comes
+//! out of turn ends the connection (and is logged); it never panics.
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::auth::{Nonce, Proof};
+
+/// The first bytes a dialer sends (in its Hello).
+pub const MAGIC: [u8; 4] = *b"FRYP";
+/// The control protocol's version; peers must speak the same.
+pub const VERSION: u16 = 1;
+/// Largest frame read.
+pub const MAX_FRAME: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Dialer -> acceptor, first.
+    Hello {
+        magic: [u8; 4],
+        version: u16,
+        node: String,
+        nonce: Nonce,
+    },
+    /// Acceptor -> dialer: its own name and nonce, and its proof.
+    Challenge {
+        node: String,
+        nonce: Nonce,
+        proof: Proof,
+    },
+    /// Dialer -> acceptor: the dialer's proof.
+    Proof { proof: Proof },
+    /// Acceptor -> dialer: both proofs checked.
+    Welcome,
+    /// Either side, then it closes. Says nothing about streams.
+    Refused { reason: String },
+    /// After the handshake.
+    Msg(PeerMsg),
+}
+
+/// What authenticated peers say to each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMsg {
+    /// Sent by both right after the handshake, before anything else.
+    Fabric(FabricOffer),
+    /// A heartbeat; `t_us` is the sender's clock, echoed in the answer.
+    Ping {
+        seq: u64,
+        t_us: u64,
+    },
+    Pong {
+        seq: u64,
+        t_us: u64,
+    },
+    /// The sender closes the connection after this.
+    Bye {
+        reason: String,
+    },
+    /// The streams whose home is the sender: all of them, after the
+    /// handshake and whenever one is created or deleted.
+    Streams(Vec<StreamAnnounce>),
+}
+
+/// A stream as its home daemon announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamAnnounce {
+    pub name: String,
+    pub partitions: u32,
+    pub slot_size: u64,
+    pub slot_count: u32,
+}
+
+/// The fabrics a daemon can use with a peer: they use ibv when both offer
+/// it, else soft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FabricOffer {
+    /// The RDMA device it would use, when it has one.
+    pub ibv: Option<String>,
+}
+
+impl FabricOffer {
+    /// What two daemons with these offers use.
+    pub fn agree(&self, other: &FabricOffer) -> String {
+        match (&self.ibv, &other.ibv) {
+            (Some(mine), Some(theirs)) => format!("ibv ({mine} here, {theirs} there)"),
+            (Some(_), None) => "soft (the peer has no RDMA device)".into(),
+            (None, Some(_)) => "soft (this host has no RDMA device)".into(),
+            (None, None) => "soft (neither host has an RDMA device)".into(),
+        }
+    }
+}
+
+/// A frame as the bytes that go on the wire, length included.
+pub fn encode(f: &Frame) -> Vec<u8> {
+    let body = postcard::to_stdvec(f).expect("frames serialise");
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A frame's body as read off the wire.
+pub fn decode(body: &[u8]) -> Result<Frame, String> {
+    let (f, rest) =
+        postcard::take_from_bytes::<Frame>(body).map_err(|e| format!("undecodable frame: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!("{} stray bytes after a frame", rest.len()));
+    }
+    Ok(f)
+}
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("connection closed")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The peer broke the protocol.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Reads one frame; the byte count read is added to `bytes`.
+pub async fn read<R: AsyncRead + Unpin>(r: &mut R, bytes: &mut u64) -> Result<Frame, ReadError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_FRAME {
+        return Err(ReadError::Protocol(format!(
+            "a frame of {n} bytes, over the limit of {MAX_FRAME}"
+        )));
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ReadError::Protocol(format!("connection closed inside a frame of {n} bytes"))
+        } else {
+            e.into()
+        }
+    })?;
+    *bytes += 4 + n as u64;
+    decode(&body).map_err(ReadError::Protocol)
+}
+
+/// Writes one frame; returns the bytes written.
+pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<u64> {
+    let b = encode(f);
+    w.write_all(&b).await?;
+    Ok(b.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Hello {
+                magic: MAGIC,
+                version: VERSION,
+                node: "a".into(),
+                nonce: [7; 32],
+            },
+            Frame::Challenge {
+                node: "b".into(),
+                nonce: [1; 32],
+                proof: [2; 32],
+            },
+            Frame::Proof { proof: [3; 32] },
+            Frame::Welcome,
+            Frame::Refused {
+                reason: "no".into(),
+            },
+            Frame::Msg(PeerMsg::Fabric(FabricOffer {
+                ibv: Some("rxe0".into()),
+            })),
+            Frame::Msg(PeerMsg::Ping { seq: 9, t_us: 1 }),
+            Frame::Msg(PeerMsg::Pong {
+                seq: u64::MAX,
+                t_us: 2,
+            }),
+            Frame::Msg(PeerMsg::Bye {
+                reason: "stopping".into(),
+            }),
+            Frame::Msg(PeerMsg::Streams(vec![StreamAnnounce {
+                name: "s".into(),
+                partitions: 2,
+                slot_size: 4096,
+                slot_count: 8,
+            }])),
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        for f in samples() {
+            let b = encode(&f);
+            assert_eq!(
+                u32::from_le_bytes(b[..4].try_into().unwrap()) as usize,
+                b.len() - 4
+            );
+            assert_eq!(decode(&b[4..]).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn truncated_and_padded_frames_are_refused() {
+        for f in samples() {
+            let b = encode(&f);
+            for cut in 0..b.len() - 4 {
+                assert!(decode(&b[4..4 + cut]).is_err(), "{f:?} cut to {cut}");
+            }
+            let mut long = b[4..].to_vec();
+            long.push(0);
+            assert!(decode(&long).is_err(), "{f:?} with a stray byte");
+        }
+    }
+
+    #[test]
+    fn oversized_and_cut_frames_end_the_read() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut n = 0;
+            let big = ((MAX_FRAME + 1) as u32).to_le_bytes();
+            let e = read(&mut &big[..], &mut n).await.unwrap_err();
+            assert!(matches!(e, ReadError::Protocol(_)), "{e}");
+            let mut cut = encode(&Frame::Welcome);
+            cut.extend_from_slice(&100u32.to_le_bytes());
+            cut.extend_from_slice(&[0; 10]);
+            let mut r = &cut[..];
+            assert_eq!(read(&mut r, &mut n).await.unwrap(), Frame::Welcome);
+            let e = read(&mut r, &mut n).await.unwrap_err();
+            assert!(e.to_string().contains("inside a frame"), "{e}");
+            assert!(matches!(
+                read(&mut &[][..], &mut n).await,
+                Err(ReadError::Closed)
+            ));
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+        /// The decoder takes any bytes without panicking, and what it
+        /// accepts encodes back to the same bytes.
+        #[test]
+        fn decoder_takes_any_bytes(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(f) = decode(&body) {
+                prop_assert_eq!(&encode(&f)[4..], &body[..]);
+            }
+        }
+
+        /// Frames with a bit flipped decode to something else or not at all.
+        #[test]
+        fn flipped_bits_never_panic(i in 0usize..10, bit in 0usize..2048) {
+            let b = encode(&samples()[i]);
+            let mut body = b[4..].to_vec();
+            let at = bit / 8 % body.len();
+            body[at] ^= 1 << (bit % 8);
+            let _ = decode(&body);
+        }
+    }
+}

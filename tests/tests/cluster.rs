@@ -1,0 +1,436 @@
+//! Daemons together: the peer control plane between real ferryd processes
+//! on loopback. Authentication with the cluster secret, refusal of
+//! strangers and garbage, heartbeats, failure detection and reconnection.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_admin::{PeerStatus, Status};
+use ferry_daemon::peers::wire::{self, Frame};
+use ferry_tests::{bin, cluster_table, eventually, free_port, secret_file, Daemon};
+
+const SECRET: &str = "correct horse battery staple 42";
+
+fn stream(name: &str) -> String {
+    format!("[[streams]]\nname = \"{name}\"\nslot_size = 4096\nslot_count = 8\n")
+}
+
+/// A directory of its own for each call (tests run in parallel).
+fn secret_dir() -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("ferry-cluster-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `n` daemons n0.. on loopback, all peers of each other, each declaring
+/// stream s<i>; `extra` goes into every [cluster] table.
+fn start_cluster(n: usize, daemon_keys: &str, extra: &str) -> (Vec<Daemon>, Vec<u16>) {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let secret = secret_file(&secret_dir(), "secret", SECRET);
+    let daemons = (0..n)
+        .map(|i| {
+            Daemon::start(
+                daemon_keys,
+                &format!(
+                    "{}{}",
+                    stream(&format!("s{i}")),
+                    cluster_table(i, &ports, &secret, extra)
+                ),
+            )
+        })
+        .collect();
+    (daemons, ports)
+}
+
+fn peer(st: &Status, node: &str) -> PeerStatus {
+    st.peers
+        .iter()
+        .find(|p| p.node_id == node)
+        .cloned()
+        .unwrap_or_else(|| panic!("no peer {node} in {:?}", st.peers))
+}
+
+fn state_of(d: &Daemon, node: &str) -> String {
+    peer(&d.status(), node).state
+}
+
+fn wait_state(d: &Daemon, node: &str, want: &str, within: Duration) {
+    assert!(
+        eventually(within, || state_of(d, node) == want),
+        "peer {node} never became {want}: {:?}\n{}",
+        peer(&d.status(), node),
+        d.log()
+    );
+}
+
+#[test]
+fn peers_authenticate_agree_on_soft_and_announce_their_streams() {
+    let (d, _) = start_cluster(3, "", "heartbeat_ms = 100\npeer_timeout_ms = 1000");
+    for (i, di) in d.iter().enumerate() {
+        for j in 0..3 {
+            if i != j {
+                wait_state(di, &format!("n{j}"), "up", Duration::from_secs(10));
+            }
+        }
+    }
+    // Heartbeats answered: a round-trip time, bytes both ways; the
+    // other's streams as it announced them.
+    assert!(eventually(Duration::from_secs(5), || {
+        let p = peer(&d[0].status(), "n2");
+        p.rtt_us.is_some() && p.bytes_in > 0 && p.bytes_out > 0
+    }));
+    let st = d[0].status();
+    assert_eq!(st.node_id.as_deref(), Some("n0"));
+    let p1 = peer(&st, "n1");
+    assert!(p1.fabric.starts_with("soft"), "{p1:?}");
+    assert_eq!(p1.streams, ["s1"]);
+    assert_eq!(peer(&st, "n2").streams, ["s2"]);
+    // A stream created later is announced too, and its deletion.
+    {
+        let c = d[1].client();
+        let _p = c
+            .producer(
+                "made",
+                Some(ferry_shm::proto::StreamSpec {
+                    partitions: 1,
+                    slot_size: 64,
+                    slot_count: 4,
+                }),
+            )
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || peer(&d[0].status(), "n1")
+                .streams
+                == ["made", "s1"]
+                || peer(&d[0].status(), "n1").streams == ["s1", "made"]),
+            "{:?}",
+            peer(&d[0].status(), "n1")
+        );
+    }
+    ferry_admin::Client::new(&d[1].admin)
+        .delete_stream("made", false)
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || peer(
+        &d[0].status(),
+        "n1"
+    )
+    .streams
+        == ["s1"]));
+    // The CLI shows them.
+    let out = Command::new(bin("ferry"))
+        .arg("--admin-socket")
+        .arg(&d[0].admin)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cluster: node n0"), "{text}");
+    assert!(text.contains("peer n1") && text.contains("up"), "{text}");
+}
+
+/// Reads frames from a raw connection until it closes (or 3 s pass).
+fn frames_until_closed(s: &mut TcpStream) -> (Vec<Frame>, bool) {
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut got = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        match s.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return (got, true),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
+            Err(_) => return (got, false),
+        }
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        if s.read_exact(&mut body).is_err() {
+            return (got, true);
+        }
+        got.push(wire::decode(&body).expect("ferryd sends well-formed frames"));
+    }
+}
+
+#[test]
+fn a_stranger_without_the_secret_learns_nothing_and_is_logged() {
+    let (d, ports) = start_cluster(2, "", "");
+    wait_state(&d[0], "n1", "up", Duration::from_secs(10));
+    // Claims to be n1 (a listed peer) but cannot prove the secret.
+    let mut s = TcpStream::connect(("127.0.0.1", ports[0])).unwrap();
+    let hello = Frame::Hello {
+        magic: wire::MAGIC,
+        version: wire::VERSION,
+        node: "n1".into(),
+        nonce: [9; 32],
+    };
+    s.write_all(&wire::encode(&hello)).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    let Frame::Challenge { node, .. } = wire::decode(&body).unwrap() else {
+        panic!("expected a challenge");
+    };
+    assert_eq!(node, "n0");
+    s.write_all(&wire::encode(&Frame::Proof { proof: [0; 32] }))
+        .unwrap();
+    let (frames, closed) = frames_until_closed(&mut s);
+    assert!(closed, "the connection is closed");
+    assert_eq!(
+        frames,
+        [Frame::Refused {
+            reason: "authentication failed".into()
+        }],
+        "nothing but the refusal"
+    );
+    assert!(eventually(Duration::from_secs(3), || d[0]
+        .status()
+        .peer_connections_refused
+        >= 1));
+    assert!(
+        d[0].log().contains("does not hold the cluster secret"),
+        "{}",
+        d[0].log()
+    );
+    // The real n1 is still up.
+    assert_eq!(state_of(&d[0], "n1"), "up");
+
+    // A daemon that n0 does not list: refused, and told only that.
+    let m_port = free_port();
+    let m = Daemon::start(
+        "",
+        &format!(
+            "[cluster]\nnode_id = \"m\"\nlisten = \"127.0.0.1:{m_port}\"\nsecret_file = \"{}\"\npeers = [{{ node_id = \"n0\", addr = \"127.0.0.1:{}\" }}]\n",
+            secret_file(&secret_dir(), "secret", SECRET).display(),
+            ports[0]
+        ),
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || peer(&m.status(), "n0")
+            .last_error
+            .is_some_and(|e| e.contains("refused: not a peer of this daemon"))),
+        "{:?}",
+        peer(&m.status(), "n0")
+    );
+    assert!(d[0].log().contains("which is not in cluster.peers"));
+    drop(m);
+
+    // Two daemons that list each other with different secrets: never
+    // up, and each side says why.
+    let (pp, qp) = (free_port(), free_port());
+    let good = secret_file(&secret_dir(), "secret", SECRET);
+    let other = secret_file(&secret_dir(), "other", "a different secret entirely");
+    let table = |me: &str, port: u16, secret: &Path, them: &str, their_port: u16| {
+        format!(
+            "[cluster]\nnode_id = \"{me}\"\nlisten = \"127.0.0.1:{port}\"\nsecret_file = \"{}\"\npeers = [{{ node_id = \"{them}\", addr = \"127.0.0.1:{their_port}\" }}]\nreconnect_max_ms = 200\n",
+            secret.display()
+        )
+    };
+    let p = Daemon::start("", &table("p", pp, &good, "q", qp));
+    let q = Daemon::start("", &table("q", qp, &other, "p", pp));
+    assert!(
+        eventually(Duration::from_secs(5), || peer(&p.status(), "q")
+            .last_error
+            .is_some_and(|e| e.contains("could not prove"))),
+        "{:?}",
+        peer(&p.status(), "q")
+    );
+    assert!(eventually(Duration::from_secs(5), || q
+        .status()
+        .peer_connections_refused
+        >= 1));
+    assert_eq!(state_of(&p, "q"), "connecting");
+    assert_eq!(state_of(&q, "p"), "connecting");
+    assert!(peer(&q.status(), "p").streams.is_empty());
+}
+
+#[test]
+fn garbage_on_the_control_port_is_dropped_and_everyone_else_is_served() {
+    let (d, ports) = start_cluster(2, "handshake_timeout_ms = 1000", "");
+    wait_state(&d[0], "n1", "up", Duration::from_secs(10));
+    let addr = ("127.0.0.1", ports[0]);
+    let send = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(bytes);
+        frames_until_closed(&mut s)
+    };
+    // Not a frame at all; an HTTP request; a length over the limit.
+    let (f, closed) = send(b"\x13\x37garbage garbage garbage");
+    assert!(closed && f.is_empty(), "{f:?}");
+    let (f, closed) = send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(closed && f.is_empty(), "{f:?}");
+    let (f, closed) = send(&(64u32 << 20).to_le_bytes());
+    assert!(closed && f.is_empty(), "{f:?}");
+    // A Hello cut short, then silence until the handshake timeout.
+    let hello = wire::encode(&Frame::Hello {
+        magic: wire::MAGIC,
+        version: wire::VERSION,
+        node: "n1".into(),
+        nonce: [1; 32],
+    });
+    let (f, closed) = send(&hello[..hello.len() / 2]);
+    assert!(closed && f.is_empty(), "{f:?}");
+    // A frame out of turn: a Welcome first.
+    let (f, closed) = send(&wire::encode(&Frame::Welcome));
+    assert!(closed && f.is_empty(), "{f:?}");
+    // Another protocol version, and a node that is not a peer: told, and
+    // nothing more.
+    let (f, closed) = send(&wire::encode(&Frame::Hello {
+        magic: wire::MAGIC,
+        version: wire::VERSION + 1,
+        node: "n1".into(),
+        nonce: [1; 32],
+    }));
+    assert!(closed, "{f:?}");
+    assert!(
+        matches!(&f[..], [Frame::Refused { reason }] if reason.contains("protocol")),
+        "{f:?}"
+    );
+    let (f, closed) = send(&wire::encode(&Frame::Hello {
+        magic: wire::MAGIC,
+        version: wire::VERSION,
+        node: "nobody".into(),
+        nonce: [1; 32],
+    }));
+    assert!(closed, "{f:?}");
+    assert!(matches!(&f[..], [Frame::Refused { .. }]), "{f:?}");
+    assert!(eventually(Duration::from_secs(8), || d[0]
+        .status()
+        .peer_connections_refused
+        >= 7));
+    // The peer and local clients are served on.
+    assert_eq!(state_of(&d[0], "n1"), "up");
+    assert_eq!(state_of(&d[1], "n0"), "up");
+    let c = d[0].client();
+    let mut p = c.producer("s0", None).unwrap();
+    let mut cons = c.consumer("s0", "g", Default::default()).unwrap();
+    p.send(b"still here", b"", None, Some(Duration::from_secs(5)))
+        .unwrap();
+    let b = cons.next(Some(Duration::from_secs(5))).unwrap();
+    // SAFETY (test): the batch's bytes stay mapped until it is released.
+    let got = unsafe { std::slice::from_raw_parts(b.data, b.len as usize) };
+    assert_eq!(got, b"still here");
+}
+
+#[test]
+fn a_silent_peer_is_declared_down_and_a_restarted_one_comes_back() {
+    let (mut d, _) = start_cluster(
+        2,
+        "",
+        "heartbeat_ms = 100\npeer_timeout_ms = 600\nreconnect_max_ms = 400",
+    );
+    wait_state(&d[0], "n1", "up", Duration::from_secs(10));
+    // Stopped, not dead: the connection stays open, only the heartbeats
+    // stop.
+    d[1].signal(libc::SIGSTOP);
+    wait_state(&d[0], "n1", "down", Duration::from_secs(3));
+    let p = peer(&d[0].status(), "n1");
+    assert!(
+        p.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("nothing heard")),
+        "{p:?}"
+    );
+    d[1].signal(libc::SIGCONT);
+    wait_state(&d[0], "n1", "up", Duration::from_secs(5));
+    wait_state(&d[1], "n0", "up", Duration::from_secs(5));
+    // Killed and started again: down at once (the connection resets), up
+    // again once it is back.
+    d[1].kill();
+    wait_state(&d[0], "n1", "down", Duration::from_secs(3));
+    d[1].restart();
+    wait_state(&d[0], "n1", "up", Duration::from_secs(5));
+    wait_state(&d[1], "n0", "up", Duration::from_secs(5));
+    assert!(peer(&d[0].status(), "n1").errors >= 2);
+}
+
+fn check(cfg: &str, dir: &Path) -> (bool, String) {
+    std::fs::write(dir.join("check.toml"), cfg).unwrap();
+    let out = Command::new(bin("ferryd"))
+        .arg("--config")
+        .arg(dir.join("check.toml"))
+        .arg("--check")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn cluster_config_is_checked_with_clear_errors() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = secret_dir().join("check");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = secret_file(&dir, "good", SECRET);
+    let head = format!(
+        "[daemon]\nsocket = \"{}/ferryd.sock\"\n[cluster]\n",
+        dir.display()
+    );
+    let (ok, out) = check(
+        &format!(
+            "{head}node_id = \"a\"\nlisten = \"127.0.0.1:0\"\nsecret_file = \"{}\"\npeers = [{{ node_id = \"b\", addr = \"127.0.0.1:9\" }}]\n",
+            good.display()
+        ),
+        &dir,
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("cluster: node a"), "{out}");
+    let open = secret_file(&dir, "open", SECRET);
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let short = secret_file(&dir, "short", "tiny");
+    for (body, want) in [
+        (
+            format!("node_id = \"a\"\nlisten = \"127.0.0.1:0\"\nsecret_file = \"{}\"\n", open.display()),
+            "chmod 600",
+        ),
+        (
+            format!("node_id = \"a\"\nlisten = \"127.0.0.1:0\"\nsecret_file = \"{}\"\n", short.display()),
+            "at least 16",
+        ),
+        (
+            "node_id = \"a\"\nlisten = \"127.0.0.1:0\"\n".to_string(),
+            "cluster.secret_file is needed",
+        ),
+        (
+            format!("node_id = \"a\"\nsecret_file = \"{}\"\n", good.display()),
+            "cluster.listen",
+        ),
+        (
+            format!("node_id = \"a\"\nlisten = \"127.0.0.1:0\"\nsecret_file = \"{}\"\npeers = [{{ node_id = \"a\", addr = \"127.0.0.1:9\" }}]\n", good.display()),
+            "own node_id",
+        ),
+        (
+            format!("node_id = \"a\"\nlisten = \"127.0.0.1:0\"\nsecret_file = \"{}\"\npeers = [{{ node_id = \"b\", addr = \"nowhere\" }}]\n", good.display()),
+            "not an address:port",
+        ),
+        (
+            format!("node_id = \"a b\"\nlisten = \"127.0.0.1:0\"\nsecret_file = \"{}\"\n", good.display()),
+            "cluster.node_id",
+        ),
+        (
+            format!("node_id = \"a\"\nlisten = \"127.0.0.1:0\"\nsecret_file = \"{}\"\nheartbeat_ms = 1000\npeer_timeout_ms = 1000\n", good.display()),
+            "at least twice",
+        ),
+        ("peers = []\nlisten = \"127.0.0.1:0\"\n".to_string(), "need cluster.node_id"),
+    ] {
+        let (ok, out) = check(&format!("{head}{body}"), &dir);
+        assert!(!ok, "accepted:\n{body}");
+        assert!(out.contains(want), "{body}\nsays:\n{out}");
+    }
+    // And a daemon started with it refuses to start.
+    let out = Command::new(bin("ferryd"))
+        .arg("--config")
+        .arg(dir.join("check.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("need cluster.node_id"));
+}
