@@ -51,6 +51,9 @@ pub struct Status {
     /// The other daemons of the cluster.
     #[serde(default)]
     pub peers: Vec<PeerStatus>,
+    /// Consumers here of streams homed on other daemons.
+    #[serde(default)]
+    pub remote_consumers: Vec<RemoteConsumerStatus>,
     /// Connections to the control plane refused before they were a
     /// peer's (wrong secret, unknown node, not a ferry peer).
     #[serde(default)]
@@ -59,6 +62,24 @@ pub struct Status {
     #[serde(default)]
     pub memory: MemoryStatus,
     pub streams: Vec<StreamStatus>,
+}
+
+/// A consumer here of a stream homed on another daemon.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RemoteConsumerStatus {
+    pub session: u64,
+    pub pid: i32,
+    pub stream: String,
+    pub group: String,
+    /// The stream's home (node id).
+    pub home: String,
+    /// "joining", "active", or "waiting" (for its home to come back).
+    pub state: String,
+    pub prefetch: u32,
+    /// Landing slots holding batches it has not released.
+    pub held: u32,
+    pub delivered: u64,
+    pub open_ms: u64,
 }
 
 /// One peer daemon as this one sees it.
@@ -171,6 +192,10 @@ pub struct GroupStatus {
 pub struct MemberStatus {
     pub session: u64,
     pub pid: i32,
+    /// The host of a member on another daemon (its node id); absent for
+    /// a member here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub partitions: Vec<u32>,
     pub prefetch: u32,
     pub inflight: u32,

@@ -183,6 +183,12 @@ fn print_status(st: &Status) {
             }
         );
     }
+    for r in &st.remote_consumers {
+        println!(
+            "  consumer session {} pid {} of stream {} (home {}), group {}: {}, {}/{} landing slots held, {} delivered",
+            r.session, r.pid, r.stream, r.home, r.group, r.state, r.held, r.prefetch, r.delivered
+        );
+    }
     let m = &st.memory;
     println!(
         "memory: {} streams (max {}), {} of pools (max {}, {} per uid)",
@@ -279,8 +285,13 @@ fn print_status(st: &Status) {
                     ),
                     None => String::new(),
                 };
+                let at = m
+                    .host
+                    .as_ref()
+                    .map(|h| format!(" on {h}"))
+                    .unwrap_or_default();
                 println!(
-                    "    member session {} pid {}: partitions {:?}, {}/{} in flight, {} delivered, ring {}{device}",
+                    "    member session {}{at} pid {}: partitions {:?}, {}/{} in flight, {} delivered, ring {}{device}",
                     m.session, m.pid, m.partitions, m.inflight, m.prefetch, m.delivered, m.ring_occupancy
                 );
             }

@@ -20,6 +20,13 @@ pub enum Message {
     },
     /// From the peer control plane.
     Peer(crate::peers::Event),
+    /// A data link to a peer connected (or failed to), for its
+    /// `generation`th control connection.
+    Link {
+        node: String,
+        generation: u64,
+        result: Result<std::sync::Arc<crate::fabric::Link>, String>,
+    },
 }
 
 /// The sending side, cloned into each thread that may ask.

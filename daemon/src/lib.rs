@@ -1,11 +1,14 @@
 //! ferryd: the Ferry data-plane daemon (single host for now).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod error;
+#[allow(unsafe_code)]
+pub mod fabric;
 pub mod gpu;
 pub mod idhash;
 pub mod inbox;
+pub mod landing;
 pub mod peers;
 pub mod placement;
 pub mod ratelimit;

@@ -8,7 +8,15 @@
 use ferry_shm::desc::Desc;
 use ferry_shm::{RingError, RingProducer};
 
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use ferry_shm::layout::PoolLayout;
+
+use crate::fabric::{Link, Registered, Write};
 use crate::gpu::GpuDelivery;
+use crate::landing::{Header, Imm, Kind, HEADER_BYTES};
+use crate::peers::Landing;
 use crate::stream::Violation;
 
 /// A batch offered to a sink.
@@ -17,6 +25,8 @@ pub struct Batch {
     pub desc: Desc,
     /// Where its bytes are in the stream's host pool.
     pub pool_offset: u64,
+    /// Where its metadata is in the stream's host pool.
+    pub meta_offset: u64,
     /// When it was published from GPU memory: that stream's mirror on the
     /// GPU, and the offset of the batch there.
     pub from_gpu: Option<(ferry_cuda::Mem, u64)>,
@@ -74,6 +84,14 @@ pub trait Sink {
     fn consumer_sleeping(&self) -> bool;
 
     fn status(&self) -> SinkStatus;
+
+    /// The consumer's host gave back slot `slot` of its landing area
+    /// (remote sinks; the others have none and refuse it).
+    fn returned(&mut self, slot: u32) -> Result<(), String> {
+        Err(format!(
+            "slot {slot} returned to a sink without a landing area"
+        ))
+    }
 }
 
 /// A consumer's completion ring, and whether it was pushed to since the
@@ -258,6 +276,221 @@ impl Sink for GpuPool {
             copies_in_flight: self.gpu.pending() as u32,
             bytes_copied: self.gpu.copied_bytes,
             bytes_from_gpu: self.gpu.d2d_bytes,
+        }
+    }
+}
+
+/// A consumer on another host: each batch is written over the fabric into
+/// a slot of its landing area that its daemon credited (see
+/// `crate::landing`); without a credit, nothing is written.
+pub struct RemoteSink {
+    link: Arc<Link>,
+    /// The stream's pool, registered: what the writes read.
+    pool: Arc<Registered>,
+    /// Headers are written from here, one entry per landing slot.
+    staging: Arc<Registered>,
+    landing: Landing,
+    layout: PoolLayout,
+    /// The consumer daemon's id of the member.
+    member: u64,
+    /// Landing slots free for a write, and which are.
+    credits: VecDeque<u32>,
+    credited: Vec<bool>,
+    written: u64,
+}
+
+impl RemoteSink {
+    /// `busy`: landing slots still in use from an earlier membership.
+    pub fn new(
+        link: Arc<Link>,
+        pool: Arc<Registered>,
+        staging: Arc<Registered>,
+        landing: Landing,
+        layout: PoolLayout,
+        member: u64,
+        busy: &[u32],
+    ) -> RemoteSink {
+        let mut credited = vec![true; landing.slots as usize];
+        for &b in busy {
+            if let Some(c) = credited.get_mut(b as usize) {
+                *c = false;
+            }
+        }
+        let credits = (0..landing.slots)
+            .filter(|&i| credited[i as usize])
+            .collect();
+        RemoteSink {
+            link,
+            pool,
+            staging,
+            landing,
+            layout,
+            member,
+            credits,
+            credited,
+            written: 0,
+        }
+    }
+
+    /// Writes `h` into landing slot `ls`'s header, then (for a batch) the
+    /// metadata and payload, the last with the immediate.
+    fn send(
+        &mut self,
+        ls: u32,
+        h: &Header,
+        meta: Option<(u64, u32)>,
+        payload: (u64, u32),
+    ) -> Result<(), String> {
+        let hoff = ls as u64 * HEADER_BYTES;
+        if !self.staging.region().write(hoff, &h.encode()) {
+            return Err("the header staging area is too small".into());
+        }
+        let wr_id = self.link.next_wr_id();
+        self.link.write(&Write {
+            wr_id,
+            src: &self.staging,
+            src_offset: hoff,
+            len: HEADER_BYTES as u32,
+            remote_addr: self.landing.header_addr + hoff,
+            rkey: self.landing.header_rkey,
+            imm: None,
+            signaled: false,
+        })?;
+        let slot_off = self
+            .layout
+            .slot_offset(ls)
+            .ok_or("landing slot out of range")?;
+        if let Some((src, len)) = meta {
+            let moff = self
+                .layout
+                .meta_offset(ls)
+                .ok_or("landing slot out of range")?;
+            self.link.write(&Write {
+                wr_id,
+                src: &self.pool,
+                src_offset: src,
+                len,
+                remote_addr: self.landing.pool_addr + moff,
+                rkey: self.landing.pool_rkey,
+                imm: None,
+                signaled: false,
+            })?;
+        }
+        self.link.write(&Write {
+            wr_id,
+            src: &self.pool,
+            src_offset: payload.0,
+            len: payload.1,
+            remote_addr: self.landing.pool_addr + slot_off,
+            rkey: self.landing.pool_rkey,
+            imm: Some(
+                Imm {
+                    landing: self.landing.id,
+                    slot: ls as u16,
+                }
+                .encode(),
+            ),
+            signaled: true,
+        })?;
+        self.written += payload.1 as u64;
+        Ok(())
+    }
+
+    fn take_credit(&mut self) -> Option<u32> {
+        let ls = self.credits.pop_front()?;
+        self.credited[ls as usize] = false;
+        Some(ls)
+    }
+}
+
+impl Sink for RemoteSink {
+    fn offer(&mut self, batch: Batch) -> Result<bool, String> {
+        let d = &batch.desc;
+        let Ok(len) = u32::try_from(d.len) else {
+            return Err(format!("a batch of {} bytes", d.len));
+        };
+        let Some(ls) = self.take_credit() else {
+            return Ok(false);
+        };
+        let h = Header {
+            kind: Kind::Batch,
+            member: self.member,
+            partition: d.partition,
+            offset: d.offset,
+            len: d.len,
+            meta_len: d.meta_len,
+            flags: d.flags,
+            home_slot: d.slot,
+            epoch: 0,
+        };
+        let meta = (d.meta_len > 0).then_some((batch.meta_offset, d.meta_len));
+        self.send(ls, &h, meta, (batch.pool_offset, len))?;
+        Ok(true)
+    }
+
+    fn end_of_epoch(&mut self, d: &Desc) -> Result<bool, String> {
+        let Some(ls) = self.take_credit() else {
+            return Ok(false);
+        };
+        let h = Header {
+            kind: Kind::EndOfEpoch,
+            member: self.member,
+            partition: 0,
+            offset: 0,
+            len: 0,
+            meta_len: 0,
+            flags: 0,
+            home_slot: 0,
+            epoch: d.offset,
+        };
+        // The payload write is empty: only the header and the immediate.
+        self.send(ls, &h, None, (0, 0))?;
+        Ok(true)
+    }
+
+    fn complete(&mut self) -> Result<usize, String> {
+        Ok(0)
+    }
+
+    fn release(&mut self, _d: &Desc) -> Result<(), Violation> {
+        Ok(()) // releases come from the consumer's daemon, as messages
+    }
+
+    fn pending(&self) -> usize {
+        0
+    }
+
+    fn deferred(&self) -> bool {
+        false
+    }
+
+    fn quiesce(&mut self) {}
+
+    fn wake(&mut self) {}
+
+    fn consumer_sleeping(&self) -> bool {
+        false
+    }
+
+    fn status(&self) -> SinkStatus {
+        SinkStatus {
+            bytes_copied: self.written,
+            ..SinkStatus::default()
+        }
+    }
+
+    fn returned(&mut self, slot: u32) -> Result<(), String> {
+        match self.credited.get_mut(slot as usize) {
+            None => Err(format!(
+                "landing slot {slot} returned; the landing area has {}",
+                self.landing.slots
+            )),
+            Some(true) => Err(format!("landing slot {slot} returned twice")),
+            Some(c) => {
+                *c = true;
+                self.credits.push_back(slot);
+                Ok(())
+            }
         }
     }
 }

@@ -434,3 +434,76 @@ fn cluster_config_is_checked_with_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("need cluster.node_id"));
 }
+
+/// The bytes of batch `i`: its number, then a pattern of it.
+fn payload(i: u64, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len)
+        .map(|j| (i as usize).wrapping_mul(31).wrapping_add(j * 7) as u8)
+        .collect();
+    v[..8].copy_from_slice(&i.to_le_bytes());
+    v
+}
+
+#[test]
+fn a_trainer_on_another_host_reads_every_batch_in_place() {
+    let (d, _) = start_cluster(2, "", "");
+    wait_state(&d[1], "n0", "up", Duration::from_secs(10));
+    assert!(eventually(Duration::from_secs(5), || peer(
+        &d[1].status(),
+        "n0"
+    )
+    .streams
+    .contains(&"s0".to_string())));
+    let home = d[0].client();
+    let remote = d[1].client();
+    let mut cons = remote
+        .consumer(
+            "s0",
+            "g",
+            ferry::ConsumerOptions {
+                prefetch: 4,
+                ..Default::default()
+            },
+        )
+        .expect("a consumer on n1 of a stream homed on n0");
+    let mut prod = home.producer("s0", None).unwrap();
+    const N: u64 = 200;
+    let sender = std::thread::spawn(move || {
+        for i in 0..N {
+            let len = 8 + (i as usize * 37) % 4000;
+            let meta = format!("meta {i}");
+            prod.send(
+                &payload(i, len),
+                meta.as_bytes(),
+                None,
+                Some(Duration::from_secs(10)),
+            )
+            .unwrap_or_else(|e| panic!("send {i}: {e}"));
+        }
+        prod
+    });
+    for i in 0..N {
+        let b = cons
+            .next(Some(Duration::from_secs(10)))
+            .unwrap_or_else(|e| panic!("batch {i}: {e}\n{}\n{}", d[0].log(), d[1].log()));
+        assert_eq!((b.partition, b.offset), (0, i), "in order, none lost");
+        let len = 8 + (i as usize * 37) % 4000;
+        // SAFETY (test): the batch stays mapped until released.
+        let got = unsafe { std::slice::from_raw_parts(b.data, b.len as usize) };
+        assert_eq!(got, &payload(i, len)[..], "batch {i}");
+        let meta = unsafe { std::slice::from_raw_parts(b.meta, b.meta_len as usize) };
+        assert_eq!(meta, format!("meta {i}").as_bytes());
+        cons.release(b.token).unwrap();
+    }
+    drop(sender.join().unwrap());
+    // The home shows the member and where it is.
+    let st = d[0].status();
+    let g = &st.streams.iter().find(|s| s.name == "s0").unwrap().groups[0];
+    assert_eq!(g.members.len(), 1, "{g:?}");
+    assert_eq!(g.members[0].host.as_deref(), Some("n1"));
+    assert!(eventually(Duration::from_secs(5), || {
+        let st = d[0].status();
+        let s = st.streams.iter().find(|s| s.name == "s0").unwrap();
+        s.slots_held == 0 || s.groups[0].lag == 0
+    }));
+}

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use auth::Secret;
-pub use wire::{FabricOffer, PeerMsg, StreamAnnounce};
+pub use wire::{FabricOffer, Join, Joined, Landing, PeerMsg, StreamAnnounce, WireRefusal};
 
 use crate::inbox;
 

@@ -61,6 +61,105 @@ pub enum PeerMsg {
     /// The streams whose home is the sender: all of them, after the
     /// handshake and whenever one is created or deleted.
     Streams(Vec<StreamAnnounce>),
+    /// The sender's end of the data link for this connection.
+    Endpoint(ferry_verbs::EndpointInfo),
+    /// Consumer host -> home: a trainer joins a group of a stream homed at
+    /// the receiver; its batches go to `landing`.
+    Join(Join),
+    /// Home -> consumer host: the answer to a Join.
+    Joined {
+        member: u64,
+        result: Result<Joined, WireRefusal>,
+    },
+    /// Consumer host -> home: the trainer left (or its daemon lets it go).
+    Leave {
+        member: u64,
+    },
+    /// Consumer host -> home: the trainer released a batch (committing its
+    /// partitions when `commit`); its landing slot is free again.
+    Release {
+        member: u64,
+        partition: u32,
+        offset: u64,
+        home_slot: u32,
+        landing_slot: u32,
+        commit: bool,
+    },
+    /// Consumer host -> home: a landing slot is free again (after an end
+    /// of epoch).
+    Credit {
+        member: u64,
+        landing_slot: u32,
+    },
+    /// Consumer host -> home: commit one partition (or, with `None`, every
+    /// partition the member owns).
+    Commit {
+        member: u64,
+        partition: Option<u32>,
+        offset: u64,
+    },
+    /// Consumer host -> home: the trainer seeks.
+    Seek {
+        member: u64,
+        partition: u32,
+        offset: u64,
+    },
+    /// Home -> consumer host: the answer to a Seek.
+    SeekDone {
+        member: u64,
+        result: Result<(), WireRefusal>,
+    },
+    /// Home -> consumer host: the member is no longer one (its stream or
+    /// group was deleted).
+    Evicted {
+        member: u64,
+        why: String,
+    },
+}
+
+/// What a trainer on another host asks of a stream's home.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Join {
+    /// The consumer host's id for the member (its trainer's session).
+    pub member: u64,
+    pub stream: String,
+    pub group: String,
+    pub prefetch: u32,
+    pub start: ferry_shm::proto::GroupStart,
+    /// The trainer's uid on its host, for the home's access rules.
+    pub uid: u32,
+    pub landing: Landing,
+    /// Landing slots its trainer still holds from an earlier membership
+    /// (not free for writes until credited).
+    pub busy: Vec<u32>,
+}
+
+/// A landing area, as its daemon registered it (see `crate::landing`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Landing {
+    /// Its id in immediates.
+    pub id: u16,
+    pub slots: u32,
+    /// The slots and their metadata, laid out as a pool of `slots` slots
+    /// of the stream's slot size.
+    pub pool_addr: u64,
+    pub pool_rkey: u32,
+    pub header_addr: u64,
+    pub header_rkey: u32,
+}
+
+/// The home's answer to a Join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    pub partitions: u32,
+    pub slot_size: u64,
+}
+
+/// A request refused by a peer: the code and message the trainer gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRefusal {
+    pub code: ferry_shm::proto::ErrorCode,
+    pub message: String,
 }
 
 /// A stream as its home daemon announces it.
@@ -190,6 +289,38 @@ mod tests {
             Frame::Msg(PeerMsg::Bye {
                 reason: "stopping".into(),
             }),
+            Frame::Msg(PeerMsg::Join(Join {
+                member: 5,
+                stream: "s".into(),
+                group: "g".into(),
+                prefetch: 4,
+                start: ferry_shm::proto::GroupStart::Earliest,
+                uid: 1000,
+                landing: Landing {
+                    id: 3,
+                    slots: 4,
+                    pool_addr: 1 << 40,
+                    pool_rkey: 7,
+                    header_addr: 2 << 40,
+                    header_rkey: 8,
+                },
+                busy: vec![1],
+            })),
+            Frame::Msg(PeerMsg::Joined {
+                member: 5,
+                result: Err(WireRefusal {
+                    code: ferry_shm::proto::ErrorCode::PermissionDenied,
+                    message: "no".into(),
+                }),
+            }),
+            Frame::Msg(PeerMsg::Release {
+                member: 5,
+                partition: 1,
+                offset: 99,
+                home_slot: 3,
+                landing_slot: 2,
+                commit: true,
+            }),
             Frame::Msg(PeerMsg::Streams(vec![StreamAnnounce {
                 name: "s".into(),
                 partitions: 2,
@@ -261,7 +392,7 @@ mod tests {
 
         /// Frames with a bit flipped decode to something else or not at all.
         #[test]
-        fn flipped_bits_never_panic(i in 0usize..10, bit in 0usize..2048) {
+        fn flipped_bits_never_panic(i in 0usize..13, bit in 0usize..2048) {
             let b = encode(&samples()[i]);
             let mut body = b[4..].to_vec();
             let at = bit / 8 % body.len();

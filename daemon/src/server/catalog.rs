@@ -24,6 +24,9 @@ pub(super) struct StreamEntry {
     /// A read-only open file description of the pool, for consumers.
     pub(super) pool_ro: OwnedFd,
     pub(super) layout: PoolLayout,
+    /// The pool registered with the fabric, once a member on another host
+    /// joined.
+    pub(super) registered: Option<Arc<crate::fabric::Registered>>,
     pub(super) producers: Vec<SessionId>,
     /// The uid of the producer that created it; None: declared in the
     /// config.
@@ -190,6 +193,7 @@ impl Server {
                 end_pending: false,
                 ends_untold: false,
                 dirty: true,
+                registered: None,
             },
         );
         self.by_name.insert(name.to_string(), idx);
@@ -374,7 +378,7 @@ impl Server {
             .values()
             .filter(|s| match &s.role {
                 Role::Producer(p) => p.stream == idx,
-                Role::Consumer(c) => c.stream == idx,
+                Role::Consumer(c) => c.m.stream == idx,
                 _ => false,
             })
             .map(|s| s.id)

@@ -1,15 +1,18 @@
 //! The loop's side of the cluster: the peer control plane's events, and
 //! what the status shows of the peers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_admin::PeerStatus;
 
 use super::Server;
 use crate::config::Config;
+use crate::fabric::{tag_of, Fabric, Link, PendingLink};
+use crate::inbox::Message;
 use crate::limited;
-use crate::peers::{self, Event, FabricOffer, PeerMsg, Peers, StreamAnnounce};
+use crate::peers::{self, Event, FabricOffer, Join, PeerMsg, Peers, StreamAnnounce};
 
 /// One peer as the loop knows it.
 pub(super) struct PeerView {
@@ -26,12 +29,48 @@ pub(super) struct PeerView {
     streams: Vec<StreamAnnounce>,
 }
 
+impl PeerView {
+    pub(super) fn is_up(&self) -> bool {
+        self.state == "up"
+    }
+
+    pub(super) fn has_stream(&self, name: &str) -> bool {
+        self.streams.iter().any(|s| s.name == name)
+    }
+
+    pub(super) fn stream(&self, name: &str) -> Option<&StreamAnnounce> {
+        self.streams.iter().find(|s| s.name == name)
+    }
+}
+
+/// The data link to one peer: one endpoint per control connection.
+#[derive(Default)]
+pub(super) struct PeerLink {
+    /// Counts the control connections; a link made for an earlier one is
+    /// dropped when it comes.
+    generation: u64,
+    /// Ours, waiting for the peer's endpoint info.
+    pending: Option<PendingLink>,
+    pub(super) link: Option<Arc<Link>>,
+    /// Its id in work-request ids.
+    tag: u16,
+}
+
+/// Receives kept posted on each link (one is used by each landing write).
+const RECV_DEPTH: usize = 512;
+
 /// This daemon in its cluster.
 pub(super) struct Cluster {
     pub(super) node: String,
     pub(super) peers: Peers,
     pub(super) table: BTreeMap<String, PeerView>,
     pub(super) refused: u64,
+    pub(super) fabric: Arc<Fabric>,
+    pub(super) links: HashMap<String, PeerLink>,
+    /// Peer of each link tag (tag - 1).
+    tags: Vec<String>,
+    /// Joins that came before the data link to their host was up.
+    pending_joins: Vec<(String, Join)>,
 }
 
 impl Cluster {
@@ -70,6 +109,10 @@ impl Cluster {
                 },
             },
         };
+        let soft_bind = listen_addr.ip();
+        let fabric = Arc::new(
+            Fabric::open(fabric, soft_bind).map_err(|e| format!("opening the fabric: {e}"))?,
+        );
         let peers = Peers::start(settings, inbox)
             .map_err(|e| format!("cluster.listen = {listen:?}: {e}"))?;
         let now = Instant::now();
@@ -94,12 +137,41 @@ impl Cluster {
                 )
             })
             .collect();
+        let tags: Vec<String> = c.peers.iter().map(|p| p.node_id.clone()).collect();
+        let links = tags
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                (
+                    n.clone(),
+                    PeerLink {
+                        tag: i as u16 + 1,
+                        ..PeerLink::default()
+                    },
+                )
+            })
+            .collect();
         Ok(Some(Cluster {
             node: node.clone(),
             peers,
             table,
             refused: 0,
+            fabric,
+            links,
+            tags,
+            pending_joins: Vec::new(),
         }))
+    }
+
+    /// The data link to `node`, when up.
+    pub(super) fn link(&self, node: &str) -> Option<Arc<Link>> {
+        self.links.get(node)?.link.clone()
+    }
+
+    fn node_of_tag(&self, tag: u16) -> Option<&str> {
+        self.tags
+            .get((tag as usize).checked_sub(1)?)
+            .map(String::as_str)
     }
 
     pub(super) fn status(&self) -> Vec<PeerStatus> {
@@ -138,8 +210,23 @@ impl Server {
                 }
                 limited!(INFO, peer = %node, %addr, %fabric, "peer up");
                 let mine = self.local_streams();
-                if let Some(cl) = &self.cluster {
-                    cl.peers.send(&node, PeerMsg::Streams(mine));
+                let Some(cl) = &mut self.cluster else {
+                    return;
+                };
+                cl.peers.send(&node, PeerMsg::Streams(mine));
+                // A data link for this connection: our endpoint now, theirs
+                // when it comes.
+                let Some(pl) = cl.links.get_mut(&node) else {
+                    return;
+                };
+                pl.generation += 1;
+                pl.link = None;
+                match cl.fabric.endpoint() {
+                    Ok(p) => {
+                        cl.peers.send(&node, PeerMsg::Endpoint(p.info()));
+                        pl.pending = Some(p);
+                    }
+                    Err(e) => limited!(WARN, peer = %node, "creating a data endpoint: {e}"),
                 }
             }
             Event::Down { node, why } => {
@@ -150,6 +237,13 @@ impl Server {
                     v.last_error = Some(why.clone());
                 }
                 limited!(WARN, peer = %node, "peer down: {why}");
+                if let Some(pl) = cl.links.get_mut(&node) {
+                    pl.pending = None;
+                    pl.link = None;
+                }
+                cl.pending_joins.retain(|(n, _)| *n != node);
+                self.remote_node_gone(&node, "its host is down");
+                self.proxies_wait(&node);
             }
             Event::Error { node, why } => {
                 if let Some(v) = cl.table.get_mut(&node) {
@@ -192,12 +286,186 @@ impl Server {
                     v.streams = list;
                 }
             }
+            PeerMsg::Endpoint(info) => {
+                let Some(pl) = cl.links.get_mut(&node) else {
+                    return;
+                };
+                let Some(pending) = pl.pending.take() else {
+                    limited!(WARN, peer = %node, "an endpoint it sent without ours waiting");
+                    return;
+                };
+                let (tag, generation) = (pl.tag, pl.generation);
+                let inbox = self.inbox_sender.clone();
+                let n = node.clone();
+                // Connecting blocks until the peer's side answers: not on
+                // the loop.
+                let spawned = std::thread::Builder::new()
+                    .name("ferryd-link".into())
+                    .spawn(move || {
+                        let result = pending.connect(&info, tag).map(Arc::new);
+                        inbox.send(Message::Link {
+                            node: n,
+                            generation,
+                            result,
+                        });
+                    });
+                if let Err(e) = spawned {
+                    limited!(WARN, peer = %node, "connecting the data link: {e}");
+                }
+            }
+            PeerMsg::Join(j) => {
+                if cl.link(&node).is_none() {
+                    cl.pending_joins.push((node, j));
+                } else {
+                    self.remote_join(&node, j);
+                }
+            }
+            PeerMsg::Joined { member, result } => self.proxy_joined(&node, member, result),
+            PeerMsg::SeekDone { member, result } => self.proxy_seek_done(&node, member, result),
+            PeerMsg::Evicted { member, why } => self.proxy_evicted(&node, member, why),
+            m @ (PeerMsg::Leave { .. }
+            | PeerMsg::Release { .. }
+            | PeerMsg::Credit { .. }
+            | PeerMsg::Commit { .. }
+            | PeerMsg::Seek { .. }) => self.remote_message(&node, m),
             // The control plane answers these itself.
             PeerMsg::Fabric(_)
             | PeerMsg::Ping { .. }
             | PeerMsg::Pong { .. }
             | PeerMsg::Bye { .. } => {}
         }
+    }
+
+    /// The data link to `node` is connected (or failed).
+    pub(super) fn link_ready(
+        &mut self,
+        node: String,
+        generation: u64,
+        result: Result<Arc<Link>, String>,
+    ) {
+        let Some(cl) = &mut self.cluster else {
+            return;
+        };
+        let Some(pl) = cl.links.get_mut(&node) else {
+            return;
+        };
+        if pl.generation != generation {
+            return; // made for an earlier connection
+        }
+        let link = match result {
+            Ok(l) => l,
+            Err(e) => {
+                limited!(WARN, peer = %node, "the data link did not connect: {e}; reconnecting");
+                cl.peers.send(
+                    &node,
+                    PeerMsg::Bye {
+                        reason: format!("the data link did not connect: {e}"),
+                    },
+                );
+                return;
+            }
+        };
+        for _ in 0..RECV_DEPTH {
+            if let Err(e) = link.recv(link.next_wr_id()) {
+                limited!(WARN, peer = %node, "posting receives: {e}");
+                break;
+            }
+        }
+        pl.link = Some(link);
+        limited!(INFO, peer = %node, fabric = %cl.fabric.name, "data link up");
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut cl.pending_joins)
+            .into_iter()
+            .partition(|(n, _)| *n == node);
+        cl.pending_joins = rest;
+        for (_, j) in mine {
+            self.remote_join(&node, j);
+        }
+        self.send_joins(&node);
+    }
+
+    /// Polls the fabric's completions: landing writes that arrived, and
+    /// the end of writes this daemon posted. Returns completions handled.
+    pub(super) fn progress_fabric(&mut self) -> usize {
+        let Some(cl) = &self.cluster else {
+            return 0;
+        };
+        let mut done = std::mem::take(&mut self.fabric_scratch);
+        done.clear();
+        let sent = cl.fabric.poll(true, &mut done, 64);
+        let mut broken: Vec<(String, String)> = Vec::new();
+        for c in &done {
+            let Some(node) = cl.node_of_tag(tag_of(c.wr_id)) else {
+                continue;
+            };
+            if let Some(l) = cl.link(node) {
+                l.completed(c.wr_id);
+            }
+            if c.status != ferry_verbs::WcStatus::Success {
+                broken.push((
+                    node.to_string(),
+                    format!("a write completed with {:?}", c.status),
+                ));
+            }
+        }
+        done.clear();
+        let got = cl.fabric.poll(false, &mut done, 64);
+        let mut arrived: Vec<(String, u32)> = Vec::new();
+        for c in &done {
+            let Some(node) = cl.node_of_tag(tag_of(c.wr_id)) else {
+                continue;
+            };
+            let Some(l) = cl.link(node) else {
+                continue; // a receive of a link that is gone
+            };
+            match (c.status, c.imm) {
+                (ferry_verbs::WcStatus::Success, Some(imm)) => {
+                    arrived.push((node.to_string(), imm));
+                    if let Err(e) = l.recv(l.next_wr_id()) {
+                        broken.push((node.to_string(), format!("posting a receive: {e}")));
+                    }
+                }
+                (ferry_verbs::WcStatus::WrFlush, _) => {}
+                (st, _) => {
+                    broken.push((node.to_string(), format!("a receive completed with {st:?}")))
+                }
+            }
+        }
+        self.fabric_scratch = done;
+        for (node, imm) in arrived {
+            self.landed(&node, imm);
+        }
+        broken.dedup();
+        for (node, why) in broken {
+            self.link_broken(&node, &why);
+        }
+        sent + got
+    }
+
+    /// The data link to `node` failed: its members here leave (their
+    /// batches go to others), and the connection is made anew.
+    fn link_broken(&mut self, node: &str, why: &str) {
+        let Some(cl) = &mut self.cluster else {
+            return;
+        };
+        let Some(pl) = cl.links.get_mut(node) else {
+            return;
+        };
+        if pl.link.take().is_none() {
+            return;
+        }
+        limited!(
+            WARN,
+            peer = node,
+            "the data link failed: {why}; reconnecting"
+        );
+        cl.peers.send(
+            node,
+            PeerMsg::Bye {
+                reason: format!("the data link failed: {why}"),
+            },
+        );
+        self.remote_node_gone(node, "the data link to its host failed");
+        self.proxies_wait(node);
     }
 
     /// The streams whose home is this daemon, as peers are told of them.

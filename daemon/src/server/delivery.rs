@@ -10,8 +10,11 @@ use ferry_shm::sys::{self};
 use crate::idhash::IdSet;
 use crate::stream::{SessionId, Violation};
 
+use super::remote::RemoteMember;
+use super::sessions::Member;
 use super::*;
 use crate::sink::Batch;
+use std::collections::BTreeMap;
 
 /// The stream entry flags a publish descriptor asks for.
 pub(super) fn entry_flags(d: &Desc) -> u16 {
@@ -42,6 +45,23 @@ pub(super) fn publish_copied(
     *published += 1;
     entry.dirty = true;
     Ok(())
+}
+
+/// Member `id` of a group: a consumer session here, or a member on
+/// another host.
+pub(super) fn member_mut<'a>(
+    sessions: &'a mut BTreeMap<SessionId, Session>,
+    remotes: &'a mut BTreeMap<SessionId, RemoteMember>,
+    id: SessionId,
+) -> Option<&'a mut Member> {
+    match sessions.get_mut(&id) {
+        Some(Session {
+            role: Role::Consumer(c),
+            ..
+        }) => Some(&mut c.m),
+        Some(_) => None,
+        None => remotes.get_mut(&id).map(|r| &mut r.m),
+    }
 }
 
 impl Server {
@@ -120,17 +140,14 @@ impl Server {
             }
             // Deliveries.
             let sessions = &mut self.sessions;
+            let remotes = &mut self.remotes;
             let ends_untold = std::mem::take(&mut entry.ends_untold);
             for g in 0..entry.stream.groups().len() {
                 let sid = entry.stream.id();
                 let pool_layout = entry.layout;
                 let epoch = entry.stream.groups()[g].epoch;
                 let n = entry.stream.deliver(g, |m, dv| {
-                    let Some(Session {
-                        role: Role::Consumer(c),
-                        ..
-                    }) = sessions.get_mut(&m)
-                    else {
+                    let Some(c) = member_mut(sessions, remotes, m) else {
                         return false;
                     };
                     if c.inflight >= c.prefetch {
@@ -160,6 +177,7 @@ impl Server {
                     let batch = Batch {
                         desc: d,
                         pool_offset,
+                        meta_offset: pool_layout.meta_offset(dv.entry.slot).unwrap_or(0),
                         from_gpu: dv
                             .entry
                             .device
@@ -192,11 +210,7 @@ impl Server {
                     continue;
                 }
                 for &m in &group.members {
-                    let Some(Session {
-                        role: Role::Consumer(c),
-                        ..
-                    }) = sessions.get_mut(&m)
-                    else {
+                    let Some(c) = member_mut(sessions, remotes, m) else {
                         continue;
                     };
                     while c.epoch_seen < group.epoch {
@@ -234,7 +248,7 @@ impl Server {
                 Some(Role::Producer(p)) if p.rings.comp.wake_needed() => {
                     sys::futex_wake(p.rings.comp.ring().sleep_word());
                 }
-                Some(Role::Consumer(c)) => c.sink.wake(),
+                Some(Role::Consumer(c)) => c.m.sink.wake(),
                 _ => {}
             }
         }
@@ -270,7 +284,7 @@ impl Server {
                 }
                 continue;
             }
-            let Role::Consumer(c) = &mut s.role else {
+            let Role::Consumer(ConsumerState { m: c, .. }) = &mut s.role else {
                 continue;
             };
             if c.sink.pending() == 0 {
@@ -297,7 +311,7 @@ impl Server {
     pub(super) fn copies_pending(&self) -> bool {
         self.gpu_sessions > 0
             && self.sessions.values().any(|s| match &s.role {
-                Role::Consumer(c) => c.sink.pending() > 0,
+                Role::Consumer(c) => c.m.sink.pending() > 0,
                 Role::Producer(ProducerState { gpu: Some(g), .. }) => g.pending() > 0,
                 _ => false,
             })

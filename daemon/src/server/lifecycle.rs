@@ -189,6 +189,7 @@ impl Server {
             self.resume_listener();
         }
         self.expire_groups();
+        self.expire_retired();
         self.expire_streams();
         self.report_waiting_producers();
     }

@@ -15,6 +15,8 @@ mod cluster;
 mod delivery;
 mod lifecycle;
 mod open;
+mod proxy;
+mod remote;
 mod sessions;
 mod status;
 mod submit;
@@ -47,6 +49,8 @@ enum Token {
     Signal,
     /// The inbox's doorbell: another thread sent a message.
     Inbox,
+    /// The fabric's receive queue: a landing write arrived.
+    Fabric,
     Session(SessionId),
 }
 
@@ -58,6 +62,7 @@ impl Token {
             Token::Listener => 1,
             Token::Signal => 3,
             Token::Inbox => 4,
+            Token::Fabric => 5,
             Token::Session(id) => Token::SESSION_BASE + id,
         }
     }
@@ -67,6 +72,7 @@ impl Token {
             1 => Some(Token::Listener),
             3 => Some(Token::Signal),
             4 => Some(Token::Inbox),
+            5 => Some(Token::Fabric),
             t if t >= Token::SESSION_BASE => Some(Token::Session(t - Token::SESSION_BASE)),
             _ => None,
         }
@@ -102,6 +108,17 @@ pub struct Server {
     gpus: Gpus,
     /// The peer control plane and what it said, in a cluster.
     cluster: Option<cluster::Cluster>,
+    /// For threads the loop starts (data-link connects).
+    inbox_sender: inbox::Sender,
+    /// Members on other hosts of groups of streams homed here.
+    remotes: BTreeMap<SessionId, remote::RemoteMember>,
+    /// Their ids: (host, the host's id for the member).
+    remote_ids: HashMap<(String, u64), SessionId>,
+    /// Landing areas of trainers here reading streams homed elsewhere.
+    landings: HashMap<u16, SessionId>,
+    retired: Vec<proxy::Retired>,
+    next_landing: u16,
+    fabric_scratch: Vec<ferry_verbs::Completion>,
     /// Sessions using a GPU (0: skip the GPU work entirely).
     gpu_sessions: usize,
     events: Vec<(u64, u32)>,
@@ -192,9 +209,13 @@ impl Server {
             uids: cfg.allowed_uids(),
             gids,
         };
+        let outside_loop = outside.clone();
         let cluster = cluster::Cluster::start(&cfg, pre.secret, &sel.choice, outside.clone())
             .map_err(DaemonError::Other)?;
         if let Some(c) = &cluster {
+            epoll
+                .add(c.fabric.recv_fd(), Token::Fabric.to_u64())
+                .doing(setup)?;
             info!(node = %c.node, listen = %c.peers.listen, peers = c.table.len(), "cluster control plane listening");
         }
         admin::spawn_admin(
@@ -224,6 +245,13 @@ impl Server {
             placement,
             gpus: Gpus::new(gpus, cfg.daemon.max_gpu_pool_bytes),
             cluster,
+            inbox_sender: outside_loop,
+            remotes: BTreeMap::new(),
+            remote_ids: HashMap::new(),
+            landings: HashMap::new(),
+            retired: Vec::new(),
+            next_landing: 0,
+            fabric_scratch: Vec::with_capacity(64),
             gpu_sessions: 0,
             events: Vec::with_capacity(64),
             scratch: Vec::with_capacity(64),
@@ -276,7 +304,8 @@ impl Server {
         let mut iter: u32 = 0;
         loop {
             iter = iter.wrapping_add(1);
-            let work = self.poll_rings() + self.pump() + self.progress_gpu();
+            let work =
+                self.poll_rings() + self.progress_fabric() + self.pump() + self.progress_gpu();
             if let Some(since) = self.draining {
                 if self.drained() {
                     let held: u32 = self.streams.iter().map(|s| s.stream.slot_counts().2).sum();
@@ -375,12 +404,12 @@ impl Server {
     fn consumers_waiting(&self) -> bool {
         self.sessions.values().any(|s| match &s.role {
             Role::Consumer(c) => {
-                c.inflight < c.prefetch
-                    && c.sink.consumer_sleeping()
+                c.m.inflight < c.m.prefetch
+                    && c.m.sink.consumer_sleeping()
                     && self
                         .streams
                         .slots
-                        .get(c.stream)
+                        .get(c.m.stream)
                         .and_then(Option::as_ref)
                         .is_some_and(|e| !e.producers.is_empty())
             }
@@ -402,6 +431,7 @@ impl Server {
                     }
                 }
                 Some(Token::Inbox) => self.inbox.rang(),
+                Some(Token::Fabric) => {} // the loop polls it next
                 Some(Token::Session(id)) => self.session_readable(id),
                 None => {}
             }
@@ -413,6 +443,11 @@ impl Server {
                     let _ = reply.send(self.answer_admin(req, uid));
                 }
                 inbox::Message::Peer(e) => self.peer_event(e),
+                inbox::Message::Link {
+                    node,
+                    generation,
+                    result,
+                } => self.link_ready(node, generation, result),
             }
         }
         Ok(())

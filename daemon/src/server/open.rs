@@ -8,7 +8,7 @@ use crate::idhash::IdSet;
 use crate::limited;
 use crate::stream::SessionId;
 
-use super::sessions::Rings;
+use super::sessions::{Member, Rings};
 use super::*;
 use crate::error::Refusal;
 use crate::sink::{GpuPool, HostRing, Sink};
@@ -145,6 +145,9 @@ impl Server {
         } else {
             prefetch.min(cap)
         };
+        if self.is_remote_stream(&name) {
+            return self.open_remote_consumer(id, name, group, prefetch, device, start);
+        }
         let uid = self.sessions.get(&id).map_or(u32::MAX, |s| s.cred.uid);
         let res = (|| {
             self.check_open(id)?;
@@ -245,15 +248,17 @@ impl Server {
                 "consumer joined"
             );
             s.role = Role::Consumer(ConsumerState {
-                stream: idx,
-                group: g,
+                m: Member {
+                    stream: idx,
+                    group: g,
+                    prefetch,
+                    inflight: 0,
+                    delivered: 0,
+                    epoch_seen,
+                    sink,
+                },
                 _region,
                 sub,
-                prefetch,
-                inflight: 0,
-                delivered: 0,
-                epoch_seen,
-                sink,
             });
         }
         self.reply(id, &Response::Opened(info), &fds);
@@ -268,7 +273,7 @@ impl Server {
                 Refusal::invalid("seek on a connection that is not a consumer"),
             );
         };
-        let (idx, g) = (c.stream, c.group);
+        let (idx, g) = (c.m.stream, c.m.group);
         let entry = &mut self.streams[idx];
         match entry.stream.seek(g, partition, offset) {
             Ok(()) => {

@@ -42,20 +42,27 @@ pub(super) struct ProducerState {
     pub(super) gpu: Option<GpuPublish>,
 }
 
-pub(super) struct ConsumerState {
+/// A consumer group member, on this host or another: what the pump needs
+/// to hand it batches.
+pub(super) struct Member {
     pub(super) stream: usize,
     pub(super) group: usize,
-    /// The session's ring region (kept mapped) and its submission ring;
-    /// the completion ring belongs to the sink.
-    pub(super) _region: Arc<Region>,
-    pub(super) sub: RingConsumer,
     pub(super) prefetch: u32,
     pub(super) inflight: u32,
     pub(super) delivered: u64,
     /// The group's epochs this member was told of (OP_END_OF_EPOCH).
     pub(super) epoch_seen: u64,
-    /// Where its batches go: its completion ring, or its GPU pool first.
+    /// Where its batches go: its completion ring, its GPU pool first, or
+    /// its host's landing area.
     pub(super) sink: Box<dyn Sink>,
+}
+
+pub(super) struct ConsumerState {
+    pub(super) m: Member,
+    /// The session's ring region (kept mapped) and its submission ring;
+    /// the completion ring belongs to the sink.
+    pub(super) _region: Arc<Region>,
+    pub(super) sub: RingConsumer,
 }
 
 #[allow(
@@ -69,6 +76,8 @@ pub(super) enum Role {
     Control,
     Producer(ProducerState),
     Consumer(ConsumerState),
+    /// Consuming a stream homed on another host.
+    Remote(Box<super::proxy::Proxy>),
 }
 
 pub(super) struct Session {
@@ -110,6 +119,7 @@ pub(super) fn sub_of(role: &Role) -> Option<&RingConsumer> {
     match role {
         Role::Producer(p) => Some(&p.rings.sub),
         Role::Consumer(c) => Some(&c.sub),
+        Role::Remote(p) => Some(&p.sub),
         _ => None,
     }
 }
@@ -118,6 +128,7 @@ pub(super) fn sub_of_mut(role: &mut Role) -> Option<&mut RingConsumer> {
     match role {
         Role::Producer(p) => Some(&mut p.rings.sub),
         Role::Consumer(c) => Some(&mut c.sub),
+        Role::Remote(p) => Some(&mut p.sub),
         _ => None,
     }
 }
@@ -375,12 +386,25 @@ impl Server {
                 device_bus,
                 start,
             } => self.open_consumer(id, stream, group, prefetch, (device, device_bus), start),
-            Request::Seek { partition, offset } => self.seek(id, partition, offset),
+            Request::Seek { partition, offset } => {
+                if matches!(
+                    self.sessions.get(&id).map(|s| &s.role),
+                    Some(Role::Remote(_))
+                ) {
+                    self.proxy_seek(id, partition, offset)
+                } else {
+                    self.seek(id, partition, offset)
+                }
+            }
         }
     }
 
     /// A client broke the protocol: close its session, keep serving others.
     pub(super) fn fail_session(&mut self, id: SessionId, why: &str) {
+        if self.remotes.contains_key(&id) {
+            // A member on another host.
+            return self.remote_evict(id, why);
+        }
         if let Some(s) = self.sessions.get(&id) {
             limited!(
                 WARN,
@@ -454,22 +478,23 @@ impl Server {
             Role::Consumer(mut c) => {
                 // Copies still reading host slots finish before those
                 // slots can go to anybody else.
-                c.sink.quiesce();
-                if c.sink.deferred() {
+                c.m.sink.quiesce();
+                if c.m.sink.deferred() {
                     self.gpu_sessions -= 1;
                 }
-                let entry = &mut self.streams[c.stream];
-                entry.stream.leave(c.group, id);
+                let entry = &mut self.streams[c.m.stream];
+                entry.stream.leave(c.m.group, id);
                 entry.dirty = true;
                 limited!(
                     INFO,
                     session = id,
                     pid = s.cred.pid,
-                    delivered = c.delivered,
-                    unreleased = c.inflight,
+                    delivered = c.m.delivered,
+                    unreleased = c.m.inflight,
                     "consumer left; its unreleased batches go to the rest of its group"
                 );
             }
+            Role::Remote(p) => self.proxy_closed(id, *p),
             _ => {}
         }
     }

@@ -119,18 +119,25 @@ impl Server {
                                     .members
                                     .iter()
                                     .filter_map(|id| {
-                                        let sess = self.sessions.get(id)?;
-                                        let Role::Consumer(c) = &sess.role else {
-                                            return None;
+                                        let (m, pid, host) = match self.sessions.get(id) {
+                                            Some(sess) => match &sess.role {
+                                                Role::Consumer(c) => (&c.m, sess.cred.pid, None),
+                                                _ => return None,
+                                            },
+                                            None => {
+                                                let r = self.remotes.get(id)?;
+                                                (&r.m, 0, Some(r.node.clone()))
+                                            }
                                         };
-                                        let sink = c.sink.status();
+                                        let sink = m.sink.status();
                                         Some(MemberStatus {
                                             session: *id,
-                                            pid: sess.cred.pid,
+                                            pid,
+                                            host,
                                             partitions: g.partitions_of(*id),
-                                            prefetch: c.prefetch,
-                                            inflight: c.inflight,
-                                            delivered: c.delivered,
+                                            prefetch: m.prefetch,
+                                            inflight: m.inflight,
+                                            delivered: m.delivered,
                                             ring_occupancy: sink.ring_occupancy,
                                             device: sink.device,
                                             gpu_copies_in_flight: sink.copies_in_flight,
@@ -167,6 +174,14 @@ impl Server {
             cluster_listen: self.cluster.as_ref().map(|c| c.peers.listen.to_string()),
             peers: self.cluster.as_ref().map_or_else(Vec::new, |c| c.status()),
             peer_connections_refused: self.cluster.as_ref().map_or(0, |c| c.refused),
+            remote_consumers: self
+                .sessions
+                .iter()
+                .filter_map(|(id, sess)| match &sess.role {
+                    Role::Remote(p) => Some(p.status(*id, sess.cred.pid)),
+                    _ => None,
+                })
+                .collect(),
             memory: {
                 let (total, per_uid) = self.usage();
                 MemoryStatus {

@@ -38,6 +38,9 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Ok(0);
         };
+        if let Role::Remote(_) = s.role {
+            return self.drain_proxy(id);
+        }
         let mut n = 0;
         let mut end_check = None;
         match &mut s.role {
@@ -98,18 +101,18 @@ impl Server {
                 }
             }
             Role::Consumer(c) => {
-                let entry = &mut self.streams[c.stream];
+                let entry = &mut self.streams[c.m.stream];
                 // "Commit everything I own" costs a pass over the member's
                 // partitions: a ring full of them is applied once.
                 let mut commit_all = false;
                 while let Some(d) = c.sub.pop().map_err(|e| Violation(e.to_string()))? {
                     match d.op {
                         desc::OP_RELEASE => {
-                            c.sink.release(&d)?;
+                            c.m.sink.release(&d)?;
                             entry
                                 .stream
-                                .release(c.group, id, d.partition, d.offset, d.slot)?;
-                            c.inflight = c.inflight.saturating_sub(1);
+                                .release(c.m.group, id, d.partition, d.offset, d.slot)?;
+                            c.m.inflight = c.m.inflight.saturating_sub(1);
                             if d.flags & desc::FLAG_COMMIT != 0 {
                                 commit_all = true;
                             }
@@ -118,12 +121,12 @@ impl Server {
                         desc::OP_COMMIT => {
                             if commit_all {
                                 // Keep the order: the earlier commit-all first.
-                                entry.stream.commit(c.group, id, None, 0)?;
+                                entry.stream.commit(c.m.group, id, None, 0)?;
                                 commit_all = false;
                             }
                             entry
                                 .stream
-                                .commit(c.group, id, Some(d.partition), d.offset)?;
+                                .commit(c.m.group, id, Some(d.partition), d.offset)?;
                         }
                         op => return Err(Violation(format!("consumer sent op {op}"))),
                     }
@@ -133,7 +136,7 @@ impl Server {
                 if commit_all {
                     // Later than the member asked: releases since then only
                     // raise the low watermark, which stays true.
-                    entry.stream.commit(c.group, id, None, 0)?;
+                    entry.stream.commit(c.m.group, id, None, 0)?;
                 }
             }
             _ => {}
