@@ -196,6 +196,10 @@ pub struct MemberStatus {
     /// a member here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// For a member on another host: landing slots its host credited that
+    /// no batch was written into yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landing_credits: Option<u32>,
     pub partitions: Vec<u32>,
     pub prefetch: u32,
     pub inflight: u32,

@@ -43,6 +43,8 @@ pub struct SinkStatus {
     pub bytes_copied: u64,
     /// Of those, copied from GPU memory.
     pub bytes_from_gpu: u64,
+    /// Free landing slots its host credited (remote sinks).
+    pub credits: Option<u32>,
 }
 
 /// A delivery target of one consumer. Errors are the consumer's: its
@@ -276,6 +278,7 @@ impl Sink for GpuPool {
             copies_in_flight: self.gpu.pending() as u32,
             bytes_copied: self.gpu.copied_bytes,
             bytes_from_gpu: self.gpu.d2d_bytes,
+            credits: None,
         }
     }
 }
@@ -475,6 +478,7 @@ impl Sink for RemoteSink {
     fn status(&self) -> SinkStatus {
         SinkStatus {
             bytes_copied: self.written,
+            credits: Some(self.credits.len() as u32),
             ..SinkStatus::default()
         }
     }

@@ -40,6 +40,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub admin: PathBuf,
     pub child: Option<Child>,
+    /// The network namespace it runs in (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 impl Daemon {
@@ -48,6 +50,13 @@ impl Daemon {
     /// `daemon` keys other than the sockets, given as `key = value` lines
     /// under the implicit [daemon] table).
     pub fn start(daemon_keys: &str, streams: &str) -> Daemon {
+        let mut d = Daemon::start_stopped(daemon_keys, streams);
+        d.spawn();
+        d
+    }
+
+    /// The daemon's directory and config, not started yet.
+    fn start_stopped(daemon_keys: &str, streams: &str) -> Daemon {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("ferry-it-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -59,14 +68,13 @@ impl Daemon {
             socket.display()
         );
         std::fs::write(dir.join("ferryd.toml"), cfg).unwrap();
-        let mut d = Daemon {
+        Daemon {
             dir,
             socket,
             admin,
             child: None,
-        };
-        d.spawn();
-        d
+            netns: None,
+        }
     }
 
     /// Starts ferryd (again) from its config; the log is appended to.
@@ -76,7 +84,16 @@ impl Daemon {
             .append(true)
             .open(self.dir.join("ferryd.log"))
             .unwrap();
-        let child = Command::new(bin("ferryd"))
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs ferryd: the child's pid is ferryd's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("ferryd"));
+                c
+            }
+            None => Command::new(bin("ferryd")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(self.dir.join("ferryd.toml"))
             .stdout(Stdio::null())
@@ -86,6 +103,15 @@ impl Daemon {
         let ready_before = self.log().matches("ferryd ready").count();
         self.child = Some(child);
         self.wait_ready_after(ready_before);
+    }
+
+    /// Like [`Daemon::start`], with ferryd in network namespace `netns`
+    /// (its Unix sockets are files, which every namespace reaches).
+    pub fn start_in_netns(netns: &str, daemon_keys: &str, streams: &str) -> Daemon {
+        let mut d = Daemon::start_stopped(daemon_keys, streams);
+        d.netns = Some(netns.to_string());
+        d.spawn();
+        d
     }
 
     /// SIGKILLs ferryd (if it runs) and starts it again with the same
@@ -186,6 +212,77 @@ impl Drop for Daemon {
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
+/// Two network namespaces joined by a veth pair, as two hosts: `a` at
+/// `ip_a`, `b` at `ip_b`. Removed on drop.
+pub struct TwoHosts {
+    pub a: String,
+    pub b: String,
+    pub ip_a: String,
+    pub ip_b: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running ip {args:?} (iproute2 is needed): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {} (network namespaces need root)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TwoHosts {
+    pub fn new() -> TwoHosts {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let (a, b) = (format!("fa{tag}"), format!("fb{tag}"));
+        let net = 10 + (std::process::id() as usize + n as usize) % 200;
+        let (ip_a, ip_b) = (format!("10.77.{net}.1"), format!("10.77.{net}.2"));
+        for ns in [&a, &b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let (va, vb) = (format!("v{a}"), format!("v{b}"));
+        ip(&[
+            "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
+        ]);
+        ip(&["-n", &a, "addr", "add", &format!("{ip_a}/24"), "dev", &va]);
+        ip(&["-n", &b, "addr", "add", &format!("{ip_b}/24"), "dev", &vb]);
+        ip(&["-n", &a, "link", "set", &va, "up"]);
+        ip(&["-n", &b, "link", "set", &vb, "up"]);
+        TwoHosts { a, b, ip_a, ip_b }
+    }
+
+    /// Cuts (false) or restores (true) the link, on `a`'s side.
+    pub fn link(&self, up: bool) {
+        ip(&[
+            "-n",
+            &self.a,
+            "link",
+            "set",
+            &format!("v{}", self.a),
+            if up { "up" } else { "down" },
+        ]);
+    }
+}
+
+impl Default for TwoHosts {
+    fn default() -> Self {
+        TwoHosts::new()
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -507,3 +507,358 @@ fn a_trainer_on_another_host_reads_every_batch_in_place() {
         s.slots_held == 0 || s.groups[0].lag == 0
     }));
 }
+
+const T: Option<Duration> = Some(Duration::from_secs(10));
+
+fn spec(partitions: u32, slot_size: u64, slot_count: u32) -> Option<ferry_shm::proto::StreamSpec> {
+    Some(ferry_shm::proto::StreamSpec {
+        partitions,
+        slot_size,
+        slot_count,
+    })
+}
+
+/// A stream `name` created on `home` and announced to `other`.
+fn created_stream(home: &Daemon, other: &Daemon, name: &str, partitions: u32) -> ferry::Producer {
+    let p = home
+        .client()
+        .producer(name, spec(partitions, 4096, 64))
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || peer(&other.status(), "n0")
+            .streams
+            .iter()
+            .any(|s| s == name)),
+        "{name} announced"
+    );
+    p
+}
+
+/// A consumer process on `d` that takes `count` batches without
+/// releasing them; returns it and the (partition, offset)s it holds.
+fn holding_consumer(
+    d: &Daemon,
+    stream: &str,
+    group: &str,
+    count: usize,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    use std::io::BufRead;
+    let mut child = Command::new(bin("ferry-test-consumer"))
+        .args([
+            d.socket.to_str().unwrap(),
+            stream,
+            group,
+            &count.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+fn read_held(
+    lines: &mut std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) -> std::collections::BTreeSet<(u32, u64)> {
+    let mut held = std::collections::BTreeSet::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line == "ready" {
+            break;
+        }
+        let (p, o) = line.strip_prefix("held ").unwrap().split_once(':').unwrap();
+        held.insert((p.parse().unwrap(), o.parse().unwrap()));
+    }
+    held
+}
+
+fn members_of(d: &Daemon, stream: &str) -> Vec<ferry_admin::MemberStatus> {
+    d.status()
+        .streams
+        .into_iter()
+        .find(|s| s.name == stream)
+        .map(|s| s.groups.into_iter().flat_map(|g| g.members).collect())
+        .unwrap_or_default()
+}
+
+/// Takes batches from `c` (releasing each) until every (partition,
+/// offset) of `want` was seen; returns how often each came.
+fn take_all(
+    c: &mut ferry::Consumer,
+    want: usize,
+    logs: &[&Daemon],
+) -> std::collections::HashMap<(u32, u64), u32> {
+    let mut seen = std::collections::HashMap::new();
+    while seen.len() < want {
+        let b = c.next(T).unwrap_or_else(|e| {
+            panic!(
+                "{e}; seen {} of {want}: {seen:?}\n{}",
+                seen.len(),
+                logs.iter().map(|d| d.log()).collect::<Vec<_>>().join("\n")
+            )
+        });
+        let i = unsafe { std::slice::from_raw_parts(b.data, 8) };
+        let i = u64::from_le_bytes(i.try_into().unwrap());
+        assert_eq!(
+            unsafe { std::slice::from_raw_parts(b.data, b.len as usize) },
+            &payload(i, b.len as usize)[..],
+            "bytes of batch {i}"
+        );
+        *seen.entry((b.partition, b.offset)).or_insert(0) += 1;
+        c.release(b.token).unwrap();
+    }
+    seen
+}
+
+#[test]
+fn a_killed_consumer_on_another_host_leaves_its_batches_to_its_group() {
+    let (d, _) = start_cluster(2, "", "");
+    wait_state(&d[1], "n0", "up", Duration::from_secs(10));
+    let mut prod = created_stream(&d[0], &d[1], "multi", 2);
+    let mut local = d[0]
+        .client()
+        .consumer(
+            "multi",
+            "g",
+            ferry::ConsumerOptions {
+                prefetch: 32,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let (mut child, mut lines) = holding_consumer(&d[1], "multi", "g", 3);
+    assert!(
+        eventually(Duration::from_secs(5), || members_of(&d[0], "multi").len()
+            == 2),
+        "{:?}",
+        members_of(&d[0], "multi")
+    );
+    assert!(members_of(&d[0], "multi")
+        .iter()
+        .any(|m| m.host.as_deref() == Some("n1")));
+    const N: u64 = 24;
+    for i in 0..N {
+        prod.send(&payload(i, 64), b"", Some(i), T).unwrap();
+    }
+    let held = read_held(&mut lines);
+    assert_eq!(held.len(), 3);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Every batch reaches the member left, the three the killed one held
+    // among them: none lost.
+    let seen = take_all(&mut local, N as usize, &[&d[0], &d[1]]);
+    for h in &held {
+        assert!(seen.contains_key(h), "{h:?} redelivered");
+    }
+    assert!(eventually(Duration::from_secs(5), || members_of(
+        &d[0], "multi"
+    )
+    .len()
+        == 1));
+}
+
+#[test]
+fn a_consumer_host_that_dies_leaves_its_batches_to_its_group() {
+    let (mut d, _) = start_cluster(2, "", "heartbeat_ms = 100\npeer_timeout_ms = 600");
+    wait_state(&d[1], "n0", "up", Duration::from_secs(10));
+    let mut prod = created_stream(&d[0], &d[1], "multi", 2);
+    let mut local = d[0]
+        .client()
+        .consumer(
+            "multi",
+            "g",
+            ferry::ConsumerOptions {
+                prefetch: 32,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let (mut child, mut lines) = holding_consumer(&d[1], "multi", "g", 3);
+    assert!(eventually(Duration::from_secs(5), || members_of(
+        &d[0], "multi"
+    )
+    .len()
+        == 2));
+    const N: u64 = 24;
+    for i in 0..N {
+        prod.send(&payload(i, 64), b"", Some(i), T).unwrap();
+    }
+    let held = read_held(&mut lines);
+    assert_eq!(held.len(), 3);
+    // The consumer's whole daemon dies; the home rebalances within the
+    // heartbeat timeout, and the batches that host held go to the rest.
+    d[1].kill();
+    let seen = take_all(&mut local, N as usize, &[&d[0]]);
+    for h in &held {
+        assert!(seen.contains_key(h), "{h:?} redelivered");
+    }
+    assert_eq!(members_of(&d[0], "multi").len(), 1);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn consumers_wait_while_their_stream_s_home_is_gone_and_go_on_when_it_is_back() {
+    let (mut d, _) = start_cluster(
+        2,
+        "",
+        "heartbeat_ms = 100\npeer_timeout_ms = 600\nreconnect_max_ms = 200",
+    );
+    wait_state(&d[1], "n0", "up", Duration::from_secs(10));
+    assert!(eventually(Duration::from_secs(5), || peer(
+        &d[1].status(),
+        "n0"
+    )
+    .streams
+    .contains(&"s0".to_string())));
+    let mut cons = d[1]
+        .client()
+        .consumer("s0", "g", Default::default())
+        .unwrap();
+    {
+        let mut prod = d[0].client().producer("s0", None).unwrap();
+        for i in 0..5 {
+            prod.send(&payload(i, 100), b"", None, T).unwrap();
+        }
+    }
+    let seen = take_all(&mut cons, 5, &[&d[0], &d[1]]);
+    assert_eq!(seen.len(), 5);
+    // The home dies: the consumer's session stays, and says so.
+    d[0].kill();
+    assert!(eventually(Duration::from_secs(3), || d[1]
+        .status()
+        .remote_consumers
+        .first()
+        .is_some_and(|r| r.state == "waiting")));
+    let e = cons.next(Some(Duration::from_millis(300))).unwrap_err();
+    assert!(
+        e.to_string().contains("timed out") || e.to_string().contains("timeout"),
+        "{e}"
+    );
+    // Back (empty: streams are in memory only): the consumer joins again
+    // and gets what is published now.
+    d[0].restart();
+    assert!(
+        eventually(Duration::from_secs(5), || d[1]
+            .status()
+            .remote_consumers
+            .first()
+            .is_some_and(|r| r.state == "active")),
+        "{:?}\n{}",
+        d[1].status().remote_consumers,
+        d[1].log()
+    );
+    let mut prod = d[0].client().producer("s0", None).unwrap();
+    for i in 100..105 {
+        prod.send(&payload(i, 100), b"", None, T).unwrap();
+    }
+    let seen = take_all(&mut cons, 5, &[&d[0], &d[1]]);
+    assert_eq!(seen.len(), 5);
+}
+
+#[test]
+fn a_cut_link_between_two_hosts_heals_by_itself_and_loses_nothing() {
+    let hosts = ferry_tests::TwoHosts::new();
+    let secret = secret_file(&secret_dir(), "secret", SECRET);
+    let port = 7600;
+    let table = |me: &str, my_ip: &str, them: &str, their_ip: &str| {
+        format!(
+            "[cluster]\nnode_id = \"{me}\"\nlisten = \"{my_ip}:{port}\"\nsecret_file = \"{}\"\npeers = [{{ node_id = \"{them}\", addr = \"{their_ip}:{port}\" }}]\nheartbeat_ms = 100\npeer_timeout_ms = 600\nreconnect_max_ms = 200\n",
+            secret.display()
+        )
+    };
+    let a = Daemon::start_in_netns(
+        &hosts.a,
+        "",
+        &format!(
+            "[[streams]]\nname = \"s\"\npartitions = 2\nslot_size = 4096\nslot_count = 64\n{}",
+            table("n0", &hosts.ip_a, "n1", &hosts.ip_b)
+        ),
+    );
+    let b = Daemon::start_in_netns(&hosts.b, "", &table("n1", &hosts.ip_b, "n0", &hosts.ip_a));
+    wait_state(&b, "n0", "up", Duration::from_secs(10));
+    assert!(eventually(Duration::from_secs(5), || peer(
+        &b.status(),
+        "n0"
+    )
+    .streams
+    .contains(&"s".to_string())));
+    const PREFETCH: u32 = 8;
+    let mut cons = b
+        .client()
+        .consumer(
+            "s",
+            "g",
+            ferry::ConsumerOptions {
+                prefetch: PREFETCH,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    const N: u64 = 400;
+    let mut prod = a.client().producer("s", None).unwrap();
+    let producer = std::thread::spawn(move || {
+        for i in 0..N {
+            prod.send(
+                &payload(i, 1000),
+                b"",
+                Some(i),
+                Some(Duration::from_secs(30)),
+            )
+            .unwrap_or_else(|e| panic!("send {i}: {e}"));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let mut seen: std::collections::HashMap<(u32, u64), u32> = Default::default();
+    let mut cut_done = false;
+    while seen.len() < N as usize {
+        if !cut_done && seen.len() >= 100 {
+            // The cable is pulled for longer than the peer timeout, then
+            // put back.
+            hosts.link(false);
+            assert!(
+                eventually(Duration::from_secs(3), || state_of(&b, "n0") == "down"),
+                "{}",
+                b.log()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            hosts.link(true);
+            cut_done = true;
+        }
+        let batch = cons
+            .next(Some(Duration::from_secs(15)))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}: {} of {N} seen\nhome: {}\nconsumer host: {}\n{}\n{}",
+                    seen.len(),
+                    serde_json::to_string(&a.status()).unwrap(),
+                    serde_json::to_string(&b.status()).unwrap(),
+                    a.log(),
+                    b.log()
+                )
+            });
+        let i = u64::from_le_bytes(
+            unsafe { std::slice::from_raw_parts(batch.data, 8) }
+                .try_into()
+                .unwrap(),
+        );
+        assert_eq!(
+            unsafe { std::slice::from_raw_parts(batch.data, batch.len as usize) },
+            &payload(i, 1000)[..]
+        );
+        *seen.entry((batch.partition, batch.offset)).or_insert(0) += 1;
+        cons.release(batch.token).unwrap();
+    }
+    producer.join().unwrap();
+    let dups: u32 = seen.values().map(|&n| n - 1).sum();
+    eprintln!("link cut: {N} batches, {dups} delivered twice");
+    assert!(
+        dups <= 2 * PREFETCH,
+        "{dups} duplicates, more than the in-flight window allows"
+    );
+    assert_eq!(state_of(&b, "n0"), "up");
+    assert!(b.log().contains("peer down"));
+}

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::fabric::{tag_of, Fabric, Link, PendingLink};
 use crate::inbox::Message;
 use crate::limited;
-use crate::peers::{self, Event, FabricOffer, Join, PeerMsg, Peers, StreamAnnounce};
+use crate::peers::{self, Event, FabricOffer, PeerMsg, Peers, StreamAnnounce};
 
 /// One peer as the loop knows it.
 pub(super) struct PeerView {
@@ -69,8 +69,9 @@ pub(super) struct Cluster {
     pub(super) links: HashMap<String, PeerLink>,
     /// Peer of each link tag (tag - 1).
     tags: Vec<String>,
-    /// Joins that came before the data link to their host was up.
-    pending_joins: Vec<(String, Join)>,
+    /// Messages about members (joins first) that came before the data
+    /// link to their host was up, in order.
+    pending: Vec<(String, PeerMsg)>,
 }
 
 impl Cluster {
@@ -159,7 +160,7 @@ impl Cluster {
             fabric,
             links,
             tags,
-            pending_joins: Vec::new(),
+            pending: Vec::new(),
         }))
     }
 
@@ -241,7 +242,7 @@ impl Server {
                     pl.pending = None;
                     pl.link = None;
                 }
-                cl.pending_joins.retain(|(n, _)| *n != node);
+                cl.pending.retain(|(n, _)| *n != node);
                 self.remote_node_gone(&node, "its host is down");
                 self.proxies_wait(&node);
             }
@@ -313,21 +314,23 @@ impl Server {
                     limited!(WARN, peer = %node, "connecting the data link: {e}");
                 }
             }
-            PeerMsg::Join(j) => {
+            m @ (PeerMsg::Join(_)
+            | PeerMsg::Leave { .. }
+            | PeerMsg::Release { .. }
+            | PeerMsg::Credit { .. }
+            | PeerMsg::Commit { .. }
+            | PeerMsg::Seek { .. }) => {
                 if cl.link(&node).is_none() {
-                    cl.pending_joins.push((node, j));
+                    // The home side waits for its data link first.
+                    cl.pending.push((node, m));
                 } else {
-                    self.remote_join(&node, j);
+                    self.member_message(&node, m);
                 }
             }
             PeerMsg::Joined { member, result } => self.proxy_joined(&node, member, result),
             PeerMsg::SeekDone { member, result } => self.proxy_seek_done(&node, member, result),
             PeerMsg::Evicted { member, why } => self.proxy_evicted(&node, member, why),
-            m @ (PeerMsg::Leave { .. }
-            | PeerMsg::Release { .. }
-            | PeerMsg::Credit { .. }
-            | PeerMsg::Commit { .. }
-            | PeerMsg::Seek { .. }) => self.remote_message(&node, m),
+
             // The control plane answers these itself.
             PeerMsg::Fabric(_)
             | PeerMsg::Ping { .. }
@@ -373,14 +376,22 @@ impl Server {
         }
         pl.link = Some(link);
         limited!(INFO, peer = %node, fabric = %cl.fabric.name, "data link up");
-        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut cl.pending_joins)
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut cl.pending)
             .into_iter()
             .partition(|(n, _)| *n == node);
-        cl.pending_joins = rest;
-        for (_, j) in mine {
-            self.remote_join(&node, j);
+        cl.pending = rest;
+        for (_, m) in mine {
+            self.member_message(&node, m);
         }
         self.send_joins(&node);
+    }
+
+    /// A consumer host's message about one of its members here.
+    fn member_message(&mut self, node: &str, m: PeerMsg) {
+        match m {
+            PeerMsg::Join(j) => self.remote_join(node, j),
+            m => self.remote_message(node, m),
+        }
     }
 
     /// Polls the fabric's completions: landing writes that arrived, and

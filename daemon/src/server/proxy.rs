@@ -368,6 +368,8 @@ impl Server {
                     )
                 {
                     p.state = ProxyState::Joining { sent: true };
+                    // What lands from now on belongs to this membership.
+                    p.incarnation += 1;
                     joins.push(p.join_msg(*id));
                 }
             }
@@ -406,7 +408,6 @@ impl Server {
                     return self.fail_session(member, &why);
                 }
                 p.state = ProxyState::Active;
-                p.incarnation += 1;
                 limited!(INFO, session = member, stream = %p.stream, home = node, "joined at the home");
                 if p.answered {
                     return;
@@ -480,8 +481,16 @@ impl Server {
         let Some(Role::Remote(p)) = self.sessions.get_mut(&id).map(|s| &mut s.role) else {
             return Ok(());
         };
-        if p.node != node || p.state != ProxyState::Active {
-            return Ok(()); // late, from an earlier membership
+        // Writes may come before the answer to the join does (they take
+        // the fabric, it the control connection); a link carries only the
+        // membership joined over it.
+        if p.node != node
+            || !matches!(
+                p.state,
+                ProxyState::Active | ProxyState::Joining { sent: true }
+            )
+        {
+            return Ok(());
         }
         if slot >= p.layout.slot_count {
             return Err(format!(
@@ -588,8 +597,14 @@ impl Server {
                     }
                     p.held[slot] = None;
                     let commit = d.flags & desc::FLAG_COMMIT != 0;
+                    // A join on its way counts as the membership: the
+                    // home answers messages in the order they come.
+                    let joined = matches!(
+                        p.state,
+                        ProxyState::Active | ProxyState::Joining { sent: true }
+                    );
                     match p.state {
-                        ProxyState::Active if held.incarnation == p.incarnation => {
+                        _ if joined && held.incarnation == p.incarnation => {
                             out.push(PeerMsg::Release {
                                 member: id,
                                 partition: d.partition,
@@ -599,9 +614,10 @@ impl Server {
                                 commit,
                             })
                         }
-                        // Delivered by an earlier membership: the home
-                        // redelivered it; the slot is free for the new one.
-                        ProxyState::Active => out.push(PeerMsg::Credit {
+                        // Delivered by an earlier membership (the home
+                        // redelivers it): the slot, which the join named
+                        // busy, is free for the new one.
+                        _ if joined => out.push(PeerMsg::Credit {
                             member: id,
                             landing_slot: d.slot,
                         }),
@@ -610,7 +626,10 @@ impl Server {
                     }
                 }
                 desc::OP_COMMIT => {
-                    if p.state == ProxyState::Active {
+                    if matches!(
+                        p.state,
+                        ProxyState::Active | ProxyState::Joining { sent: true }
+                    ) {
                         out.push(PeerMsg::Commit {
                             member: id,
                             partition: (d.partition != desc::COMMIT_ALL).then_some(d.partition),

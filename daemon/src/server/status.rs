@@ -134,6 +134,7 @@ impl Server {
                                             session: *id,
                                             pid,
                                             host,
+                                            landing_credits: sink.credits,
                                             partitions: g.partitions_of(*id),
                                             prefetch: m.prefetch,
                                             inflight: m.inflight,
