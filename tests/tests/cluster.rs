@@ -157,12 +157,13 @@ fn frames_until_closed(s: &mut TcpStream) -> (Vec<Frame>, bool) {
 fn a_stranger_without_the_secret_learns_nothing_and_is_logged() {
     let (d, ports) = start_cluster(2, "", "");
     wait_state(&d[0], "n1", "up", Duration::from_secs(10));
-    // Claims to be n1 (a listed peer) but cannot prove the secret.
-    let mut s = TcpStream::connect(("127.0.0.1", ports[0])).unwrap();
+    // Claims to be n0 (a listed peer, which dials n1) but cannot prove
+    // the secret.
+    let mut s = TcpStream::connect(("127.0.0.1", ports[1])).unwrap();
     let hello = Frame::Hello {
         magic: wire::MAGIC,
         version: wire::VERSION,
-        node: "n1".into(),
+        node: "n0".into(),
         nonce: [9; 32],
     };
     s.write_all(&wire::encode(&hello)).unwrap();
@@ -173,7 +174,7 @@ fn a_stranger_without_the_secret_learns_nothing_and_is_logged() {
     let Frame::Challenge { node, .. } = wire::decode(&body).unwrap() else {
         panic!("expected a challenge");
     };
-    assert_eq!(node, "n0");
+    assert_eq!(node, "n1");
     s.write_all(&wire::encode(&Frame::Proof { proof: [0; 32] }))
         .unwrap();
     let (frames, closed) = frames_until_closed(&mut s);
@@ -185,17 +186,17 @@ fn a_stranger_without_the_secret_learns_nothing_and_is_logged() {
         }],
         "nothing but the refusal"
     );
-    assert!(eventually(Duration::from_secs(3), || d[0]
+    assert!(eventually(Duration::from_secs(3), || d[1]
         .status()
         .peer_connections_refused
         >= 1));
     assert!(
-        d[0].log().contains("does not hold the cluster secret"),
+        d[1].log().contains("does not hold the cluster secret"),
         "{}",
-        d[0].log()
+        d[1].log()
     );
-    // The real n1 is still up.
-    assert_eq!(state_of(&d[0], "n1"), "up");
+    // The real n0 is still up.
+    assert_eq!(state_of(&d[1], "n0"), "up");
 
     // A daemon that n0 does not list: refused, and told only that.
     let m_port = free_port();
@@ -861,4 +862,260 @@ fn a_cut_link_between_two_hosts_heals_by_itself_and_loses_nothing() {
     );
     assert_eq!(state_of(&b, "n0"), "up");
     assert!(b.log().contains("peer down"));
+}
+
+#[test]
+fn a_group_spans_three_hosts_and_gets_every_batch_exactly_once() {
+    let (d, _) = start_cluster(3, "", "");
+    for di in &d[1..] {
+        wait_state(di, "n0", "up", Duration::from_secs(10));
+    }
+    let mut prod = d[0].client().producer("wide", spec(6, 4096, 64)).unwrap();
+    for di in &d[1..] {
+        assert!(eventually(Duration::from_secs(5), || peer(
+            &di.status(),
+            "n0"
+        )
+        .streams
+        .contains(&"wide".to_string())));
+    }
+    const N: u64 = 600;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let consumers: Vec<_> = d
+        .iter()
+        .map(|di| {
+            let c = di
+                .client()
+                .consumer(
+                    "wide",
+                    "g",
+                    ferry::ConsumerOptions {
+                        prefetch: 4,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            (c, done.clone())
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(5), || members_of(&d[0], "wide").len()
+            == 3),
+        "{:?}",
+        members_of(&d[0], "wide")
+    );
+    let threads: Vec<_> = consumers
+        .into_iter()
+        .map(|(mut c, done)| {
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                while done.load(std::sync::atomic::Ordering::Relaxed) < N {
+                    let Ok(b) = c.next(Some(Duration::from_millis(200))) else {
+                        continue;
+                    };
+                    let data = unsafe { std::slice::from_raw_parts(b.data, b.len as usize) };
+                    let i = u64::from_le_bytes(data[..8].try_into().unwrap());
+                    assert_eq!(data, &payload(i, b.len as usize)[..], "bytes of batch {i}");
+                    got.push((b.partition, b.offset, i));
+                    c.release(b.token).unwrap();
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                got
+            })
+        })
+        .collect();
+    for i in 0..N {
+        prod.send(&payload(i, 100 + (i as usize % 900)), b"", Some(i), T)
+            .unwrap();
+    }
+    let per_host: Vec<Vec<(u32, u64, u64)>> =
+        threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut all: Vec<u64> = per_host.iter().flatten().map(|&(_, _, i)| i).collect();
+    all.sort_unstable();
+    let dups = all.windows(2).filter(|w| w[0] == w[1]).count();
+    all.dedup();
+    eprintln!(
+        "three hosts: {} batches, per host {:?}, {dups} duplicates",
+        all.len(),
+        per_host.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert_eq!(all.len() as u64, N, "none lost");
+    assert_eq!(dups, 0, "none twice");
+    for (h, got) in per_host.iter().enumerate() {
+        assert!(!got.is_empty(), "host n{h} got its share");
+    }
+}
+
+#[test]
+fn seek_and_commit_from_another_host_replay_the_same_bytes() {
+    let (d, _) = start_cluster(2, "", "");
+    wait_state(&d[1], "n0", "up", Duration::from_secs(10));
+    assert!(eventually(Duration::from_secs(5), || peer(
+        &d[1].status(),
+        "n0"
+    )
+    .streams
+    .contains(&"s0".to_string())));
+    let mut cons = d[1]
+        .client()
+        .consumer("s0", "g", Default::default())
+        .unwrap();
+    let mut prod = d[0].client().producer("s0", None).unwrap();
+    for i in 0..6 {
+        prod.send(&payload(i, 300), b"", None, T).unwrap();
+    }
+    let mut first = Vec::new();
+    for _ in 0..6 {
+        let b = cons.next(T).unwrap();
+        first.push((
+            b.offset,
+            unsafe { std::slice::from_raw_parts(b.data, b.len as usize) }.to_vec(),
+        ));
+        cons.release(b.token).unwrap();
+    }
+    cons.commit().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let st = d[0].status();
+            st.streams.iter().find(|s| s.name == "s0").unwrap().groups[0].partitions[0].committed
+                == 6
+        }),
+        "the commit reached the home"
+    );
+    // Back to offset 2: the same bytes again, in order.
+    cons.seek(0, 2).unwrap();
+    for (off, bytes) in &first[2..] {
+        let b = cons.next(T).unwrap();
+        assert_eq!(b.offset, *off);
+        assert_eq!(
+            unsafe { std::slice::from_raw_parts(b.data, b.len as usize) },
+            &bytes[..]
+        );
+        cons.release(b.token).unwrap();
+    }
+    // A seek the home cannot serve says why.
+    let e = cons.seek(0, 1000).unwrap_err();
+    assert!(
+        e.to_string().contains("1000") || e.to_string().to_lowercase().contains("offset"),
+        "{e}"
+    );
+}
+
+/// Reads one frame off a raw connection.
+fn read_frame(s: &mut TcpStream) -> Frame {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    wire::decode(&body).unwrap()
+}
+
+#[test]
+fn an_authenticated_peer_that_sends_garbage_is_dropped_and_the_rest_served() {
+    use ferry_daemon::peers::auth::{self, Role};
+    // n2 lists n0 and n1; n0 never starts: this test speaks for it, with
+    // the secret, then misbehaves.
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let secret_path = secret_file(&secret_dir(), "secret", SECRET);
+    let mk = |i: usize| {
+        Daemon::start(
+            "",
+            &format!(
+                "{}{}",
+                stream(&format!("s{i}")),
+                cluster_table(i, &ports, &secret_path, "")
+            ),
+        )
+    };
+    let (n1, n2) = (mk(1), mk(2));
+    wait_state(&n2, "n1", "up", Duration::from_secs(10));
+    let secret = auth::Secret::new(SECRET.as_bytes().to_vec());
+    let handshake = || {
+        let mut s = TcpStream::connect(("127.0.0.1", ports[2])).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let nd = [5u8; 32];
+        s.write_all(&wire::encode(&Frame::Hello {
+            magic: wire::MAGIC,
+            version: wire::VERSION,
+            node: "n0".into(),
+            nonce: nd,
+        }))
+        .unwrap();
+        let Frame::Challenge {
+            node,
+            nonce: na,
+            proof,
+        } = read_frame(&mut s)
+        else {
+            panic!("a challenge");
+        };
+        assert!(auth::check(
+            &secret,
+            Role::Acceptor,
+            "n0",
+            &node,
+            &nd,
+            &na,
+            &proof
+        ));
+        let mine = auth::prove(&secret, Role::Dialer, "n0", &node, &nd, &na);
+        s.write_all(&wire::encode(&Frame::Proof { proof: mine }))
+            .unwrap();
+        assert_eq!(read_frame(&mut s), Frame::Welcome);
+        s.write_all(&wire::encode(&Frame::Msg(wire::PeerMsg::Fabric(
+            wire::FabricOffer { ibv: None },
+        ))))
+        .unwrap();
+        assert!(matches!(
+            read_frame(&mut s),
+            Frame::Msg(wire::PeerMsg::Fabric(_))
+        ));
+        s
+    };
+    // Garbage after the handshake; a handshake frame out of turn; a frame
+    // cut short; a data-plane message about a member that does not exist.
+    let mut s = handshake();
+    wait_state(&n2, "n0", "up", Duration::from_secs(5));
+    s.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
+    let (_, closed) = frames_until_closed(&mut s);
+    assert!(closed);
+    wait_state(&n2, "n0", "down", Duration::from_secs(5));
+    assert!(n2.log().contains("undecodable frame"), "{}", n2.log());
+
+    let mut s = handshake();
+    wait_state(&n2, "n0", "up", Duration::from_secs(5));
+    s.write_all(&wire::encode(&Frame::Welcome)).unwrap();
+    assert!(frames_until_closed(&mut s).1);
+    wait_state(&n2, "n0", "down", Duration::from_secs(5));
+    assert!(
+        n2.log().contains("a Welcome after the handshake"),
+        "{}",
+        n2.log()
+    );
+
+    let mut s = handshake();
+    s.write_all(&wire::encode(&Frame::Msg(wire::PeerMsg::Release {
+        member: 77,
+        partition: 0,
+        offset: 0,
+        home_slot: 0,
+        landing_slot: 0,
+        commit: false,
+    })))
+    .unwrap();
+    let mut cut = wire::encode(&Frame::Msg(wire::PeerMsg::Ping { seq: 1, t_us: 1 }));
+    cut.truncate(cut.len() - 2);
+    s.write_all(&cut).unwrap();
+    drop(s);
+    wait_state(&n2, "n0", "down", Duration::from_secs(5));
+    assert!(n2.log().contains("inside a frame"), "{}", n2.log());
+
+    // n2 serves n1 and its own clients on.
+    assert_eq!(state_of(&n2, "n1"), "up");
+    assert_eq!(state_of(&n1, "n2"), "up");
+    let c = n2.client();
+    let mut p = c.producer("s2", None).unwrap();
+    let mut cons = c.consumer("s2", "g", Default::default()).unwrap();
+    p.send(b"fine", b"", None, T).unwrap();
+    assert_eq!(cons.next(T).unwrap().len, 4);
 }

@@ -32,6 +32,8 @@ enum HubEvent {
         addr: String,
         fabric: String,
         tx: UnboundedSender<PeerMsg>,
+        /// Dropped to end the connection (when a newer one replaces it).
+        close: tokio::sync::oneshot::Sender<()>,
     },
     Received {
         node: String,
@@ -107,29 +109,42 @@ async fn hub(
             ));
         }
     }
-    let mut links: HashMap<String, (u64, UnboundedSender<PeerMsg>)> = HashMap::new();
+    type Conn = (
+        u64,
+        UnboundedSender<PeerMsg>,
+        tokio::sync::oneshot::Sender<()>,
+    );
+    let mut links: HashMap<String, Conn> = HashMap::new();
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 Some(Command::Send { node, msg }) => {
-                    if let Some((_, tx)) = links.get(&node) {
+                    if let Some((_, tx, _)) = links.get(&node) {
                         let _ = tx.send(msg);
                     }
                 }
                 Some(Command::Stop) | None => break,
             },
             Some(ev) = ev_rx.recv() => match ev {
-                HubEvent::Connected { node, conn, addr, fabric, tx } => {
-                    links.insert(node.clone(), (conn, tx));
+                HubEvent::Connected { node, conn, addr, fabric, tx, close } => {
+                    // A newer connection (the peer came back before the
+                    // old one timed out) replaces the old, which ends.
+                    if let Some(old) = links.insert(node.clone(), (conn, tx, close)) {
+                        drop(old);
+                        tell(&inbox, Event::Down {
+                            node: node.clone(),
+                            why: "it connected again (the old connection is closed)".into(),
+                        });
+                    }
                     tell(&inbox, Event::Up { node, addr, fabric });
                 }
                 HubEvent::Received { node, conn, msg } => {
-                    if links.get(&node).is_some_and(|(c, _)| *c == conn) {
+                    if links.get(&node).is_some_and(|(c, _, _)| *c == conn) {
                         tell(&inbox, Event::Msg { node, msg });
                     }
                 }
                 HubEvent::Closed { node, conn, why } => {
-                    if links.get(&node).is_some_and(|(c, _)| *c == conn) {
+                    if links.get(&node).is_some_and(|(c, _, _)| *c == conn) {
                         links.remove(&node);
                         tell(&inbox, Event::Down { node, why });
                     }
@@ -139,7 +154,7 @@ async fn hub(
         }
     }
     // Goodbyes, given a moment to leave.
-    for (_, tx) in links.values() {
+    for (_, tx, _) in links.values() {
         let _ = tx.send(PeerMsg::Bye {
             reason: "ferryd is stopping".into(),
         });
@@ -311,6 +326,7 @@ async fn serve(
         }
     };
     let (tx, mut rx) = unbounded_channel::<PeerMsg>();
+    let (close, mut closed) = tokio::sync::oneshot::channel::<()>();
     let out = Arc::new(AtomicU64::new(bytes_out));
     let _ = ev_tx.send(HubEvent::Connected {
         node: node.clone(),
@@ -318,6 +334,7 @@ async fn serve(
         addr: addr.clone(),
         fabric,
         tx: tx.clone(),
+        close,
     });
     // The writer: messages from the hub and this reader, and heartbeats.
     let heartbeat = settings.heartbeat;
@@ -349,7 +366,11 @@ async fn serve(
         }
     });
     let why = loop {
-        let frame = match timeout(settings.timeout, wire::read(&mut r, &mut bytes_in)).await {
+        let read = tokio::select! {
+            r = timeout(settings.timeout, wire::read(&mut r, &mut bytes_in)) => r,
+            _ = &mut closed => break "replaced by a newer connection".to_string(),
+        };
+        let frame = match read {
             Err(_) => {
                 break format!(
                     "nothing heard for peer_timeout_ms = {}",
@@ -500,6 +521,14 @@ async fn acceptor_handshake(
         );
         refuse(w, bytes_out, &why).await;
         return Err(why);
+    }
+    if node > s.node {
+        // Of two peers the one whose id sorts first dials.
+        refuse(w, bytes_out, "this daemon dials you").await;
+        return Err(format!(
+            "node {node:?} dialed, but {:?} sorts first and dials it",
+            s.node
+        ));
     }
     if !s.peers.iter().any(|(p, _)| *p == node) {
         refuse(w, bytes_out, "not a peer of this daemon").await;

@@ -408,6 +408,16 @@ impl Server {
     /// it held, pool bytes).
     pub(super) fn remove_stream(&mut self, idx: usize) -> (u32, u64) {
         self.gpus.forget_stream(idx);
+        // Members on other hosts are told, and go.
+        let remote: Vec<SessionId> = self
+            .remotes
+            .iter()
+            .filter(|(_, r)| r.m.stream == idx)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in remote {
+            self.remote_evict(id, "the stream was deleted at its home");
+        }
         let Some(e) = self.streams.remove(idx) else {
             return (0, 0);
         };
