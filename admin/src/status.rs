@@ -152,6 +152,9 @@ pub struct StreamStatus {
 pub struct ProducerStatus {
     pub session: u64,
     pub pid: i32,
+    /// The host of a producer on another daemon (its node id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub granted: u32,
     pub published: u64,
     /// How long it has waited for a free slot (none granted, none free);

@@ -263,8 +263,15 @@ fn print_status(st: &Status) {
                 None => String::new(),
             };
             println!(
-                "  producer session {} pid {}: {} slots granted, {} published{device}{waiting}",
-                p.session, p.pid, p.granted, p.published
+                "  producer session {}{} pid {}: {} slots granted, {} published{device}{waiting}",
+                p.session,
+                p.host
+                    .as_ref()
+                    .map(|h| format!(" on {h}"))
+                    .unwrap_or_default(),
+                p.pid,
+                p.granted,
+                p.published
             );
         }
         for g in &s.groups {

@@ -20,6 +20,10 @@ pub const HEADER_BYTES: u64 = 64;
 pub enum Kind {
     Batch,
     EndOfEpoch,
+    /// From a producer on another host: it ended the epoch.
+    ProducerEnd,
+    /// From a producer on another host: it closed.
+    ProducerLeave,
 }
 
 /// One header entry.
@@ -38,10 +42,14 @@ pub struct Header {
     pub home_slot: u32,
     /// For an end of epoch: the epoch that ended.
     pub epoch: u64,
+    /// A producer's partition key (with `flags` saying it has one).
+    pub key: u64,
 }
 
 const MAGIC_BATCH: u32 = 0x4654_4231; // "FTB1"
 const MAGIC_EOE: u32 = 0x4654_4531; // "FTE1"
+const MAGIC_PEND: u32 = 0x4654_5031; // "FTP1"
+const MAGIC_PLEAVE: u32 = 0x4654_4C31; // "FTL1"
 
 impl Header {
     pub fn encode(&self) -> [u8; HEADER_BYTES as usize] {
@@ -49,6 +57,8 @@ impl Header {
         let magic = match self.kind {
             Kind::Batch => MAGIC_BATCH,
             Kind::EndOfEpoch => MAGIC_EOE,
+            Kind::ProducerEnd => MAGIC_PEND,
+            Kind::ProducerLeave => MAGIC_PLEAVE,
         };
         b[0..4].copy_from_slice(&magic.to_le_bytes());
         b[4..8].copy_from_slice(&self.partition.to_le_bytes());
@@ -59,6 +69,7 @@ impl Header {
         b[32..34].copy_from_slice(&self.flags.to_le_bytes());
         b[40..48].copy_from_slice(&self.member.to_le_bytes());
         b[48..56].copy_from_slice(&self.epoch.to_le_bytes());
+        b[56..64].copy_from_slice(&self.key.to_le_bytes());
         b
     }
 
@@ -72,6 +83,8 @@ impl Header {
         let kind = match u32_at(0) {
             MAGIC_BATCH => Kind::Batch,
             MAGIC_EOE => Kind::EndOfEpoch,
+            MAGIC_PEND => Kind::ProducerEnd,
+            MAGIC_PLEAVE => Kind::ProducerLeave,
             m => return Err(format!("a header with magic {m:#x}")),
         };
         Ok(Header {
@@ -84,6 +97,7 @@ impl Header {
             flags: u16::from_le_bytes([b[32], b[33]]),
             member: u64_at(40),
             epoch: u64_at(48),
+            key: u64_at(56),
         })
     }
 }
@@ -112,6 +126,10 @@ impl Imm {
 /// Most slots of one landing area (a slot index fits the immediate).
 pub const MAX_LANDING_SLOTS: u32 = 1 << 16;
 
+/// The immediate's slot for a producer's control record (end of epoch,
+/// leave), written to the header entry after the pool's slots.
+pub const CONTROL_SLOT: u16 = u16::MAX;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +146,7 @@ mod tests {
             flags: 3,
             home_slot: 65535,
             epoch: 0,
+            key: 42,
         };
         assert_eq!(Header::decode(&h.encode()).unwrap(), h);
         let e = Header {

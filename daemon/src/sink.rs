@@ -425,6 +425,7 @@ impl Sink for RemoteSink {
             flags: d.flags,
             home_slot: d.slot,
             epoch: 0,
+            key: 0,
         };
         let meta = (d.meta_len > 0).then_some((batch.meta_offset, d.meta_len));
         self.send(ls, &h, meta, (batch.pool_offset, len))?;
@@ -445,6 +446,7 @@ impl Sink for RemoteSink {
             flags: 0,
             home_slot: 0,
             epoch: d.offset,
+            key: 0,
         };
         // The payload write is empty: only the header and the immediate.
         self.send(ls, &h, None, (0, 0))?;

@@ -1119,3 +1119,138 @@ fn an_authenticated_peer_that_sends_garbage_is_dropped_and_the_rest_served() {
     p.send(b"fine", b"", None, T).unwrap();
     assert_eq!(cons.next(T).unwrap().len, 4);
 }
+
+#[test]
+fn producers_on_two_hosts_publish_into_one_stream_and_its_epochs_end_together() {
+    let (d, _) = start_cluster(2, "", "");
+    wait_state(&d[1], "n0", "up", Duration::from_secs(10));
+    let mut near = created_stream(&d[0], &d[1], "joint", 2);
+    let mut cons = d[0]
+        .client()
+        .consumer(
+            "joint",
+            "g",
+            ferry::ConsumerOptions {
+                prefetch: 16,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let remote = d[1].client();
+    let mut far = remote
+        .producer("joint", None)
+        .expect("a producer on n1 of a stream homed on n0");
+    assert!(
+        eventually(Duration::from_secs(5), || d[0]
+            .status()
+            .streams
+            .iter()
+            .find(|s| s.name == "joint")
+            .is_some_and(|s| s
+                .producers
+                .iter()
+                .any(|p| p.host.as_deref() == Some("n1")))),
+        "the home lists the producer elsewhere"
+    );
+    const N: u64 = 300;
+    let t = std::thread::spawn(move || {
+        for i in 0..N {
+            far.send(
+                &payload(i, 100 + (i as usize * 13) % 3000),
+                b"far",
+                Some(i),
+                T,
+            )
+            .unwrap_or_else(|e| panic!("far send {i}: {e}"));
+        }
+        far.end().unwrap();
+        far
+    });
+    let t2 = std::thread::spawn(move || {
+        for i in N..2 * N {
+            near.send(&payload(i, 200), b"near", Some(i), T).unwrap();
+        }
+        near.end().unwrap();
+        near
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    let mut per_partition: std::collections::HashMap<u32, u64> = Default::default();
+    loop {
+        match cons.next(T) {
+            Ok(b) => {
+                let data = unsafe { std::slice::from_raw_parts(b.data, b.len as usize) };
+                let i = u64::from_le_bytes(data[..8].try_into().unwrap());
+                assert_eq!(data, &payload(i, b.len as usize)[..], "bytes of {i}");
+                let meta = unsafe { std::slice::from_raw_parts(b.meta, b.meta_len as usize) };
+                assert_eq!(meta, if i < N { &b"far"[..] } else { &b"near"[..] });
+                // In order per partition.
+                let next = per_partition.entry(b.partition).or_insert(0);
+                assert_eq!(b.offset, *next);
+                *next += 1;
+                assert!(seen.insert(i), "{i} twice");
+                cons.release(b.token).unwrap();
+            }
+            Err(e) if e.status == ferry::Status::EndOfEpoch => break,
+            Err(e) => panic!("{e}; {} seen\n{}\n{}", seen.len(), d[0].log(), d[1].log()),
+        }
+    }
+    let far = t.join().unwrap();
+    let _near = t2.join().unwrap();
+    assert_eq!(
+        seen.len() as u64,
+        2 * N,
+        "every batch of both producers, then the end of the epoch"
+    );
+    // The producer elsewhere leaves: the home forgets it.
+    drop(far);
+    assert!(eventually(Duration::from_secs(5), || d[0]
+        .status()
+        .streams
+        .iter()
+        .find(|s| s.name == "joint")
+        .is_some_and(|s| s.producers.iter().all(|p| p.host.is_none()))));
+}
+
+#[test]
+fn a_producer_elsewhere_learns_that_its_stream_s_home_went_down() {
+    let (mut d, _) = start_cluster(2, "", "heartbeat_ms = 100\npeer_timeout_ms = 600");
+    wait_state(&d[1], "n0", "up", Duration::from_secs(10));
+    assert!(eventually(Duration::from_secs(5), || peer(
+        &d[1].status(),
+        "n0"
+    )
+    .streams
+    .contains(&"s0".to_string())));
+    // Producer and consumer both on n1, the stream's home on n0: every
+    // batch goes there and back.
+    let c = d[1].client();
+    let mut far = c.producer("s0", None).unwrap();
+    let mut cons = c.consumer("s0", "g", Default::default()).unwrap();
+    for i in 0..20 {
+        far.send(&payload(i, 500), b"", None, T).unwrap();
+        let b = cons.next(T).unwrap();
+        assert_eq!(b.offset, i);
+        assert_eq!(
+            unsafe { std::slice::from_raw_parts(b.data, b.len as usize) },
+            &payload(i, 500)[..]
+        );
+        cons.release(b.token).unwrap();
+    }
+    d[0].kill();
+    let mut err = None;
+    for i in 20..200 {
+        if let Err(e) = far.send(&payload(i, 500), b"", None, Some(Duration::from_secs(2))) {
+            err = Some(e);
+            break;
+        }
+    }
+    let e = err.expect("publishing fails once the home is gone");
+    assert!(
+        e.to_string().contains("home") || d[1].log().contains("went down"),
+        "{e}\n{}",
+        d[1].log()
+    );
+    assert!(d[1]
+        .log()
+        .contains("batches published since its last acknowledgement may be lost"));
+}

@@ -18,7 +18,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use auth::Secret;
-pub use wire::{FabricOffer, Join, Joined, Landing, PeerMsg, StreamAnnounce, WireRefusal};
+pub use wire::{
+    FabricOffer, Join, Joined, Landing, PeerMsg, Producing, StreamAnnounce, WireRefusal,
+};
 
 use crate::inbox;
 

@@ -115,6 +115,50 @@ pub enum PeerMsg {
         member: u64,
         why: String,
     },
+    /// Producer host -> home: a producer there publishes into a stream
+    /// homed at the receiver.
+    Produce {
+        producer: u64,
+        stream: String,
+        uid: u32,
+    },
+    /// Home -> producer host: the answer to a Produce.
+    Producing {
+        producer: u64,
+        result: Result<Producing, WireRefusal>,
+    },
+    /// Home -> producer host: slots of the stream's pool the producer's
+    /// host may write batches into (one each).
+    Grant {
+        producer: u64,
+        slots: Vec<u32>,
+    },
+    /// Home -> producer host: the batch from that outbox slot is in the
+    /// stream (the producer may use the slot again).
+    Published {
+        producer: u64,
+        outbox_slot: u32,
+    },
+    /// Home -> producer host: its end of epoch was taken.
+    EndTaken {
+        producer: u64,
+    },
+}
+
+/// Where a producer on another host writes its batches at the home (see
+/// `crate::landing`): slots of the stream's pool, each with a header
+/// entry, and one more header entry for its control records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Producing {
+    pub partitions: u32,
+    pub slot_size: u64,
+    pub slot_count: u32,
+    pub pool_addr: u64,
+    pub pool_rkey: u32,
+    pub header_addr: u64,
+    pub header_rkey: u32,
+    /// The id in the immediates of its writes.
+    pub inbox: u16,
 }
 
 /// What a trainer on another host asks of a stream's home.

@@ -244,7 +244,9 @@ impl Server {
                 }
                 cl.pending.retain(|(n, _)| *n != node);
                 self.remote_node_gone(&node, "its host is down");
+                self.remote_producers_gone(&node, "its host is down");
                 self.proxies_wait(&node);
+                self.outboxes_fail(&node);
             }
             Event::Error { node, why } => {
                 if let Some(v) = cl.table.get_mut(&node) {
@@ -315,6 +317,7 @@ impl Server {
                 }
             }
             m @ (PeerMsg::Join(_)
+            | PeerMsg::Produce { .. }
             | PeerMsg::Leave { .. }
             | PeerMsg::Release { .. }
             | PeerMsg::Credit { .. }
@@ -330,6 +333,12 @@ impl Server {
             PeerMsg::Joined { member, result } => self.proxy_joined(&node, member, result),
             PeerMsg::SeekDone { member, result } => self.proxy_seek_done(&node, member, result),
             PeerMsg::Evicted { member, why } => self.proxy_evicted(&node, member, why),
+            PeerMsg::Producing { producer, result } => {
+                self.outbox_producing(&node, producer, result)
+            }
+            m @ (PeerMsg::Grant { .. } | PeerMsg::Published { .. } | PeerMsg::EndTaken { .. }) => {
+                self.outbox_message(&node, m)
+            }
 
             // The control plane answers these itself.
             PeerMsg::Fabric(_)
@@ -384,12 +393,18 @@ impl Server {
             self.member_message(&node, m);
         }
         self.send_joins(&node);
+        self.send_produces(&node);
     }
 
     /// A consumer host's message about one of its members here.
     fn member_message(&mut self, node: &str, m: PeerMsg) {
         match m {
             PeerMsg::Join(j) => self.remote_join(node, j),
+            PeerMsg::Produce {
+                producer,
+                stream,
+                uid,
+            } => self.remote_produce(node, producer, stream, uid),
             m => self.remote_message(node, m),
         }
     }
@@ -476,7 +491,9 @@ impl Server {
             },
         );
         self.remote_node_gone(node, "the data link to its host failed");
+        self.remote_producers_gone(node, "the data link to its host failed");
         self.proxies_wait(node);
+        self.outboxes_fail(node);
     }
 
     /// The streams whose home is this daemon, as peers are told of them.

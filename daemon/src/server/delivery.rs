@@ -13,6 +13,7 @@ use crate::stream::{SessionId, Violation};
 use super::remote::RemoteMember;
 use super::sessions::Member;
 use super::*;
+use crate::peers::PeerMsg;
 use crate::sink::Batch;
 use std::collections::BTreeMap;
 
@@ -72,6 +73,7 @@ impl Server {
         let mut to_wake = std::mem::take(&mut self.wake_scratch);
         to_wake.clear();
         let mut failed: Vec<(SessionId, String)> = Vec::new();
+        let mut remote_grants: Vec<(String, u64, u32)> = Vec::new();
         let draining = self.draining.is_some();
         let gpus = &self.gpus;
         for (idx, entry) in self.streams.iter_mut() {
@@ -87,6 +89,10 @@ impl Server {
                     progress = false;
                     for i in 0..n {
                         let pid = entry.producers[i];
+                        if let Some(rp) = self.remote_producers.get_mut(&pid) {
+                            progress |= Server::grant_remote(entry, rp, pid, &mut remote_grants);
+                            continue;
+                        }
                         let Some(Session {
                             role: Role::Producer(p),
                             ..
@@ -253,6 +259,18 @@ impl Server {
             }
         }
         self.wake_scratch = to_wake;
+        // Grants to producers on other hosts, one message per producer.
+        remote_grants.sort_unstable();
+        for chunk in remote_grants.chunk_by(|a, b| (&a.0, a.1) == (&b.0, b.1)) {
+            let slots = chunk.iter().map(|g| g.2).collect();
+            self.send_to(
+                &chunk[0].0,
+                PeerMsg::Grant {
+                    producer: chunk[0].1,
+                    slots,
+                },
+            );
+        }
         for (id, why) in failed {
             self.fail_session(id, &why);
         }

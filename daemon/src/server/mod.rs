@@ -13,8 +13,10 @@ mod admin;
 mod catalog;
 mod cluster;
 mod delivery;
+mod inbound;
 mod lifecycle;
 mod open;
+mod outbox;
 mod proxy;
 mod remote;
 mod sessions;
@@ -114,9 +116,17 @@ pub struct Server {
     remotes: BTreeMap<SessionId, remote::RemoteMember>,
     /// Their ids: (host, the host's id for the member).
     remote_ids: HashMap<(String, u64), SessionId>,
-    /// Landing areas of trainers here reading streams homed elsewhere.
-    landings: HashMap<u16, SessionId>,
+    /// Producers on other hosts of streams homed here.
+    remote_producers: BTreeMap<SessionId, inbound::RemoteProducer>,
+    remote_producer_ids: HashMap<(String, u64), SessionId>,
+    /// What the immediates of writes that land here name: landing areas
+    /// of trainers here reading streams homed elsewhere, inboxes of
+    /// producers elsewhere writing into streams homed here.
+    landings: HashMap<u16, inbound::Landed>,
     retired: Vec<proxy::Retired>,
+    /// Outboxes of producers that closed, until what they published went
+    /// to the home.
+    closing_outboxes: Vec<(SessionId, Box<outbox::Outbox>)>,
     next_landing: u16,
     fabric_scratch: Vec<ferry_verbs::Completion>,
     /// Sessions using a GPU (0: skip the GPU work entirely).
@@ -248,8 +258,11 @@ impl Server {
             inbox_sender: outside_loop,
             remotes: BTreeMap::new(),
             remote_ids: HashMap::new(),
+            remote_producers: BTreeMap::new(),
+            remote_producer_ids: HashMap::new(),
             landings: HashMap::new(),
             retired: Vec::new(),
+            closing_outboxes: Vec::new(),
             next_landing: 0,
             fabric_scratch: Vec::with_capacity(64),
             gpu_sessions: 0,

@@ -21,6 +21,9 @@ impl Server {
         spec: Option<StreamSpec>,
         device: (Option<u32>, Option<String>),
     ) {
+        if self.is_remote_stream(&name) {
+            return self.open_remote_producer(id, name, spec, device);
+        }
         let uid = self.sessions.get(&id).map_or(u32::MAX, |s| s.cred.uid);
         let res = (|| {
             self.check_open(id)?;

@@ -174,8 +174,7 @@ impl Proxy {
 /// that writes the home posted before it heard of the leave land in
 /// memory that is still there.
 pub(super) struct Retired {
-    _pool: Arc<Registered>,
-    _headers: Arc<Registered>,
+    _regs: Vec<Arc<Registered>>,
     landing_id: u16,
     until: Instant,
 }
@@ -186,7 +185,7 @@ const RETIRE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 impl Server {
     /// The home of stream `name` among the peers, if one announced it;
     /// `Err` says why it cannot be used now.
-    fn home_of(&self, name: &str) -> Option<Result<String, String>> {
+    pub(super) fn home_of(&self, name: &str) -> Option<Result<String, String>> {
         let cl = self.cluster.as_ref()?;
         let mut down = None;
         for (node, v) in &cl.table {
@@ -328,7 +327,8 @@ impl Server {
             delivered: 0,
             since: Instant::now(),
         };
-        self.landings.insert(landing_id, id);
+        self.landings
+            .insert(landing_id, super::inbound::Landed::Consumer(id));
         limited!(INFO, session = id, stream = %name, %group, home = %node, prefetch, "consumer of a stream homed on another host: joining there");
         if let Some(s) = self.sessions.get_mut(&id) {
             s.role = Role::Remote(Box::new(proxy));
@@ -337,7 +337,7 @@ impl Server {
         Ok(())
     }
 
-    fn free_landing_id(&self) -> Option<u16> {
+    pub(super) fn free_landing_id(&self) -> Option<u16> {
         let taken = |i: u16| {
             self.landings.contains_key(&i) || self.retired.iter().any(|r| r.landing_id == i)
         };
@@ -460,8 +460,13 @@ impl Server {
     /// A write with immediate landed.
     pub(super) fn landed(&mut self, node: &str, imm: u32) {
         let Imm { landing, slot } = Imm::decode(imm);
-        let Some(&id) = self.landings.get(&landing) else {
-            return; // a retired landing area: its session is gone
+        let id = match self.landings.get(&landing) {
+            Some(super::inbound::Landed::Consumer(id)) => *id,
+            Some(super::inbound::Landed::Producer(id)) => {
+                let id = *id;
+                return self.inbound(node, id, slot);
+            }
+            None => return, // a retired landing area: its session is gone
         };
         match self.landed_inner(node, id, slot as u32) {
             Ok(()) => {}
@@ -531,6 +536,9 @@ impl Server {
                         landing_slot: slot,
                     },
                 );
+            }
+            Kind::ProducerEnd | Kind::ProducerLeave => {
+                return Err("a producer's record in a consumer's landing area".into())
             }
             Kind::Batch => {
                 if p.held[slot as usize].is_some() {
@@ -738,10 +746,15 @@ impl Server {
             self.send_to(&p.node, PeerMsg::Leave { member: id });
         }
         limited!(INFO, session = id, stream = %p.stream, home = %p.node, delivered = p.delivered, unreleased = p.held(), "consumer of a stream homed on another host closed");
+        self.retire(p.landing_id, vec![p.pool, p.headers]);
+    }
+
+    /// Keeps `regs` registered, and `id` from being handed out, a while:
+    /// writes posted before the peer heard of the close may still come.
+    pub(super) fn retire(&mut self, id: u16, regs: Vec<Arc<Registered>>) {
         self.retired.push(Retired {
-            _pool: p.pool,
-            _headers: p.headers,
-            landing_id: p.landing_id,
+            _regs: regs,
+            landing_id: id,
             until: Instant::now() + RETIRE_FOR,
         });
     }

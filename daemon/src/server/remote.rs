@@ -168,7 +168,10 @@ impl Server {
     }
 
     /// Stream `idx`'s pool registered with the fabric (once).
-    fn registered_pool(&mut self, idx: usize) -> Result<Arc<crate::fabric::Registered>, Refusal> {
+    pub(super) fn registered_pool(
+        &mut self,
+        idx: usize,
+    ) -> Result<Arc<crate::fabric::Registered>, Refusal> {
         if let Some(r) = &self.streams[idx].registered {
             return Ok(r.clone());
         }
@@ -179,7 +182,8 @@ impl Server {
             .ok_or_else(|| Refusal::new(ErrorCode::Internal, "no fabric"))?;
         let r = Arc::new(
             fabric
-                .register(self.streams[idx].pool.clone(), false)
+                // Producers on other hosts write into it.
+                .register(self.streams[idx].pool.clone(), true)
                 .map_err(|e| {
                     Refusal::new(ErrorCode::Internal, format!("registering the pool: {e}"))
                 })?,

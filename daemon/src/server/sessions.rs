@@ -78,6 +78,8 @@ pub(super) enum Role {
     Consumer(ConsumerState),
     /// Consuming a stream homed on another host.
     Remote(Box<super::proxy::Proxy>),
+    /// Producing into a stream homed on another host.
+    Outbox(Box<super::outbox::Outbox>),
 }
 
 pub(super) struct Session {
@@ -120,6 +122,7 @@ pub(super) fn sub_of(role: &Role) -> Option<&RingConsumer> {
         Role::Producer(p) => Some(&p.rings.sub),
         Role::Consumer(c) => Some(&c.sub),
         Role::Remote(p) => Some(&p.sub),
+        Role::Outbox(o) => Some(&o.sub),
         _ => None,
     }
 }
@@ -129,6 +132,7 @@ pub(super) fn sub_of_mut(role: &mut Role) -> Option<&mut RingConsumer> {
         Role::Producer(p) => Some(&mut p.rings.sub),
         Role::Consumer(c) => Some(&mut c.sub),
         Role::Remote(p) => Some(&mut p.sub),
+        Role::Outbox(o) => Some(&mut o.sub),
         _ => None,
     }
 }
@@ -495,6 +499,7 @@ impl Server {
                 );
             }
             Role::Remote(p) => self.proxy_closed(id, *p),
+            Role::Outbox(o) => self.outbox_closed(id, o),
             _ => {}
         }
     }

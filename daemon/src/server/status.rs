@@ -56,13 +56,27 @@ impl Server {
                         .producers
                         .iter()
                         .filter_map(|id| {
-                            let sess = self.sessions.get(id)?;
+                            let Some(sess) = self.sessions.get(id) else {
+                                let r = self.remote_producers.get(id)?;
+                                return Some(ProducerStatus {
+                                    session: *id,
+                                    pid: 0,
+                                    host: Some(r.node.clone()),
+                                    granted: r.granted.len() as u32,
+                                    published: r.published,
+                                    waiting_for_slot_ms: None,
+                                    device: None,
+                                    gpu_copies_in_flight: 0,
+                                    gpu_bytes_copied: 0,
+                                });
+                            };
                             let Role::Producer(p) = &sess.role else {
                                 return None;
                             };
                             Some(ProducerStatus {
                                 session: *id,
                                 pid: sess.cred.pid,
+                                host: None,
                                 granted: p.granted.len() as u32,
                                 published: p.published,
                                 waiting_for_slot_ms: p

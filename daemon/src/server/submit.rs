@@ -38,8 +38,10 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Ok(0);
         };
-        if let Role::Remote(_) = s.role {
-            return self.drain_proxy(id);
+        match s.role {
+            Role::Remote(_) => return self.drain_proxy(id),
+            Role::Outbox(_) => return self.drain_outbox(id),
+            _ => {}
         }
         let mut n = 0;
         let mut end_check = None;
@@ -155,16 +157,21 @@ impl Server {
         entry.end_pending |= leaving_ended;
         let mut any = entry.end_pending;
         for pid in &entry.producers {
-            if let Some(Session {
-                role: Role::Producer(p),
-                ..
-            }) = self.sessions.get(pid)
-            {
-                if !p.ended {
-                    return;
-                }
-                any = true;
+            let ended = match self.sessions.get(pid) {
+                Some(Session {
+                    role: Role::Producer(p),
+                    ..
+                }) => p.ended,
+                Some(_) => continue,
+                None => match self.remote_producers.get(pid) {
+                    Some(p) => p.ended,
+                    None => continue,
+                },
+            };
+            if !ended {
+                return;
             }
+            any = true;
         }
         if !any {
             return;
@@ -176,6 +183,8 @@ impl Server {
                 ..
             }) = self.sessions.get_mut(pid)
             {
+                p.ended = false;
+            } else if let Some(p) = self.remote_producers.get_mut(pid) {
                 p.ended = false;
             }
         }
