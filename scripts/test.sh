@@ -107,6 +107,8 @@ step "benchmark smoke run (checks it runs, not speed)"
 cargo build --release --quiet -p ferry-bench -p ferry-daemon -p ferry-cli -p ferry-client
 target/release/ferry-bench shm --smoke > "$WORK/bench.jsonl"
 target/release/ferry-bench fabric --smoke >> "$WORK/bench.jsonl"
+# Two daemons as two hosts, against a TCP loop and a redis-server of its own.
+target/release/ferry-bench stream --smoke >> "$WORK/bench.jsonl"
 # On the fake CUDA driver: proves the GPU benchmark runs, measures nothing.
 FAKECUDA_COPY_DELAY_US=0 LD_LIBRARY_PATH="$FAKE" target/release/ferry-bench gpu --smoke >> "$WORK/bench.jsonl"
 python3 -m py_compile bench/train_loop.py

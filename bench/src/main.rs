@@ -53,6 +53,7 @@ mod fabric;
 mod gpu;
 #[cfg(feature = "iceoryx2")]
 mod ix;
+mod stream;
 use cpu::Cost;
 use ferry::{Client, ConsumerOptions, StreamSpec};
 use ferry_shm::sys::monotonic_ns;
@@ -108,6 +109,16 @@ enum Cmd {
         /// Address perftest's client dials (the device's IPv4 address).
         #[arg(long, default_value = "192.0.2.1")]
         perftest_host: String,
+    },
+    /// Between hosts: a producer on one ferryd, a consumer on another (two
+    /// daemons of a cluster on loopback, soft fabric), against a TCP copy
+    /// loop and Redis Streams (redis-server, started here).
+    Stream {
+        #[command(flatten)]
+        run: RunLength,
+        /// The ferryd binary (default: beside this one).
+        #[arg(long)]
+        ferryd: Option<PathBuf>,
     },
     /// GPU delivery: staged host-to-GPU throughput through ferryd against a
     /// pinned host-to-device copy (needs a CUDA GPU).
@@ -185,6 +196,7 @@ fn main() {
             run.smoke,
         ),
         Cmd::Gpu { run, ferryd } => gpu::bench_gpu(run.quick, run.smoke, ferryd),
+        Cmd::Stream { run, ferryd } => stream::bench_stream(run.quick, run.smoke, ferryd),
         Cmd::GpuProduce {
             socket,
             stream,
@@ -224,7 +236,7 @@ fn main() {
     }
 }
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
+pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Marks the last batch of a run.
 const END: &[u8] = b"END";
@@ -296,11 +308,11 @@ pub(crate) fn emit_line(
     println!("{line}");
 }
 
-fn round3(v: f64) -> f64 {
+pub(crate) fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
-fn percentile(v: &mut [u64], p: f64) -> u64 {
+pub(crate) fn percentile(v: &mut [u64], p: f64) -> u64 {
     if v.is_empty() {
         return 0;
     }
@@ -309,7 +321,7 @@ fn percentile(v: &mut [u64], p: f64) -> u64 {
 }
 
 /// Touches every byte once (what a consumer that reads its batch pays).
-fn touch(data: &[u8]) -> u64 {
+pub(crate) fn touch(data: &[u8]) -> u64 {
     let mut words = data.chunks_exact(8);
     let mut acc = 0u64;
     for w in &mut words {
@@ -370,7 +382,7 @@ fn start_daemon(ferryd: &Path, spin_us: u64, extra: &str) -> Res<Daemon> {
     Ok(d)
 }
 
-fn me() -> PathBuf {
+pub(crate) fn me() -> PathBuf {
     std::env::current_exe().expect("current exe")
 }
 
