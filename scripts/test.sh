@@ -81,6 +81,11 @@ step "fabric conformance suite on kernel soft-RoCE (rdma_rxe in a qemu VM)"
 IBV_TEST=$(scripts/test-binary.sh ferry-verbs ibv)
 scripts/rxe-vm.sh "$IBV_TEST" --include-ignored
 
+step "two ferryd daemons on kernel soft-RoCE (the rxe VM): the cross-host path on real verbs"
+CLUSTER_TEST=$(scripts/test-binary.sh ferry-tests cluster)
+scripts/rxe-vm.sh env FERRY_BIN_DIR="$ROOT/target/debug" "$CLUSTER_TEST" --ignored --exact \
+    two_daemons_on_real_verbs_move_batches_both_ways
+
 step "Python tests"
 (cd client-c/python && python3 -m pytest -q -p no:cacheprovider tests)
 

@@ -1254,3 +1254,66 @@ fn a_producer_elsewhere_learns_that_its_stream_s_home_went_down() {
         .log()
         .contains("batches published since its last acknowledgement may be lost"));
 }
+
+#[test]
+#[ignore = "needs an RDMA device: scripts/test.sh runs it on kernel soft-RoCE in the rxe VM (scripts/rxe-vm.sh)"]
+fn two_daemons_on_real_verbs_move_batches_both_ways() {
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let secret = secret_file(&secret_dir(), "secret", SECRET);
+    let ibv = "[fabric]\nprovider = \"ibv\"\n";
+    let d: Vec<Daemon> = (0..2)
+        .map(|i| {
+            Daemon::start(
+                "",
+                &format!(
+                    "{}{ibv}{}",
+                    stream(&format!("s{i}")),
+                    cluster_table(i, &ports, &secret, "")
+                ),
+            )
+        })
+        .collect();
+    wait_state(&d[1], "n0", "up", Duration::from_secs(30));
+    let p = peer(&d[1].status(), "n0");
+    assert!(p.fabric.starts_with("ibv"), "{p:?}");
+    assert!(
+        eventually(Duration::from_secs(30), || d[1]
+            .log()
+            .contains("data link up")),
+        "{}",
+        d[1].log()
+    );
+    assert!(eventually(Duration::from_secs(10), || peer(
+        &d[1].status(),
+        "n0"
+    )
+    .streams
+    .contains(&"s0".to_string())));
+    // A consumer on n1 of s0 (homed on n0), fed by a producer on n0 and
+    // one on n1: the NIC writes every batch into the memory the consumer
+    // reads, and the producer's into the home's pool.
+    let mut cons = d[1]
+        .client()
+        .consumer("s0", "g", Default::default())
+        .unwrap();
+    let mut near = d[0].client().producer("s0", None).unwrap();
+    let mut far = d[1].client().producer("s0", None).unwrap();
+    let mut want = std::collections::BTreeSet::new();
+    for i in 0..40u64 {
+        let len = 8 + (i as usize * 997) % 4000;
+        if i % 2 == 0 {
+            near.send(&payload(i, len), b"near", None, T).unwrap();
+        } else {
+            far.send(&payload(i, len), b"far", None, T).unwrap();
+        }
+        want.insert(i);
+        let b = cons
+            .next(T)
+            .unwrap_or_else(|e| panic!("{e}\n{}\n{}", d[0].log(), d[1].log()));
+        let data = unsafe { std::slice::from_raw_parts(b.data, b.len as usize) };
+        let got = u64::from_le_bytes(data[..8].try_into().unwrap());
+        assert_eq!(data, &payload(got, b.len as usize)[..]);
+        assert!(want.remove(&got));
+        cons.release(b.token).unwrap();
+    }
+}

@@ -418,6 +418,19 @@ impl Server {
         for id in remote {
             self.remote_evict(id, "the stream was deleted at its home");
         }
+        let producers: Vec<SessionId> = self
+            .remote_producers
+            .iter()
+            .filter(|(_, p)| p.stream == idx)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in producers {
+            self.remote_producer_evict(
+                id,
+                ferry_shm::proto::ErrorCode::UnknownStream,
+                "the stream was deleted at its home",
+            );
+        }
         let Some(e) = self.streams.remove(idx) else {
             return (0, 0);
         };

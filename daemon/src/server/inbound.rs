@@ -180,6 +180,24 @@ impl Server {
         self.maybe_end_epoch(p.stream, p.ended);
     }
 
+    /// Ends producer `id` on another host and tells its host why.
+    pub(super) fn remote_producer_evict(&mut self, id: SessionId, code: ErrorCode, why: &str) {
+        if let Some(p) = self.remote_producers.get(&id) {
+            let (node, producer) = (p.node.clone(), p.producer);
+            self.send_to(
+                &node,
+                PeerMsg::Producing {
+                    producer,
+                    result: Err(WireRefusal {
+                        code,
+                        message: why.to_string(),
+                    }),
+                },
+            );
+        }
+        self.remote_producer_gone(id, why);
+    }
+
     /// Every producer on `node` goes (it is down).
     pub(super) fn remote_producers_gone(&mut self, node: &str, why: &str) {
         let ids: Vec<SessionId> = self
@@ -203,20 +221,7 @@ impl Server {
                 peer = node,
                 "a producer on another host broke the protocol: {why}"
             );
-            if let Some(p) = self.remote_producers.get(&id) {
-                let producer = p.producer;
-                self.send_to(
-                    node,
-                    PeerMsg::Producing {
-                        producer,
-                        result: Err(WireRefusal {
-                            code: ErrorCode::Protocol,
-                            message: why.clone(),
-                        }),
-                    },
-                );
-            }
-            self.remote_producer_gone(id, &why);
+            self.remote_producer_evict(id, ErrorCode::Protocol, &why);
         }
     }
 
