@@ -55,6 +55,18 @@ fn peer(st: &Status, node: &str) -> PeerStatus {
         .unwrap_or_else(|| panic!("no peer {node} in {:?}", st.peers))
 }
 
+/// Waits until `d` knows `stream` as homed on `home`.
+fn wait_announced(d: &Daemon, home: &str, stream: &str) {
+    assert!(
+        eventually(Duration::from_secs(10), || peer(&d.status(), home)
+            .streams
+            .iter()
+            .any(|s| s == stream)),
+        "{home} did not announce {stream}: {:?}",
+        peer(&d.status(), home)
+    );
+}
+
 fn state_of(d: &Daemon, node: &str) -> String {
     peer(&d.status(), node).state
 }
@@ -449,12 +461,7 @@ fn payload(i: u64, len: usize) -> Vec<u8> {
 fn a_trainer_on_another_host_reads_every_batch_in_place() {
     let (d, _) = start_cluster(2, "", "");
     wait_state(&d[1], "n0", "up", Duration::from_secs(10));
-    assert!(eventually(Duration::from_secs(5), || peer(
-        &d[1].status(),
-        "n0"
-    )
-    .streams
-    .contains(&"s0".to_string())));
+    wait_announced(&d[1], "n0", "s0");
     let home = d[0].client();
     let remote = d[1].client();
     let mut cons = remote
@@ -525,13 +532,7 @@ fn created_stream(home: &Daemon, other: &Daemon, name: &str, partitions: u32) ->
         .client()
         .producer(name, spec(partitions, 4096, 64))
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || peer(&other.status(), "n0")
-            .streams
-            .iter()
-            .any(|s| s == name)),
-        "{name} announced"
-    );
+    wait_announced(other, "n0", name);
     p
 }
 
@@ -614,9 +615,11 @@ fn take_all(
     seen
 }
 
-#[test]
-fn a_killed_consumer_on_another_host_leaves_its_batches_to_its_group() {
-    let (d, _) = start_cluster(2, "", "");
+/// A consumer process on n1 holds three batches of a group whose other
+/// member is on n0; `kill` ends it (the process, or its whole daemon);
+/// every batch then reaches the member on n0, those three included.
+fn holder_dies(extra: &str, kill: impl FnOnce(&mut [Daemon], &mut std::process::Child)) {
+    let (mut d, _) = start_cluster(2, "", extra);
     wait_state(&d[1], "n0", "up", Duration::from_secs(10));
     let mut prod = created_stream(&d[0], &d[1], "multi", 2);
     let mut local = d[0]
@@ -646,10 +649,8 @@ fn a_killed_consumer_on_another_host_leaves_its_batches_to_its_group() {
     }
     let held = read_held(&mut lines);
     assert_eq!(held.len(), 3);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    // Every batch reaches the member left, the three the killed one held
-    // among them: none lost.
+    kill(&mut d, &mut child);
+    // None lost: the three it held were redelivered.
     let seen = take_all(&mut local, N as usize, &[&d[0], &d[1]]);
     for h in &held {
         assert!(seen.contains_key(h), "{h:?} redelivered");
@@ -659,46 +660,26 @@ fn a_killed_consumer_on_another_host_leaves_its_batches_to_its_group() {
     )
     .len()
         == 1));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_killed_consumer_on_another_host_leaves_its_batches_to_its_group() {
+    // SIGKILL: no goodbye; its daemon sees the socket close.
+    holder_dies("", |_, child| {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    });
 }
 
 #[test]
 fn a_consumer_host_that_dies_leaves_its_batches_to_its_group() {
-    let (mut d, _) = start_cluster(2, "", "heartbeat_ms = 100\npeer_timeout_ms = 600");
-    wait_state(&d[1], "n0", "up", Duration::from_secs(10));
-    let mut prod = created_stream(&d[0], &d[1], "multi", 2);
-    let mut local = d[0]
-        .client()
-        .consumer(
-            "multi",
-            "g",
-            ferry::ConsumerOptions {
-                prefetch: 32,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let (mut child, mut lines) = holding_consumer(&d[1], "multi", "g", 3);
-    assert!(eventually(Duration::from_secs(5), || members_of(
-        &d[0], "multi"
-    )
-    .len()
-        == 2));
-    const N: u64 = 24;
-    for i in 0..N {
-        prod.send(&payload(i, 64), b"", Some(i), T).unwrap();
-    }
-    let held = read_held(&mut lines);
-    assert_eq!(held.len(), 3);
-    // The consumer's whole daemon dies; the home rebalances within the
-    // heartbeat timeout, and the batches that host held go to the rest.
-    d[1].kill();
-    let seen = take_all(&mut local, N as usize, &[&d[0]]);
-    for h in &held {
-        assert!(seen.contains_key(h), "{h:?} redelivered");
-    }
-    assert_eq!(members_of(&d[0], "multi").len(), 1);
-    let _ = child.kill();
-    let _ = child.wait();
+    // The consumer's whole daemon dies: the home rebalances within the
+    // heartbeat timeout.
+    holder_dies("heartbeat_ms = 100\npeer_timeout_ms = 600", |d, _| {
+        d[1].kill()
+    });
 }
 
 #[test]
@@ -709,12 +690,7 @@ fn consumers_wait_while_their_stream_s_home_is_gone_and_go_on_when_it_is_back() 
         "heartbeat_ms = 100\npeer_timeout_ms = 600\nreconnect_max_ms = 200",
     );
     wait_state(&d[1], "n0", "up", Duration::from_secs(10));
-    assert!(eventually(Duration::from_secs(5), || peer(
-        &d[1].status(),
-        "n0"
-    )
-    .streams
-    .contains(&"s0".to_string())));
+    wait_announced(&d[1], "n0", "s0");
     let mut cons = d[1]
         .client()
         .consumer("s0", "g", Default::default())
@@ -781,12 +757,7 @@ fn a_cut_link_between_two_hosts_heals_by_itself_and_loses_nothing() {
     );
     let b = Daemon::start_in_netns(&hosts.b, "", &table("n1", &hosts.ip_b, "n0", &hosts.ip_a));
     wait_state(&b, "n0", "up", Duration::from_secs(10));
-    assert!(eventually(Duration::from_secs(5), || peer(
-        &b.status(),
-        "n0"
-    )
-    .streams
-    .contains(&"s".to_string())));
+    wait_announced(&b, "n0", "s");
     const PREFETCH: u32 = 8;
     let mut cons = b
         .client()
@@ -872,12 +843,7 @@ fn a_group_spans_three_hosts_and_gets_every_batch_exactly_once() {
     }
     let mut prod = d[0].client().producer("wide", spec(6, 4096, 64)).unwrap();
     for di in &d[1..] {
-        assert!(eventually(Duration::from_secs(5), || peer(
-            &di.status(),
-            "n0"
-        )
-        .streams
-        .contains(&"wide".to_string())));
+        wait_announced(di, "n0", "wide");
     }
     const N: u64 = 600;
     let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -950,12 +916,7 @@ fn a_group_spans_three_hosts_and_gets_every_batch_exactly_once() {
 fn seek_and_commit_from_another_host_replay_the_same_bytes() {
     let (d, _) = start_cluster(2, "", "");
     wait_state(&d[1], "n0", "up", Duration::from_secs(10));
-    assert!(eventually(Duration::from_secs(5), || peer(
-        &d[1].status(),
-        "n0"
-    )
-    .streams
-    .contains(&"s0".to_string())));
+    wait_announced(&d[1], "n0", "s0");
     let mut cons = d[1]
         .client()
         .consumer("s0", "g", Default::default())
@@ -1215,12 +1176,7 @@ fn producers_on_two_hosts_publish_into_one_stream_and_its_epochs_end_together() 
 fn a_producer_elsewhere_learns_that_its_stream_s_home_went_down() {
     let (mut d, _) = start_cluster(2, "", "heartbeat_ms = 100\npeer_timeout_ms = 600");
     wait_state(&d[1], "n0", "up", Duration::from_secs(10));
-    assert!(eventually(Duration::from_secs(5), || peer(
-        &d[1].status(),
-        "n0"
-    )
-    .streams
-    .contains(&"s0".to_string())));
+    wait_announced(&d[1], "n0", "s0");
     // Producer and consumer both on n1, the stream's home on n0: every
     // batch goes there and back.
     let c = d[1].client();
@@ -1283,12 +1239,7 @@ fn two_daemons_on_real_verbs_move_batches_both_ways() {
         "{}",
         d[1].log()
     );
-    assert!(eventually(Duration::from_secs(10), || peer(
-        &d[1].status(),
-        "n0"
-    )
-    .streams
-    .contains(&"s0".to_string())));
+    wait_announced(&d[1], "n0", "s0");
     // A consumer on n1 of s0 (homed on n0), fed by a producer on n0 and
     // one on n1: the NIC writes every batch into the memory the consumer
     // reads, and the producer's into the home's pool.

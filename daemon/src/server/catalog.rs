@@ -409,22 +409,10 @@ impl Server {
     pub(super) fn remove_stream(&mut self, idx: usize) -> (u32, u64) {
         self.gpus.forget_stream(idx);
         // Members on other hosts are told, and go.
-        let remote: Vec<SessionId> = self
-            .remotes
-            .iter()
-            .filter(|(_, r)| r.m.stream == idx)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in remote {
+        for id in super::ids_where(&self.remotes, |r| r.m.stream == idx) {
             self.remote_evict(id, "the stream was deleted at its home");
         }
-        let producers: Vec<SessionId> = self
-            .remote_producers
-            .iter()
-            .filter(|(_, p)| p.stream == idx)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in producers {
+        for id in super::ids_where(&self.remote_producers, |p| p.stream == idx) {
             self.remote_producer_evict(
                 id,
                 ferry_shm::proto::ErrorCode::UnknownStream,

@@ -200,13 +200,7 @@ impl Server {
 
     /// Every producer on `node` goes (it is down).
     pub(super) fn remote_producers_gone(&mut self, node: &str, why: &str) {
-        let ids: Vec<SessionId> = self
-            .remote_producers
-            .iter()
-            .filter(|(_, p)| p.node == node)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
+        for id in super::ids_where(&self.remote_producers, |p| p.node == node) {
             self.remote_producer_gone(id, why);
         }
     }

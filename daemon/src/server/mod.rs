@@ -44,6 +44,14 @@ use sessions::{
     sub_of, sub_of_mut, ConsumerState, Policy, ProducerState, Role, Session, ACCEPT_PAUSE,
 };
 
+/// The ids of the entries of `map` for which `f` holds.
+fn ids_where<T>(map: &BTreeMap<SessionId, T>, f: impl Fn(&T) -> bool) -> Vec<SessionId> {
+    map.iter()
+        .filter(|(_, v)| f(v))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
 /// What an epoll event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Token {

@@ -119,23 +119,7 @@ impl Server {
                 format!("stream {name} is homed on another host; publishing into it from GPU memory is not supported yet"),
             ));
         }
-        let node = match self.home_of(&name) {
-            Some(Ok(n)) => n,
-            Some(Err(why)) => return Err(Refusal::new(ErrorCode::UnknownStream, why)),
-            None => {
-                return Err(Refusal::new(
-                    ErrorCode::UnknownStream,
-                    format!("no stream {name:?}"),
-                ))
-            }
-        };
-        let have = self
-            .cluster
-            .as_ref()
-            .and_then(|c| c.table.get(&node))
-            .and_then(|v| v.stream(&name))
-            .cloned()
-            .ok_or_else(|| Refusal::new(ErrorCode::UnknownStream, format!("no stream {name:?}")))?;
+        let (node, have) = self.remote_home(&name)?;
         if let Some(want) = spec {
             if (want.partitions, want.slot_size, want.slot_count)
                 != (have.partitions, have.slot_size, have.slot_count)

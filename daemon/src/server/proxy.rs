@@ -24,7 +24,7 @@ use crate::error::Refusal;
 use crate::fabric::Registered;
 use crate::landing::{Header, Imm, Kind, HEADER_BYTES};
 use crate::limited;
-use crate::peers::{Join, Landing, PeerMsg, WireRefusal};
+use crate::peers::{Join, Landing, PeerMsg, StreamAnnounce, WireRefusal};
 use crate::stream::{SessionId, Violation};
 
 /// Where a trainer's membership at the home stands.
@@ -203,6 +203,29 @@ impl Server {
         })
     }
 
+    /// The home of stream `name` on a peer that is up, and the stream as
+    /// it announced it; a refusal says why there is none.
+    pub(super) fn remote_home(&self, name: &str) -> Result<(String, StreamAnnounce), Refusal> {
+        let node = match self.home_of(name) {
+            Some(Ok(n)) => n,
+            Some(Err(why)) => return Err(Refusal::new(ErrorCode::UnknownStream, why)),
+            None => {
+                return Err(Refusal::new(
+                    ErrorCode::UnknownStream,
+                    format!("no stream named {name:?} here or on a peer"),
+                ))
+            }
+        };
+        let spec = self
+            .cluster
+            .as_ref()
+            .and_then(|c| c.table.get(&node))
+            .and_then(|v| v.stream(name))
+            .cloned()
+            .ok_or_else(|| Refusal::new(ErrorCode::UnknownStream, format!("no stream {name:?}")))?;
+        Ok((node, spec))
+    }
+
     /// Whether stream `name` is homed on a peer (as far as this daemon
     /// knows).
     pub(super) fn is_remote_stream(&self, name: &str) -> bool {
@@ -250,22 +273,7 @@ impl Server {
                 "group name {group:?} must be 1-128 characters of A-Z a-z 0-9 . _ -"
             )));
         }
-        let node = match self.home_of(&name) {
-            Some(Ok(n)) => n,
-            Some(Err(why)) => return Err(Refusal::new(ErrorCode::UnknownStream, why)),
-            None => {
-                return Err(Refusal::new(
-                    ErrorCode::UnknownStream,
-                    format!("no stream named {name:?} here or on a peer"),
-                ))
-            }
-        };
-        let spec = self
-            .cluster
-            .as_ref()
-            .and_then(|c| c.table.get(&node))
-            .and_then(|v| v.stream(&name))
-            .ok_or_else(|| Refusal::new(ErrorCode::UnknownStream, format!("no stream {name}")))?;
+        let (node, spec) = self.remote_home(&name)?;
         let layout = PoolLayout::new(spec.slot_size, prefetch)
             .ok_or_else(|| Refusal::invalid("the landing area's size overflows"))?;
         let max = self.cfg.daemon.max_pool_bytes;

@@ -240,13 +240,7 @@ impl Server {
 
     /// Every member on `node` leaves (it went down).
     pub(super) fn remote_node_gone(&mut self, node: &str, why: &str) {
-        let ids: Vec<SessionId> = self
-            .remotes
-            .iter()
-            .filter(|(_, r)| r.node == node)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
+        for id in super::ids_where(&self.remotes, |r| r.node == node) {
             self.remote_leave(id, why);
         }
     }
