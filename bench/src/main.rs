@@ -53,6 +53,7 @@ mod fabric;
 mod gpu;
 #[cfg(feature = "iceoryx2")]
 mod ix;
+mod nats;
 mod stream;
 use cpu::Cost;
 use ferry::{Client, ConsumerOptions, StreamSpec};

@@ -3,9 +3,11 @@
 //! loopback, with the soft fabric), every byte touched by the consumer;
 //! throughput and delivery latency p50/p99. Baselines in the same run: a
 //! plain TCP copy loop between the same two places (the physical limit on
-//! loopback), and Redis Streams (`redis-server`, started here: XADD,
-//! XREADGROUP, XACK) with the same batches, one producer and a group of one
-//! consumer acknowledging each batch.
+//! loopback), Redis Streams (`redis-server`, started here: XADD,
+//! XREADGROUP, XACK) and NATS JetStream (`nats-server`, started here: a
+//! publish acknowledged by JetStream, a durable pull consumer acknowledging
+//! each message; see `nats.rs`), with the same batches, one producer and a
+//! group of one consumer.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -94,7 +96,14 @@ fn two_hosts(ferryd: &Path, dir: &Path) -> Res<(Host, Host)> {
 const PREFETCH: u32 = 16;
 
 /// Ferry: producer on a, consumer on b.
-fn ferry_case(a: &Host, b: &Host, stream: &str, batch: u64, millis: u64) -> Res<serde_json::Value> {
+fn ferry_case(
+    a: &Host,
+    b: &Host,
+    stream: &str,
+    batch: u64,
+    millis: u64,
+    pace_us: u64,
+) -> Res<serde_json::Value> {
     let client = Client::connect(Some(&a.socket))?;
     let p = client.producer(
         stream,
@@ -132,7 +141,7 @@ fn ferry_case(a: &Host, b: &Host, stream: &str, batch: u64, millis: u64) -> Res<
         stream.to_string(),
         batch.to_string(),
         millis.to_string(),
-        "0".to_string(),
+        pace_us.to_string(),
     ];
     run_pair(&reader, &writer, move || drop(p))
 }
@@ -304,7 +313,7 @@ impl Resp {
 /// timestamp in the first 8 bytes), a consumer of a group of one reads
 /// them with XREADGROUP, touches every byte and XACKs each. Returns
 /// (bytes/second, p50 ns, p99 ns, entries).
-fn redis_case(port: u16, batch: usize, millis: u64) -> Res<(f64, u64, u64, u64)> {
+fn redis_case(port: u16, batch: usize, millis: u64, pace_us: u64) -> Res<(f64, u64, u64, u64)> {
     let key = format!("bench-{batch}");
     let mut c = Resp::connect(port)?;
     let _ = c.call(&[b"DEL", key.as_bytes()])?;
@@ -328,6 +337,9 @@ fn redis_case(port: u16, batch: usize, millis: u64) -> Res<(f64, u64, u64, u64)>
                 buf[..8].copy_from_slice(&monotonic_ns().to_le_bytes());
                 p.call(&[b"XADD", k.as_bytes(), b"*", b"d", &buf])?;
                 n += 1;
+                if pace_us > 0 {
+                    std::thread::sleep(Duration::from_micros(pace_us));
+                }
                 // Without a length cap (which would drop entries not read
                 // yet) the stream keeps every entry until the reader deletes
                 // it: keep at most 64 ahead, as Ferry's pool does.
@@ -421,6 +433,7 @@ pub(crate) fn bench_stream(quick: bool, smoke: bool, ferryd: Option<PathBuf>) ->
     let dir = std::env::temp_dir().join(format!("ferry-bench-stream-{}", std::process::id()));
     let (a, b) = two_hosts(&ferryd, &dir)?;
     let redis = start_redis()?;
+    let nats = crate::nats::start(&dir.join("nats"), free_port()?)?;
     let gib = (1u64 << 30) as f64;
     let sizes: &[(u64, &str)] = if smoke {
         &[(64 << 10, "64k"), (1 << 20, "1m")]
@@ -428,13 +441,45 @@ pub(crate) fn bench_stream(quick: bool, smoke: bool, ferryd: Option<PathBuf>) ->
         &[(64 << 10, "64k"), (1 << 20, "1m"), (9 << 20, "9m")]
     };
     for &(size, name) in sizes {
-        let r = ferry_case(&a, &b, &format!("bench-{name}"), size, ms)?;
+        // Throughput: every producer as fast as it can.
+        let step = |what: &str| {
+            if std::env::var_os("FERRY_BENCH_VERBOSE").is_some() {
+                eprintln!("ferry-bench stream: {name}: {what}");
+            }
+        };
+        step("ferry");
+        let r = ferry_case(&a, &b, &format!("bench-{name}"), size, ms, 0)?;
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         let ferry_bw = f("bytes") / f("secs").max(1e-9) / gib;
-        let (p50, p99) = (f("p50_ns") / 1000.0, f("p99_ns") / 1000.0);
+        step("tcp");
         let tcp = tcp_copy(size as usize, ms)? / gib;
-        let (rbw, r50, r99, _) = redis_case(redis.port, size as usize, ms)?;
+        step("redis");
+        let (rbw, ..) = redis_case(redis.port, size as usize, ms, 0)?;
         let rbw = rbw / gib;
+        step("nats");
+        let (nbw, ..) = crate::nats::case(nats.port, size as usize, ms, 0)?;
+        let nbw = nbw / gib;
+        // Delivery latency: the same offered load for all, paced to about
+        // 0.1 GiB/s (half of what the slowest of them moved here), so that
+        // it measures delivery, not a queue.
+        let pace = (size as f64 / (0.1 * gib) * 1e6) as u64;
+        step("ferry paced");
+        let r = ferry_case(&a, &b, &format!("bench-{name}-paced"), size, ms * 2, pace)?;
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        let (p50, p99) = (f("p50_ns") / 1000.0, f("p99_ns") / 1000.0);
+        step("redis paced");
+        let (_, r50, r99, _) = redis_case(redis.port, size as usize, ms * 2, pace)?;
+        step("nats paced");
+        let (_, n50, n99, _) = crate::nats::case(nats.port, size as usize, ms * 2, pace)?;
+        emit_line(
+            "stream",
+            &format!("throughput_{name}_vs_nats"),
+            "GiB/s",
+            ferry_bw,
+            "nats_jetstream",
+            nbw,
+            None,
+        );
         emit_line(
             "stream",
             &format!("throughput_{name}"),
@@ -453,10 +498,19 @@ pub(crate) fn bench_stream(quick: bool, smoke: bool, ferryd: Option<PathBuf>) ->
             rbw,
             None,
         );
-        for (pct, v, rv) in [
-            ("p50", p50, r50 as f64 / 1000.0),
-            ("p99", p99, r99 as f64 / 1000.0),
+        for (pct, v, rv, nv) in [
+            ("p50", p50, r50 as f64 / 1000.0, n50 as f64 / 1000.0),
+            ("p99", p99, r99 as f64 / 1000.0, n99 as f64 / 1000.0),
         ] {
+            emit_line(
+                "stream",
+                &format!("latency_{name}_{pct}_vs_nats"),
+                "us",
+                v,
+                &format!("nats_jetstream_{pct}"),
+                nv,
+                None,
+            );
             emit_line(
                 "stream",
                 &format!("latency_{name}_{pct}"),

@@ -45,6 +45,13 @@ impl Cq {
             Cq::Ibv(c) => c.fd(),
         }
     }
+
+    fn unpolled(&self) {
+        match self {
+            Cq::Soft(c) => c.unpolled(),
+            Cq::Ibv(c) => c.unpolled(),
+        }
+    }
 }
 
 /// An opened fabric device with one send and one receive completion
@@ -143,6 +150,13 @@ impl Fabric {
     /// Readable when receive completions may be there (for epoll).
     pub fn recv_fd(&self) -> i32 {
         self.recv_cq.fd()
+    }
+
+    /// The loop goes to sleep in epoll: the backend's own threads make
+    /// progress until it polls again.
+    pub fn unpolled(&self) {
+        self.send_cq.unpolled();
+        self.recv_cq.unpolled();
     }
 
     /// Readable when send completions may be there.

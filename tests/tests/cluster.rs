@@ -1067,8 +1067,10 @@ fn an_authenticated_peer_that_sends_garbage_is_dropped_and_the_rest_served() {
     let mut cut = wire::encode(&Frame::Msg(wire::PeerMsg::Ping { seq: 1, t_us: 1 }));
     cut.truncate(cut.len() - 2);
     s.write_all(&cut).unwrap();
-    drop(s);
+    // A FIN, not a reset (closing with unread data would reset).
+    s.shutdown(std::net::Shutdown::Write).unwrap();
     wait_state(&n2, "n0", "down", Duration::from_secs(5));
+    drop(s);
     assert!(n2.log().contains("inside a frame"), "{}", n2.log());
 
     // n2 serves n1 and its own clients on.

@@ -234,6 +234,11 @@ pub trait CompletionQueue: Send + Sync {
     fn wait(&self, timeout: Duration) -> bool;
     /// Readable when completions may be available.
     fn fd(&self) -> RawFd;
+    /// The poller stops polling for now and will wait on [`fd`](Self::fd)
+    /// (epoll) instead: a backend whose endpoints make progress in the
+    /// polling thread hands that back to its own threads at once, instead
+    /// of after a grace period. The next `poll` takes it over again.
+    fn unpolled(&self) {}
 }
 
 pub trait MemoryRegion: Send + Sync {

@@ -334,6 +334,9 @@ pub struct SoftCq {
     waiting: AtomicU32,
     /// `fd` was handed out: someone may epoll it without calling `wait`.
     fd_out: AtomicBool,
+    /// The poller said it stopped polling (`unpolled`), and has not polled
+    /// since.
+    parked: AtomicBool,
     /// Endpoints completing into this queue.
     eps: Mutex<Vec<std::sync::Weak<EpInner>>>,
 }
@@ -392,6 +395,9 @@ impl SoftCq {
 impl CompletionQueue for SoftCq {
     fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
         self.polls.fetch_add(1, Ordering::Relaxed);
+        if self.parked.load(Ordering::Relaxed) {
+            self.parked.store(false, Ordering::SeqCst);
+        }
         let mut q = self.q.lock().expect("cq");
         if q.items.is_empty() {
             // Progress pushes completions here: not under our lock.
@@ -426,6 +432,11 @@ impl CompletionQueue for SoftCq {
         };
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         ready
+    }
+
+    fn unpolled(&self) {
+        self.parked.store(true, Ordering::SeqCst);
+        self.release_readers();
     }
 
     fn fd(&self) -> RawFd {
@@ -499,6 +510,7 @@ impl Domain for SoftDomain {
             polls: AtomicU64::new(0),
             waiting: AtomicU32::new(0),
             fd_out: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
             eps: Mutex::new(Vec::new()),
         }))
     }
@@ -859,9 +871,11 @@ impl EpInner {
             self.send_cq.polls.load(Ordering::Relaxed) + self.recv_cq.polls.load(Ordering::Relaxed);
         let waiting = self.send_cq.waiting.load(Ordering::SeqCst)
             + self.recv_cq.waiting.load(Ordering::SeqCst);
+        let parked = self.send_cq.parked.load(Ordering::SeqCst)
+            || self.recv_cq.parked.load(Ordering::SeqCst);
         let polled = now != *seen;
         *seen = now;
-        polled && waiting == 0
+        polled && waiting == 0 && !parked
     }
 
     /// A poller's share of the work: the frames already received whole

@@ -398,6 +398,11 @@ impl Server {
                 self.fail_session(id, &why);
             }
             self.housekeeping();
+            if can_sleep {
+                if let Some(c) = &self.cluster {
+                    c.fabric.unpolled();
+                }
+            }
             let timeout = if !can_sleep {
                 0
             } else if self.draining.is_some() {
