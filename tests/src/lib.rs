@@ -79,6 +79,8 @@ impl Daemon {
 
     /// Starts ferryd (again) from its config; the log is appended to.
     fn spawn(&mut self) {
+        // Counted before the child starts: it may be ready before we look.
+        let ready_before = self.log().matches("ferryd ready").count();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -100,7 +102,6 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("spawn ferryd");
-        let ready_before = self.log().matches("ferryd ready").count();
         self.child = Some(child);
         self.wait_ready_after(ready_before);
     }
