@@ -1055,6 +1055,7 @@ fn an_authenticated_peer_that_sends_garbage_is_dropped_and_the_rest_served() {
     );
 
     let mut s = handshake();
+    wait_state(&n2, "n0", "up", Duration::from_secs(5));
     s.write_all(&wire::encode(&Frame::Msg(wire::PeerMsg::Release {
         member: 77,
         partition: 0,
