@@ -4,7 +4,9 @@
 # guest sees this machine's root file system read-only (9p) and chroots into
 # it, so installed programs and libraries are there; an executable named by
 # path (a test binary) is copied into a writable share and run from it
-# (working directory /mnt/work). The share carries the log and the exit
+# (working directory /mnt/work); so does every other argument that names an
+# executable file, and the programs FERRY_RXE_BINS lists (the guest finds
+# them through FERRY_BIN_DIR). The share carries the log and the exit
 # status back, and this script exits with the command's status.
 #
 #   scripts/rxe-vm.sh COMMAND [ARG...]      e.g. scripts/rxe-vm.sh ibv_devinfo
@@ -115,12 +117,21 @@ mkdir -p "$SHARE/work"
 # /tmp, so a checkout under /tmp is invisible there: an executable given by
 # path travels in the share and runs from there.
 cmd=("$@")
-if [[ "${cmd[0]}" == */* && -f "${cmd[0]}" ]]; then
-    cp "${cmd[0]}" "$SHARE/work/"
-    cmd[0]="/mnt/work/$(basename "${cmd[0]}")"
+for i in "${!cmd[@]}"; do
+    if [[ "${cmd[$i]}" == */* && -f "${cmd[$i]}" && -x "${cmd[$i]}" ]]; then
+        cp "${cmd[$i]}" "$SHARE/work/"
+        cmd[$i]="/mnt/work/$(basename "${cmd[$i]}")"
+    fi
+done
+# Programs the command starts by name from FERRY_BIN_DIR (ferryd, for
+# tests that run daemons): FERRY_RXE_BINS lists them; they travel too.
+if [[ -n "${FERRY_RXE_BINS:-}" ]]; then
+    mkdir -p "$SHARE/work/bin"
+    for b in $FERRY_RXE_BINS; do cp "$b" "$SHARE/work/bin/"; done
 fi
 {
     printf 'export FERRY_RXE_VM=1 RUST_BACKTRACE=1\n'
+    [[ -n "${FERRY_RXE_BINS:-}" ]] && printf 'export FERRY_BIN_DIR=/mnt/work/bin\n'
     printf '%q ' "${cmd[@]}"
     echo
 } > "$SHARE/run.sh"

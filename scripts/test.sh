@@ -83,7 +83,7 @@ scripts/rxe-vm.sh "$IBV_TEST" --include-ignored
 
 step "two ferryd daemons on kernel soft-RoCE (the rxe VM): the cross-host path on real verbs"
 CLUSTER_TEST=$(scripts/test-binary.sh ferry-tests cluster)
-scripts/rxe-vm.sh env FERRY_BIN_DIR="$ROOT/target/debug" "$CLUSTER_TEST" --ignored --exact \
+FERRY_RXE_BINS="$ROOT/target/debug/ferryd" scripts/rxe-vm.sh "$CLUSTER_TEST" --ignored --exact \
     two_daemons_on_real_verbs_move_batches_both_ways
 
 step "Python tests"
