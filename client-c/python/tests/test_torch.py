@@ -65,12 +65,18 @@ def test_dataloader_workers_deliver_every_batch_once_and_intact(daemon, workers)
     n = 240
     sock = str(daemon.socket)
     # The stream exists before the workers join (a group formed later
-    # starts at the end by default).
-    ferry.Client(sock).producer("imgs", partitions=4, slot_size=NBYTES + 4096, slot_count=16).close()
+    # starts at the end by default). Its pool has room for more than the
+    # workers hold at once (4 x prefetch 8): DataLoader takes the workers'
+    # items in turn, and a worker that has not joined yet (or owns no
+    # partition for a moment) holds up the others, whose batches then fill
+    # a small pool until the producer waits (the README's DataLoader
+    # caveat; a CI run on a loaded machine hit it with 16 slots).
+    slots = 64
+    ferry.Client(sock).producer("imgs", partitions=4, slot_size=NBYTES + 4096, slot_count=slots).close()
     ds = ferry.iterable_dataset("imgs", "trainers", socket=sock, timeout_s=60)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     it = iter(loader)
-    prod = produce(sock, "imgs", n)
+    prod = produce(sock, "imgs", n, slot_count=slots)
     seen = []
     addresses = set()
     for rec in it:
