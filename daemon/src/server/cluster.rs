@@ -9,10 +9,12 @@ use ferry_admin::PeerStatus;
 
 use super::Server;
 use crate::config::Config;
+use crate::error::Refusal;
 use crate::fabric::{tag_of, Fabric, Link, PendingLink};
 use crate::inbox::Message;
 use crate::limited;
 use crate::peers::{self, Event, FabricOffer, PeerMsg, Peers, StreamAnnounce};
+use ferry_shm::proto::ErrorCode;
 
 /// One peer as the loop knows it.
 pub(super) struct PeerView {
@@ -494,6 +496,39 @@ impl Server {
         self.remote_producers_gone(node, "the data link to its host failed");
         self.proxies_wait(node);
         self.outboxes_fail(node);
+    }
+
+    /// Registers `region` with the fabric (for remote writes into it when
+    /// `remote_write`); `what` names it in the refusal.
+    pub(super) fn register(
+        &self,
+        region: Arc<ferry_shm::Region>,
+        remote_write: bool,
+        what: &str,
+    ) -> Result<Arc<crate::fabric::Registered>, Refusal> {
+        let fabric = &self
+            .cluster
+            .as_ref()
+            .ok_or_else(|| Refusal::new(ErrorCode::Internal, "not in a cluster"))?
+            .fabric;
+        fabric
+            .register(region, remote_write)
+            .map(Arc::new)
+            .map_err(|e| Refusal::new(ErrorCode::Internal, format!("registering {what}: {e}")))
+    }
+
+    /// A new shared-memory region of `len` bytes, registered with the
+    /// fabric (see [`Server::register`]).
+    pub(super) fn registered_region(
+        &self,
+        name: &str,
+        len: u64,
+        remote_write: bool,
+        what: &str,
+    ) -> Result<Arc<crate::fabric::Registered>, Refusal> {
+        let r = ferry_shm::Region::create(name, len)
+            .map_err(|e| Refusal::limit(format!("creating {what}: {e}")))?;
+        self.register(Arc::new(r), remote_write, what)
     }
 
     /// The streams whose home is this daemon, as peers are told of them.

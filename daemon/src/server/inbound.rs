@@ -11,7 +11,6 @@
 use std::sync::Arc;
 
 use ferry_shm::proto::ErrorCode;
-use ferry_shm::Region;
 
 use super::Server;
 use crate::error::Refusal;
@@ -91,21 +90,12 @@ impl Server {
             ));
         }
         let pool = self.registered_pool(idx)?;
-        let fabric = self
-            .cluster
-            .as_ref()
-            .map(|c| c.fabric.clone())
-            .ok_or_else(|| Refusal::new(ErrorCode::Internal, "no fabric"))?;
-        let headers = Region::create(
+        let headers = self.registered_region(
             &format!("ferry-inbox-{node}-{producer}"),
             (spec.slot_count as u64 + 1) * HEADER_BYTES,
-        )
-        .map_err(|e| Refusal::limit(format!("an inbox: {e}")))?;
-        let headers = Arc::new(
-            fabric
-                .register(Arc::new(headers), true)
-                .map_err(|e| Refusal::new(ErrorCode::Internal, e))?,
-        );
+            true,
+            "an inbox",
+        )?;
         let inbox = self
             .free_landing_id()
             .ok_or_else(|| Refusal::limit("65536 landing areas and inboxes in use"))?;

@@ -138,20 +138,13 @@ impl Server {
             .min(self.cfg.daemon.ring_capacity);
         let layout = PoolLayout::new(have.slot_size, slots)
             .ok_or_else(|| Refusal::invalid("the outbox's size overflows"))?;
-        let fabric = self
-            .cluster
-            .as_ref()
-            .map(|c| c.fabric.clone())
-            .ok_or_else(|| Refusal::new(ErrorCode::Internal, "no fabric"))?;
         let reg = |what: &str, len: u64| {
-            let r = Region::create(&format!("ferry-outbox-{what}-{id}"), len)
-                .map_err(|e| Refusal::limit(format!("creating an outbox: {e}")))?;
-            fabric
-                .register(Arc::new(r), false)
-                .map(Arc::new)
-                .map_err(|e| {
-                    Refusal::new(ErrorCode::Internal, format!("registering an outbox: {e}"))
-                })
+            self.registered_region(
+                &format!("ferry-outbox-{what}-{id}"),
+                len,
+                false,
+                "an outbox",
+            )
         };
         let pool = reg("pool", layout.total)?;
         let staging = reg("headers", (slots as u64 + 1) * HEADER_BYTES)?;

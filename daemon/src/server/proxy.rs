@@ -283,29 +283,16 @@ impl Server {
                 spec.slot_size
             )));
         }
-        let fabric = self
-            .cluster
-            .as_ref()
-            .map(|c| c.fabric.clone())
-            .ok_or_else(|| Refusal::new(ErrorCode::Internal, "no fabric"))?;
-        let region = |what: &str, len: u64| {
-            Region::create(&format!("ferry-landing-{what}-{id}"), len)
-                .map_err(|e| Refusal::limit(format!("creating a landing area: {e}")))
+        let reg = |what: &str, len: u64| {
+            self.registered_region(
+                &format!("ferry-landing-{what}-{id}"),
+                len,
+                true,
+                "a landing area",
+            )
         };
-        let pool = region("pool", layout.total)?;
-        let headers = region("headers", prefetch as u64 * HEADER_BYTES)?;
-        let reg = |r: Region| {
-            fabric
-                .register(Arc::new(r), true)
-                .map(Arc::new)
-                .map_err(|e| {
-                    Refusal::new(
-                        ErrorCode::Internal,
-                        format!("registering a landing area: {e}"),
-                    )
-                })
-        };
-        let (pool, headers) = (reg(pool)?, reg(headers)?);
+        let pool = reg("pool", layout.total)?;
+        let headers = reg("headers", prefetch as u64 * HEADER_BYTES)?;
         let landing_id = self
             .free_landing_id()
             .ok_or_else(|| Refusal::limit("65536 landing areas in use"))?;

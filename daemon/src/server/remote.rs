@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use ferry_shm::layout::PoolLayout;
 use ferry_shm::proto::ErrorCode;
-use ferry_shm::Region;
 
 use super::sessions::Member;
 use super::Server;
@@ -90,21 +89,12 @@ impl Server {
             )));
         }
         let pool = self.registered_pool(idx)?;
-        let fabric = self
-            .cluster
-            .as_ref()
-            .map(|c| c.fabric.clone())
-            .ok_or_else(|| Refusal::new(ErrorCode::Internal, "no fabric"))?;
-        let staging = Region::create(
+        let staging = self.registered_region(
             &format!("ferry-staging-{node}-{}", j.member),
             l.slots as u64 * HEADER_BYTES,
-        )
-        .map_err(|e| Refusal::limit(format!("a header staging area: {e}")))?;
-        let staging = Arc::new(
-            fabric
-                .register(Arc::new(staging), false)
-                .map_err(|e| Refusal::new(ErrorCode::Internal, e))?,
-        );
+            false,
+            "a header staging area",
+        )?;
         let id = self.next_session;
         self.next_session += 1;
         let entry = &mut self.streams[idx];
@@ -175,19 +165,8 @@ impl Server {
         if let Some(r) = &self.streams[idx].registered {
             return Ok(r.clone());
         }
-        let fabric = self
-            .cluster
-            .as_ref()
-            .map(|c| c.fabric.clone())
-            .ok_or_else(|| Refusal::new(ErrorCode::Internal, "no fabric"))?;
-        let r = Arc::new(
-            fabric
-                // Producers on other hosts write into it.
-                .register(self.streams[idx].pool.clone(), true)
-                .map_err(|e| {
-                    Refusal::new(ErrorCode::Internal, format!("registering the pool: {e}"))
-                })?,
-        );
+        // Producers on other hosts write into it.
+        let r = self.register(self.streams[idx].pool.clone(), true, "the pool")?;
         self.streams[idx].registered = Some(r.clone());
         Ok(r)
     }
