@@ -8,30 +8,20 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_shm::sys::monotonic_ns;
 
+use crate::stream::{free_port, spawn_server, Server};
 use crate::{percentile, touch, Res};
 
 /// Entries kept in the stream at most (as Ferry's pool bounds a stream);
 /// a publish into a full stream is refused and retried.
 const MAX_MSGS: u32 = 64;
 
-pub(crate) struct Nats {
-    child: Child,
-    pub(crate) port: u16,
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub(crate) fn start(dir: &Path, port: u16) -> Res<Nats> {
+pub(crate) fn start(dir: &Path) -> Res<Server> {
+    let port = free_port()?;
     std::fs::create_dir_all(dir)?;
     let cfg = dir.join("nats.conf");
     std::fs::write(
@@ -41,24 +31,9 @@ pub(crate) fn start(dir: &Path, port: u16) -> Res<Nats> {
             dir.join("js").display()
         ),
     )?;
-    let child = Command::new("nats-server")
-        .arg("-c")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            format!("starting nats-server (Debian package nats-server; scripts/setup.sh installs it): {e}")
-        })?;
-    let n = Nats { child, port };
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if start.elapsed() > Duration::from_secs(10) {
-            return Err("nats-server did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(n)
+    let mut cmd = Command::new("nats-server");
+    cmd.arg("-c").arg(&cfg);
+    spawn_server(cmd, "nats-server", port)
 }
 
 /// A message delivered to a subscription.

@@ -34,7 +34,7 @@ impl Drop for Host {
     }
 }
 
-fn free_port() -> Res<u16> {
+pub(crate) fn free_port() -> Res<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -179,46 +179,59 @@ fn tcp_copy(size: usize, millis: u64) -> Res<f64> {
     Ok(n as f64 * size as f64 / secs)
 }
 
-/// A redis-server of our own.
-struct Redis {
+/// A server program of our own (redis-server, nats-server), killed on
+/// drop.
+pub(crate) struct Server {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
-impl Drop for Redis {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn start_redis() -> Res<Redis> {
-    let port = free_port()?;
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ])
+/// Starts `cmd` (Debian package `program`) and waits until it accepts
+/// connections on `port`.
+pub(crate) fn spawn_server(mut cmd: Command, program: &str, port: u16) -> Res<Server> {
+    let child = cmd
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("starting redis-server (Debian package redis-server; scripts/setup.sh installs it): {e}"))?;
-    let r = Redis { child, port };
+        .map_err(|e| {
+            format!(
+                "starting {program} (Debian package {program}; scripts/setup.sh installs it): {e}"
+            )
+        })?;
+    let server = Server { child, port };
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if start.elapsed() > Duration::from_secs(10) {
-            return Err("redis-server did not start".into());
+            return Err(format!("{program} did not start").into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(r)
+    Ok(server)
+}
+
+fn start_redis() -> Res<Server> {
+    let port = free_port()?;
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]);
+    spawn_server(cmd, "redis-server", port)
 }
 
 /// A minimal RESP client: commands as arrays of bulk strings.
@@ -433,7 +446,7 @@ pub(crate) fn bench_stream(quick: bool, smoke: bool, ferryd: Option<PathBuf>) ->
     let dir = std::env::temp_dir().join(format!("ferry-bench-stream-{}", std::process::id()));
     let (a, b) = two_hosts(&ferryd, &dir)?;
     let redis = start_redis()?;
-    let nats = crate::nats::start(&dir.join("nats"), free_port()?)?;
+    let nats = crate::nats::start(&dir.join("nats"))?;
     let gib = (1u64 << 30) as f64;
     let sizes: &[(u64, &str)] = if smoke {
         &[(64 << 10, "64k"), (1 << 20, "1m")]
