@@ -255,6 +255,101 @@ impl Region {
         true
     }
 
+    /// Writes `head`, then each `(offset, len)` range of the region, to
+    /// `fd` at file offset `file_off` in one `pwritev` (the kernel copies the
+    /// region's bytes straight into the file: no copy in user space).
+    /// Returns the bytes written, which may be short (the caller goes on
+    /// from there, as with `write`). `InvalidInput` when a range does not
+    /// lie inside the region; at most 7 ranges.
+    pub fn pwritev_to(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        head: &[u8],
+        ranges: &[(u64, u64)],
+    ) -> io::Result<usize> {
+        if ranges.len() > 7 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many ranges",
+            ));
+        }
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 8];
+        iov[0] = libc::iovec {
+            iov_base: head.as_ptr().cast_mut().cast(),
+            iov_len: head.len(),
+        };
+        for (i, &(off, len)) in ranges.iter().enumerate() {
+            let p = self.range_ptr(off, len).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "range outside the region")
+            })?;
+            iov[i + 1] = libc::iovec {
+                iov_base: p.cast(),
+                iov_len: len as usize,
+            };
+        }
+        // SAFETY: every iovec points into a live borrow (`head`) or into
+        // our mapping, in range (checked by range_ptr); the kernel only
+        // reads them, and no Rust reference to the shared memory is formed.
+        let n = unsafe {
+            libc::pwritev(
+                fd.as_raw_fd(),
+                iov.as_ptr(),
+                ranges.len() as libc::c_int + 1,
+                file_off as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Reads `len` bytes of `fd` from file offset `file_off` into the
+    /// region at `offset` (`pread`, looping over short reads). An early
+    /// end of file is `UnexpectedEof`; a range outside the region is
+    /// `InvalidInput`.
+    pub fn pread_from(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let dst = self.range_ptr(offset, len).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "range outside the region")
+        })?;
+        let mut done = 0u64;
+        while done < len {
+            // SAFETY: `dst + done .. dst + len` lies inside our writable
+            // mapping (range_ptr checked the whole range); the kernel
+            // writes there and no Rust reference to it is formed.
+            let n = unsafe {
+                libc::pread(
+                    fd.as_raw_fd(),
+                    dst.wrapping_add(done as usize).cast(),
+                    (len - done) as usize,
+                    (file_off + done) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     /// Pointer to `[offset, offset + len)` when that range lies inside the
     /// region; `None` otherwise. Never panics on hostile input.
     pub fn range_ptr(&self, offset: u64, len: u64) -> Option<*mut u8> {
