@@ -9,6 +9,7 @@ pub mod gpu;
 pub mod idhash;
 pub mod inbox;
 pub mod landing;
+pub mod log;
 pub mod peers;
 pub mod placement;
 pub mod ratelimit;

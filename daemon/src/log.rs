@@ -1,0 +1,871 @@
+//! The disk tier of durable streams: one append-only log per partition,
+//! made of segment files, and the small files beside it (the stream's
+//! spec, its groups' committed offsets).
+//!
+//! A partition's directory holds `<base offset, 20 digits>.log` segments
+//! and, for each, a `.idx` sparse index. A record is a 40-byte header,
+//! the metadata, then the payload:
+//!
+//! ```text
+//! magic u32 | flags u16 | meta_len u16 | offset u64 | time_ms u64 | len u64 | xxh3 u64
+//! ```
+//!
+//! all little-endian. The checksum (xxh3-64) covers the first 32 header
+//! bytes, the metadata and the payload. The payload goes from the pool to
+//! the file in one `writev` (the kernel's copy into the page cache is the
+//! only one); the checksum is then computed over the bytes read back from
+//! the file, so a record on disk always matches its checksum even if a
+//! misbehaving producer changed its slot meanwhile, and the 8 checksum
+//! bytes are written last: a record cut short by a crash fails its check.
+//!
+//! The index has one 16-byte entry (offset, file position) at the first
+//! record of the segment and then every `index_every` bytes; closed
+//! segments have theirs synced at roll. Recovery trusts closed segments
+//! with a sound index and scans the last (active) segment record by record,
+//! truncating at the first record that is cut short or fails its checksum
+//! (a torn tail: only records never acknowledged can be there, since an
+//! acknowledgement waits for its record's write, and with `fsync = "every"`
+//! or `"interval"` for its sync).
+//!
+//! The offsets file and the spec file are written whole to a temporary
+//! file, synced, and renamed over the old one, so a crash leaves either the
+//! old or the new version, never a mix.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_shm::Region;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
+
+pub const HEADER: usize = 40;
+const MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
+/// Record flag: a typed record (as `stream::ENTRY_RECORD`).
+pub const REC_RECORD: u16 = 1;
+/// Record flag: an end-of-epoch marker, no payload (as `stream::ENTRY_END`).
+pub const REC_END: u16 = 2;
+const META_MAX: usize = ferry_shm::layout::META_MAX as usize;
+const IDX_ENTRY: usize = 16;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LogOptions {
+    /// A segment is closed and a new one started once it holds this many
+    /// bytes...
+    pub segment_bytes: u64,
+    /// ...or once its first record is this old.
+    pub segment_ms: u64,
+    /// Bytes between two sparse index entries.
+    pub index_every: u64,
+    /// The largest payload a record may have (the stream's slot size):
+    /// recovery treats a header claiming more as garbage.
+    pub max_payload: u64,
+}
+
+/// One record's header, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub flags: u16,
+    pub meta_len: u16,
+    pub offset: u64,
+    pub time_ms: u64,
+    pub len: u64,
+    pub hash: u64,
+}
+
+impl RecordHeader {
+    fn encode(&self) -> [u8; HEADER] {
+        let mut b = [0u8; HEADER];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_le_bytes());
+        b[6..8].copy_from_slice(&self.meta_len.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..24].copy_from_slice(&self.time_ms.to_le_bytes());
+        b[24..32].copy_from_slice(&self.len.to_le_bytes());
+        b[32..40].copy_from_slice(&self.hash.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; HEADER]) -> Option<RecordHeader> {
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != MAGIC {
+            return None;
+        }
+        let h = RecordHeader {
+            flags: u16_at(4),
+            meta_len: u16_at(6),
+            offset: u64_at(8),
+            time_ms: u64_at(16),
+            len: u64_at(24),
+            hash: u64_at(32),
+        };
+        (h.meta_len as usize <= META_MAX).then_some(h)
+    }
+
+    /// Bytes the whole record takes in the file.
+    pub fn size(&self) -> u64 {
+        HEADER as u64 + self.meta_len as u64 + self.len
+    }
+}
+
+/// Where a record's payload comes from.
+pub enum Payload<'a> {
+    /// `len` bytes of a memory region (a slot of the stream's pool).
+    Region(&'a Region, u64, u64),
+    Bytes(&'a [u8]),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Region(_, _, len) => *len,
+            Payload::Bytes(b) => b.len() as u64,
+        }
+    }
+}
+
+/// What recovery found wrong at the end of a partition's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncation {
+    pub segment: PathBuf,
+    /// Where the dropped bytes started in the segment, and how many.
+    pub position: u64,
+    pub bytes: u64,
+    /// The offset the first dropped record would have had.
+    pub offset: u64,
+    pub reason: String,
+}
+
+#[derive(Debug)]
+struct Segment {
+    base: u64,
+    /// The offset after its last record.
+    next: u64,
+    bytes: u64,
+    /// When it was last written (file mtime for closed segments).
+    modified: SystemTime,
+    /// (offset, position), ascending.
+    index: Vec<(u64, u64)>,
+    file: File,
+}
+
+/// What a scan of a segment found: the offset after its last sound
+/// record, where that record ends, the sparse index, and why the scan
+/// stopped before the end of the file (None: it did not).
+type Scan = (u64, u64, Vec<(u64, u64)>, Option<String>);
+
+/// A partition's log.
+#[derive(Debug)]
+pub struct PartitionLog {
+    dir: PathBuf,
+    opts: LogOptions,
+    /// By base offset; the last is the active one, written to.
+    segments: BTreeMap<u64, Segment>,
+    active_idx: File,
+    /// When the active segment got its first record.
+    active_since: Option<std::time::Instant>,
+    /// Bytes of the active segment since its last index entry.
+    since_index: u64,
+    /// Where the record after the last one read starts: (offset, base,
+    /// position), so that a sequential replay does not search the index.
+    cursor: Option<(u64, u64, u64)>,
+    scratch: Vec<u8>,
+}
+
+fn seg_name(base: u64, ext: &str) -> String {
+    format!("{base:020}.{ext}")
+}
+
+fn invalid(m: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, m)
+}
+
+/// Syncs a directory (a new or renamed file in it is then durable).
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Hashes a record: its header's first 32 bytes, metadata, payload (read
+/// back from `file` at `pos`, through `scratch`).
+fn hash_from_file(
+    file: &File,
+    head: &[u8; HEADER],
+    meta: &[u8],
+    pos: u64,
+    len: u64,
+    scratch: &mut Vec<u8>,
+) -> io::Result<u64> {
+    let mut h = Xxh3::new();
+    h.update(&head[..32]);
+    h.update(meta);
+    scratch.resize(256 << 10, 0);
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(scratch.len() as u64) as usize;
+        file.read_exact_at(&mut scratch[..n], pos + done)?;
+        h.update(&scratch[..n]);
+        done += n as u64;
+    }
+    Ok(h.digest())
+}
+
+/// Reads and checks the record at `pos` of `file` (`size`: the file's
+/// length). `Ok(None)`: there is no sound record there (cut short, bad
+/// header, wrong offset, wrong checksum), with the reason.
+fn check_record(
+    file: &File,
+    pos: u64,
+    size: u64,
+    expect: u64,
+    max_payload: u64,
+    scratch: &mut Vec<u8>,
+) -> io::Result<Result<RecordHeader, String>> {
+    if size - pos < HEADER as u64 {
+        return Ok(Err(format!(
+            "{} bytes, less than a record header",
+            size - pos
+        )));
+    }
+    let mut hb = [0u8; HEADER];
+    file.read_exact_at(&mut hb, pos)?;
+    let Some(h) = RecordHeader::decode(&hb) else {
+        return Ok(Err("not a record header".into()));
+    };
+    if h.offset != expect {
+        return Ok(Err(format!(
+            "header says offset {}, expected {expect}",
+            h.offset
+        )));
+    }
+    if h.len > max_payload {
+        return Ok(Err(format!(
+            "header says {} payload bytes, over the slot size {max_payload}",
+            h.len
+        )));
+    }
+    if h.size() > size - pos {
+        return Ok(Err(format!(
+            "cut short: {} of its {} bytes are in the file",
+            size - pos,
+            h.size()
+        )));
+    }
+    let mut meta = [0u8; META_MAX];
+    let ml = h.meta_len as usize;
+    file.read_exact_at(&mut meta[..ml], pos + HEADER as u64)?;
+    let got = hash_from_file(
+        file,
+        &hb,
+        &meta[..ml],
+        pos + HEADER as u64 + ml as u64,
+        h.len,
+        scratch,
+    )?;
+    if got != h.hash {
+        return Ok(Err("checksum mismatch".into()));
+    }
+    Ok(Ok(h))
+}
+
+fn load_index(path: &Path, base: u64, file_len: u64) -> Option<Vec<(u64, u64)>> {
+    let b = fs::read(path).ok()?;
+    if b.len() % IDX_ENTRY != 0 || b.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(b.len() / IDX_ENTRY);
+    for c in b.chunks_exact(IDX_ENTRY) {
+        let o = u64::from_le_bytes(c[..8].try_into().ok()?);
+        let p = u64::from_le_bytes(c[8..].try_into().ok()?);
+        let sorted = out.last().is_none_or(|&(lo, lp)| o > lo && p > lp);
+        if o < base || p >= file_len || !sorted {
+            return None;
+        }
+        out.push((o, p));
+    }
+    (out[0] == (base, 0)).then_some(out)
+}
+
+impl PartitionLog {
+    /// Opens (creating when empty) the log in `dir`, recovering its last
+    /// segment. Returns the log and what recovery dropped.
+    pub fn open(dir: &Path, opts: LogOptions) -> io::Result<(PartitionLog, Vec<Truncation>)> {
+        fs::create_dir_all(dir)?;
+        let mut bases: Vec<u64> = fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let n = e.file_name().into_string().ok()?;
+                let stem = n.strip_suffix(".log")?;
+                (stem.len() == 20)
+                    .then(|| stem.parse::<u64>().ok())
+                    .flatten()
+            })
+            .collect();
+        bases.sort_unstable();
+        let mut log = PartitionLog {
+            dir: dir.to_path_buf(),
+            opts,
+            segments: BTreeMap::new(),
+            active_idx: File::open("/dev/null")?,
+            active_since: None,
+            since_index: 0,
+            cursor: None,
+            scratch: Vec::new(),
+        };
+        let mut dropped = Vec::new();
+        if bases.is_empty() {
+            log.create_segment(0)?;
+            return Ok((log, dropped));
+        }
+        for (i, &base) in bases.iter().enumerate() {
+            let last = i + 1 == bases.len();
+            let path = dir.join(seg_name(base, "log"));
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let meta = file.metadata()?;
+            let len = meta.len();
+            let next_base = bases.get(i + 1).copied();
+            let index = if last {
+                None
+            } else {
+                load_index(&dir.join(seg_name(base, "idx")), base, len.max(1))
+            };
+            let mut seg = Segment {
+                base,
+                next: next_base.unwrap_or(base),
+                bytes: len,
+                modified: meta.modified().unwrap_or(SystemTime::now()),
+                index: index.clone().unwrap_or_default(),
+                file,
+            };
+            if index.is_none() {
+                // Scan: the active segment always, a closed one whose
+                // index is missing or unsound.
+                let (next, good, idx, cut) = log.scan(&seg, len)?;
+                seg.index = idx;
+                if let Some(reason) = cut {
+                    if good < len {
+                        tracing::warn!(
+                            segment = %path.display(),
+                            position = good,
+                            bytes = len - good,
+                            offset = next,
+                            reason = %reason,
+                            "log recovery: dropping a torn or corrupt tail (never acknowledged)"
+                        );
+                        seg.file.set_len(good)?;
+                        seg.file.sync_all()?;
+                        dropped.push(Truncation {
+                            segment: path.clone(),
+                            position: good,
+                            bytes: len - good,
+                            offset: next,
+                            reason,
+                        });
+                    }
+                }
+                seg.bytes = good;
+                if !last && next_base != Some(next) {
+                    // A closed segment that ends short of the next one's
+                    // base: the later segments cannot be trusted.
+                    return Err(invalid(format!(
+                        "{}: ends at offset {next} but the next segment starts at {}; move the later segments away to recover up to here",
+                        path.display(),
+                        next_base.unwrap_or(0)
+                    )));
+                }
+                seg.next = next;
+                if !last {
+                    log.write_index(&dir.join(seg_name(base, "idx")), &seg.index)?;
+                }
+            }
+            log.segments.insert(base, seg);
+        }
+        let active = log
+            .segments
+            .values()
+            .next_back()
+            .expect("one segment at least");
+        let (base, bytes) = (active.base, active.bytes);
+        let idx_path = dir.join(seg_name(base, "idx"));
+        let idx = active.index.clone();
+        log.write_index(&idx_path, &idx)?;
+        log.active_idx = OpenOptions::new().append(true).open(&idx_path)?;
+        log.since_index = idx.last().map_or(0, |&(_, p)| bytes - p);
+        if bytes > 0 {
+            log.active_since = Some(std::time::Instant::now());
+        }
+        Ok((log, dropped))
+    }
+
+    /// Scans segment `seg` (`len` bytes): the offset after its last sound
+    /// record, where that record ends, its sparse index, and why the scan
+    /// stopped early (None: at the end of the file).
+    fn scan(
+        &mut self,
+        seg: &Segment,
+        len: u64,
+    ) -> io::Result<Scan> {
+        let (mut pos, mut next) = (0u64, seg.base);
+        let mut index = Vec::new();
+        let mut since = u64::MAX;
+        while pos < len {
+            match check_record(
+                &seg.file,
+                pos,
+                len,
+                next,
+                self.opts.max_payload,
+                &mut self.scratch,
+            )? {
+                Ok(h) => {
+                    if since >= self.opts.index_every {
+                        index.push((next, pos));
+                        since = 0;
+                    }
+                    since += h.size();
+                    pos += h.size();
+                    next += 1;
+                }
+                Err(reason) => return Ok((next, pos, index, Some(reason))),
+            }
+        }
+        Ok((next, pos, index, None))
+    }
+
+    fn write_index(&self, path: &Path, index: &[(u64, u64)]) -> io::Result<()> {
+        let mut b = Vec::with_capacity(index.len() * IDX_ENTRY);
+        for (o, p) in index {
+            b.extend_from_slice(&o.to_le_bytes());
+            b.extend_from_slice(&p.to_le_bytes());
+        }
+        let mut f = File::create(path)?;
+        f.write_all(&b)?;
+        f.sync_all()
+    }
+
+    fn create_segment(&mut self, base: u64) -> io::Result<()> {
+        let path = self.dir.join(seg_name(base, "log"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        let idx_path = self.dir.join(seg_name(base, "idx"));
+        self.active_idx = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&idx_path)?;
+        sync_dir(&self.dir)?;
+        self.segments.insert(
+            base,
+            Segment {
+                base,
+                next: base,
+                bytes: 0,
+                modified: SystemTime::now(),
+                index: Vec::new(),
+                file,
+            },
+        );
+        self.active_since = None;
+        self.since_index = u64::MAX;
+        Ok(())
+    }
+
+    fn active(&self) -> &Segment {
+        self.segments
+            .values()
+            .next_back()
+            .expect("one segment at least")
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        self.segments
+            .values_mut()
+            .next_back()
+            .expect("one segment at least")
+    }
+
+    /// The offset the next record gets.
+    pub fn next_offset(&self) -> u64 {
+        self.active().next
+    }
+
+    /// The lowest offset still in the log.
+    pub fn start_offset(&self) -> u64 {
+        self.segments
+            .values()
+            .next()
+            .expect("one segment at least")
+            .base
+    }
+
+    /// Bytes of all its segments.
+    pub fn bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.bytes).sum()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether the last record in the log is an end marker (read from
+    /// disk; for recovery).
+    pub fn ends_with_marker(&mut self) -> io::Result<bool> {
+        let next = self.next_offset();
+        if next == self.start_offset() {
+            return Ok(false);
+        }
+        Ok(self.header(next - 1)?.1.flags & REC_END != 0)
+    }
+
+    /// A handle on the active segment for syncing it from another thread.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.active().file.try_clone()
+    }
+
+    /// Closes the active segment when it is full or old enough, synced
+    /// with its index, and starts the next.
+    fn maybe_roll(&mut self) -> io::Result<()> {
+        let a = self.active();
+        let old = self
+            .active_since
+            .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.opts.segment_ms));
+        if a.bytes == 0 || (a.bytes < self.opts.segment_bytes && !old) {
+            return Ok(());
+        }
+        let (base, next) = (a.base, a.next);
+        a.file.sync_data()?;
+        self.active_idx.sync_data()?;
+        self.active_mut().modified = SystemTime::now();
+        self.create_segment(next)?;
+        tracing::debug!(dir = %self.dir.display(), closed = base, next, "log segment rolled");
+        Ok(())
+    }
+
+    /// Appends the record for `offset` (which must be `next_offset()`).
+    /// On an error nothing of it stays in the file (it is truncated back),
+    /// so the call can be repeated later (a full disk).
+    pub fn append(
+        &mut self,
+        offset: u64,
+        flags: u16,
+        time_ms: u64,
+        meta: &[u8],
+        payload: Payload<'_>,
+    ) -> io::Result<u64> {
+        if offset != self.next_offset() {
+            return Err(io::Error::other(format!(
+                "append of offset {offset}, the log is at {}",
+                self.next_offset()
+            )));
+        }
+        if meta.len() > META_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "metadata too long",
+            ));
+        }
+        self.maybe_roll()?;
+        let len = payload.len();
+        let h = RecordHeader {
+            flags,
+            meta_len: meta.len() as u16,
+            offset,
+            time_ms,
+            len,
+            hash: 0,
+        };
+        let mut head = [0u8; HEADER + META_MAX];
+        let hb = h.encode();
+        head[..HEADER].copy_from_slice(&hb);
+        head[HEADER..HEADER + meta.len()].copy_from_slice(meta);
+        let head = &head[..HEADER + meta.len()];
+        let pos = self.active().bytes;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = self.write_record(pos, head, &payload).and_then(|()| {
+            let seg = self.active();
+            let hash = hash_from_file(
+                &seg.file,
+                &hb,
+                meta,
+                pos + head.len() as u64,
+                len,
+                &mut scratch,
+            )?;
+            seg.file.write_all_at(&hash.to_le_bytes(), pos + 32)
+        });
+        self.scratch = scratch;
+        if let Err(e) = r {
+            // Leave no part of it: the next try starts at the same place.
+            let _ = self.active().file.set_len(pos);
+            return Err(e);
+        }
+        let size = h.size();
+        if self.since_index >= self.opts.index_every {
+            let mut e = [0u8; IDX_ENTRY];
+            e[..8].copy_from_slice(&offset.to_le_bytes());
+            e[8..].copy_from_slice(&pos.to_le_bytes());
+            // The index is a hint (recovery rebuilds the active one): a
+            // failed write of it only costs a longer search.
+            if self.active_idx.write_all(&e).is_ok() {
+                self.active_mut().index.push((offset, pos));
+                self.since_index = 0;
+            }
+        }
+        self.since_index = self.since_index.saturating_add(size);
+        if self.active_since.is_none() {
+            self.active_since = Some(std::time::Instant::now());
+        }
+        let seg = self.active_mut();
+        seg.bytes += size;
+        seg.next += 1;
+        seg.modified = SystemTime::now();
+        Ok(size)
+    }
+
+    fn write_record(&self, pos: u64, head: &[u8], payload: &Payload<'_>) -> io::Result<()> {
+        let file = &self.active().file;
+        let total = head.len() as u64 + payload.len();
+        let mut done = 0u64;
+        while done < total {
+            let n = if done < head.len() as u64 {
+                let rest = &head[done as usize..];
+                match payload {
+                    Payload::Region(r, off, len) => {
+                        r.pwritev_to(file.as_fd(), pos + done, rest, &[(*off, *len)])
+                    }
+                    Payload::Bytes(b) => {
+                        let mut v = rest.to_vec();
+                        v.extend_from_slice(b);
+                        file.write_at(&v, pos + done)
+                    }
+                }
+            } else {
+                let p = done - head.len() as u64;
+                match payload {
+                    Payload::Region(r, off, len) => {
+                        r.pwritev_to(file.as_fd(), pos + done, &[], &[(off + p, len - p)])
+                    }
+                    Payload::Bytes(b) => file.write_at(&b[p as usize..], pos + done),
+                }
+            };
+            match n {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The segment and file position of `offset`'s record, and its header.
+    fn header(&mut self, offset: u64) -> io::Result<(u64, RecordHeader, u64)> {
+        let (&base, seg) = self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .filter(|(_, s)| offset < s.next)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "offset {offset} is not in the log (it holds {}..{})",
+                        self.start_offset(),
+                        self.next_offset()
+                    ),
+                )
+            })?;
+        let (mut o, mut pos) = match self.cursor {
+            Some((co, cb, cp)) if cb == base && co <= offset => (co, cp),
+            _ => {
+                let i = seg.index.partition_point(|&(io, _)| io <= offset);
+                if i == 0 {
+                    (base, 0)
+                } else {
+                    seg.index[i - 1]
+                }
+            }
+        };
+        loop {
+            let mut hb = [0u8; HEADER];
+            seg.file.read_exact_at(&mut hb, pos)?;
+            let h = RecordHeader::decode(&hb)
+                .filter(|h| h.offset == o)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "no sound record header for offset {o} in segment {base}"
+                    ))
+                })?;
+            if o == offset {
+                return Ok((base, h, pos));
+            }
+            pos += h.size();
+            o += 1;
+        }
+    }
+
+    /// Reads `offset`'s record: its payload into `len` bytes of `region`
+    /// at `at`, checked against its checksum. Returns its header and its
+    /// metadata. A record that fails its check is an error (never served).
+    pub fn read_into(
+        &mut self,
+        offset: u64,
+        region: &Region,
+        at: u64,
+        room: u64,
+    ) -> io::Result<(RecordHeader, Vec<u8>)> {
+        let (base, h, pos) = self.header(offset)?;
+        if h.len > room {
+            return Err(invalid(format!(
+                "record {offset} has {} bytes, more than a slot",
+                h.len
+            )));
+        }
+        let seg = &self.segments[&base];
+        let mut meta = vec![0u8; h.meta_len as usize];
+        seg.file.read_exact_at(&mut meta, pos + HEADER as u64)?;
+        let data = pos + HEADER as u64 + h.meta_len as u64;
+        region.pread_from(seg.file.as_fd(), data, at, h.len)?;
+        // Check what landed in the slot, not a second read of the file.
+        let mut x = Xxh3::new();
+        x.update(&h.encode()[..32]);
+        x.update(&meta);
+        self.scratch.resize(256 << 10, 0);
+        let mut done = 0u64;
+        while done < h.len {
+            let n = (h.len - done).min(self.scratch.len() as u64) as usize;
+            if !region.read_shared(at + done, &mut self.scratch[..n]) {
+                return Err(invalid("slot out of the pool".into()));
+            }
+            x.update(&self.scratch[..n]);
+            done += n as u64;
+        }
+        if x.digest() != h.hash {
+            return Err(invalid(format!(
+                "record {offset} in segment {} fails its checksum (the file is damaged); it is not served",
+                self.dir.join(seg_name(base, "log")).display()
+            )));
+        }
+        self.cursor = Some((offset + 1, base, pos + h.size()));
+        Ok((h, meta))
+    }
+
+    /// Reads `offset`'s record into memory (tests, tools).
+    pub fn read(&mut self, offset: u64) -> io::Result<(RecordHeader, Vec<u8>, Vec<u8>)> {
+        let (base, h, pos) = self.header(offset)?;
+        let seg = &self.segments[&base];
+        let mut buf = vec![0u8; h.meta_len as usize + h.len as usize];
+        seg.file.read_exact_at(&mut buf, pos + HEADER as u64)?;
+        let mut x = Xxh3::new();
+        x.update(&h.encode()[..32]);
+        x.update(&buf);
+        if x.digest() != h.hash {
+            return Err(invalid(format!("record {offset} fails its checksum")));
+        }
+        let payload = buf.split_off(h.meta_len as usize);
+        Ok((h, buf, payload))
+    }
+
+    /// The closed segments, oldest first: (base, next offset, bytes, last
+    /// written).
+    pub fn closed_segments(&self) -> Vec<(u64, u64, u64, SystemTime)> {
+        let n = self.segments.len();
+        self.segments
+            .values()
+            .take(n - 1)
+            .map(|s| (s.base, s.next, s.bytes, s.modified))
+            .collect()
+    }
+
+    /// Deletes the oldest segment (never the active one). Returns the new
+    /// start offset.
+    pub fn delete_oldest(&mut self) -> io::Result<u64> {
+        if self.segments.len() < 2 {
+            return Ok(self.start_offset());
+        }
+        let (base, _) = self.segments.pop_first().expect("two segments");
+        fs::remove_file(self.dir.join(seg_name(base, "log")))?;
+        let _ = fs::remove_file(self.dir.join(seg_name(base, "idx")));
+        if self.cursor.is_some_and(|(_, b, _)| b == base) {
+            self.cursor = None;
+        }
+        Ok(self.start_offset())
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old or the new
+/// contents: a temporary file, synced, renamed over it, the directory
+/// synced. A checksum travels with the bytes.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(&MAGIC.to_le_bytes())?;
+    f.write_all(&xxhash_rust::xxh3::xxh3_64(bytes).to_le_bytes())?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Reads what `write_atomic` wrote; `Ok(None)` when there is no file.
+pub fn read_atomic(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let b = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if b.len() < 12 || b[..4] != MAGIC.to_le_bytes() {
+        return Err(invalid(format!(
+            "{}: not a ferry state file",
+            path.display()
+        )));
+    }
+    let body = &b[12..];
+    if xxhash_rust::xxh3::xxh3_64(body).to_le_bytes() != b[4..12] {
+        return Err(invalid(format!("{}: fails its checksum", path.display())));
+    }
+    Ok(Some(body.to_vec()))
+}
+
+/// A group's committed offsets, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredGroup {
+    pub name: String,
+    pub owner: u32,
+    pub committed: Vec<u64>,
+}
+
+/// What a disk stream's directory says of it (`stream.meta`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredStream {
+    pub name: String,
+    pub spec: ferry_shm::proto::StreamSpec,
+    /// The uid of the producer that created it; None: declared.
+    pub owner: Option<u32>,
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("in-memory encoding")
+}
+
+pub fn decode<T: for<'a> Deserialize<'a>>(path: &Path, b: &[u8]) -> io::Result<T> {
+    postcard::from_bytes(b).map_err(|e| invalid(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests;

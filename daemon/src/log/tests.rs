@@ -1,0 +1,222 @@
+use super::*;
+
+fn opts(segment_bytes: u64) -> LogOptions {
+    LogOptions {
+        segment_bytes,
+        segment_ms: 3_600_000,
+        index_every: 256,
+        max_payload: 1 << 20,
+    }
+}
+
+fn payload(o: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (o as usize * 31 + i) as u8).collect()
+}
+
+fn fill(log: &mut PartitionLog, from: u64, n: u64, len: usize) {
+    for o in from..from + n {
+        let meta = format!("m{o}");
+        log.append(
+            o,
+            0,
+            1000 + o,
+            meta.as_bytes(),
+            Payload::Bytes(&payload(o, len)),
+        )
+        .unwrap();
+    }
+}
+
+fn check_all(log: &mut PartitionLog, from: u64, to: u64, len: usize) {
+    for o in from..to {
+        let (h, meta, p) = log.read(o).unwrap();
+        assert_eq!(h.offset, o);
+        assert_eq!(h.time_ms, 1000 + o);
+        assert_eq!(meta, format!("m{o}").as_bytes());
+        assert_eq!(p, payload(o, len), "payload of {o}");
+    }
+}
+
+fn dir() -> tempdir::Dir {
+    tempdir::Dir::new()
+}
+
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Dir {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).unwrap();
+            let p =
+                std::env::temp_dir().join(format!("ferry-log-test-{:016x}", u64::from_le_bytes(b)));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn last_segment(d: &Path) -> PathBuf {
+    let mut v: Vec<_> = fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v.pop().unwrap()
+}
+
+#[test]
+fn records_read_back_and_survive_reopening() {
+    let d = dir();
+    let (mut log, dropped) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+    assert!(dropped.is_empty());
+    fill(&mut log, 0, 50, 300);
+    log.append(50, REC_END, 1050, b"m50", Payload::Bytes(&[]))
+        .unwrap();
+    check_all(&mut log, 0, 50, 300);
+    assert!(log.ends_with_marker().unwrap());
+    assert!(
+        log.append(7, 0, 0, b"", Payload::Bytes(b"x")).is_err(),
+        "out of order"
+    );
+    drop(log);
+    let (mut log, dropped) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+    assert!(dropped.is_empty(), "{dropped:?}");
+    assert_eq!(log.next_offset(), 51);
+    assert!(log.ends_with_marker().unwrap());
+    // Reads in any order, not only sequential.
+    for o in [49, 3, 17, 0, 48] {
+        assert_eq!(log.read(o).unwrap().2, payload(o, 300));
+    }
+    assert!(log.read(51).is_err());
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_everything_before_it_kept() {
+    for cut in [1u64, 20, 39, 40, 100, 339] {
+        let d = dir();
+        let (mut log, _) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+        fill(&mut log, 0, 10, 300);
+        drop(log);
+        let seg = last_segment(&d.0);
+        let len = fs::metadata(&seg).unwrap().len();
+        // The last record is 40 + 2 + 300 bytes: cut into it.
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - cut)
+            .unwrap();
+        let (mut log, dropped) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+        assert_eq!(dropped.len(), 1, "cut {cut}");
+        assert_eq!(dropped[0].offset, 9);
+        assert_eq!(dropped[0].bytes, 342 - cut);
+        assert_eq!(log.next_offset(), 9);
+        check_all(&mut log, 0, 9, 300);
+        // And the log goes on from there.
+        fill(&mut log, 9, 3, 300);
+        check_all(&mut log, 0, 12, 300);
+    }
+}
+
+#[test]
+fn a_corrupt_tail_record_is_dropped_never_served() {
+    let d = dir();
+    let (mut log, _) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+    fill(&mut log, 0, 10, 300);
+    drop(log);
+    let seg = last_segment(&d.0);
+    let len = fs::metadata(&seg).unwrap().len();
+    let f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0xAA], len - 5).unwrap();
+    // Garbage after the end, as a crash in the middle of a write leaves.
+    f.write_all_at(&[0x55; 77], len).unwrap();
+    let (mut log, dropped) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(dropped[0].offset, 9);
+    assert_eq!(dropped[0].reason, "checksum mismatch");
+    assert_eq!(dropped[0].bytes, 342 + 77);
+    assert_eq!(log.next_offset(), 9);
+    check_all(&mut log, 0, 9, 300);
+}
+
+#[test]
+fn segments_roll_by_size_and_the_oldest_can_go() {
+    let d = dir();
+    let (mut log, _) = PartitionLog::open(&d.0, opts(4096)).unwrap();
+    fill(&mut log, 0, 100, 500);
+    let closed = log.closed_segments();
+    assert!(closed.len() >= 10, "{} segments", closed.len());
+    for w in closed.windows(2) {
+        assert_eq!(w[0].1, w[1].0, "contiguous");
+        assert!(w[0].2 >= 4096);
+    }
+    drop(log);
+    let (mut log, dropped) = PartitionLog::open(&d.0, opts(4096)).unwrap();
+    assert!(dropped.is_empty());
+    assert_eq!(log.next_offset(), 100);
+    check_all(&mut log, 0, 100, 500);
+    let total = log.bytes();
+    let first = log.closed_segments()[0];
+    assert_eq!(log.delete_oldest().unwrap(), first.1);
+    assert_eq!(log.start_offset(), first.1);
+    assert_eq!(log.bytes(), total - first.2);
+    assert!(log.read(0).is_err());
+    check_all(&mut log, first.1, 100, 500);
+    // Reopened, it starts where the oldest segment left starts.
+    drop(log);
+    let (log, _) = PartitionLog::open(&d.0, opts(4096)).unwrap();
+    assert_eq!(log.start_offset(), first.1);
+}
+
+#[test]
+fn a_damaged_closed_segment_is_never_served() {
+    let d = dir();
+    let (mut log, _) = PartitionLog::open(&d.0, opts(4096)).unwrap();
+    fill(&mut log, 0, 30, 500);
+    let seg = d.0.join(seg_name(0, "log"));
+    let f = OpenOptions::new().write(true).open(&seg).unwrap();
+    // Inside the payload of offset 2 (each record is 40 + 2 + 500 bytes).
+    f.write_all_at(&[0xFF, 0xFE], 2 * 542 + 100).unwrap();
+    let e = log.read(2).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    check_all(&mut log, 3, 30, 500);
+}
+
+#[test]
+fn a_missing_index_is_rebuilt_by_a_scan() {
+    let d = dir();
+    let (mut log, _) = PartitionLog::open(&d.0, opts(4096)).unwrap();
+    fill(&mut log, 0, 40, 500);
+    drop(log);
+    fs::remove_file(d.0.join(seg_name(0, "idx"))).unwrap();
+    fs::write(d.0.join(seg_name(8, "idx")), b"garbage").ok();
+    let (mut log, dropped) = PartitionLog::open(&d.0, opts(4096)).unwrap();
+    assert!(dropped.is_empty());
+    check_all(&mut log, 0, 40, 500);
+}
+
+#[test]
+fn state_files_are_whole_or_refused() {
+    let d = dir();
+    let p = d.0.join("offsets");
+    assert_eq!(read_atomic(&p).unwrap(), None);
+    let groups = vec![StoredGroup {
+        name: "g".into(),
+        owner: 7,
+        committed: vec![1, 2, 3],
+    }];
+    write_atomic(&p, &encode(&groups)).unwrap();
+    let back: Vec<StoredGroup> = decode(&p, &read_atomic(&p).unwrap().unwrap()).unwrap();
+    assert_eq!(back, groups);
+    let mut b = fs::read(&p).unwrap();
+    let n = b.len();
+    b[n - 1] ^= 1;
+    fs::write(&p, &b).unwrap();
+    assert!(read_atomic(&p).is_err());
+}
