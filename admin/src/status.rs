@@ -146,6 +146,22 @@ pub struct StreamStatus {
     pub groups_expired: u64,
     pub producers: Vec<ProducerStatus>,
     pub groups: Vec<GroupStatus>,
+    /// A disk stream's log.
+    #[serde(default)]
+    pub disk: Option<DiskStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub dir: String,
+    /// Bytes of its segments, all partitions.
+    pub bytes: u64,
+    /// The lowest offset each partition's log still holds.
+    pub start_offsets: Vec<u64>,
+    /// Publishes written but not yet as durable as the stream promises.
+    pub unsynced: u64,
+    /// Why writes to the log fail now (producers wait meanwhile).
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -49,6 +49,7 @@ pub(crate) fn bench_gpu(quick: bool, smoke: bool, ferryd: Option<PathBuf>) -> Re
         let p = client.producer(
             &stream,
             Some(StreamSpec {
+                durability: Default::default(),
                 partitions: 1,
                 slot_size: size,
                 slot_count: SLOTS,

@@ -419,6 +419,7 @@ fn ferry_run(d: &Daemon, run: &Run<'_>) -> Res<serde_json::Value> {
     let _p = client.producer(
         stream,
         Some(StreamSpec {
+            durability: Default::default(),
             partitions: 1,
             slot_size: batch,
             slot_count: slots,
@@ -581,6 +582,7 @@ fn loopback(socket: &Path, millis: u64) -> Res<()> {
     let mut p = client.producer(
         "loopback",
         Some(StreamSpec {
+            durability: Default::default(),
             partitions: 1,
             slot_size: 64,
             slot_count: 2,

@@ -108,6 +108,7 @@ fn ferry_case(
     let p = client.producer(
         stream,
         Some(StreamSpec {
+            durability: Default::default(),
             partitions: 1,
             slot_size: batch,
             slot_count: if batch > 4 << 20 { 16 } else { 32 },

@@ -232,6 +232,18 @@ fn print_status(st: &Status) {
                 s.slots_held_for_first_group, s.groups_expired
             );
         }
+        if let Some(d) = &s.disk {
+            println!(
+                "  disk log {}: {} bytes, partitions start at {:?}, {} publishes not yet durable{}",
+                d.dir,
+                d.bytes,
+                d.start_offsets,
+                d.unsynced,
+                d.error.as_ref().map_or(String::new(), |e| format!(
+                    "; WRITES FAIL (producers wait): {e}"
+                ))
+            );
+        }
         for p in &s.producers {
             let device = match &p.device {
                 Some(d) => format!(

@@ -183,6 +183,21 @@
 // Longest field name in bytes (without its NUL).
 #define FERRY_FIELD_NAME_MAX 63
 
+// `ferry_stream_config::durability`: memory only.
+#define FERRY_DURABILITY_MEMORY 0
+
+// `ferry_stream_config::durability`: a log on disk under the pool.
+#define FERRY_DURABILITY_DISK 1
+
+// `ferry_stream_config::fsync`: acknowledged once on stable storage.
+#define FERRY_FSYNC_EVERY 0
+
+// `ferry_stream_config::fsync`: one sync per `fsync_interval_ms`.
+#define FERRY_FSYNC_INTERVAL 1
+
+// `ferry_stream_config::fsync`: acknowledged once written; the OS syncs.
+#define FERRY_FSYNC_NEVER 2
+
 // A connection to ferryd.
 typedef struct ferry_client ferry_client;
 
@@ -198,6 +213,21 @@ typedef struct ferry_stream_config {
   uint32_t slot_count;
   // Bytes per slot (largest batch).
   uint64_t slot_size;
+  // FERRY_DURABILITY_MEMORY (0: the pool only) or FERRY_DURABILITY_DISK
+  // (a log on disk under the pool; see `ferry_producer_flush`).
+  uint32_t durability;
+  // Disk streams: FERRY_FSYNC_EVERY (0), FERRY_FSYNC_INTERVAL (with
+  // `fsync_interval_ms`) or FERRY_FSYNC_NEVER.
+  uint32_t fsync;
+  uint32_t fsync_interval_ms;
+  // Disk streams: nonzero: retention may delete what a live group has
+  // not committed.
+  uint32_t retention_strict;
+  // Disk streams: keep whole segments at most this old (0: no limit).
+  uint64_t retention_ms;
+  // Disk streams: keep at most this many bytes per partition (0: no
+  // limit).
+  uint64_t retention_bytes;
 } ferry_stream_config;
 
 // A reserved slot: write up to `capacity` bytes at `data`, then publish.
@@ -472,6 +502,19 @@ void ferry_consumer_free(struct ferry_consumer *consumer);
 // # Safety
 // `producer` is a live handle.
 int32_t ferry_producer_end(struct ferry_producer *producer);
+
+// Waits up to `timeout_ms` (negative: forever) until every batch this
+// producer published is acknowledged by ferryd: for a disk stream, as
+// durable as its fsync policy promises (synced with FERRY_FSYNC_EVERY and
+// FERRY_FSYNC_INTERVAL, written with FERRY_FSYNC_NEVER); for a memory
+// stream, taken by ferryd. Publishing never waits for this: call it where
+// the training job needs the guarantee (before a checkpoint, at the end).
+// FERRY_E_TIMEOUT when they are not all acknowledged in time (the message
+// says how many are, and whether ferryd cannot write the log).
+//
+// # Safety
+// `producer` is a live handle.
+int32_t ferry_producer_flush(struct ferry_producer *producer, int64_t timeout_ms);
 
 // Starts a typed record of `nfields` fields (1-256) in a reserved host
 // slot: writes its table header and fills `*w`.

@@ -317,6 +317,9 @@ impl Client {
             s,
             granted: HashSet::new(),
             spare: Vec::new(),
+            published: 0,
+            acked: 0,
+            stalled: false,
         })
     }
 
@@ -718,6 +721,13 @@ pub struct Producer {
     granted: HashSet<u32>,
     /// Grants popped from the ring but not handed out (kept for reserve).
     spare: Vec<u32>,
+    /// Publishes submitted, and those ferryd acknowledged (as durable as
+    /// the stream promises: at once for a memory stream, after the write
+    /// or the sync of the record for a disk stream).
+    published: u64,
+    acked: u64,
+    /// ferryd said it cannot write the stream's disk log now.
+    stalled: bool,
 }
 
 impl Producer {
@@ -737,29 +747,33 @@ impl Producer {
     /// Takes a free slot, waiting up to `timeout` (None: forever) while all
     /// slots are in use downstream (backpressure).
     pub fn reserve(&mut self, timeout: Option<Duration>) -> Result<SlotBuf> {
-        let slot = match self.spare.pop() {
-            Some(s) => s,
-            None => {
-                let d = self.s.wait(timeout).map_err(|e| match e.status {
-                    Status::Timeout => Error {
-                        status: Status::Timeout,
-                        message: format!(
-                            "no free slot in stream {} within {} ms: every slot holds a batch some consumer group has not released (`ferry status {}` shows which)",
-                            self.s.stream,
-                            timeout.map_or(0, |t| t.as_millis()),
-                            self.s.stream
-                        ),
-                    },
-                    _ => e,
-                })?;
-                if d.op != desc::OP_GRANT || d.slot >= self.s.info.slot_count {
-                    return err(
-                        Status::Protocol,
-                        format!("ferryd sent op {} slot {} to a producer", d.op, d.slot),
-                    );
-                }
-                d.slot
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let slot = loop {
+            if let Some(s) = self.spare.pop() {
+                break s;
             }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let d = self.s.wait(left).map_err(|e| match e.status {
+                Status::Timeout if self.stalled => Error {
+                    status: Status::Timeout,
+                    message: format!(
+                        "no free slot in stream {} within {} ms: ferryd cannot write the stream's disk log (is the disk full? its log says why); publishing resumes once it can",
+                        self.s.stream,
+                        timeout.map_or(0, |t| t.as_millis()),
+                    ),
+                },
+                Status::Timeout => Error {
+                    status: Status::Timeout,
+                    message: format!(
+                        "no free slot in stream {} within {} ms: every slot holds a batch some consumer group has not released (`ferry status {}` shows which)",
+                        self.s.stream,
+                        timeout.map_or(0, |t| t.as_millis()),
+                        self.s.stream
+                    ),
+                },
+                _ => e,
+            })?;
+            self.take_completion(d)?;
         };
         self.granted.insert(slot);
         if let Some(g) = &self.gpu {
@@ -827,6 +841,66 @@ impl Producer {
             message: m,
         })?;
         self.publish_flags(slot, len, meta, key, desc::FLAG_RECORD)
+    }
+
+    /// Handles one descriptor from the completion ring: a grant (kept for
+    /// `reserve`) or an acknowledgement.
+    fn take_completion(&mut self, d: Desc) -> Result<()> {
+        match d.op {
+            desc::OP_GRANT if d.slot < self.s.info.slot_count => {
+                self.spare.push(d.slot);
+                Ok(())
+            }
+            desc::OP_ACK if d.offset <= self.published => {
+                self.acked = self.acked.max(d.offset);
+                self.stalled = d.flags & desc::FLAG_STALLED != 0;
+                Ok(())
+            }
+            _ => err(
+                Status::Protocol,
+                format!(
+                    "ferryd sent op {} slot {} offset {} to a producer",
+                    d.op, d.slot, d.offset
+                ),
+            ),
+        }
+    }
+
+    /// Publishes submitted so far, and how many of them ferryd
+    /// acknowledged (as of the last look at the ring).
+    pub fn acked(&self) -> (u64, u64) {
+        (self.published, self.acked)
+    }
+
+    /// Waits until every publish so far is acknowledged: for a disk
+    /// stream, as durable as its fsync policy promises (on stable storage
+    /// with "every" and "interval", written with "never"); for a memory
+    /// stream, taken by ferryd. Grants that arrive meanwhile are kept.
+    pub fn flush(&mut self, timeout: Option<Duration>) -> Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while self.acked < self.published {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let d = self.s.wait(left).map_err(|e| match e.status {
+                Status::Timeout => Error {
+                    status: Status::Timeout,
+                    message: format!(
+                        "{} of {} publishes to stream {} acknowledged within {} ms{}",
+                        self.acked,
+                        self.published,
+                        self.s.stream,
+                        timeout.map_or(0, |t| t.as_millis()),
+                        if self.stalled {
+                            ": ferryd cannot write the stream's disk log (is the disk full? its log says why)"
+                        } else {
+                            ""
+                        }
+                    ),
+                },
+                _ => e,
+            })?;
+            self.take_completion(d)?;
+        }
+        Ok(())
     }
 
     /// Says this producer is done with the current epoch. Once every
@@ -898,6 +972,7 @@ impl Producer {
         }
         self.s.submit(&d)?;
         self.granted.remove(&slot);
+        self.published += 1;
         Ok(())
     }
 

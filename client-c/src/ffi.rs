@@ -176,6 +176,50 @@ pub struct ferry_stream_config {
     pub slot_count: u32,
     /// Bytes per slot (largest batch).
     pub slot_size: u64,
+    /// FERRY_DURABILITY_MEMORY (0: the pool only) or FERRY_DURABILITY_DISK
+    /// (a log on disk under the pool; see `ferry_producer_flush`).
+    pub durability: u32,
+    /// Disk streams: FERRY_FSYNC_EVERY (0), FERRY_FSYNC_INTERVAL (with
+    /// `fsync_interval_ms`) or FERRY_FSYNC_NEVER.
+    pub fsync: u32,
+    pub fsync_interval_ms: u32,
+    /// Disk streams: nonzero: retention may delete what a live group has
+    /// not committed.
+    pub retention_strict: u32,
+    /// Disk streams: keep whole segments at most this old (0: no limit).
+    pub retention_ms: u64,
+    /// Disk streams: keep at most this many bytes per partition (0: no
+    /// limit).
+    pub retention_bytes: u64,
+}
+
+/// `ferry_stream_config::durability`: memory only.
+pub const FERRY_DURABILITY_MEMORY: u32 = 0;
+/// `ferry_stream_config::durability`: a log on disk under the pool.
+pub const FERRY_DURABILITY_DISK: u32 = 1;
+/// `ferry_stream_config::fsync`: acknowledged once on stable storage.
+pub const FERRY_FSYNC_EVERY: u32 = 0;
+/// `ferry_stream_config::fsync`: one sync per `fsync_interval_ms`.
+pub const FERRY_FSYNC_INTERVAL: u32 = 1;
+/// `ferry_stream_config::fsync`: acknowledged once written; the OS syncs.
+pub const FERRY_FSYNC_NEVER: u32 = 2;
+
+fn durability_of(c: &ferry_stream_config) -> ferry_shm::proto::Durability {
+    use ferry_shm::proto::{Durability, Fsync};
+    if c.durability != FERRY_DURABILITY_DISK {
+        return Durability::MEMORY;
+    }
+    Durability {
+        disk: true,
+        fsync: match c.fsync {
+            FERRY_FSYNC_INTERVAL => Fsync::IntervalMs(c.fsync_interval_ms),
+            FERRY_FSYNC_NEVER => Fsync::Never,
+            _ => Fsync::Every,
+        },
+        retention_ms: c.retention_ms,
+        retention_bytes: c.retention_bytes,
+        strict: c.retention_strict != 0,
+    }
 }
 
 /// Consumer options; pass NULL for defaults.
@@ -512,6 +556,7 @@ pub unsafe extern "C" fn ferry_producer_open_device(
         };
         // SAFETY: create is NULL or valid per the contract.
         let spec = unsafe { create.as_ref() }.map(|c| StreamSpec {
+            durability: durability_of(c),
             partitions: c.partitions,
             slot_size: c.slot_size,
             slot_count: c.slot_count,
@@ -865,6 +910,31 @@ pub unsafe extern "C" fn ferry_producer_end(producer: *mut ferry_producer) -> i3
             return invalid("producer is NULL");
         };
         locked(&p.inner, |p| p.end())
+    })
+}
+
+/// Waits up to `timeout_ms` (negative: forever) until every batch this
+/// producer published is acknowledged by ferryd: for a disk stream, as
+/// durable as its fsync policy promises (synced with FERRY_FSYNC_EVERY and
+/// FERRY_FSYNC_INTERVAL, written with FERRY_FSYNC_NEVER); for a memory
+/// stream, taken by ferryd. Publishing never waits for this: call it where
+/// the training job needs the guarantee (before a checkpoint, at the end).
+/// FERRY_E_TIMEOUT when they are not all acknowledged in time (the message
+/// says how many are, and whether ferryd cannot write the log).
+///
+/// # Safety
+/// `producer` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_producer_flush(
+    producer: *mut ferry_producer,
+    timeout_ms: i64,
+) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let Some(p) = (unsafe { producer.as_ref() }) else {
+            return invalid("producer is NULL");
+        };
+        locked(&p.inner, |p| p.flush(timeout_of(timeout_ms)))
     })
 }
 

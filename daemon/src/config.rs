@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use ferry_shm::layout::PoolLayout;
-use ferry_shm::proto::{valid_name, StreamSpec};
+use ferry_shm::proto::{valid_name, Durability, Fsync, StreamSpec};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = "/etc/ferry/ferryd.toml";
@@ -352,6 +352,36 @@ pub struct DaemonConfig {
     /// of the RDMA NIC; unpinned with the soft fabric), "none", or a CPU
     /// list such as "3" or "2-3,6".
     pub data_plane_cpus: String,
+    /// Where disk streams keep their logs and committed offsets:
+    /// /var/lib/ferry as root, else $XDG_STATE_HOME/ferry
+    /// (~/.local/state/ferry). Created when the first disk stream opens.
+    pub data_dir: Option<PathBuf>,
+    /// A disk stream's segment files are closed at this size (bytes)...
+    pub segment_bytes: u64,
+    /// ...or at this age (ms), and only whole segments are deleted.
+    pub segment_ms: u64,
+    /// How often committed offsets of disk streams are written out (ms;
+    /// at most this much of a group's progress is redone after a crash).
+    pub offsets_flush_ms: u64,
+}
+
+impl DaemonConfig {
+    /// `data_dir`, or its default for the effective uid.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(d) = &self.data_dir {
+            return d.clone();
+        }
+        if ferry_shm::sys::geteuid() == 0 {
+            return PathBuf::from("/var/lib/ferry");
+        }
+        match std::env::var_os("XDG_STATE_HOME") {
+            Some(d) if !d.is_empty() => PathBuf::from(d).join("ferry"),
+            _ => match std::env::var_os("HOME") {
+                Some(h) => PathBuf::from(h).join(".local/state/ferry"),
+                None => std::env::temp_dir().join("ferry-state"),
+            },
+        }
+    }
 }
 
 impl Default for DaemonConfig {
@@ -390,6 +420,10 @@ impl Default for DaemonConfig {
             replay_window: None,
             spin_while_waited_us: DEFAULT_SPIN_WHILE_WAITED_US,
             data_plane_cpus: "auto".into(),
+            data_dir: None,
+            segment_bytes: 128 << 20,
+            segment_ms: 3_600_000,
+            offsets_flush_ms: 100,
         }
     }
 }
@@ -412,6 +446,26 @@ pub struct StreamConfig {
     pub group_idle_timeout_ms: Option<u64>,
     /// This stream's `daemon.replay_window`.
     pub replay_window: Option<u32>,
+    /// "memory" (the default: the pool only, lost with ferryd) or "disk":
+    /// each partition is also a log of segment files in `daemon.data_dir`,
+    /// which survives restarts and serves replays past the pool.
+    pub durability: Option<String>,
+    /// A disk stream's acknowledgements: "every" (the default: after the
+    /// record is on stable storage), "interval" (one fdatasync every
+    /// `fsync_interval_ms`), "never" (after the write; the OS decides).
+    pub fsync: Option<String>,
+    /// With `fsync = "interval"` (default 50).
+    pub fsync_interval_ms: Option<u32>,
+    /// A disk stream keeps whole segments at most this old (absent: no
+    /// limit by age).
+    pub retention_ms: Option<u64>,
+    /// A disk stream keeps at most this many bytes per partition, whole
+    /// segments at a time (absent: no limit by size).
+    pub retention_bytes: Option<u64>,
+    /// "keep" (the default: retention never deletes what a live group has
+    /// not committed) or "strict" (the limits win; the group skips ahead
+    /// and a warning says how far).
+    pub retention: Option<String>,
 }
 
 fn default_version() -> u32 {
@@ -440,6 +494,25 @@ pub fn check_stream_spec(name: &str, spec: &StreamSpec, max_pool_bytes: u64) -> 
     if !valid_name(name) {
         return Err(format!(
             "stream name {name:?} must be 1-128 characters of A-Z a-z 0-9 . _ -"
+        ));
+    }
+    let d = &spec.durability;
+    if d.disk {
+        if name.starts_with('.') {
+            return Err(format!(
+                "stream {name:?}: a disk stream's name is its directory's and must not start with '.'"
+            ));
+        }
+        if let Fsync::IntervalMs(ms) = d.fsync {
+            if !(1..=60_000).contains(&ms) {
+                return Err(format!(
+                    "stream {name}: fsync interval must be 1..=60000 ms, got {ms}"
+                ));
+            }
+        }
+    } else if *d != Durability::MEMORY {
+        return Err(format!(
+            "stream {name}: fsync and retention apply to disk streams only (durability is memory)"
         ));
     }
     if spec.partitions == 0 || spec.partitions > MAX_PARTITIONS {
@@ -587,6 +660,7 @@ impl Config {
             if !seen.insert(s.name.as_str()) {
                 return bad(format!("stream {} is declared twice", s.name));
             }
+            s.durability().map_err(ConfigError::Invalid)?;
             check_stream_spec(&s.name, &s.spec(), d.max_pool_bytes)
                 .map_err(ConfigError::Invalid)?;
             parts += s.partitions as u64;
@@ -714,8 +788,77 @@ impl Config {
 }
 
 impl StreamConfig {
+    /// The stream's durability, or why the config's words for it are wrong.
+    pub fn durability(&self) -> Result<Durability, String> {
+        let name = &self.name;
+        let disk = match self.durability.as_deref() {
+            None | Some("memory") => false,
+            Some("disk") => true,
+            Some(o) => {
+                return Err(format!(
+                    "stream {name}: durability must be \"memory\" or \"disk\", not {o:?}"
+                ))
+            }
+        };
+        let disk_only = [
+            ("fsync", self.fsync.is_some()),
+            ("fsync_interval_ms", self.fsync_interval_ms.is_some()),
+            ("retention_ms", self.retention_ms.is_some()),
+            ("retention_bytes", self.retention_bytes.is_some()),
+            ("retention", self.retention.is_some()),
+        ];
+        if !disk {
+            if let Some((k, _)) = disk_only.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "stream {name}: {k} applies to durability = \"disk\" only"
+                ));
+            }
+            return Ok(Durability::MEMORY);
+        }
+        let fsync =
+            match (self.fsync.as_deref(), self.fsync_interval_ms) {
+                (None | Some("every"), None) => Fsync::Every,
+                (Some("interval"), ms) => {
+                    let ms = ms.unwrap_or(50);
+                    if !(1..=60_000).contains(&ms) {
+                        return Err(format!(
+                            "stream {name}: fsync_interval_ms must be 1..=60000, got {ms}"
+                        ));
+                    }
+                    Fsync::IntervalMs(ms)
+                }
+                (Some("never"), None) => Fsync::Never,
+                (_, Some(_)) => {
+                    return Err(format!(
+                        "stream {name}: fsync_interval_ms goes with fsync = \"interval\""
+                    ))
+                }
+                (Some(o), _) => return Err(format!(
+                    "stream {name}: fsync must be \"every\", \"interval\" or \"never\", not {o:?}"
+                )),
+            };
+        let strict = match self.retention.as_deref() {
+            None | Some("keep") => false,
+            Some("strict") => true,
+            Some(o) => {
+                return Err(format!(
+                    "stream {name}: retention must be \"keep\" or \"strict\", not {o:?}"
+                ))
+            }
+        };
+        Ok(Durability {
+            disk,
+            fsync,
+            retention_ms: self.retention_ms.unwrap_or(0),
+            retention_bytes: self.retention_bytes.unwrap_or(0),
+            strict,
+        })
+    }
+
+    /// The stream's spec (its durability checked by `Config::validate`).
     pub fn spec(&self) -> StreamSpec {
         StreamSpec {
+            durability: self.durability().unwrap_or(Durability::MEMORY),
             partitions: self.partitions,
             slot_size: self.slot_size,
             slot_count: self.slot_count,

@@ -27,6 +27,8 @@ pub enum Message {
         generation: u64,
         result: Result<std::sync::Arc<crate::fabric::Link>, String>,
     },
+    /// The syncer thread synced part of a disk stream's log.
+    Synced(crate::server::Synced),
 }
 
 /// The sending side, cloned into each thread that may ask.

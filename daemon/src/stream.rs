@@ -54,6 +54,9 @@ pub const ENTRY_END: u16 = 2;
 /// the first group to form starts no later than it (as it does for batches
 /// published then).
 pub const ENTRY_ORPHAN: u16 = 4;
+/// `Entry::flags`: a disk stream's batch that could not be read back (its
+/// record is damaged): skipped by every group, never delivered.
+pub const ENTRY_LOST: u16 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
@@ -82,6 +85,15 @@ pub struct Partition {
     pub index: BTreeMap<u64, Entry>,
     /// The last offset put in is an end marker.
     pub ended: bool,
+    /// Offsets below this may be delivered: `end` for a memory stream; for
+    /// a disk stream, what its log made as durable as the stream promises.
+    pub visible: u64,
+    /// A disk stream: the lowest offset its log still holds (what is not
+    /// in a slot is read back from there).
+    pub floor: u64,
+    /// A disk stream: the first offset put in while it had no group (the
+    /// first group to form starts there by default).
+    pub orphan_from: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -216,6 +228,13 @@ pub struct Stream {
     groups: Vec<Group>,
     published: u64,
     rr: u32,
+    /// The pool is a cache over a log on disk (`durability.disk`): a slot
+    /// holding a batch that is on disk and in no member's hands can be
+    /// taken for a newer one, and is read back when a group gets to it.
+    tiered: bool,
+    /// A disk stream: (partition, offset) a group needs that is not in a
+    /// slot (`take_loads` hands them to the daemon to read back).
+    loads: Vec<(u32, u64)>,
 }
 
 /// A list of free slots: a doubly linked list threaded through
@@ -407,7 +426,7 @@ impl Stream {
 
     /// Whether a slot is free for a grant.
     pub fn has_free_slot(&self) -> bool {
-        !self.free.is_empty()
+        !self.free.is_empty() || (self.tiered && self.evictable().is_some())
     }
 
     /// Its groups by index, deleted ones included (`Group::deleted`).
@@ -431,7 +450,218 @@ impl Stream {
             groups: Vec::new(),
             published: 0,
             rr: 0,
+            tiered: spec.durability.disk,
+            loads: Vec::new(),
             spec,
+        }
+    }
+
+    /// Whether the pool is a cache over a disk log.
+    pub fn tiered(&self) -> bool {
+        self.tiered
+    }
+
+    /// The offset the next batch of partition `p` gets.
+    pub fn partition_end(&self, p: usize) -> u64 {
+        self.parts[p].end
+    }
+
+    /// Offsets of `p` below this may be delivered.
+    pub fn visible(&self, p: usize) -> u64 {
+        self.parts[p].visible
+    }
+
+    /// A disk stream: the lowest offset of `p` its log holds.
+    pub fn floor(&self, p: usize) -> u64 {
+        self.parts[p].floor
+    }
+
+    /// What offset `o` of `p` is, while it is in the index.
+    pub fn entry(&self, p: usize, o: u64) -> Option<Entry> {
+        self.parts[p].index.get(&o).copied()
+    }
+
+    /// A disk stream recovered from its log: partition `p` holds offsets
+    /// `floor..end` on disk (none in a slot), `ended`: its last record is
+    /// an end marker. Before any group is restored.
+    pub fn recover_partition(&mut self, p: usize, floor: u64, end: u64, ended: bool) {
+        let part = &mut self.parts[p];
+        part.end = end;
+        part.visible = end;
+        part.floor = floor;
+        part.ended = ended;
+        part.orphan_from = (floor < end).then_some(floor);
+    }
+
+    /// Restores group `name` (no members) at the committed offsets stored
+    /// for it, each kept within what the log holds.
+    pub fn restore_group(&mut self, name: &str, owner: u32, committed: &[u64]) {
+        if self.group_index(name).is_some() || committed.len() != self.parts.len() {
+            return;
+        }
+        let parts = committed
+            .iter()
+            .zip(&self.parts)
+            .map(|(&c, part)| {
+                let c = c.clamp(part.floor, part.end);
+                GroupPart {
+                    next: c,
+                    committed: c,
+                    ..GroupPart::default()
+                }
+            })
+            .collect();
+        self.groups.push(Group {
+            name: name.to_string(),
+            members: Vec::new(),
+            assign: vec![None; self.parts.len()],
+            parts,
+            deleted: false,
+            empty_since: Some(std::time::Instant::now()),
+            owner,
+            epoch: 0,
+        });
+        for part in &mut self.parts {
+            part.orphan_from = None;
+        }
+    }
+
+    /// Partition `p`'s offsets below `upto` are durable: deliverable.
+    pub fn make_visible(&mut self, p: usize, upto: u64) {
+        let part = &mut self.parts[p];
+        part.visible = part.visible.max(upto.min(part.end));
+    }
+
+    /// A disk stream's log no longer holds offsets below `floor` in
+    /// partition `p` (retention). Groups behind it skip to it (what they
+    /// hold in slots below it stays theirs until released). Returns how
+    /// many offsets each group skipped, by group name.
+    pub fn raise_floor(&mut self, p: usize, floor: u64) -> Vec<(String, u64)> {
+        let mut skipped = Vec::new();
+        if floor <= self.parts[p].floor {
+            return skipped;
+        }
+        self.parts[p].floor = floor;
+        if let Some(o) = self.parts[p].orphan_from {
+            self.parts[p].orphan_from = Some(o.max(floor)).filter(|&o| o < self.parts[p].end);
+        }
+        self.loads
+            .retain(|&(lp, lo)| lp as usize != p || lo >= floor);
+        for g in 0..self.groups.len() {
+            if self.groups[g].deleted {
+                continue;
+            }
+            let gp = &self.groups[g].parts[p];
+            let pending: Vec<u64> = gp.pending.range(..floor).copied().collect();
+            let next = gp.next;
+            let mut n = pending.len() as u64;
+            for o in pending {
+                self.groups[g].parts[p].pending.remove(&o);
+                self.unhold(p as u32, o);
+            }
+            if next < floor {
+                n += floor - next;
+                let held: Vec<u64> = self.parts[p]
+                    .index
+                    .range(next..floor)
+                    .map(|(o, _)| *o)
+                    .collect();
+                for o in held {
+                    self.unhold(p as u32, o);
+                }
+                self.groups[g].parts[p].next = floor;
+            }
+            let gp = &mut self.groups[g].parts[p];
+            gp.committed = gp.committed.max(floor);
+            if n > 0 {
+                skipped.push((self.groups[g].name.clone(), n));
+            }
+        }
+        skipped
+    }
+
+    /// The offsets groups need that are not in a slot (disk streams).
+    pub fn take_loads(&mut self) -> Vec<(u32, u64)> {
+        std::mem::take(&mut self.loads)
+    }
+
+    /// How many live groups need offset `o` of `p` delivered (it is at or
+    /// past their position, or to be redelivered).
+    fn needers(&self, p: usize, o: u64) -> u32 {
+        self.groups
+            .iter()
+            .filter(|g| !g.deleted)
+            .filter(|g| {
+                let gp = &g.parts[p];
+                (o >= gp.next && o < self.parts[p].end) || gp.pending.contains(&o)
+            })
+            .count() as u32
+    }
+
+    /// Whether offset `o` of `p` is wanted but in no slot (a disk stream's
+    /// batch read back from the log goes in with `restore`).
+    pub fn wants(&self, p: u32, o: u64) -> bool {
+        let Some(part) = self.parts.get(p as usize) else {
+            return false;
+        };
+        o >= part.floor
+            && o < part.visible
+            && !part.index.contains_key(&o)
+            && self.needers(p as usize, o) > 0
+    }
+
+    /// Puts a batch read back from the log into the stream: `slot` (granted
+    /// to the daemon, `DAEMON`) now holds offset `o` of `p`, or `slot` is
+    /// [`NO_SLOT`] for an end marker. Held by every group that needs it.
+    pub fn restore(&mut self, p: u32, o: u64, slot: u32, entry: Entry) {
+        let part = &mut self.parts[p as usize];
+        part.index.insert(o, entry);
+        if slot == NO_SLOT {
+            return;
+        }
+        let holders = self.needers(p as usize, o);
+        if holders == 0 {
+            self.free_released(slot, p, o);
+        } else {
+            self.slots[slot as usize] = Slot::Held {
+                part: p,
+                offset: o,
+                holders,
+                orphan: false,
+            };
+        }
+    }
+
+    /// A disk stream: the slot to take for a newer batch when none is
+    /// free: one holding a durable batch no member holds, the highest
+    /// offset first (the one its groups get to last).
+    fn evictable(&self) -> Option<u32> {
+        let mut best: Option<(u64, u32)> = None;
+        for (i, s) in self.slots.iter().enumerate() {
+            let Slot::Held { part, offset, .. } = *s else {
+                continue;
+            };
+            let p = part as usize;
+            if offset >= self.parts[p].visible
+                || self
+                    .groups
+                    .iter()
+                    .any(|g| !g.deleted && g.parts[p].inflight.contains_key(&offset))
+            {
+                continue;
+            }
+            if best.is_none_or(|(o, _)| offset > o) {
+                best = Some((offset, i as u32));
+            }
+        }
+        best.map(|(_, s)| s)
+    }
+
+    /// Takes a slot out of the cache (its batch stays on disk).
+    fn evict(&mut self, slot: u32) {
+        if let Slot::Held { part, offset, .. } = self.slots[slot as usize] {
+            self.parts[part as usize].index.remove(&offset);
+            self.slots[slot as usize] = Slot::Free { retained: None };
         }
     }
 
@@ -448,11 +678,18 @@ impl Stream {
     pub fn grant(&mut self, session: SessionId) -> Option<u32> {
         let slot = match self.free.spare.pop_front() {
             Some(s) => s,
-            None => {
-                let s = self.free.window.pop_front()?;
-                self.forget(s);
-                s
-            }
+            None => match self.free.window.pop_front() {
+                Some(s) => {
+                    self.forget(s);
+                    s
+                }
+                None if self.tiered => {
+                    let s = self.evictable()?;
+                    self.evict(s);
+                    s
+                }
+                None => return None,
+            },
         };
         self.slots[slot as usize] = Slot::Granted { session };
         Some(slot)
@@ -499,6 +736,7 @@ impl Stream {
         // costs one look at the index.
         while let Some((&o, e)) = self.parts[p].index.first_key_value() {
             if !e.is_end()
+                || o >= self.parts[p].visible
                 || self
                     .groups
                     .iter()
@@ -528,10 +766,17 @@ impl Stream {
         } else {
             0
         };
+        let tiered = self.tiered;
+        let alone = self.live_groups() == 0;
         for part in &mut self.parts {
             let offset = part.end;
             part.end += 1;
             part.ended = true;
+            if !tiered {
+                part.visible = part.end;
+            } else if alone && part.orphan_from.is_none() {
+                part.orphan_from = Some(offset);
+            }
             part.index.insert(
                 offset,
                 Entry {
@@ -613,10 +858,16 @@ impl Stream {
                 p
             }
         };
+        let live = self.live_groups();
         let partition = &mut self.parts[part as usize];
         let offset = partition.end;
         partition.end += 1;
         partition.ended = false;
+        if !self.tiered {
+            partition.visible = partition.end;
+        } else if live == 0 && partition.orphan_from.is_none() {
+            partition.orphan_from = Some(offset);
+        }
         partition.index.insert(
             offset,
             Entry {
@@ -747,6 +998,17 @@ impl Stream {
     /// `Gone` unless every offset of `[from, to)` of partition `p` is still
     /// in the pool (a seek back, or a start, can deliver exactly those).
     fn check_retained(&self, p: usize, from: u64, to: u64) -> Result<(), SeekError> {
+        if self.tiered {
+            let part = &self.parts[p];
+            if from >= part.floor {
+                return Ok(());
+            }
+            return Err(SeekError::Gone {
+                part: p as u32,
+                offset: from,
+                earliest: (part.floor < part.end).then_some(part.floor),
+            });
+        }
         let index = &self.parts[p].index;
         if (from..to).all(|o| index.contains_key(&o)) {
             return Ok(());
@@ -770,6 +1032,18 @@ impl Stream {
                 matches!(self.slots[e.slot as usize], Slot::Held { .. })
             }
         };
+        if self.tiered {
+            match start {
+                GroupStart::Default if self.live_groups() == 0 => {
+                    return Ok(partition
+                        .orphan_from
+                        .unwrap_or(partition.end)
+                        .max(partition.floor))
+                }
+                GroupStart::Earliest => return Ok(partition.floor),
+                _ => {}
+            }
+        }
         Ok(match start {
             // Batches published while no group existed are orphans, held
             // for the first group; with other groups present there are
@@ -879,6 +1153,7 @@ impl Stream {
                     // group's now (or skipped by it): no later group
                     // starts at them.
                     for part in &mut self.parts {
+                        part.orphan_from = None;
                         for e in part.index.values_mut() {
                             e.flags &= !ENTRY_ORPHAN;
                         }
@@ -920,7 +1195,11 @@ impl Stream {
                 .collect();
             for o in mine {
                 gp.inflight.remove(&o);
-                gp.pending.insert(o);
+                // At or past `next` (a disk stream's seek back): held
+                // through `next` already.
+                if o < gp.next {
+                    gp.pending.insert(o);
+                }
             }
         }
         group.members.retain(|&m| m != session);
@@ -953,20 +1232,41 @@ impl Stream {
                 let gp = &mut self.groups[g].parts[p];
                 let (o, from_pending) = if let Some(o) = gp.pending.pop_first() {
                     (o, true)
-                } else if !gp.at_end && gp.next < self.parts[p].end {
+                } else if !gp.at_end && gp.next < self.parts[p].visible {
                     let o = gp.next;
+                    if gp.inflight.contains_key(&o) {
+                        // A disk stream's seek back reached a batch a
+                        // member still holds: it goes again once released.
+                        break;
+                    }
                     gp.next += 1;
                     (o, false)
                 } else {
                     break;
                 };
                 let Some(entry) = self.parts[p].index.get(&o).copied() else {
-                    // Cannot happen while the group holds `o`; skip
-                    // rather than wedge the partition.
+                    if self.tiered && o >= self.parts[p].floor {
+                        // On disk, in no slot: wait for it to be read back.
+                        let gp = &mut self.groups[g].parts[p];
+                        if from_pending {
+                            gp.pending.insert(o);
+                        } else {
+                            gp.next -= 1;
+                        }
+                        if !self.loads.contains(&(p as u32, o)) {
+                            self.loads.push((p as u32, o));
+                        }
+                        break;
+                    }
+                    // A memory stream: cannot happen while the group holds
+                    // `o`. Skip rather than wedge the partition.
                     continue;
                 };
                 if entry.is_end() {
                     self.groups[g].parts[p].at_end = true;
+                    continue;
+                }
+                if entry.flags & ENTRY_LOST != 0 {
                     continue;
                 }
                 if !sink(
@@ -1045,8 +1345,11 @@ impl Stream {
         }
         gp.inflight.remove(&offset);
         if held.replay {
-            // A seek asked for it again: the group keeps its hold.
-            gp.pending.insert(offset);
+            // A seek asked for it again: the group keeps its hold (through
+            // `next` when a disk stream's seek moved that back past it).
+            if offset < gp.next {
+                gp.pending.insert(offset);
+            }
         } else {
             self.unhold(part, offset);
         }
@@ -1123,7 +1426,29 @@ impl Stream {
         // An explicit position: an end marker passed before no longer
         // holds the partition back (one replayed is met again).
         self.groups[g].parts[p].at_end = false;
-        if offset < next {
+        if offset < next && self.tiered {
+            // Replay from disk, however long: `next` moves back. What is
+            // pending in [offset, next) is held through `next` now; what
+            // a member holds goes again once released (`deliver` waits).
+            let gp = &mut self.groups[g].parts[p];
+            let back: Vec<u64> = gp.pending.range(offset..).copied().collect();
+            for o in &back {
+                gp.pending.remove(o);
+            }
+            let rehold: Vec<u64> = self.parts[p]
+                .index
+                .range(offset..next)
+                .map(|(o, _)| *o)
+                .filter(|o| {
+                    let gp = &self.groups[g].parts[p];
+                    !gp.inflight.contains_key(o) && !back.contains(o)
+                })
+                .collect();
+            for o in rehold {
+                self.hold(part, o);
+            }
+            self.groups[g].parts[p].next = offset;
+        } else if offset < next {
             // Replay: what the group no longer holds in [offset, next) is
             // held again and pending; `next` stays, keeping the sets disjoint.
             for o in offset..next {
@@ -1135,8 +1460,14 @@ impl Stream {
                 self.groups[g].parts[p].pending.insert(o);
             }
         } else {
-            // Skip: [next, offset) was held only through `next`.
-            for o in next..offset {
+            // Skip: [next, offset) was held only through `next` (only
+            // what is in a slot counts a hold).
+            let held: Vec<u64> = self.parts[p]
+                .index
+                .range(next..offset)
+                .map(|(o, _)| *o)
+                .collect();
+            for o in held {
                 self.unhold(part, o);
             }
             self.groups[g].parts[p].next = offset;
@@ -1221,6 +1552,7 @@ mod tests {
             0,
             "s".into(),
             StreamSpec {
+                durability: Default::default(),
                 partitions: parts,
                 slot_size: 100,
                 slot_count: slots,

@@ -70,6 +70,14 @@ pub const OP_END: u16 = 4;
 /// Consumer: the group has passed the end marker of every partition (and
 /// delivered everything before them): the epoch is over. Carries no batch.
 pub const OP_END_OF_EPOCH: u16 = 18;
+/// Daemon -> producer: `offset` of its publishes (counted from its first)
+/// are acknowledged: as durable as the stream promises (at once for a
+/// memory stream). With [`FLAG_STALLED`]: the daemon cannot write the
+/// stream's disk log now (a full disk); publishes wait.
+pub const OP_ACK: u16 = 19;
+/// On `OP_ACK`: writes to the stream's disk log fail; no slot is granted
+/// until they succeed again.
+pub const FLAG_STALLED: u16 = 16;
 
 /// `OP_RELEASE`: after this release, commit every partition this consumer
 /// owns at its low watermark (automatic commit).

@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to these messages or the shared layouts.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Largest message either side sends or accepts.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Longest stream or group name.
@@ -26,6 +26,53 @@ pub struct StreamSpec {
     pub partitions: u32,
     pub slot_size: u64,
     pub slot_count: u32,
+    /// Memory only (the default), or a log on disk under the pool.
+    pub durability: Durability,
+}
+
+/// When a publish to a disk stream is acknowledged (and visible to
+/// consumers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Fsync {
+    /// After its record is on stable storage (fdatasync; publishes that
+    /// arrive together share one).
+    #[default]
+    Every,
+    /// Group commit: one fdatasync per this many milliseconds,
+    /// acknowledgements after it.
+    IntervalMs(u32),
+    /// After its record is written to the file (the OS decides when it
+    /// reaches the disk: a host crash may lose the tail, a crash of ferryd
+    /// alone loses nothing).
+    Never,
+}
+
+/// A stream's disk tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Durability {
+    /// Each partition is also an append-only log in the daemon's data
+    /// directory; the pool is a cache over it.
+    pub disk: bool,
+    pub fsync: Fsync,
+    /// Whole segments older than this go (0: no limit by age).
+    pub retention_ms: u64,
+    /// Per partition: the oldest whole segments go while the log is over
+    /// this (0: no limit by size).
+    pub retention_bytes: u64,
+    /// Retention deletes segments a live group has not committed yet (the
+    /// group skips ahead and is told); otherwise such segments stay.
+    pub strict: bool,
+}
+
+impl Durability {
+    /// Memory only: today's streams.
+    pub const MEMORY: Durability = Durability {
+        disk: false,
+        fsync: Fsync::Every,
+        retention_ms: 0,
+        retention_bytes: 0,
+        strict: false,
+    };
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -430,6 +430,7 @@ pub struct HonestPair {
 
 /// The honest stream's configuration.
 pub const HONEST_SPEC: ferry::StreamSpec = ferry::StreamSpec {
+    durability: ferry_shm::proto::Durability::MEMORY,
     partitions: 2,
     slot_size: 4096,
     slot_count: 16,

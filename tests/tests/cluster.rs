@@ -109,6 +109,7 @@ fn peers_authenticate_agree_on_soft_and_announce_their_streams() {
             .producer(
                 "made",
                 Some(ferry_shm::proto::StreamSpec {
+                    durability: Default::default(),
                     partitions: 1,
                     slot_size: 64,
                     slot_count: 4,
@@ -520,6 +521,7 @@ const T: Option<Duration> = Some(Duration::from_secs(10));
 
 fn spec(partitions: u32, slot_size: u64, slot_count: u32) -> Option<ferry_shm::proto::StreamSpec> {
     Some(ferry_shm::proto::StreamSpec {
+        durability: Default::default(),
         partitions,
         slot_size,
         slot_count,

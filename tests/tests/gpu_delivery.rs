@@ -18,6 +18,7 @@ const T: Option<Duration> = Some(Duration::from_secs(10));
 
 fn spec(partitions: u32, slot_size: u64, slot_count: u32) -> Option<StreamSpec> {
     Some(StreamSpec {
+        durability: Default::default(),
         partitions,
         slot_size,
         slot_count,

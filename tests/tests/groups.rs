@@ -13,6 +13,7 @@ const T: Option<Duration> = Some(Duration::from_secs(10));
 
 fn spec(partitions: u32, slots: u32) -> Option<StreamSpec> {
     Some(StreamSpec {
+        durability: Default::default(),
         partitions,
         slot_size: 64,
         slot_count: slots,

@@ -34,6 +34,7 @@ const NOBODY: u32 = 65534;
 
 fn spec(partitions: u32, slot_size: u64, slot_count: u32) -> Option<StreamSpec> {
     Some(StreamSpec {
+        durability: Default::default(),
         partitions,
         slot_size,
         slot_count,

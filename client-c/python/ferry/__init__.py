@@ -129,6 +129,12 @@ class _Stream(ctypes.Structure):
         ("partitions", ctypes.c_uint32),
         ("slot_count", ctypes.c_uint32),
         ("slot_size", ctypes.c_uint64),
+        ("durability", ctypes.c_uint32),
+        ("fsync", ctypes.c_uint32),
+        ("fsync_interval_ms", ctypes.c_uint32),
+        ("retention_strict", ctypes.c_uint32),
+        ("retention_ms", ctypes.c_uint64),
+        ("retention_bytes", ctypes.c_uint64),
     ]
 
 
@@ -267,6 +273,7 @@ _sigs = {
         _i32,
     ),
     "ferry_producer_end": ([_p], _i32),
+    "ferry_producer_flush": ([_p, ctypes.c_int64], _i32),
     "ferry_producer_free": ([_p], None),
     "ferry_record_begin": ([_p, ctypes.POINTER(_Slot), _u32, _W], _i32),
     "ferry_record_add_tensor": (
@@ -379,13 +386,19 @@ class Client(_Handle):
         self._h = handle
         self.socket = socket
 
-    def producer(self, stream, partitions=None, slot_size=None, slot_count=None, device=None):
+    def producer(self, stream, partitions=None, slot_size=None, slot_count=None, device=None, durability=None):
         """Opens a producer on ``stream``. Giving any of partitions,
         slot_size, slot_count creates the stream when missing (defaults:
         1 partition, 16 slots); an existing stream must match them.
         ``device="cuda:N"``: publish from GPU N's memory (slots are then
-        in GPU memory; see ``Slot``)."""
-        return Producer(self, stream, partitions, slot_size, slot_count, device)
+        in GPU memory; see ``Slot``).
+
+        ``durability`` (with slot_size): None or "memory", "disk", or a
+        dict ``{"fsync": "every" | "never" | <interval ms>, "retention_ms":
+        ..., "retention_bytes": ..., "retention": "keep" | "strict"}`` for a
+        disk stream with those settings. ``flush()`` waits until what was
+        sent is as durable as the stream promises."""
+        return Producer(self, stream, partitions, slot_size, slot_count, device, durability)
 
     def consumer(
         self,
@@ -508,10 +521,38 @@ def _flat_bytes(value):
     return None
 
 
+def _durability_into(cfg, d):
+    if d is None or d == "memory":
+        return
+    if d == "disk":
+        d = {}
+    if not isinstance(d, dict):
+        raise ValueError(f'durability must be None, "memory", "disk" or a dict, not {d!r}')
+    unknown = set(d) - {"fsync", "retention_ms", "retention_bytes", "retention"}
+    if unknown:
+        raise ValueError(f"unknown durability settings: {sorted(unknown)}")
+    cfg.durability = 1
+    fsync = d.get("fsync", "every")
+    if fsync == "every":
+        cfg.fsync = 0
+    elif fsync == "never":
+        cfg.fsync = 2
+    elif isinstance(fsync, int) and not isinstance(fsync, bool) and 1 <= fsync <= 60000:
+        cfg.fsync, cfg.fsync_interval_ms = 1, fsync
+    else:
+        raise ValueError(f'fsync must be "every", "never" or an interval of 1..60000 ms, not {fsync!r}')
+    cfg.retention_ms = _uint("retention_ms", d.get("retention_ms", 0), 0, 2**64 - 1)
+    cfg.retention_bytes = _uint("retention_bytes", d.get("retention_bytes", 0), 0, 2**64 - 1)
+    r = d.get("retention", "keep")
+    if r not in ("keep", "strict"):
+        raise ValueError(f'retention must be "keep" or "strict", not {r!r}')
+    cfg.retention_strict = 1 if r == "strict" else 0
+
+
 class Producer(_Handle):
     _free = "ferry_producer_free"
 
-    def __init__(self, client, stream, partitions, slot_size, slot_count, device=None):
+    def __init__(self, client, stream, partitions, slot_size, slot_count, device=None, durability=None):
         cfg = None
         if partitions is not None or slot_size is not None or slot_count is not None:
             if slot_size is None:
@@ -524,6 +565,9 @@ class Producer(_Handle):
                 _uint("slot_count", 16 if slot_count is None else slot_count, 1),
                 _uint("slot_size", slot_size, 1, 2**64 - 1),
             )
+            _durability_into(cfg, durability)
+        elif durability is not None:
+            raise ValueError("durability is set when creating a stream: give slot_size too")
         handle = _p()
         _check(
             _lib.ferry_producer_open_device(
@@ -680,6 +724,14 @@ class Producer(_Handle):
         ``next`` raises ``EndOfEpoch``. Batches sent afterwards belong to
         the next epoch."""
         _check(_lib.ferry_producer_end(self._h))
+
+    def flush(self, timeout=None):
+        """Waits (up to ``timeout`` seconds; None: forever) until every
+        batch this producer sent is acknowledged: for a disk stream, as
+        durable as its ``fsync`` policy promises; for a memory stream,
+        taken by ferryd. Raises ``FerryError`` (E_TIMEOUT) when not."""
+        ms = -1 if timeout is None else int(timeout * 1000)
+        _check(_lib.ferry_producer_flush(self._h, ms))
 
 
 class BatchInfo(tuple):

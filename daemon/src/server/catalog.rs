@@ -46,6 +46,8 @@ pub(super) struct StreamEntry {
     /// finished (the pump looks at the members only then).
     pub(super) ends_untold: bool,
     pub(super) dirty: bool,
+    /// A disk stream's logs.
+    pub(super) log: Option<Box<super::durable::DiskLog>>,
 }
 
 impl StreamEntry {
@@ -173,10 +175,19 @@ impl Server {
             owner = owner.map_or_else(|| "config".to_string(), |u| format!("uid {u}")),
             "stream created"
         );
-        let mut stream = Stream::new(idx as u32, name.to_string(), spec);
+        let mut stream = Stream::new(idx as u32, name.to_string(), spec.clone());
         if let Some(w) = self.cfg.daemon.replay_window {
             stream.set_replay_window(w);
         }
+        let log = if spec.durability.disk {
+            let (log, line) =
+                super::durable::open_disk(&self.cfg.daemon, name, &spec, owner, &mut stream)
+                    .map_err(|m| Refusal::new(ErrorCode::Internal, m))?;
+            crate::limited!(INFO, stream = name, dir = %log.dir().display(), "disk stream opened: {line}");
+            Some(Box::new(log))
+        } else {
+            None
+        };
         self.streams.insert(
             idx,
             StreamEntry {
@@ -194,6 +205,7 @@ impl Server {
                 ends_untold: false,
                 dirty: true,
                 registered: None,
+                log,
             },
         );
         self.by_name.insert(name.to_string(), idx);
@@ -392,7 +404,17 @@ impl Server {
         for id in &users {
             self.fail_session(*id, &format!("stream {name} deleted by uid {uid}"));
         }
+        let dir = self.streams[idx]
+            .log
+            .as_ref()
+            .map(|l| l.dir().to_path_buf());
         let (held, bytes) = self.remove_stream(idx);
+        if let Some(dir) = dir {
+            // Deleting a disk stream deletes its log.
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(stream = name, dir = %dir.display(), "removing the deleted stream's log: {e}");
+            }
+        }
         limited!(
             INFO,
             stream = name,
@@ -431,9 +453,15 @@ impl Server {
     /// `group_idle_timeout_ms`.
     pub(super) fn expire_groups(&mut self) {
         for (_, e) in self.streams.iter_mut() {
-            let group_timeout = e
-                .group_idle_timeout_ms
-                .unwrap_or(self.cfg.daemon.group_idle_timeout_ms);
+            // A disk stream's groups (their committed offsets) stay unless
+            // the stream sets its own timeout: an idle group there holds up
+            // no producer (the pool is a cache).
+            let fallback = if e.log.is_some() {
+                0
+            } else {
+                self.cfg.daemon.group_idle_timeout_ms
+            };
+            let group_timeout = e.group_idle_timeout_ms.unwrap_or(fallback);
             if group_timeout == 0 {
                 continue;
             }
@@ -461,7 +489,8 @@ impl Server {
         let now = Instant::now();
         let mut expired = Vec::new();
         for (idx, e) in self.streams.iter_mut() {
-            if e.owner.is_none() || e.in_use() {
+            // A disk stream is kept: its log is the point of it.
+            if e.owner.is_none() || e.in_use() || e.log.is_some() {
                 e.idle_since = None;
                 continue;
             }

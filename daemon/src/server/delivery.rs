@@ -36,12 +36,16 @@ pub(super) fn publish_copied(
     dev: u32,
     granted: &mut IdSet<u32>,
     published: &mut u64,
+    acks: &mut super::durable::Acks,
 ) -> Result<(), Violation> {
     let key = (d.flags & desc::FLAG_HAS_KEY != 0).then_some(d.key);
     let device = (d.flags & desc::FLAG_DEVICE != 0).then_some(dev);
-    entry
+    let at = entry
         .stream
         .publish(id, d.slot, d.len, d.meta_len, key, device, entry_flags(d))?;
+    if entry.stream.tiered() {
+        acks.unacked.push_back(at);
+    }
     granted.remove(&d.slot);
     *published += 1;
     entry.dirty = true;
@@ -80,9 +84,11 @@ impl Server {
             if !entry.dirty {
                 continue;
             }
+            entry.write_log(idx, &self.syncer);
             entry.dirty = false;
+            let stalled = entry.log.as_ref().is_some_and(|l| l.error.is_some());
             // Grants, round-robin over producers.
-            if !draining && !entry.producers.is_empty() {
+            if !draining && !stalled && !entry.producers.is_empty() {
                 let n = entry.producers.len();
                 let mut progress = true;
                 while progress && entry.stream.has_free_slot() {
@@ -129,6 +135,36 @@ impl Server {
                             }
                         }
                     }
+                }
+            }
+            // Acknowledgements: how many of its publishes are as durable
+            // as the stream promises.
+            for pid in &entry.producers {
+                let Some(Session {
+                    role: Role::Producer(p),
+                    ..
+                }) = self.sessions.get_mut(pid)
+                else {
+                    continue;
+                };
+                let acked = p.acks.advance(&entry.stream, p.published);
+                if (acked, stalled) == p.acks.sent {
+                    continue;
+                }
+                let d = Desc {
+                    op: desc::OP_ACK,
+                    flags: if stalled { desc::FLAG_STALLED } else { 0 },
+                    stream: entry.stream.id(),
+                    offset: acked,
+                    ..Desc::default()
+                };
+                match p.rings.comp.push(&d) {
+                    Ok(()) => {
+                        p.acks.sent = (acked, stalled);
+                        to_wake.push(*pid);
+                    }
+                    // Told on a later pump.
+                    Err(_) => entry.dirty = true,
                 }
             }
             if !entry.stream.has_free_slot() {
@@ -246,6 +282,9 @@ impl Server {
                     }
                 }
             }
+            // A disk stream: what groups reached that is in no slot is
+            // read back now and delivered on the next pump.
+            entry.serve_loads();
         }
         to_wake.sort_unstable();
         to_wake.dedup();
@@ -291,10 +330,12 @@ impl Server {
                 if let Some(g) = &mut p.gpu {
                     if g.pending() > 0 {
                         let entry = &mut streams[p.stream];
-                        let (granted, published) = (&mut p.granted, &mut p.published);
+                        let (granted, published, acks) =
+                            (&mut p.granted, &mut p.published, &mut p.acks);
                         let dev = g.info.ordinal;
-                        match g.complete(|d| publish_copied(entry, id, d, dev, granted, published))
-                        {
+                        match g.complete(|d| {
+                            publish_copied(entry, id, d, dev, granted, published, acks)
+                        }) {
                             Ok(n) => pushed += n,
                             Err(e) => failed.push((id, e)),
                         }

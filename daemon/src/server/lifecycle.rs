@@ -128,6 +128,7 @@ impl Server {
         for id in ids {
             self.close_session(id, true);
         }
+        self.close_disk_streams();
         let _ = std::fs::remove_file(&self.socket_path);
         let _ = std::fs::remove_file(&self.admin_path);
         info!("ferryd stopped");

@@ -13,6 +13,7 @@ mod admin;
 mod catalog;
 mod cluster;
 mod delivery;
+mod durable;
 mod inbound;
 mod lifecycle;
 mod open;
@@ -39,6 +40,7 @@ use crate::inbox;
 use crate::stream::SessionId;
 use catalog::{StreamEntry, Streams};
 use delivery::{entry_flags, publish_copied};
+pub use durable::Synced;
 use lifecycle::{claim_socket_path, notify_systemd, set_socket_access};
 use sessions::{
     sub_of, sub_of_mut, ConsumerState, Policy, ProducerState, Role, Session, ACCEPT_PAUSE,
@@ -144,6 +146,9 @@ pub struct Server {
     scratch: Vec<SessionId>,
     /// Sessions to wake after a pump, reused likewise.
     wake_scratch: Vec<SessionId>,
+    /// The thread that syncs disk logs and writes committed offsets.
+    syncer: std::sync::mpsc::Sender<durable::SyncJob>,
+    last_disk_tick: Instant,
 }
 
 impl Server {
@@ -228,6 +233,8 @@ impl Server {
             gids,
         };
         let outside_loop = outside.clone();
+        let syncer = durable::spawn_syncer(outside.clone())
+            .doing(|| "starting the disk sync thread".into())?;
         let cluster = cluster::Cluster::start(&cfg, pre.secret, &sel.choice, outside.clone())
             .map_err(DaemonError::Other)?;
         if let Some(c) = &cluster {
@@ -277,6 +284,8 @@ impl Server {
             events: Vec::with_capacity(64),
             scratch: Vec::with_capacity(64),
             wake_scratch: Vec::with_capacity(64),
+            syncer,
+            last_disk_tick: Instant::now(),
             cfg,
         };
         for s in server.cfg.streams.clone() {
@@ -291,6 +300,7 @@ impl Server {
                 })
                 .map_err(|r| DaemonError::Other(r.message))?;
         }
+        server.reopen_disk_streams()?;
         Ok(server)
     }
 
@@ -353,6 +363,7 @@ impl Server {
             }
             if iter.is_multiple_of(1024) {
                 self.housekeeping();
+                self.disk_tick();
             }
             if work > 0 {
                 worked = true;
@@ -398,6 +409,7 @@ impl Server {
                 self.fail_session(id, &why);
             }
             self.housekeeping();
+            self.disk_tick();
             if can_sleep {
                 if let Some(c) = &self.cluster {
                     c.fabric.unpolled();
@@ -408,7 +420,7 @@ impl Server {
             } else if self.draining.is_some() {
                 50
             } else {
-                500
+                self.disk_wait_ms().unwrap_or(500)
             };
             self.poll_events(timeout)?;
             for s in self.sessions.values() {
@@ -474,6 +486,7 @@ impl Server {
                     generation,
                     result,
                 } => self.link_ready(node, generation, result),
+                inbox::Message::Synced(s) => self.on_synced(s),
             }
         }
         Ok(())

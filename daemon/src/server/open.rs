@@ -128,6 +128,7 @@ impl Server {
                 starved_since: None,
                 starved_logged: false,
                 gpu,
+                acks: Default::default(),
             });
         }
         self.reply(id, &Response::Opened(info), &fds);

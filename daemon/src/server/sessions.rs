@@ -40,6 +40,8 @@ pub(super) struct ProducerState {
     /// Publishing from GPU memory: the stream's mirror on that GPU and the
     /// copies to host slots in flight.
     pub(super) gpu: Option<GpuPublish>,
+    /// Its publishes to a disk stream not yet durable, and what it was told.
+    pub(super) acks: super::durable::Acks,
 }
 
 /// A consumer group member, on this host or another: what the pump needs
@@ -452,10 +454,11 @@ impl Server {
                 if let Some(g) = &mut p.gpu {
                     // Everything it published is kept: wait for the copies
                     // and put those batches into the stream.
-                    let (granted, published) = (&mut p.granted, &mut p.published);
+                    let (granted, published, acks) =
+                        (&mut p.granted, &mut p.published, &mut p.acks);
                     let dev = g.info.ordinal;
                     if let Err(e) =
-                        g.finish(|d| publish_copied(entry, id, d, dev, granted, published))
+                        g.finish(|d| publish_copied(entry, id, d, dev, granted, published, acks))
                     {
                         limited!(WARN, session = id, "while closing: {e}");
                     }

@@ -52,6 +52,15 @@ impl Server {
                     end_offsets: ends.clone(),
                     slots_held_for_first_group: s.orphans(),
                     groups_expired: e.groups_expired,
+                    disk: e.log.as_ref().map(|l| ferry_admin::DiskStatus {
+                        dir: l.dir().display().to_string(),
+                        bytes: l.bytes(),
+                        start_offsets: (0..e.stream.spec().partitions as usize)
+                            .map(|p| e.stream.floor(p))
+                            .collect(),
+                        unsynced: l.unsynced(),
+                        error: l.error.clone(),
+                    }),
                     producers: e
                         .producers
                         .iter()

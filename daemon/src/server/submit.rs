@@ -54,10 +54,13 @@ impl Server {
                         if let Some(g) = &mut p.gpu {
                             // In order: the publishes before it go in first
                             // (a short wait for their copies, once an epoch).
-                            let (granted, published) = (&mut p.granted, &mut p.published);
+                            let (granted, published, acks) =
+                                (&mut p.granted, &mut p.published, &mut p.acks);
                             let dev = g.info.ordinal;
-                            g.finish(|d| publish_copied(entry, id, d, dev, granted, published))
-                                .map_err(Violation)?;
+                            g.finish(|d| {
+                                publish_copied(entry, id, d, dev, granted, published, acks)
+                            })
+                            .map_err(Violation)?;
                         }
                         p.ended = true;
                         end_check = Some(p.stream);
@@ -87,7 +90,7 @@ impl Server {
                             "publish from GPU memory by a producer opened for host memory".into(),
                         ));
                     }
-                    entry.stream.publish(
+                    let at = entry.stream.publish(
                         id,
                         d.slot,
                         d.len,
@@ -96,6 +99,9 @@ impl Server {
                         None,
                         entry_flags(&d),
                     )?;
+                    if entry.stream.tiered() {
+                        p.acks.unacked.push_back(at);
+                    }
                     p.granted.remove(&d.slot);
                     p.published += 1;
                     entry.dirty = true;

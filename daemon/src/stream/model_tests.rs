@@ -139,6 +139,7 @@ fn member_sid(g: u8, m: u8) -> SessionId {
 impl Model {
     fn new(window: u32) -> Model {
         let spec = StreamSpec {
+            durability: Default::default(),
             partitions: PARTS,
             slot_size: 64,
             slot_count: SLOTS,

@@ -1,0 +1,758 @@
+//! Disk streams: writing their logs as batches are published, syncing
+//! them (on a thread of their own), acknowledging publishes once they are
+//! as durable as the stream promises, reading back what groups need and is
+//! no longer in a slot, retention, and the groups' committed offsets.
+//!
+//! The data-plane loop writes each record with one `pwritev` from the
+//! pool slot into the active segment (the page cache); fdatasync runs on
+//! the syncer thread, which answers through the inbox. A batch of a disk
+//! stream becomes visible to consumers, and its publish acknowledged,
+//! when it is durable: written (`fsync = "never"`) or synced (`"every"`,
+//! `"interval"`).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ferry_shm::proto::{Fsync, StreamSpec};
+
+use crate::log::{self, LogOptions, PartitionLog, Payload, StoredGroup, StoredStream};
+use crate::stream::{Entry, Stream, ENTRY_END, ENTRY_LOST, ENTRY_RECORD, NO_SLOT};
+
+use super::*;
+
+/// The session id of the daemon itself, holding a slot it reads a batch
+/// back into.
+const DAEMON: SessionId = SessionId::MAX;
+/// Batches read back at once after the one a group asked for.
+const READAHEAD: u64 = 16;
+const RETENTION_EVERY: Duration = Duration::from_secs(1);
+
+/// Work for the syncer thread.
+pub(crate) enum SyncJob {
+    /// fdatasync `file`; then offsets below `upto` of partition `part` of
+    /// stream `idx` (named `name`) are on stable storage.
+    Sync {
+        idx: usize,
+        name: String,
+        part: usize,
+        upto: u64,
+        file: File,
+    },
+    /// Write a state file (committed offsets) atomically.
+    State { path: PathBuf, bytes: Vec<u8> },
+}
+
+/// What the syncer thread answers.
+#[derive(Debug)]
+pub struct Synced {
+    idx: usize,
+    name: String,
+    part: usize,
+    upto: u64,
+    result: Result<(), String>,
+}
+
+/// Starts the syncer thread; it ends when the sender is dropped.
+pub(crate) fn spawn_syncer(inbox: inbox::Sender) -> std::io::Result<mpsc::Sender<SyncJob>> {
+    let (tx, rx) = mpsc::channel::<SyncJob>();
+    std::thread::Builder::new()
+        .name("ferry-sync".into())
+        .spawn(move || {
+            while let Ok(job) = rx.recv() {
+                match job {
+                    SyncJob::Sync {
+                        idx,
+                        name,
+                        part,
+                        upto,
+                        file,
+                    } => {
+                        let result = file.sync_data().map_err(|e| e.to_string());
+                        inbox.send(inbox::Message::Synced(Synced {
+                            idx,
+                            name,
+                            part,
+                            upto,
+                            result,
+                        }));
+                    }
+                    SyncJob::State { path, bytes } => {
+                        if let Err(e) = log::write_atomic(&path, &bytes) {
+                            tracing::warn!(path = %path.display(), "writing committed offsets failed: {e}");
+                        }
+                    }
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
+struct PartState {
+    log: PartitionLog,
+    /// Offsets below this are written to the log.
+    written: u64,
+    /// Offsets below this are synced.
+    synced: u64,
+    syncing: bool,
+    last_sync: Instant,
+}
+
+/// A disk stream's logs.
+pub(super) struct DiskLog {
+    dir: PathBuf,
+    parts: Vec<PartState>,
+    fsync: Fsync,
+    /// Why writes fail now (a full disk); None while they succeed.
+    pub(super) error: Option<String>,
+    stored_groups: Vec<StoredGroup>,
+    offsets_at: Instant,
+    retention_at: Instant,
+    strict: bool,
+    retention_ms: u64,
+    retention_bytes: u64,
+}
+
+impl DiskLog {
+    /// Bytes on disk, over all partitions.
+    pub(super) fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.log.bytes()).sum()
+    }
+
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the groups' committed offsets changed since last written.
+    pub(super) fn offsets_pending(&self, stream: &Stream) -> bool {
+        let live = stream.groups().iter().filter(|g| !g.deleted);
+        live.clone().count() != self.stored_groups.len()
+            || live.zip(&self.stored_groups).any(|(g, s)| {
+                g.name != s.name
+                    || g.parts
+                        .iter()
+                        .map(|gp| gp.committed)
+                        .ne(s.committed.iter().copied())
+            })
+    }
+
+    /// Publishes written to the log but not yet durable.
+    pub(super) fn unsynced(&self) -> u64 {
+        self.parts
+            .iter()
+            .map(|p| p.written - p.synced.min(p.written))
+            .sum()
+    }
+}
+
+/// The directory of disk stream `name`.
+pub(super) fn stream_dir(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("streams").join(name)
+}
+
+/// Opens (recovering) the logs of disk stream `name` into `stream`, and
+/// restores its groups. Returns the logs and a line on what was found.
+pub(super) fn open_disk(
+    cfg: &crate::config::DaemonConfig,
+    name: &str,
+    spec: &StreamSpec,
+    owner: Option<u32>,
+    stream: &mut Stream,
+) -> Result<(DiskLog, String), String> {
+    let dir = stream_dir(&cfg.data_dir(), name);
+    let ctx = |e: std::io::Error| format!("disk stream {name} in {}: {e}", dir.display());
+    std::fs::create_dir_all(&dir).map_err(ctx)?;
+    let meta_path = dir.join("stream.meta");
+    let stored = match log::read_atomic(&meta_path).map_err(ctx)? {
+        Some(b) => Some(log::decode::<StoredStream>(&meta_path, &b).map_err(ctx)?),
+        None => None,
+    };
+    if let Some(s) = &stored {
+        if s.spec.partitions != spec.partitions || s.spec.slot_size > spec.slot_size {
+            return Err(format!(
+                "disk stream {name}: its log in {} was written with partitions={} slot_size={}, and cannot be opened with partitions={} slot_size={} (use those, or move the directory away to start afresh)",
+                dir.display(),
+                s.spec.partitions,
+                s.spec.slot_size,
+                spec.partitions,
+                spec.slot_size
+            ));
+        }
+    }
+    let want = StoredStream {
+        name: name.to_string(),
+        spec: spec.clone(),
+        owner,
+    };
+    if stored.as_ref() != Some(&want) {
+        log::write_atomic(&meta_path, &log::encode(&want)).map_err(ctx)?;
+    }
+    let opts = LogOptions {
+        segment_bytes: cfg.segment_bytes.max(4096),
+        segment_ms: cfg.segment_ms.max(1),
+        index_every: 64 << 10,
+        max_payload: spec.slot_size,
+    };
+    let mut parts = Vec::new();
+    let (mut records, mut dropped) = (0u64, 0u64);
+    for p in 0..spec.partitions as usize {
+        let (mut plog, cut) = PartitionLog::open(&dir.join(format!("p{p}")), opts).map_err(ctx)?;
+        for t in &cut {
+            dropped += t.bytes;
+        }
+        let (floor, end) = (plog.start_offset(), plog.next_offset());
+        let ended = plog.ends_with_marker().map_err(ctx)?;
+        stream.recover_partition(p, floor, end, ended);
+        records += end - floor;
+        parts.push(PartState {
+            log: plog,
+            written: end,
+            synced: end,
+            syncing: false,
+            last_sync: Instant::now(),
+        });
+    }
+    let offsets_path = dir.join("offsets");
+    let groups: Vec<StoredGroup> = match log::read_atomic(&offsets_path) {
+        Ok(Some(b)) => log::decode(&offsets_path, &b).map_err(ctx)?,
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            // Without it groups start over where `start` says: say so.
+            tracing::warn!(
+                stream = name,
+                "committed offsets unreadable, groups start afresh: {e}"
+            );
+            Vec::new()
+        }
+    };
+    for g in &groups {
+        stream.restore_group(&g.name, g.owner, &g.committed);
+    }
+    let d = &spec.durability;
+    let line = format!(
+        "{records} records on disk in {} partition(s), {} group(s) restored{}",
+        spec.partitions,
+        groups.len(),
+        if dropped > 0 {
+            format!(", {dropped} bytes of torn or corrupt tails dropped")
+        } else {
+            String::new()
+        }
+    );
+    Ok((
+        DiskLog {
+            dir,
+            parts,
+            fsync: d.fsync,
+            error: None,
+            stored_groups: groups,
+            offsets_at: Instant::now(),
+            retention_at: Instant::now(),
+            strict: d.strict,
+            retention_ms: d.retention_ms,
+            retention_bytes: d.retention_bytes,
+        },
+        line,
+    ))
+}
+
+fn stored_groups(stream: &Stream) -> Vec<StoredGroup> {
+    stream
+        .groups()
+        .iter()
+        .filter(|g| !g.deleted)
+        .map(|g| StoredGroup {
+            name: g.name.clone(),
+            owner: g.owner,
+            committed: g.parts.iter().map(|gp| gp.committed).collect(),
+        })
+        .collect()
+}
+
+fn request_sync(
+    syncer: &mpsc::Sender<SyncJob>,
+    idx: usize,
+    name: &str,
+    p: usize,
+    st: &mut PartState,
+) {
+    match st.log.sync_handle() {
+        Ok(file) => {
+            st.syncing = true;
+            st.last_sync = Instant::now();
+            let _ = syncer.send(SyncJob::Sync {
+                idx,
+                name: name.to_string(),
+                part: p,
+                upto: st.written,
+                file,
+            });
+        }
+        Err(e) => tracing::warn!(stream = name, partition = p, "cannot sync the log: {e}"),
+    }
+}
+
+impl StreamEntry {
+    /// Writes what was put into the stream since the last call to its
+    /// log, and makes it visible as its fsync policy says. On a write
+    /// error (a full disk) the rest waits for the next call.
+    pub(super) fn write_log(&mut self, idx: usize, syncer: &mpsc::Sender<SyncJob>) {
+        let Some(dl) = self.log.as_mut() else {
+            return;
+        };
+        let now = log::now_ms();
+        let mut failed = None;
+        for p in 0..dl.parts.len() {
+            let end = self.stream.partition_end(p);
+            let st = &mut dl.parts[p];
+            let before = st.written;
+            while st.written < end {
+                let o = st.written;
+                let Some(e) = self.stream.entry(p, o) else {
+                    // Cannot happen (nothing leaves the index before it is
+                    // written): stop rather than write a hole.
+                    failed = Some(format!(
+                        "offset {o} of partition {p} is missing before its write"
+                    ));
+                    break;
+                };
+                let r = if e.is_end() {
+                    st.log
+                        .append(o, log::REC_END, now, &[], Payload::Bytes(&[]))
+                } else {
+                    let mut meta = [0u8; ferry_shm::layout::META_MAX as usize];
+                    let ml = (e.meta_len as usize).min(meta.len());
+                    let (Some(moff), Some(soff)) = (
+                        self.layout.meta_offset(e.slot),
+                        self.layout.slot_offset(e.slot),
+                    ) else {
+                        failed = Some(format!("slot {} out of the pool", e.slot));
+                        break;
+                    };
+                    self.pool.read_shared(moff, &mut meta[..ml]);
+                    let flags = if e.flags & ENTRY_RECORD != 0 {
+                        log::REC_RECORD
+                    } else {
+                        0
+                    };
+                    st.log.append(
+                        o,
+                        flags,
+                        now,
+                        &meta[..ml],
+                        Payload::Region(&self.pool, soff, e.len),
+                    )
+                };
+                match r {
+                    Ok(_) => st.written += 1,
+                    Err(e) => {
+                        failed = Some(format!(
+                            "writing offset {o} of partition {p} to {}: {e}",
+                            dl.dir.display()
+                        ));
+                        break;
+                    }
+                }
+            }
+            if st.written > before {
+                match dl.fsync {
+                    Fsync::Never => {
+                        st.synced = st.written;
+                        self.stream.make_visible(p, st.written);
+                    }
+                    Fsync::Every if !st.syncing => {
+                        request_sync(syncer, idx, self.stream.name(), p, st)
+                    }
+                    _ => {}
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        match (failed, &dl.error) {
+            (Some(why), None) => {
+                tracing::warn!(
+                    stream = %self.stream.name(),
+                    "disk log write failed; producers of this stream wait (no new slots) until it succeeds, and are told: {why}"
+                );
+                dl.error = Some(why);
+            }
+            (Some(why), Some(_)) => dl.error = Some(why),
+            (None, Some(_)) => {
+                tracing::info!(stream = %self.stream.name(), "disk log writes succeed again");
+                dl.error = None;
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Reads back from the log what groups need and is in no slot (and a
+    /// few batches after each), into free slots.
+    pub(super) fn serve_loads(&mut self) {
+        let mut loads = self.stream.take_loads();
+        if loads.is_empty() {
+            return;
+        }
+        let Some(dl) = self.log.as_mut() else {
+            return;
+        };
+        loads.sort_unstable();
+        let ahead = READAHEAD
+            .min(self.stream.spec().slot_count as u64 / 4)
+            .max(1);
+        for (p, first) in loads {
+            let st = &mut dl.parts[p as usize];
+            for o in first..first + ahead {
+                if !self.stream.wants(p, o) {
+                    if o == first {
+                        continue;
+                    }
+                    break;
+                }
+                let Some(slot) = self.stream.grant(DAEMON) else {
+                    break;
+                };
+                let (Some(soff), Some(moff)) =
+                    (self.layout.slot_offset(slot), self.layout.meta_offset(slot))
+                else {
+                    self.stream.return_grant(DAEMON, slot);
+                    break;
+                };
+                match st
+                    .log
+                    .read_into(o, &self.pool, soff, self.stream.spec().slot_size)
+                {
+                    Ok((h, meta)) if h.flags & log::REC_END != 0 => {
+                        self.stream.return_grant(DAEMON, slot);
+                        let e = Entry {
+                            slot: NO_SLOT,
+                            len: 0,
+                            meta_len: 0,
+                            device: None,
+                            flags: ENTRY_END,
+                        };
+                        let _ = meta;
+                        self.stream.restore(p, o, NO_SLOT, e);
+                    }
+                    Ok((h, meta)) => {
+                        self.pool.write(moff, &meta);
+                        let e = Entry {
+                            slot,
+                            len: h.len,
+                            meta_len: meta.len() as u32,
+                            device: None,
+                            flags: if h.flags & log::REC_RECORD != 0 {
+                                ENTRY_RECORD
+                            } else {
+                                0
+                            },
+                        };
+                        self.stream.restore(p, o, slot, e);
+                    }
+                    Err(e) => {
+                        self.stream.return_grant(DAEMON, slot);
+                        tracing::error!(
+                            stream = %self.stream.name(),
+                            partition = p,
+                            offset = o,
+                            "a batch cannot be read back from the disk log and is skipped: {e}"
+                        );
+                        self.stream.restore(
+                            p,
+                            o,
+                            NO_SLOT,
+                            Entry {
+                                slot: NO_SLOT,
+                                len: 0,
+                                meta_len: 0,
+                                device: None,
+                                flags: ENTRY_LOST,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        self.dirty = true;
+    }
+
+    /// The syncer synced partition `s.part` up to `s.upto`.
+    pub(super) fn synced(&mut self, idx: usize, s: Synced, syncer: &mpsc::Sender<SyncJob>) {
+        let Some(dl) = self.log.as_mut() else {
+            return;
+        };
+        let Some(st) = dl.parts.get_mut(s.part) else {
+            return;
+        };
+        st.syncing = false;
+        match s.result {
+            Ok(()) => {
+                st.synced = st.synced.max(s.upto);
+                self.stream.make_visible(s.part, s.upto);
+                self.dirty = true;
+                if matches!(dl.fsync, Fsync::Every) && st.written > st.synced {
+                    request_sync(syncer, idx, self.stream.name(), s.part, st);
+                }
+            }
+            Err(e) => {
+                let why = format!("fdatasync of partition {} failed: {e}", s.part);
+                tracing::warn!(stream = %self.stream.name(), "{why}");
+                dl.error = Some(why);
+            }
+        }
+    }
+
+    /// Timed work: interval syncs, retries after write errors, committed
+    /// offsets, retention.
+    pub(super) fn disk_tick(
+        &mut self,
+        idx: usize,
+        offsets_every: Duration,
+        syncer: &mpsc::Sender<SyncJob>,
+    ) {
+        let Some(dl) = self.log.as_mut() else {
+            return;
+        };
+        for p in 0..dl.parts.len() {
+            let st = &mut dl.parts[p];
+            let due = match dl.fsync {
+                Fsync::IntervalMs(ms) => st.last_sync.elapsed() >= Duration::from_millis(ms as u64),
+                // A failed sync is tried again.
+                Fsync::Every => dl.error.is_some(),
+                Fsync::Never => false,
+            };
+            if due && !st.syncing && st.written > st.synced {
+                request_sync(syncer, idx, self.stream.name(), p, st);
+            }
+        }
+        if dl.error.is_some() {
+            self.dirty = true; // write_log tries again
+        }
+        if dl.offsets_at.elapsed() >= offsets_every {
+            dl.offsets_at = Instant::now();
+            if dl.offsets_pending(&self.stream) {
+                let now = stored_groups(&self.stream);
+                let _ = syncer.send(SyncJob::State {
+                    path: dl.dir.join("offsets"),
+                    bytes: log::encode(&now),
+                });
+                dl.stored_groups = now;
+            }
+        }
+        if dl.retention_at.elapsed() >= RETENTION_EVERY
+            && (dl.retention_ms > 0 || dl.retention_bytes > 0)
+        {
+            dl.retention_at = Instant::now();
+            self.apply_retention();
+        }
+    }
+
+    /// Deletes whole segments past the stream's retention limits (never
+    /// what a live group has not committed, unless retention is strict).
+    pub(super) fn apply_retention(&mut self) {
+        let Some(dl) = self.log.as_mut() else {
+            return;
+        };
+        let now = std::time::SystemTime::now();
+        for p in 0..dl.parts.len() {
+            let st = &mut dl.parts[p];
+            let mut total = st.log.bytes();
+            let mut deleted = 0;
+            for (_base, next, bytes, modified) in st.log.closed_segments() {
+                let old = dl.retention_ms > 0
+                    && now
+                        .duration_since(modified)
+                        .is_ok_and(|d| d >= Duration::from_millis(dl.retention_ms));
+                let big = dl.retention_bytes > 0 && total > dl.retention_bytes;
+                if !old && !big {
+                    break;
+                }
+                let behind = self
+                    .stream
+                    .groups()
+                    .iter()
+                    .filter(|g| !g.deleted && g.parts[p].committed < next)
+                    .map(|g| g.name.clone())
+                    .collect::<Vec<_>>();
+                if !behind.is_empty() && !dl.strict {
+                    crate::limited!(
+                        INFO,
+                        stream = %self.stream.name(),
+                        partition = p,
+                        "retention keeps a segment a group has not committed yet (retention = \"strict\" would delete it): {}",
+                        behind.join(", ")
+                    );
+                    break;
+                }
+                match st.log.delete_oldest() {
+                    Ok(start) => {
+                        total -= bytes;
+                        deleted += 1;
+                        for (g, n) in self.stream.raise_floor(p, start) {
+                            tracing::warn!(
+                                stream = %self.stream.name(),
+                                partition = p,
+                                group = %g,
+                                skipped = n,
+                                "retention = \"strict\" deleted batches this group had not read: it goes on from offset {start}"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = %self.stream.name(), partition = p, "deleting a segment: {e}");
+                        break;
+                    }
+                }
+            }
+            if deleted > 0 {
+                tracing::info!(
+                    stream = %self.stream.name(),
+                    partition = p,
+                    segments = deleted,
+                    start = st.log.start_offset(),
+                    "retention deleted old segments"
+                );
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Writes the committed offsets now (shutdown).
+    pub(super) fn flush_offsets(&mut self) {
+        let Some(dl) = self.log.as_mut() else {
+            return;
+        };
+        let now = stored_groups(&self.stream);
+        if let Err(e) = log::write_atomic(&dl.dir.join("offsets"), &log::encode(&now)) {
+            tracing::warn!(stream = %self.stream.name(), "writing committed offsets: {e}");
+        }
+        dl.stored_groups = now;
+    }
+}
+
+/// A producer's publishes to a disk stream not yet acknowledged, in order.
+#[derive(Debug, Default)]
+pub(super) struct Acks {
+    pub(super) unacked: VecDeque<(u32, u64)>,
+    pub(super) acked: u64,
+    /// What the producer was told: acknowledged count, stalled.
+    pub(super) sent: (u64, bool),
+}
+
+impl Acks {
+    /// Moves past what is visible now; returns the acknowledged count.
+    pub(super) fn advance(&mut self, stream: &Stream, published: u64) -> u64 {
+        if !stream.tiered() {
+            self.acked = published;
+            return self.acked;
+        }
+        while let Some(&(p, o)) = self.unacked.front() {
+            if o >= stream.visible(p as usize) {
+                break;
+            }
+            self.unacked.pop_front();
+            self.acked += 1;
+        }
+        self.acked
+    }
+}
+
+impl Server {
+    /// Opens the disk streams producers created before a restart (those
+    /// declared in the config are open already), from their directories.
+    pub(super) fn reopen_disk_streams(&mut self) -> Result<(), DaemonError> {
+        let root = self.cfg.daemon.data_dir().join("streams");
+        let Ok(dirs) = std::fs::read_dir(&root) else {
+            return Ok(()); // no disk stream yet
+        };
+        let mut names: Vec<PathBuf> = dirs.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        names.sort();
+        for dir in names {
+            let meta = dir.join("stream.meta");
+            let stored = match log::read_atomic(&meta).and_then(|b| {
+                b.map(|b| log::decode::<StoredStream>(&meta, &b))
+                    .transpose()
+            }) {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(dir = %dir.display(), "not reopening a disk stream: {e}");
+                    continue;
+                }
+            };
+            if self.by_name.contains_key(&stored.name) {
+                continue;
+            }
+            if stored.owner.is_none() {
+                warn!(
+                    stream = %stored.name,
+                    dir = %dir.display(),
+                    "a disk stream once declared in the config is no longer declared: its log stays on disk, unopened (declare it again, or delete the directory)"
+                );
+                continue;
+            }
+            self.create_stream(&stored.name, stored.spec.clone(), stored.owner)
+                .map_err(|r| DaemonError::Other(r.message))?;
+        }
+        Ok(())
+    }
+
+    /// Timed work of every disk stream, at most every 10 ms.
+    pub(super) fn disk_tick(&mut self) {
+        if self.last_disk_tick.elapsed() < Duration::from_millis(10) {
+            return;
+        }
+        self.last_disk_tick = Instant::now();
+        let every = Duration::from_millis(self.cfg.daemon.offsets_flush_ms.max(1));
+        for (idx, e) in self.streams.iter_mut() {
+            e.disk_tick(idx, every, &self.syncer);
+        }
+    }
+
+    /// How long the loop may sleep with interval syncs to do (None: no
+    /// limit from disk streams).
+    pub(super) fn disk_wait_ms(&self) -> Option<i32> {
+        let busy = |e: &StreamEntry| {
+            e.log.as_ref().is_some_and(|l| {
+                l.unsynced() > 0 || l.error.is_some() || l.offsets_pending(&e.stream)
+            })
+        };
+        self.streams
+            .iter()
+            .any(busy)
+            .then_some(self.cfg.daemon.offsets_flush_ms.clamp(1, 10) as i32)
+    }
+
+    pub(super) fn on_synced(&mut self, s: Synced) {
+        let idx = s.idx;
+        let ok = self
+            .streams
+            .slots
+            .get(idx)
+            .and_then(|e| e.as_ref())
+            .is_some_and(|e| e.stream.name() == s.name);
+        if ok {
+            self.streams[idx].synced(idx, s, &self.syncer);
+        }
+    }
+
+    /// At shutdown: every disk log synced, committed offsets written.
+    pub(super) fn close_disk_streams(&mut self) {
+        for (_, e) in self.streams.iter_mut() {
+            let Some(dl) = e.log.as_mut() else {
+                continue;
+            };
+            for (p, st) in dl.parts.iter_mut().enumerate() {
+                if let Ok(f) = st.log.sync_handle() {
+                    if let Err(err) = f.sync_data() {
+                        warn!(stream = %e.stream.name(), partition = p, "syncing the log at shutdown: {err}");
+                    }
+                }
+            }
+            e.flush_offsets();
+        }
+    }
+}

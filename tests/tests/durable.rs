@@ -1,0 +1,439 @@
+//! Disk streams against a real ferryd: acknowledged batches survive
+//! `kill -9` under each fsync policy, torn tails are cut at recovery,
+//! groups resume at their committed offsets, replays past the pool come
+//! from disk byte for byte, retention deletes whole segments (and keeps
+//! what a group has not committed), and a full disk stalls producers with
+//! a clear error while nothing acknowledged is lost.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferry::{ConsumerOptions, GroupStart, Status, StreamSpec};
+use ferry_shm::proto::{Durability, Fsync};
+use ferry_tests::{eventually, Daemon};
+
+const T: Option<Duration> = Some(Duration::from_secs(10));
+
+fn disk(partitions: u32, slots: u32, slot_size: u64, fsync: Fsync) -> Option<StreamSpec> {
+    Some(StreamSpec {
+        partitions,
+        slot_size,
+        slot_count: slots,
+        durability: Durability {
+            disk: true,
+            fsync,
+            ..Durability::MEMORY
+        },
+    })
+}
+
+fn payload(i: u64, len: usize) -> Vec<u8> {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn data_dir(d: &Daemon) -> PathBuf {
+    d.dir.join("data")
+}
+
+/// A daemon whose data directory is `<its dir>/data`.
+fn daemon(keys: &str) -> Daemon {
+    let mut d = Daemon::start(keys, "");
+    let cfg = d.dir.join("ferryd.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[daemon]\n",
+        &format!("[daemon]\ndata_dir = \"{}\"\n", data_dir(&d).display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    d.restart();
+    d
+}
+
+/// Reads every batch the consumer has until none comes for `quiet`:
+/// (partition, offset, meta, payload).
+fn drain(c: &mut ferry::Consumer, quiet: Duration) -> Vec<(u32, u64, Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        match c.next(Some(quiet)) {
+            Ok(b) => {
+                // SAFETY: the batch is ours until released just below.
+                let (meta, data) = unsafe { (b.meta().to_vec(), b.data().to_vec()) };
+                out.push((b.partition, b.offset, meta, data));
+                c.release(b.token).unwrap();
+            }
+            Err(e) if e.status == Status::Timeout => return out,
+            Err(e) if e.status == Status::EndOfEpoch => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Checks batches read back: each is one that was sent (its metadata names
+/// it, its bytes match), offsets rise by one per partition from `from`.
+fn check_batches(
+    got: &[(u32, u64, Vec<u8>, Vec<u8>)],
+    len: usize,
+    from: &BTreeMap<u32, u64>,
+) -> Vec<u64> {
+    let mut next = from.clone();
+    let mut ids = Vec::new();
+    for (p, o, meta, data) in got {
+        let want = next.entry(*p).or_insert(*o);
+        assert_eq!(*o, *want, "partition {p}: offsets in order, none missing");
+        *want += 1;
+        let id = u64::from_le_bytes(meta[..8].try_into().unwrap());
+        assert_eq!(data, &payload(id, len), "bytes of batch {id} intact");
+        ids.push(id);
+    }
+    ids
+}
+
+fn earliest() -> ConsumerOptions {
+    ConsumerOptions {
+        start: GroupStart::Earliest,
+        ..ConsumerOptions::default()
+    }
+}
+
+#[test]
+fn acknowledged_batches_survive_kill_9_under_each_fsync_policy() {
+    for fsync in [Fsync::Every, Fsync::IntervalMs(20), Fsync::Never] {
+        let mut d = daemon("");
+        let client = d.client();
+        let mut p = client.producer("s", disk(2, 16, 4096, fsync)).unwrap();
+        // No group yet: the first group to form gets everything.
+        let len = 3000;
+        for i in 0..300u64 {
+            p.send(&payload(i, len), &i.to_le_bytes(), None, T).unwrap();
+            if i == 199 {
+                p.flush(T).unwrap();
+                assert_eq!(p.acked(), (200, 200));
+            }
+        }
+        // 100 more on their way, some acknowledged by now, some not.
+        let (_, acked) = p.acked();
+        d.kill();
+        drop(p);
+        drop(client);
+        d.restart();
+        assert!(d.log().contains("disk stream opened"), "{}", d.log());
+        let client = d.client();
+        let mut c = client
+            .consumer("s", "g", ConsumerOptions::default())
+            .unwrap();
+        let got = drain(&mut c, Duration::from_millis(1500));
+        let ids = check_batches(&got, len, &BTreeMap::from([(0, 0), (1, 0)]));
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        // Every acknowledged batch is there (the producer's publishes are
+        // acknowledged in order), and nothing that was never sent.
+        for i in 0..acked.max(200) {
+            assert!(
+                sorted.binary_search(&i).is_ok(),
+                "{fsync:?}: acknowledged batch {i} is lost ({} back)",
+                ids.len()
+            );
+        }
+        assert!(sorted.iter().all(|&i| i < 300));
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len(), "no batch twice");
+    }
+}
+
+#[test]
+fn groups_resume_at_their_commits_and_replays_past_the_pool_come_from_disk() {
+    let mut d = daemon("offsets_flush_ms = 20");
+    let client = d.client();
+    let len = 2000;
+    // 8 slots, 100 batches: most of the stream lives on disk only.
+    let mut p = client
+        .producer("s", disk(1, 8, 4096, Fsync::Every))
+        .unwrap();
+    let mut c = client
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    for i in 0..100u64 {
+        p.send(&payload(i, len), &i.to_le_bytes(), None, T).unwrap();
+    }
+    p.flush(T).unwrap();
+    let mut first = Vec::new();
+    while first.len() < 60 {
+        let b = c.next(T).unwrap();
+        // SAFETY: ours until released.
+        first.push((
+            b.partition,
+            b.offset,
+            unsafe { b.meta().to_vec() },
+            unsafe { b.data().to_vec() },
+        ));
+        c.release(b.token).unwrap();
+    }
+    c.commit().unwrap();
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill();
+    drop(p);
+    drop(client);
+    d.restart();
+    let client = d.client();
+    // The group goes on from its commit.
+    let mut c = client
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    let rest = drain(&mut c, Duration::from_millis(1000));
+    assert_eq!(
+        rest.first().map(|b| b.1),
+        Some(60),
+        "resumes at the committed offset"
+    );
+    check_batches(&rest, len, &BTreeMap::from([(0, 60)]));
+    assert_eq!(rest.len(), 40);
+    // A new group replays everything from disk, the same bytes.
+    let mut r = client.consumer("s", "replay", earliest()).unwrap();
+    let all = drain(&mut r, Duration::from_millis(1000));
+    assert_eq!(all.len(), 100);
+    assert_eq!(
+        &all[..60],
+        &first[..],
+        "a replay returns what was read the first time"
+    );
+    // And a seek back to a range long gone from the pool.
+    r.seek(0, 10).unwrap();
+    let again = drain(&mut r, Duration::from_millis(1000));
+    assert_eq!(again.first().map(|b| b.1), Some(10));
+    assert_eq!(&again[..], &all[10..]);
+}
+
+fn last_segment(dir: &Path) -> PathBuf {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v.pop().unwrap()
+}
+
+#[test]
+fn a_torn_tail_is_cut_at_recovery_and_reported_never_served() {
+    let mut d = daemon("");
+    let client = d.client();
+    let len = 1000;
+    let mut p = client
+        .producer("s", disk(1, 8, 4096, Fsync::Every))
+        .unwrap();
+    for i in 0..20u64 {
+        p.send(&payload(i, len), &i.to_le_bytes(), None, T).unwrap();
+    }
+    p.flush(T).unwrap();
+    d.kill();
+    drop(p);
+    drop(client);
+    // Tear the last record (as a crash in the middle of its write would)
+    // and damage the one before it.
+    let seg = last_segment(&data_dir(&d).join("streams/s/p0"));
+    let size = std::fs::metadata(&seg).unwrap().len();
+    let rec = 40 + 8 + len as u64;
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(size - 100).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"XX", size - rec - 50).unwrap();
+    d.restart();
+    let log = d.log();
+    assert!(log.contains("dropping a torn or corrupt tail"), "{log}");
+    let client = d.client();
+    let mut c = client.consumer("s", "g", earliest()).unwrap();
+    let got = drain(&mut c, Duration::from_millis(1000));
+    let ids = check_batches(&got, len, &BTreeMap::from([(0, 0)]));
+    assert_eq!(
+        ids,
+        (0..18).collect::<Vec<u64>>(),
+        "everything before the damage, nothing after"
+    );
+    // The log goes on after the cut.
+    let mut p = client.producer("s", None).unwrap();
+    p.send(&payload(18, len), &18u64.to_le_bytes(), None, T)
+        .unwrap();
+    p.flush(T).unwrap();
+    let more = drain(&mut c, Duration::from_millis(1000));
+    assert_eq!(more.len(), 1);
+    assert_eq!(more[0].1, 18);
+}
+
+#[test]
+fn retention_deletes_whole_segments_keeps_uncommitted_ones_and_seeks_below_it_are_told() {
+    let d = daemon("segment_bytes = 4096");
+    let client = d.client();
+    let len = 1000;
+    let mut spec = disk(1, 8, 2048, Fsync::Never).unwrap();
+    spec.durability.retention_bytes = 8192;
+    let mut p = client.producer("s", Some(spec.clone())).unwrap();
+    // A second stream whose group holds everything back (retention keeps
+    // what a live group has not committed).
+    let mut p2 = client.producer("k", Some(spec)).unwrap();
+    let _slow = client
+        .consumer("k", "slow", ConsumerOptions::default())
+        .unwrap();
+    for i in 0..60u64 {
+        p.send(&payload(i, len), &i.to_le_bytes(), None, T).unwrap();
+        p2.send(&payload(i, len), &i.to_le_bytes(), None, T)
+            .unwrap();
+    }
+    p.flush(T).unwrap();
+    p2.flush(T).unwrap();
+    let start_of = |d: &Daemon, name: &str| {
+        let st = d.status();
+        let s = st.streams.iter().find(|s| s.name == name).unwrap();
+        let disk = s.disk.as_ref().unwrap();
+        (disk.start_offsets[0], disk.bytes)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || start_of(&d, "s").0 > 0),
+        "retention deleted nothing: {:?}",
+        start_of(&d, "s")
+    );
+    let (start, bytes) = start_of(&d, "s");
+    // At most the limit is kept, and only whole segments go (each holds
+    // 4 records of 1048 bytes here).
+    assert!(bytes <= 8192, "kept {bytes} bytes");
+    assert!(start.is_multiple_of(4) && start <= 56, "starts at {start}");
+    assert_eq!(
+        start_of(&d, "k").0,
+        0,
+        "a group's uncommitted batches are kept"
+    );
+    // Reading from the start gets the retained range, exactly.
+    let mut c = client.consumer("s", "late", earliest()).unwrap();
+    let got = drain(&mut c, Duration::from_millis(1000));
+    assert_eq!(got.first().map(|b| b.1), Some(start));
+    check_batches(&got, len, &BTreeMap::from([(0, start)]));
+    assert_eq!(got.len() as u64, 60 - start);
+    // Below retention: a clear status naming the earliest offset.
+    let Err(e) = client.consumer(
+        "s",
+        "below",
+        ConsumerOptions {
+            start: GroupStart::Offsets(vec![0]),
+            ..ConsumerOptions::default()
+        },
+    ) else {
+        panic!("a start below retention is refused");
+    };
+    assert_eq!(e.status, Status::OffsetGone, "{e}");
+    assert!(
+        e.message
+            .contains(&format!("the earliest retained is {start}")),
+        "{e}"
+    );
+    let e = c.seek(0, 0).unwrap_err();
+    assert_eq!(e.status, Status::OffsetGone, "{e}");
+    drop(d);
+}
+
+/// A small file system of its own for the data directory.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mounting a {size} tmpfs at {} (the test needs root, as CI has)",
+            at.display()
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stalls_producers_with_a_clear_error_and_loses_nothing_acknowledged() {
+    let mut d = daemon("");
+    d.kill();
+    let _fs = Tmpfs::mount(&data_dir(&d), "2m");
+    // Room taken by something else, freed later.
+    std::fs::write(data_dir(&d).join("filler"), vec![0u8; 1 << 20]).unwrap();
+    d.restart();
+    let client = d.client();
+    let len = 60 << 10;
+    let mut p = client
+        .producer("s", disk(1, 8, 64 << 10, Fsync::Every))
+        .unwrap();
+    let mut c = client
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    let mut sent = 0u64;
+    let mut got = Vec::new();
+    let err = loop {
+        match p.reserve(Some(Duration::from_secs(2))) {
+            Ok(slot) => {
+                // SAFETY: the slot is ours until published.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(payload(sent, len).as_ptr(), slot.ptr, len)
+                };
+                p.publish(slot.slot, len as u64, &sent.to_le_bytes(), None)
+                    .unwrap();
+                sent += 1;
+                got.extend(drain(&mut c, Duration::from_millis(20)));
+            }
+            Err(e) => break e,
+        }
+        assert!(sent < 100, "2 MiB never filled up");
+    };
+    assert_eq!(err.status, Status::Timeout);
+    assert!(
+        err.message.contains("cannot write the stream's disk log"),
+        "{err}"
+    );
+    let st = d.status();
+    let disk = st.streams[0].disk.as_ref().unwrap();
+    assert!(
+        disk.error
+            .as_deref()
+            .is_some_and(|e| e.contains("No space left")),
+        "{disk:?}"
+    );
+    let (_, acked) = p.acked();
+    // Reads go on: everything acknowledged is delivered.
+    got.extend(drain(&mut c, Duration::from_millis(500)));
+    assert!(
+        got.len() as u64 >= acked && acked > 0,
+        "{} delivered, {acked} acknowledged",
+        got.len()
+    );
+    // Room again: the waiting publishes go in, and producing resumes.
+    std::fs::remove_file(data_dir(&d).join("filler")).unwrap();
+    p.flush(T).unwrap();
+    for i in sent..sent + 3 {
+        p.send(&payload(i, len), &i.to_le_bytes(), None, T).unwrap();
+    }
+    p.flush(T).unwrap();
+    got.extend(drain(&mut c, Duration::from_millis(500)));
+    let ids = check_batches(&got, len, &BTreeMap::from([(0, 0)]));
+    assert_eq!(ids, (0..sent + 3).collect::<Vec<u64>>());
+    assert!(
+        d.log().contains("disk log writes succeed again"),
+        "{}",
+        d.log()
+    );
+    d.kill();
+}
