@@ -815,28 +815,29 @@ impl StreamConfig {
             }
             return Ok(Durability::MEMORY);
         }
-        let fsync =
-            match (self.fsync.as_deref(), self.fsync_interval_ms) {
-                (None | Some("every"), None) => Fsync::Every,
-                (Some("interval"), ms) => {
-                    let ms = ms.unwrap_or(50);
-                    if !(1..=60_000).contains(&ms) {
-                        return Err(format!(
-                            "stream {name}: fsync_interval_ms must be 1..=60000, got {ms}"
-                        ));
-                    }
-                    Fsync::IntervalMs(ms)
-                }
-                (Some("never"), None) => Fsync::Never,
-                (_, Some(_)) => {
+        let fsync = match (self.fsync.as_deref(), self.fsync_interval_ms) {
+            (None | Some("every"), None) => Fsync::Every,
+            (Some("interval"), ms) => {
+                let ms = ms.unwrap_or(50);
+                if !(1..=60_000).contains(&ms) {
                     return Err(format!(
-                        "stream {name}: fsync_interval_ms goes with fsync = \"interval\""
-                    ))
+                        "stream {name}: fsync_interval_ms must be 1..=60000, got {ms}"
+                    ));
                 }
-                (Some(o), _) => return Err(format!(
+                Fsync::IntervalMs(ms)
+            }
+            (Some("never"), None) => Fsync::Never,
+            (_, Some(_)) => {
+                return Err(format!(
+                    "stream {name}: fsync_interval_ms goes with fsync = \"interval\""
+                ))
+            }
+            (Some(o), _) => {
+                return Err(format!(
                     "stream {name}: fsync must be \"every\", \"interval\" or \"never\", not {o:?}"
-                )),
-            };
+                ))
+            }
+        };
         let strict = match self.retention.as_deref() {
             None | Some("keep") => false,
             Some("strict") => true,

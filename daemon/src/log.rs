@@ -411,11 +411,7 @@ impl PartitionLog {
     /// Scans segment `seg` (`len` bytes): the offset after its last sound
     /// record, where that record ends, its sparse index, and why the scan
     /// stopped early (None: at the end of the file).
-    fn scan(
-        &mut self,
-        seg: &Segment,
-        len: u64,
-    ) -> io::Result<Scan> {
+    fn scan(&mut self, seg: &Segment, len: u64) -> io::Result<Scan> {
         let (mut pos, mut next) = (0u64, seg.base);
         let mut index = Vec::new();
         let mut since = u64::MAX;
