@@ -869,6 +869,10 @@ impl Producer {
     /// Publishes submitted so far, and how many of them ferryd
     /// acknowledged (as of the last look at the ring).
     pub fn acked(&self) -> (u64, u64) {
+        if !self.s.info.acks {
+            let queued = self.s.sub.ring().occupancy() as u64;
+            return (self.published, self.published.saturating_sub(queued));
+        }
         (self.published, self.acked)
     }
 
@@ -878,6 +882,38 @@ impl Producer {
     /// stream, taken by ferryd. Grants that arrive meanwhile are kept.
     pub fn flush(&mut self, timeout: Option<Duration>) -> Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        if !self.s.info.acks {
+            // A memory stream: taken once ferryd has read the ring.
+            let mut spinner = Spinner::new();
+            let mut turns = 0u32;
+            while self.s.sub.ring().occupancy() > 0 {
+                // The descriptors were pushed with a wake-up where ferryd
+                // slept; another now and then covers a lost one.
+                if turns.is_multiple_of(4096) {
+                    if sys::peer_hung_up(&self.s.sock) {
+                        return Err(self.s.disconnected());
+                    }
+                    self.s.wake();
+                }
+                turns = turns.wrapping_add(1);
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return err(
+                        Status::Timeout,
+                        format!(
+                            "ferryd did not read this producer's ring of stream {} in time",
+                            self.s.stream
+                        ),
+                    );
+                }
+                if turns > 65_536 {
+                    std::thread::sleep(Duration::from_micros(100));
+                } else {
+                    spinner.spin();
+                }
+            }
+            self.acked = self.published;
+            return Ok(());
+        }
         while self.acked < self.published {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             let d = self.s.wait(left).map_err(|e| match e.status {

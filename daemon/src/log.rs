@@ -197,15 +197,15 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Hashes a record: its header's first 32 bytes, metadata, payload (read
-/// back from `file` at `pos`, through `scratch`).
-fn hash_from_file(
-    file: &File,
+/// A record's checksum: its header's first 32 bytes, its metadata, and
+/// its `len` payload bytes, which `fill(buf, at)` copies into `scratch`
+/// chunk by chunk (payload bytes `at..at + buf.len()`).
+fn record_hash(
     head: &[u8; HEADER],
     meta: &[u8],
-    pos: u64,
     len: u64,
     scratch: &mut Vec<u8>,
+    mut fill: impl FnMut(&mut [u8], u64) -> io::Result<()>,
 ) -> io::Result<u64> {
     let mut h = Xxh3::new();
     h.update(&head[..32]);
@@ -214,11 +214,25 @@ fn hash_from_file(
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(scratch.len() as u64) as usize;
-        file.read_exact_at(&mut scratch[..n], pos + done)?;
+        fill(&mut scratch[..n], done)?;
         h.update(&scratch[..n]);
         done += n as u64;
     }
     Ok(h.digest())
+}
+
+/// A record's checksum over its payload as `file` holds it at `pos`.
+fn hash_from_file(
+    file: &File,
+    head: &[u8; HEADER],
+    meta: &[u8],
+    pos: u64,
+    len: u64,
+    scratch: &mut Vec<u8>,
+) -> io::Result<u64> {
+    record_hash(head, meta, len, scratch, |buf, at| {
+        file.read_exact_at(buf, pos + at)
+    })
 }
 
 /// Reads and checks the record at `pos` of `file` (`size`: the file's
@@ -635,28 +649,25 @@ impl PartitionLog {
 
     fn write_record(&self, pos: u64, head: &[u8], payload: &Payload<'_>) -> io::Result<()> {
         let file = &self.active().file;
-        let total = head.len() as u64 + payload.len();
+        let (r, off, len) = match payload {
+            Payload::Bytes(b) => {
+                file.write_all_at(head, pos)?;
+                return file.write_all_at(b, pos + head.len() as u64);
+            }
+            Payload::Region(r, off, len) => (r, *off, *len),
+        };
+        // One pwritev for header and payload; a short write goes on from
+        // where it stopped.
+        let total = head.len() as u64 + len;
         let mut done = 0u64;
         while done < total {
-            let n = if done < head.len() as u64 {
-                let rest = &head[done as usize..];
-                match payload {
-                    Payload::Region(r, off, len) => {
-                        r.pwritev_to(file.as_fd(), pos + done, rest, &[(*off, *len)])
-                    }
-                    Payload::Bytes(b) => {
-                        let mut v = rest.to_vec();
-                        v.extend_from_slice(b);
-                        file.write_at(&v, pos + done)
-                    }
+            let n = match head.get(done as usize..) {
+                Some(rest) if !rest.is_empty() => {
+                    r.pwritev_to(file.as_fd(), pos + done, rest, &[(off, len)])
                 }
-            } else {
-                let p = done - head.len() as u64;
-                match payload {
-                    Payload::Region(r, off, len) => {
-                        r.pwritev_to(file.as_fd(), pos + done, &[], &[(off + p, len - p)])
-                    }
-                    Payload::Bytes(b) => file.write_at(&b[p as usize..], pos + done),
+                _ => {
+                    let p = done - head.len() as u64;
+                    r.pwritev_to(file.as_fd(), pos + done, &[], &[(off + p, len - p)])
                 }
             };
             match n {
@@ -738,20 +749,13 @@ impl PartitionLog {
         let data = pos + HEADER as u64 + h.meta_len as u64;
         region.pread_from(seg.file.as_fd(), data, at, h.len)?;
         // Check what landed in the slot, not a second read of the file.
-        let mut x = Xxh3::new();
-        x.update(&h.encode()[..32]);
-        x.update(&meta);
-        self.scratch.resize(256 << 10, 0);
-        let mut done = 0u64;
-        while done < h.len {
-            let n = (h.len - done).min(self.scratch.len() as u64) as usize;
-            if !region.read_shared(at + done, &mut self.scratch[..n]) {
-                return Err(invalid("slot out of the pool".into()));
-            }
-            x.update(&self.scratch[..n]);
-            done += n as u64;
-        }
-        if x.digest() != h.hash {
+        let got = record_hash(&h.encode(), &meta, h.len, &mut self.scratch, |buf, off| {
+            region
+                .read_shared(at + off, buf)
+                .then_some(())
+                .ok_or_else(|| invalid("slot out of the pool".into()))
+        })?;
+        if got != h.hash {
             return Err(invalid(format!(
                 "record {offset} in segment {} fails its checksum (the file is damaged); it is not served",
                 self.dir.join(seg_name(base, "log")).display()
@@ -767,10 +771,18 @@ impl PartitionLog {
         let seg = &self.segments[&base];
         let mut buf = vec![0u8; h.meta_len as usize + h.len as usize];
         seg.file.read_exact_at(&mut buf, pos + HEADER as u64)?;
-        let mut x = Xxh3::new();
-        x.update(&h.encode()[..32]);
-        x.update(&buf);
-        if x.digest() != h.hash {
+        let (meta, payload) = buf.split_at(h.meta_len as usize);
+        let got = record_hash(
+            &h.encode(),
+            meta,
+            payload.len() as u64,
+            &mut Vec::new(),
+            |b, at| {
+                b.copy_from_slice(&payload[at as usize..at as usize + b.len()]);
+                Ok(())
+            },
+        )?;
+        if got != h.hash {
             return Err(invalid(format!("record {offset} fails its checksum")));
         }
         let payload = buf.split_off(h.meta_len as usize);

@@ -72,6 +72,17 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// An entry that takes no slot (an end marker, a lost batch).
+    pub fn marker(flags: u16) -> Entry {
+        Entry {
+            slot: NO_SLOT,
+            len: 0,
+            meta_len: 0,
+            device: None,
+            flags,
+        }
+    }
+
     pub fn is_end(&self) -> bool {
         self.flags & ENTRY_END != 0
     }
@@ -426,7 +437,8 @@ impl Stream {
 
     /// Whether a slot is free for a grant.
     pub fn has_free_slot(&self) -> bool {
-        !self.free.is_empty() || (self.tiered && self.evictable().is_some())
+        !self.free.is_empty()
+            || (self.tiered && (0..self.slots.len()).any(|i| self.eviction_distance(i).is_some()))
     }
 
     /// Its groups by index, deleted ones included (`Group::deleted`).
@@ -610,12 +622,12 @@ impl Stream {
             && self.needers(p as usize, o) > 0
     }
 
-    /// Puts a batch read back from the log into the stream: `slot` (granted
-    /// to the daemon, `DAEMON`) now holds offset `o` of `p`, or `slot` is
-    /// [`NO_SLOT`] for an end marker. Held by every group that needs it.
-    pub fn restore(&mut self, p: u32, o: u64, slot: u32, entry: Entry) {
-        let part = &mut self.parts[p as usize];
-        part.index.insert(o, entry);
+    /// Puts a batch read back from the log into the stream: `entry.slot`
+    /// (granted to the daemon) now holds offset `o` of `p`, or is
+    /// [`NO_SLOT`] for a marker. Held by every group that needs it.
+    pub fn restore(&mut self, p: u32, o: u64, entry: Entry) {
+        let slot = entry.slot;
+        self.parts[p as usize].index.insert(o, entry);
         if slot == NO_SLOT {
             return;
         }
@@ -632,37 +644,54 @@ impl Stream {
         }
     }
 
-    /// A disk stream: the slot to take for a newer batch when none is
-    /// free: one holding a durable batch no member holds, the highest
-    /// offset first (the one its groups get to last).
-    fn evictable(&self) -> Option<u32> {
-        let mut best: Option<(u64, u32)> = None;
-        for (i, s) in self.slots.iter().enumerate() {
-            let Slot::Held { part, offset, .. } = *s else {
-                continue;
-            };
-            let p = part as usize;
-            if offset >= self.parts[p].visible
-                || self
-                    .groups
-                    .iter()
-                    .any(|g| !g.deleted && g.parts[p].inflight.contains_key(&offset))
-            {
-                continue;
+    /// A disk stream: how soon a group will want the batch in slot `i`
+    /// (how many offsets it is still to read before it), or None when the
+    /// slot cannot be taken: it holds no batch, or one not yet durable, or
+    /// one a member holds. `u64::MAX`: no live group needs it.
+    fn eviction_distance(&self, i: usize) -> Option<u64> {
+        let Slot::Held { part, offset, .. } = self.slots[i] else {
+            return None;
+        };
+        let p = part as usize;
+        if offset >= self.parts[p].visible {
+            return None;
+        }
+        let mut nearest = u64::MAX;
+        for g in self.groups.iter().filter(|g| !g.deleted) {
+            let gp = &g.parts[p];
+            if gp.inflight.contains_key(&offset) {
+                return None;
             }
-            if best.is_none_or(|(o, _)| offset > o) {
-                best = Some((offset, i as u32));
+            if gp.pending.contains(&offset) {
+                nearest = 0;
+            } else if offset >= gp.next {
+                nearest = nearest.min(offset - gp.next);
             }
         }
-        best.map(|(_, s)| s)
+        Some(nearest)
     }
 
-    /// Takes a slot out of the cache (its batch stays on disk).
-    fn evict(&mut self, slot: u32) {
-        if let Slot::Held { part, offset, .. } = self.slots[slot as usize] {
-            self.parts[part as usize].index.remove(&offset);
-            self.slots[slot as usize] = Slot::Free { retained: None };
+    /// A disk stream with no free slot: takes out of the cache (their
+    /// batches stay on disk) the batches its groups will want last, an
+    /// eighth of the pool at once (at least one), so that the scan is paid
+    /// once per that many grants. Returns whether any slot came free.
+    fn make_room(&mut self) -> bool {
+        let mut far: Vec<(u64, u32)> = (0..self.slots.len())
+            .filter_map(|i| self.eviction_distance(i).map(|d| (d, i as u32)))
+            .collect();
+        let n = (self.slots.len() / 8).max(1).min(far.len());
+        if n == 0 {
+            return false;
         }
+        far.select_nth_unstable_by(n - 1, |a, b| b.cmp(a));
+        for &(_, slot) in &far[..n] {
+            if let Slot::Held { part, offset, .. } = self.slots[slot as usize] {
+                self.parts[part as usize].index.remove(&offset);
+                self.slots[slot as usize] = Slot::Free { retained: None };
+                self.free.spare.push_back(slot);
+            }
+        }
+        true
     }
 
     /// Sets how many released batches stay readable for a seek; slots
@@ -683,11 +712,7 @@ impl Stream {
                     self.forget(s);
                     s
                 }
-                None if self.tiered => {
-                    let s = self.evictable()?;
-                    self.evict(s);
-                    s
-                }
+                None if self.tiered && self.make_room() => self.free.spare.pop_front()?,
                 None => return None,
             },
         };
@@ -761,13 +786,9 @@ impl Stream {
         if empty {
             return false;
         }
-        let orphan = if self.live_groups() == 0 {
-            ENTRY_ORPHAN
-        } else {
-            0
-        };
-        let tiered = self.tiered;
         let alone = self.live_groups() == 0;
+        let orphan = if alone { ENTRY_ORPHAN } else { 0 };
+        let tiered = self.tiered;
         for part in &mut self.parts {
             let offset = part.end;
             part.end += 1;
@@ -777,16 +798,7 @@ impl Stream {
             } else if alone && part.orphan_from.is_none() {
                 part.orphan_from = Some(offset);
             }
-            part.index.insert(
-                offset,
-                Entry {
-                    slot: NO_SLOT,
-                    len: 0,
-                    meta_len: 0,
-                    device: None,
-                    flags: ENTRY_END | orphan,
-                },
-            );
+            part.index.insert(offset, Entry::marker(ENTRY_END | orphan));
         }
         true
     }
@@ -878,7 +890,6 @@ impl Stream {
                 flags: flags & ENTRY_RECORD,
             },
         );
-        let live = self.live_groups();
         let orphan = live == 0;
         self.slots[slot as usize] = Slot::Held {
             part,

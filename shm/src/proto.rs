@@ -149,6 +149,10 @@ pub struct SessionInfo {
     /// Consumer with GPU delivery: its GPU pool. Producer publishing from
     /// a GPU: the stream's mirror there (slot i of the pool <-> slot i).
     pub gpu: Option<GpuPoolInfo>,
+    /// Producer: its publishes are acknowledged with `OP_ACK` once durable
+    /// (a disk stream at this host). Otherwise a publish counts as taken
+    /// once ferryd has read it off the submission ring.
+    pub acks: bool,
 }
 
 /// A consumer's pool in GPU memory: `slots` slots of `stride` bytes, which
@@ -340,6 +344,7 @@ mod tests {
                 stride: 4096,
                 slots: 4,
             }),
+            acks: true,
         });
         let b = encode(&info).unwrap();
         assert_eq!(decode::<Response>(&b).unwrap(), info);

@@ -437,3 +437,22 @@ fn a_full_disk_stalls_producers_with_a_clear_error_and_loses_nothing_acknowledge
     );
     d.kill();
 }
+
+#[test]
+fn a_memory_stream_producer_flushes_once_ferryd_has_read_its_ring() {
+    let d = daemon("");
+    let client = d.client();
+    let mut spec = disk(1, 16, 64, Fsync::Every).unwrap();
+    spec.durability = Durability::MEMORY;
+    let mut p = client.producer("m", Some(spec)).unwrap();
+    let _c = client
+        .consumer("m", "g", ConsumerOptions::default())
+        .unwrap();
+    for i in 0..10u64 {
+        p.send(b"x", &i.to_le_bytes(), None, T).unwrap();
+    }
+    p.flush(T).unwrap();
+    assert_eq!(p.acked(), (10, 10));
+    // No OP_ACK traffic for it: the producer's ring carries grants only.
+    assert_eq!(d.status().streams[0].published, 10);
+}

@@ -43,9 +43,7 @@ pub(super) fn publish_copied(
     let at = entry
         .stream
         .publish(id, d.slot, d.len, d.meta_len, key, device, entry_flags(d))?;
-    if entry.stream.tiered() {
-        acks.unacked.push_back(at);
-    }
+    acks.published(&entry.stream, at);
     granted.remove(&d.slot);
     *published += 1;
     entry.dirty = true;
@@ -137,9 +135,10 @@ impl Server {
                     }
                 }
             }
-            // Acknowledgements: how many of its publishes are as durable
-            // as the stream promises.
-            for pid in &entry.producers {
+            // A disk stream's acknowledgements: how many of each
+            // producer's publishes are as durable as the stream promises
+            // (a memory stream's producers see their ring drained instead).
+            for pid in entry.producers.iter().filter(|_| entry.stream.tiered()) {
                 let Some(Session {
                     role: Role::Producer(p),
                     ..
@@ -147,7 +146,7 @@ impl Server {
                 else {
                     continue;
                 };
-                let acked = p.acks.advance(&entry.stream, p.published);
+                let acked = p.acks.advance(&entry.stream);
                 if (acked, stalled) == p.acks.sent {
                     continue;
                 }

@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ferry_shm::proto::{Fsync, StreamSpec};
+use ferry_shm::proto::{Durability, Fsync, StreamSpec};
 
 use crate::log::{self, LogOptions, PartitionLog, Payload, StoredGroup, StoredStream};
-use crate::stream::{Entry, Stream, ENTRY_END, ENTRY_LOST, ENTRY_RECORD, NO_SLOT};
+use crate::stream::{Entry, Stream, ENTRY_END, ENTRY_LOST, ENTRY_RECORD};
 
 use super::*;
 
@@ -104,15 +104,13 @@ struct PartState {
 pub(super) struct DiskLog {
     dir: PathBuf,
     parts: Vec<PartState>,
-    fsync: Fsync,
+    /// The stream's fsync and retention settings.
+    d: Durability,
     /// Why writes fail now (a full disk); None while they succeed.
     pub(super) error: Option<String>,
     stored_groups: Vec<StoredGroup>,
     offsets_at: Instant,
     retention_at: Instant,
-    strict: bool,
-    retention_ms: u64,
-    retention_bytes: u64,
 }
 
 impl DiskLog {
@@ -245,14 +243,11 @@ pub(super) fn open_disk(
         DiskLog {
             dir,
             parts,
-            fsync: d.fsync,
+            d: *d,
             error: None,
             stored_groups: groups,
             offsets_at: Instant::now(),
             retention_at: Instant::now(),
-            strict: d.strict,
-            retention_ms: d.retention_ms,
-            retention_bytes: d.retention_bytes,
         },
         line,
     ))
@@ -357,7 +352,7 @@ impl StreamEntry {
                 }
             }
             if st.written > before {
-                match dl.fsync {
+                match dl.d.fsync {
                     Fsync::Never => {
                         st.synced = st.written;
                         self.stream.make_visible(p, st.written);
@@ -425,17 +420,9 @@ impl StreamEntry {
                     .log
                     .read_into(o, &self.pool, soff, self.stream.spec().slot_size)
                 {
-                    Ok((h, meta)) if h.flags & log::REC_END != 0 => {
+                    Ok((h, _)) if h.flags & log::REC_END != 0 => {
                         self.stream.return_grant(DAEMON, slot);
-                        let e = Entry {
-                            slot: NO_SLOT,
-                            len: 0,
-                            meta_len: 0,
-                            device: None,
-                            flags: ENTRY_END,
-                        };
-                        let _ = meta;
-                        self.stream.restore(p, o, NO_SLOT, e);
+                        self.stream.restore(p, o, Entry::marker(ENTRY_END));
                     }
                     Ok((h, meta)) => {
                         self.pool.write(moff, &meta);
@@ -450,7 +437,7 @@ impl StreamEntry {
                                 0
                             },
                         };
-                        self.stream.restore(p, o, slot, e);
+                        self.stream.restore(p, o, e);
                     }
                     Err(e) => {
                         self.stream.return_grant(DAEMON, slot);
@@ -460,18 +447,7 @@ impl StreamEntry {
                             offset = o,
                             "a batch cannot be read back from the disk log and is skipped: {e}"
                         );
-                        self.stream.restore(
-                            p,
-                            o,
-                            NO_SLOT,
-                            Entry {
-                                slot: NO_SLOT,
-                                len: 0,
-                                meta_len: 0,
-                                device: None,
-                                flags: ENTRY_LOST,
-                            },
-                        );
+                        self.stream.restore(p, o, Entry::marker(ENTRY_LOST));
                     }
                 }
             }
@@ -493,7 +469,7 @@ impl StreamEntry {
                 st.synced = st.synced.max(s.upto);
                 self.stream.make_visible(s.part, s.upto);
                 self.dirty = true;
-                if matches!(dl.fsync, Fsync::Every) && st.written > st.synced {
+                if matches!(dl.d.fsync, Fsync::Every) && st.written > st.synced {
                     request_sync(syncer, idx, self.stream.name(), s.part, st);
                 }
             }
@@ -518,7 +494,7 @@ impl StreamEntry {
         };
         for p in 0..dl.parts.len() {
             let st = &mut dl.parts[p];
-            let due = match dl.fsync {
+            let due = match dl.d.fsync {
                 Fsync::IntervalMs(ms) => st.last_sync.elapsed() >= Duration::from_millis(ms as u64),
                 // A failed sync is tried again.
                 Fsync::Every => dl.error.is_some(),
@@ -543,7 +519,7 @@ impl StreamEntry {
             }
         }
         if dl.retention_at.elapsed() >= RETENTION_EVERY
-            && (dl.retention_ms > 0 || dl.retention_bytes > 0)
+            && (dl.d.retention_ms > 0 || dl.d.retention_bytes > 0)
         {
             dl.retention_at = Instant::now();
             self.apply_retention();
@@ -562,11 +538,11 @@ impl StreamEntry {
             let mut total = st.log.bytes();
             let mut deleted = 0;
             for (_base, next, bytes, modified) in st.log.closed_segments() {
-                let old = dl.retention_ms > 0
+                let old = dl.d.retention_ms > 0
                     && now
                         .duration_since(modified)
-                        .is_ok_and(|d| d >= Duration::from_millis(dl.retention_ms));
-                let big = dl.retention_bytes > 0 && total > dl.retention_bytes;
+                        .is_ok_and(|d| d >= Duration::from_millis(dl.d.retention_ms));
+                let big = dl.d.retention_bytes > 0 && total > dl.d.retention_bytes;
                 if !old && !big {
                     break;
                 }
@@ -577,7 +553,7 @@ impl StreamEntry {
                     .filter(|g| !g.deleted && g.parts[p].committed < next)
                     .map(|g| g.name.clone())
                     .collect::<Vec<_>>();
-                if !behind.is_empty() && !dl.strict {
+                if !behind.is_empty() && !dl.d.strict {
                     crate::limited!(
                         INFO,
                         stream = %self.stream.name(),
@@ -636,19 +612,22 @@ impl StreamEntry {
 /// A producer's publishes to a disk stream not yet acknowledged, in order.
 #[derive(Debug, Default)]
 pub(super) struct Acks {
-    pub(super) unacked: VecDeque<(u32, u64)>,
-    pub(super) acked: u64,
+    unacked: VecDeque<(u32, u64)>,
+    acked: u64,
     /// What the producer was told: acknowledged count, stalled.
     pub(super) sent: (u64, bool),
 }
 
 impl Acks {
-    /// Moves past what is visible now; returns the acknowledged count.
-    pub(super) fn advance(&mut self, stream: &Stream, published: u64) -> u64 {
-        if !stream.tiered() {
-            self.acked = published;
-            return self.acked;
+    /// The producer's publish went in at (partition, offset).
+    pub(super) fn published(&mut self, stream: &Stream, at: (u32, u64)) {
+        if stream.tiered() {
+            self.unacked.push_back(at);
         }
+    }
+
+    /// Moves past what is visible now; returns the acknowledged count.
+    pub(super) fn advance(&mut self, stream: &Stream) -> u64 {
         while let Some(&(p, o)) = self.unacked.front() {
             if o >= stream.visible(p as usize) {
                 break;

@@ -106,6 +106,7 @@ impl Server {
             ring_capacity: self.cfg.daemon.ring_capacity,
             credits,
             gpu: gpu.as_ref().map(|g| g.info.clone()),
+            acks: entry.stream.tiered(),
         };
         entry.idle_since = None;
         let fds = [region.fd(), entry.pool.fd()];
@@ -227,6 +228,7 @@ impl Server {
             ring_capacity: cap,
             credits: prefetch,
             gpu: gpu.as_ref().map(|g| g.info.clone()),
+            acks: false,
         };
         entry.idle_since = None;
         // Consumers read the pool and nothing more: a read-only file

@@ -268,6 +268,7 @@ impl Server {
             ring_capacity: cap,
             credits: o.layout.slot_count,
             gpu: None,
+            acks: false,
         };
         o.home = Some((info, home_layout));
         let fds = [o._region.fd(), o.pool.region().fd()];

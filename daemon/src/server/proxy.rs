@@ -417,6 +417,7 @@ impl Server {
                     ring_capacity: cap,
                     credits: p.prefetch,
                     gpu: None,
+                    acks: false,
                 };
                 let pool_ro = p.pool.region().open_readonly();
                 let ring_fd = p._region.fd();

@@ -99,9 +99,7 @@ impl Server {
                         None,
                         entry_flags(&d),
                     )?;
-                    if entry.stream.tiered() {
-                        p.acks.unacked.push_back(at);
-                    }
+                    p.acks.published(&entry.stream, at);
                     p.granted.remove(&d.slot);
                     p.published += 1;
                     entry.dirty = true;
