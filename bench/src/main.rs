@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 mod cpu;
+mod disklog;
 mod fabric;
 mod gpu;
 #[cfg(feature = "iceoryx2")]
@@ -120,6 +121,20 @@ enum Cmd {
         /// The ferryd binary (default: beside this one).
         #[arg(long)]
         ferryd: Option<PathBuf>,
+    },
+    /// Disk streams: publish throughput under each fsync policy against a
+    /// raw write loop with the same fsync cadence and Redis Streams with its
+    /// append-only file, and replay from disk against a raw read of the
+    /// segment files.
+    Log {
+        #[command(flatten)]
+        run: RunLength,
+        /// The ferryd binary (default: beside this one).
+        #[arg(long)]
+        ferryd: Option<PathBuf>,
+        /// Only this fsync policy (and no replay unless it is "never").
+        #[arg(long, value_parser = ["every", "interval", "never"])]
+        only: Option<String>,
     },
     /// GPU delivery: staged host-to-GPU throughput through ferryd against a
     /// pinned host-to-device copy (needs a CUDA GPU).
@@ -198,6 +213,9 @@ fn main() {
         ),
         Cmd::Gpu { run, ferryd } => gpu::bench_gpu(run.quick, run.smoke, ferryd),
         Cmd::Stream { run, ferryd } => stream::bench_stream(run.quick, run.smoke, ferryd),
+        Cmd::Log { run, ferryd, only } => {
+            disklog::bench_log(run.quick, run.smoke, ferryd, only.as_deref())
+        }
         Cmd::GpuProduce {
             socket,
             stream,

@@ -236,14 +236,14 @@ fn start_redis() -> Res<Server> {
 }
 
 /// A minimal RESP client: commands as arrays of bulk strings.
-struct Resp {
+pub(crate) struct Resp {
     r: BufReader<TcpStream>,
     w: TcpStream,
 }
 
 /// One RESP reply (what these commands answer).
 #[derive(Debug)]
-enum Reply {
+pub(crate) enum Reply {
     Simple,
     Int(i64),
     Bulk(Option<Vec<u8>>),
@@ -251,7 +251,7 @@ enum Reply {
 }
 
 impl Resp {
-    fn connect(port: u16) -> Res<Resp> {
+    pub(crate) fn connect(port: u16) -> Res<Resp> {
         let s = TcpStream::connect(("127.0.0.1", port))?;
         s.set_nodelay(true)?;
         Ok(Resp {
@@ -260,7 +260,7 @@ impl Resp {
         })
     }
 
-    fn send(&mut self, args: &[&[u8]]) -> Res<()> {
+    pub(crate) fn send(&mut self, args: &[&[u8]]) -> Res<()> {
         let mut head = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
             head.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
@@ -283,7 +283,7 @@ impl Resp {
         Ok(l.trim_end().to_string())
     }
 
-    fn reply(&mut self) -> Res<Reply> {
+    pub(crate) fn reply(&mut self) -> Res<Reply> {
         let l = self.line()?;
         let (t, rest) = l.split_at(1.min(l.len()));
         Ok(match t {

@@ -11,21 +11,24 @@
 //! ```
 //!
 //! all little-endian. The checksum (xxh3-64) covers the first 32 header
-//! bytes, the metadata and the payload. The payload goes from the pool to
-//! the file in one `writev` (the kernel's copy into the page cache is the
-//! only one); the checksum is then computed over the bytes read back from
-//! the file, so a record on disk always matches its checksum even if a
-//! misbehaving producer changed its slot meanwhile, and the 8 checksum
-//! bytes are written last: a record cut short by a crash fails its check.
+//! bytes, the metadata and the payload; it is computed from the pool slot
+//! (read through a small scratch buffer), then header and payload go to
+//! the file in one `pwritev` (the kernel's copy into the page cache is the
+//! only copy of the batch). A record cut short by a crash fails its check.
+//! So does one whose producer went on writing its slot after publishing
+//! it (a misbehaving client): recovery tells such a damaged record in the
+//! middle from a torn tail by the sound record after it, keeps it (it is
+//! skipped when read back, never served) and goes on.
 //!
 //! The index has one 16-byte entry (offset, file position) at the first
 //! record of the segment and then every `index_every` bytes; closed
 //! segments have theirs synced at roll. Recovery trusts closed segments
 //! with a sound index and scans the last (active) segment record by record,
 //! truncating at the first record that is cut short or fails its checksum
-//! (a torn tail: only records never acknowledged can be there, since an
-//! acknowledgement waits for its record's write, and with `fsync = "every"`
-//! or `"interval"` for its sync).
+//! with no sound record after it (a torn tail: only records never
+//! acknowledged can be there, since an acknowledgement waits for its
+//! record's write, and with `fsync = "every"` or `"interval"` for its
+//! sync).
 //!
 //! The offsets file and the spec file are written whole to a temporary
 //! file, synced, and renamed over the old one, so a crash leaves either the
@@ -136,9 +139,12 @@ impl Payload<'_> {
     }
 }
 
-/// What recovery found wrong at the end of a partition's log.
+/// What recovery found wrong in a partition's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Truncation {
+    /// A damaged record with a sound record after it, kept in place (it is
+    /// skipped when read back); otherwise a tail cut off the file.
+    pub kept: bool,
     pub segment: PathBuf,
     /// Where the dropped bytes started in the segment, and how many.
     pub position: u64,
@@ -161,10 +167,18 @@ struct Segment {
     file: File,
 }
 
-/// What a scan of a segment found: the offset after its last sound
-/// record, where that record ends, the sparse index, and why the scan
-/// stopped before the end of the file (None: it did not).
-type Scan = (u64, u64, Vec<(u64, u64)>, Option<String>);
+/// What a scan of a segment found.
+struct Scan {
+    /// The offset after its last record, and where that record ends.
+    next: u64,
+    good: u64,
+    index: Vec<(u64, u64)>,
+    /// Why the scan stopped before the end of the file (a torn tail).
+    cut: Option<String>,
+    /// Damaged records with sound ones after them: (offset, position,
+    /// bytes, why).
+    damaged: Vec<(u64, u64, u64, String)>,
+}
 
 /// A partition's log.
 #[derive(Debug)]
@@ -182,6 +196,10 @@ pub struct PartitionLog {
     /// position), so that a sequential replay does not search the index.
     cursor: Option<(u64, u64, u64)>,
     scratch: Vec<u8>,
+    /// Written but not yet synced, besides the active segment: segments
+    /// closed since the last `sync_files` and their indexes, and the
+    /// directory (new segments in it).
+    unsynced: Vec<File>,
 }
 
 fn seg_name(base: u64, ext: &str) -> String {
@@ -210,7 +228,7 @@ fn record_hash(
     let mut h = Xxh3::new();
     h.update(&head[..32]);
     h.update(meta);
-    scratch.resize(256 << 10, 0);
+    scratch.resize(32 << 10, 0);
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(scratch.len() as u64) as usize;
@@ -245,36 +263,34 @@ fn check_record(
     expect: u64,
     max_payload: u64,
     scratch: &mut Vec<u8>,
-) -> io::Result<Result<RecordHeader, String>> {
+) -> io::Result<Result<RecordHeader, (String, Option<RecordHeader>)>> {
+    let bad = |m: String| Ok(Err((m, None)));
     if size - pos < HEADER as u64 {
-        return Ok(Err(format!(
-            "{} bytes, less than a record header",
-            size - pos
-        )));
+        return bad(format!("{} bytes, less than a record header", size - pos));
     }
     let mut hb = [0u8; HEADER];
     file.read_exact_at(&mut hb, pos)?;
     let Some(h) = RecordHeader::decode(&hb) else {
-        return Ok(Err("not a record header".into()));
+        return bad("not a record header".into());
     };
     if h.offset != expect {
-        return Ok(Err(format!(
+        return bad(format!(
             "header says offset {}, expected {expect}",
             h.offset
-        )));
+        ));
     }
     if h.len > max_payload {
-        return Ok(Err(format!(
+        return bad(format!(
             "header says {} payload bytes, over the slot size {max_payload}",
             h.len
-        )));
+        ));
     }
     if h.size() > size - pos {
-        return Ok(Err(format!(
+        return bad(format!(
             "cut short: {} of its {} bytes are in the file",
             size - pos,
             h.size()
-        )));
+        ));
     }
     let mut meta = [0u8; META_MAX];
     let ml = h.meta_len as usize;
@@ -288,7 +304,8 @@ fn check_record(
         scratch,
     )?;
     if got != h.hash {
-        return Ok(Err("checksum mismatch".into()));
+        // Its lengths may still be right: the caller looks past it.
+        return Ok(Err(("checksum mismatch".into(), Some(h))));
     }
     Ok(Ok(h))
 }
@@ -336,10 +353,14 @@ impl PartitionLog {
             since_index: 0,
             cursor: None,
             scratch: Vec::new(),
+            unsynced: Vec::new(),
         };
         let mut dropped = Vec::new();
         if bases.is_empty() {
             log.create_segment(0)?;
+            for f in log.unsynced.drain(..) {
+                f.sync_all()?;
+            }
             return Ok((log, dropped));
         }
         for (i, &base) in bases.iter().enumerate() {
@@ -365,8 +386,31 @@ impl PartitionLog {
             if index.is_none() {
                 // Scan: the active segment always, a closed one whose
                 // index is missing or unsound.
-                let (next, good, idx, cut) = log.scan(&seg, len)?;
-                seg.index = idx;
+                let Scan {
+                    next,
+                    good,
+                    index,
+                    cut,
+                    damaged,
+                } = log.scan(&seg, len)?;
+                seg.index = index;
+                for (offset, position, bytes, reason) in damaged {
+                    tracing::warn!(
+                        segment = %path.display(),
+                        position,
+                        offset,
+                        reason = %reason,
+                        "log recovery: a damaged record with sound ones after it is kept and will be skipped, never served"
+                    );
+                    dropped.push(Truncation {
+                        kept: true,
+                        segment: path.clone(),
+                        position,
+                        bytes,
+                        offset,
+                        reason,
+                    });
+                }
                 if let Some(reason) = cut {
                     if good < len {
                         tracing::warn!(
@@ -380,6 +424,7 @@ impl PartitionLog {
                         seg.file.set_len(good)?;
                         seg.file.sync_all()?;
                         dropped.push(Truncation {
+                            kept: false,
                             segment: path.clone(),
                             position: good,
                             bytes: len - good,
@@ -428,29 +473,48 @@ impl PartitionLog {
     fn scan(&mut self, seg: &Segment, len: u64) -> io::Result<Scan> {
         let (mut pos, mut next) = (0u64, seg.base);
         let mut index = Vec::new();
+        let mut damaged = Vec::new();
         let mut since = u64::MAX;
+        let max = self.opts.max_payload;
+        let mut cut = None;
         while pos < len {
-            match check_record(
-                &seg.file,
-                pos,
-                len,
-                next,
-                self.opts.max_payload,
-                &mut self.scratch,
-            )? {
-                Ok(h) => {
-                    if since >= self.opts.index_every {
-                        index.push((next, pos));
-                        since = 0;
-                    }
-                    since += h.size();
-                    pos += h.size();
-                    next += 1;
+            let h = match check_record(&seg.file, pos, len, next, max, &mut self.scratch)? {
+                Ok(h) => h,
+                Err((reason, Some(h)))
+                    if h.size() < len - pos
+                        && check_record(
+                            &seg.file,
+                            pos + h.size(),
+                            len,
+                            next + 1,
+                            max,
+                            &mut self.scratch,
+                        )?
+                        .is_ok() =>
+                {
+                    damaged.push((next, pos, h.size(), reason));
+                    h
                 }
-                Err(reason) => return Ok((next, pos, index, Some(reason))),
+                Err((reason, _)) => {
+                    cut = Some(reason);
+                    break;
+                }
+            };
+            if since >= self.opts.index_every {
+                index.push((next, pos));
+                since = 0;
             }
+            since += h.size();
+            pos += h.size();
+            next += 1;
         }
-        Ok((next, pos, index, None))
+        Ok(Scan {
+            next,
+            good: pos,
+            index,
+            cut,
+            damaged,
+        })
     }
 
     fn write_index(&self, path: &Path, index: &[(u64, u64)]) -> io::Result<()> {
@@ -478,7 +542,8 @@ impl PartitionLog {
             .create(true)
             .truncate(true)
             .open(&idx_path)?;
-        sync_dir(&self.dir)?;
+        // The new file's name reaches the disk with the next sync.
+        self.unsynced.push(File::open(&self.dir)?);
         self.segments.insert(
             base,
             Segment {
@@ -542,13 +607,25 @@ impl PartitionLog {
         Ok(self.header(next - 1)?.1.flags & REC_END != 0)
     }
 
-    /// A handle on the active segment for syncing it from another thread.
-    pub fn sync_handle(&self) -> io::Result<File> {
-        self.active().file.try_clone()
+    /// Handles on everything written and not yet synced (the active
+    /// segment, segments closed since the last call, their indexes, the
+    /// directory), for syncing them from another thread: once all are,
+    /// every record appended before this call is on stable storage.
+    pub fn sync_files(&mut self) -> io::Result<Vec<File>> {
+        let mut files = std::mem::take(&mut self.unsynced);
+        files.push(self.active().file.try_clone()?);
+        Ok(files)
     }
 
-    /// Closes the active segment when it is full or old enough, synced
-    /// with its index, and starts the next.
+    /// Whether a segment was closed (or created) since the last
+    /// `sync_files`.
+    pub fn rolled(&self) -> bool {
+        !self.unsynced.is_empty()
+    }
+
+    /// Closes the active segment when it is full or old enough and starts
+    /// the next (the closed one and its index are synced with the next
+    /// `sync_files`).
     fn maybe_roll(&mut self) -> io::Result<()> {
         let a = self.active();
         let old = self
@@ -558,8 +635,10 @@ impl PartitionLog {
             return Ok(());
         }
         let (base, next) = (a.base, a.next);
-        a.file.sync_data()?;
-        self.active_idx.sync_data()?;
+        // Synced with the next sync, off this thread.
+        let closed = a.file.try_clone()?;
+        self.unsynced.push(closed);
+        self.unsynced.push(self.active_idx.try_clone()?);
         self.active_mut().modified = SystemTime::now();
         self.create_segment(next)?;
         tracing::debug!(dir = %self.dir.display(), closed = base, next, "log segment rolled");
@@ -591,7 +670,7 @@ impl PartitionLog {
         }
         self.maybe_roll()?;
         let len = payload.len();
-        let h = RecordHeader {
+        let mut h = RecordHeader {
             flags,
             meta_len: meta.len() as u16,
             offset,
@@ -599,27 +678,32 @@ impl PartitionLog {
             len,
             hash: 0,
         };
+        // The checksum over the source (read through a small scratch
+        // buffer: a slot of the pool is shared memory), then header and
+        // payload in one write.
+        h.hash = record_hash(
+            &h.encode(),
+            meta,
+            len,
+            &mut self.scratch,
+            |buf, at| match &payload {
+                Payload::Region(r, off, _) => {
+                    r.read_shared(off + at, buf).then_some(()).ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidInput, "range outside the region")
+                    })
+                }
+                Payload::Bytes(b) => {
+                    buf.copy_from_slice(&b[at as usize..at as usize + buf.len()]);
+                    Ok(())
+                }
+            },
+        )?;
         let mut head = [0u8; HEADER + META_MAX];
-        let hb = h.encode();
-        head[..HEADER].copy_from_slice(&hb);
+        head[..HEADER].copy_from_slice(&h.encode());
         head[HEADER..HEADER + meta.len()].copy_from_slice(meta);
         let head = &head[..HEADER + meta.len()];
         let pos = self.active().bytes;
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let r = self.write_record(pos, head, &payload).and_then(|()| {
-            let seg = self.active();
-            let hash = hash_from_file(
-                &seg.file,
-                &hb,
-                meta,
-                pos + head.len() as u64,
-                len,
-                &mut scratch,
-            )?;
-            seg.file.write_all_at(&hash.to_le_bytes(), pos + 32)
-        });
-        self.scratch = scratch;
-        if let Err(e) = r {
+        if let Err(e) = self.write_record(pos, head, &payload) {
             // Leave no part of it: the next try starts at the same place.
             let _ = self.active().file.set_len(pos);
             return Err(e);
@@ -800,19 +884,24 @@ impl PartitionLog {
             .collect()
     }
 
-    /// Deletes the oldest segment (never the active one). Returns the new
-    /// start offset.
-    pub fn delete_oldest(&mut self) -> io::Result<u64> {
+    /// Takes the oldest segment (never the active one) out of the log.
+    /// Returns the new start offset and the segment's files, for the caller
+    /// to delete (unlinking a large file frees its page cache, which takes
+    /// a while: not on the data-plane thread). A crash before they are
+    /// deleted leaves them to be found, and deleted, again.
+    pub fn detach_oldest(&mut self) -> Option<(u64, [PathBuf; 2])> {
         if self.segments.len() < 2 {
-            return Ok(self.start_offset());
+            return None;
         }
         let (base, _) = self.segments.pop_first().expect("two segments");
-        fs::remove_file(self.dir.join(seg_name(base, "log")))?;
-        let _ = fs::remove_file(self.dir.join(seg_name(base, "idx")));
         if self.cursor.is_some_and(|(_, b, _)| b == base) {
             self.cursor = None;
         }
-        Ok(self.start_offset())
+        let files = [
+            self.dir.join(seg_name(base, "log")),
+            self.dir.join(seg_name(base, "idx")),
+        ];
+        Some((self.start_offset(), files))
     }
 }
 

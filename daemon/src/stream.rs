@@ -43,6 +43,10 @@ pub enum Slot {
     },
 }
 
+/// A disk stream reads back batches this far ahead of where a busy group
+/// is (see `want_ahead`).
+const LOAD_AHEAD: u64 = 16;
+
 /// `Entry::slot` of an end marker: it carries no batch.
 pub const NO_SLOT: u32 = u32::MAX;
 
@@ -99,6 +103,9 @@ pub struct Partition {
     /// Offsets below this may be delivered: `end` for a memory stream; for
     /// a disk stream, what its log made as durable as the stream promises.
     pub visible: u64,
+    /// A disk stream: offsets below this are in its log file (maybe not
+    /// synced yet): their slots may be reused, and they are read back.
+    pub written: u64,
     /// A disk stream: the lowest offset its log still holds (what is not
     /// in a slot is read back from there).
     pub floor: u64,
@@ -500,6 +507,7 @@ impl Stream {
         let part = &mut self.parts[p];
         part.end = end;
         part.visible = end;
+        part.written = end;
         part.floor = floor;
         part.ended = ended;
         part.orphan_from = (floor < end).then_some(floor);
@@ -541,7 +549,14 @@ impl Stream {
     /// Partition `p`'s offsets below `upto` are durable: deliverable.
     pub fn make_visible(&mut self, p: usize, upto: u64) {
         let part = &mut self.parts[p];
-        part.visible = part.visible.max(upto.min(part.end));
+        part.visible = part.visible.max(upto.min(part.written));
+    }
+
+    /// A disk stream: partition `p`'s offsets below `upto` are in the log
+    /// file (their slots may be reused before they are durable).
+    pub fn set_written(&mut self, p: usize, upto: u64) {
+        let part = &mut self.parts[p];
+        part.written = part.written.max(upto.min(part.end));
     }
 
     /// A disk stream's log no longer holds offsets below `floor` in
@@ -597,6 +612,20 @@ impl Stream {
         std::mem::take(&mut self.loads)
     }
 
+    /// A disk stream: asks for the first batch of `p` in
+    /// `from..from + LOAD_AHEAD` (and below what is visible) that is in no
+    /// slot to be read back, so that it is there when a group gets to it.
+    fn want_ahead(&mut self, p: usize, from: u64) {
+        let part = &self.parts[p];
+        let to = (from + LOAD_AHEAD).min(part.visible);
+        let missing = (from.max(part.floor)..to).find(|o| !part.index.contains_key(o));
+        if let Some(o) = missing {
+            if !self.loads.contains(&(p as u32, o)) {
+                self.loads.push((p as u32, o));
+            }
+        }
+    }
+
     /// How many live groups need offset `o` of `p` delivered (it is at or
     /// past their position, or to be redelivered).
     fn needers(&self, p: usize, o: u64) -> u32 {
@@ -646,14 +675,14 @@ impl Stream {
 
     /// A disk stream: how soon a group will want the batch in slot `i`
     /// (how many offsets it is still to read before it), or None when the
-    /// slot cannot be taken: it holds no batch, or one not yet durable, or
-    /// one a member holds. `u64::MAX`: no live group needs it.
+    /// slot cannot be taken: it holds no batch, or one not yet in the log
+    /// file, or one a member holds. `u64::MAX`: no live group needs it.
     fn eviction_distance(&self, i: usize) -> Option<u64> {
         let Slot::Held { part, offset, .. } = self.slots[i] else {
             return None;
         };
         let p = part as usize;
-        if offset >= self.parts[p].visible {
+        if offset >= self.parts[p].written {
             return None;
         }
         let mut nearest = u64::MAX;
@@ -1293,6 +1322,11 @@ impl Stream {
                         gp.pending.insert(o);
                     } else {
                         gp.next -= 1;
+                    }
+                    if self.tiered && !from_pending {
+                        // The member is busy with what it has: read what
+                        // it gets next back from disk meanwhile.
+                        self.want_ahead(p, o + 1);
                     }
                     break;
                 }

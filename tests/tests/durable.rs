@@ -280,8 +280,17 @@ fn retention_deletes_whole_segments_keeps_uncommitted_ones_and_seeks_below_it_ar
     // A second stream whose group holds everything back (retention keeps
     // what a live group has not committed).
     let mut p2 = client.producer("k", Some(spec)).unwrap();
+    // It never reads: with a prefetch below the pool, the pool still has
+    // slots to cache through (what a member holds cannot leave memory).
     let _slow = client
-        .consumer("k", "slow", ConsumerOptions::default())
+        .consumer(
+            "k",
+            "slow",
+            ConsumerOptions {
+                prefetch: 2,
+                ..ConsumerOptions::default()
+            },
+        )
         .unwrap();
     for i in 0..60u64 {
         p.send(&payload(i, len), &i.to_le_bytes(), None, T).unwrap();

@@ -114,6 +114,7 @@ fn a_torn_tail_is_cut_and_everything_before_it_kept() {
             .unwrap();
         let (mut log, dropped) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
         assert_eq!(dropped.len(), 1, "cut {cut}");
+        assert!(!dropped[0].kept);
         assert_eq!(dropped[0].offset, 9);
         assert_eq!(dropped[0].bytes, 342 - cut);
         assert_eq!(log.next_offset(), 9);
@@ -146,6 +147,27 @@ fn a_corrupt_tail_record_is_dropped_never_served() {
 }
 
 #[test]
+fn a_damaged_record_in_the_middle_is_kept_and_skipped_not_cut_with_all_after_it() {
+    let d = dir();
+    let (mut log, _) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+    fill(&mut log, 0, 10, 300);
+    drop(log);
+    let seg = last_segment(&d.0);
+    // Inside the payload of offset 4 (each record is 40 + 2 + 300 bytes),
+    // as a producer scribbling on its slot after publishing, or bit rot.
+    let f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0xAB; 3], 4 * 342 + 200).unwrap();
+    let (mut log, found) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].kept);
+    assert_eq!(found[0].offset, 4);
+    assert_eq!(log.next_offset(), 10, "the records after it stay");
+    assert_eq!(log.read(4).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    check_all(&mut log, 0, 4, 300);
+    check_all(&mut log, 5, 10, 300);
+}
+
+#[test]
 fn segments_roll_by_size_and_the_oldest_can_go() {
     let d = dir();
     let (mut log, _) = PartitionLog::open(&d.0, opts(4096)).unwrap();
@@ -163,7 +185,11 @@ fn segments_roll_by_size_and_the_oldest_can_go() {
     check_all(&mut log, 0, 100, 500);
     let total = log.bytes();
     let first = log.closed_segments()[0];
-    assert_eq!(log.delete_oldest().unwrap(), first.1);
+    let (start, files) = log.detach_oldest().unwrap();
+    assert_eq!(start, first.1);
+    for f in files {
+        fs::remove_file(f).unwrap();
+    }
     assert_eq!(log.start_offset(), first.1);
     assert_eq!(log.bytes(), total - first.2);
     assert!(log.read(0).is_err());

@@ -410,9 +410,20 @@ impl Server {
             .map(|l| l.dir().to_path_buf());
         let (held, bytes) = self.remove_stream(idx);
         if let Some(dir) = dir {
-            // Deleting a disk stream deletes its log.
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(stream = name, dir = %dir.display(), "removing the deleted stream's log: {e}");
+            // Deleting a disk stream deletes its log: renamed out of the
+            // way at once (a new stream of that name starts afresh), its
+            // files deleted on the disk thread (freeing their page cache
+            // takes a while). Disk streams' names never start with '.'.
+            let gone = dir.with_file_name(format!(".deleted-{name}-{}", crate::log::now_ms()));
+            match std::fs::rename(&dir, &gone) {
+                Ok(()) => {
+                    let _ = self
+                        .syncer
+                        .send(super::durable::SyncJob::Remove(vec![gone]));
+                }
+                Err(e) => {
+                    tracing::warn!(stream = name, dir = %dir.display(), "removing the deleted stream's log: {e}")
+                }
             }
         }
         limited!(

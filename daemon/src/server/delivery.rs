@@ -82,10 +82,12 @@ impl Server {
             if !entry.dirty {
                 continue;
             }
-            entry.write_log(idx, &self.syncer);
             entry.dirty = false;
+            // Stalled: the last write to the disk log failed (write_log,
+            // below, tries again).
             let stalled = entry.log.as_ref().is_some_and(|l| l.error.is_some());
-            // Grants, round-robin over producers.
+            // Grants, round-robin over producers: first, so that producers
+            // fill slots while what they published is written to the log.
             if !draining && !stalled && !entry.producers.is_empty() {
                 let n = entry.producers.len();
                 let mut progress = true;
@@ -135,6 +137,8 @@ impl Server {
                     }
                 }
             }
+            entry.write_log(idx, &self.syncer);
+            let stalled = entry.log.as_ref().is_some_and(|l| l.error.is_some());
             // A disk stream's acknowledgements: how many of each
             // producer's publishes are as durable as the stream promises
             // (a memory stream's producers see their ring drained instead).

@@ -32,17 +32,18 @@ const RETENTION_EVERY: Duration = Duration::from_secs(1);
 
 /// Work for the syncer thread.
 pub(crate) enum SyncJob {
-    /// fdatasync `file`; then offsets below `upto` of partition `part` of
-    /// stream `idx` (named `name`) are on stable storage.
+    /// fdatasync `files`; then, when `then` names one, offsets below
+    /// `upto` of partition `part` of stream `idx` (named `name`) are on
+    /// stable storage.
     Sync {
-        idx: usize,
-        name: String,
-        part: usize,
-        upto: u64,
-        file: File,
+        files: Vec<File>,
+        then: Option<Synced>,
     },
     /// Write a state file (committed offsets) atomically.
     State { path: PathBuf, bytes: Vec<u8> },
+    /// Delete files (segments retention took out of a log), or a directory
+    /// with everything in it (a deleted stream's, renamed out of the way).
+    Remove(Vec<PathBuf>),
 }
 
 /// What the syncer thread answers.
@@ -63,21 +64,36 @@ pub(crate) fn spawn_syncer(inbox: inbox::Sender) -> std::io::Result<mpsc::Sender
         .spawn(move || {
             while let Ok(job) = rx.recv() {
                 match job {
-                    SyncJob::Sync {
-                        idx,
-                        name,
-                        part,
-                        upto,
-                        file,
-                    } => {
-                        let result = file.sync_data().map_err(|e| e.to_string());
-                        inbox.send(inbox::Message::Synced(Synced {
-                            idx,
-                            name,
-                            part,
-                            upto,
-                            result,
-                        }));
+                    SyncJob::Sync { files, then } => {
+                        let result = files
+                            .iter()
+                            .try_for_each(|f| f.sync_data())
+                            .map_err(|e| e.to_string());
+                        match then {
+                            Some(s) => {
+                                inbox.send(inbox::Message::Synced(Synced { result, ..s }));
+                            }
+                            None => {
+                                if let Err(e) = result {
+                                    tracing::warn!("syncing closed log segments: {e}");
+                                }
+                            }
+                        }
+                    }
+                    SyncJob::Remove(paths) => {
+                        for p in paths {
+                            let r = if p.is_dir() {
+                                std::fs::remove_dir_all(&p)
+                            } else {
+                                std::fs::remove_file(&p)
+                            };
+                            if let Err(e) = r.or_else(|e| match e.kind() {
+                                std::io::ErrorKind::NotFound => Ok(()),
+                                _ => Err(e),
+                            }) {
+                                tracing::warn!(path = %p.display(), "deleting: {e}");
+                            }
+                        }
                     }
                     SyncJob::State { path, bytes } => {
                         if let Err(e) = log::write_atomic(&path, &bytes) {
@@ -194,11 +210,15 @@ pub(super) fn open_disk(
         max_payload: spec.slot_size,
     };
     let mut parts = Vec::new();
-    let (mut records, mut dropped) = (0u64, 0u64);
+    let (mut records, mut dropped, mut damaged) = (0u64, 0u64, 0u64);
     for p in 0..spec.partitions as usize {
         let (mut plog, cut) = PartitionLog::open(&dir.join(format!("p{p}")), opts).map_err(ctx)?;
         for t in &cut {
-            dropped += t.bytes;
+            if t.kept {
+                damaged += 1;
+            } else {
+                dropped += t.bytes;
+            }
         }
         let (floor, end) = (plog.start_offset(), plog.next_offset());
         let ended = plog.ends_with_marker().map_err(ctx)?;
@@ -230,11 +250,16 @@ pub(super) fn open_disk(
     }
     let d = &spec.durability;
     let line = format!(
-        "{records} records on disk in {} partition(s), {} group(s) restored{}",
+        "{records} records on disk in {} partition(s), {} group(s) restored{}{}",
         spec.partitions,
         groups.len(),
         if dropped > 0 {
             format!(", {dropped} bytes of torn or corrupt tails dropped")
+        } else {
+            String::new()
+        },
+        if damaged > 0 {
+            format!(", {damaged} damaged record(s) kept and skipped")
         } else {
             String::new()
         }
@@ -273,16 +298,19 @@ fn request_sync(
     p: usize,
     st: &mut PartState,
 ) {
-    match st.log.sync_handle() {
-        Ok(file) => {
+    match st.log.sync_files() {
+        Ok(files) => {
             st.syncing = true;
             st.last_sync = Instant::now();
             let _ = syncer.send(SyncJob::Sync {
-                idx,
-                name: name.to_string(),
-                part: p,
-                upto: st.written,
-                file,
+                files,
+                then: Some(Synced {
+                    idx,
+                    name: name.to_string(),
+                    part: p,
+                    upto: st.written,
+                    result: Ok(()),
+                }),
             });
         }
         Err(e) => tracing::warn!(stream = name, partition = p, "cannot sync the log: {e}"),
@@ -352,10 +380,17 @@ impl StreamEntry {
                 }
             }
             if st.written > before {
+                self.stream.set_written(p, st.written);
                 match dl.d.fsync {
                     Fsync::Never => {
                         st.synced = st.written;
                         self.stream.make_visible(p, st.written);
+                        // Closed segments still reach the disk soon.
+                        if st.log.rolled() {
+                            if let Ok(files) = st.log.sync_files() {
+                                let _ = syncer.send(SyncJob::Sync { files, then: None });
+                            }
+                        }
                     }
                     Fsync::Every if !st.syncing => {
                         request_sync(syncer, idx, self.stream.name(), p, st)
@@ -522,13 +557,13 @@ impl StreamEntry {
             && (dl.d.retention_ms > 0 || dl.d.retention_bytes > 0)
         {
             dl.retention_at = Instant::now();
-            self.apply_retention();
+            self.apply_retention(syncer);
         }
     }
 
     /// Deletes whole segments past the stream's retention limits (never
     /// what a live group has not committed, unless retention is strict).
-    pub(super) fn apply_retention(&mut self) {
+    pub(super) fn apply_retention(&mut self, syncer: &mpsc::Sender<SyncJob>) {
         let Some(dl) = self.log.as_mut() else {
             return;
         };
@@ -563,8 +598,9 @@ impl StreamEntry {
                     );
                     break;
                 }
-                match st.log.delete_oldest() {
-                    Ok(start) => {
+                match st.log.detach_oldest() {
+                    Some((start, files)) => {
+                        let _ = syncer.send(SyncJob::Remove(files.to_vec()));
                         total -= bytes;
                         deleted += 1;
                         for (g, n) in self.stream.raise_floor(p, start) {
@@ -577,10 +613,7 @@ impl StreamEntry {
                             );
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(stream = %self.stream.name(), partition = p, "deleting a segment: {e}");
-                        break;
-                    }
+                    None => break,
                 }
             }
             if deleted > 0 {
@@ -650,6 +683,15 @@ impl Server {
         let mut names: Vec<PathBuf> = dirs.filter_map(|e| e.ok()).map(|e| e.path()).collect();
         names.sort();
         for dir in names {
+            if dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".deleted-"))
+            {
+                // A deleted stream whose files were not all gone yet.
+                let _ = self.syncer.send(SyncJob::Remove(vec![dir]));
+                continue;
+            }
             let meta = dir.join("stream.meta");
             let stored = match log::read_atomic(&meta).and_then(|b| {
                 b.map(|b| log::decode::<StoredStream>(&meta, &b))
@@ -725,10 +767,12 @@ impl Server {
                 continue;
             };
             for (p, st) in dl.parts.iter_mut().enumerate() {
-                if let Ok(f) = st.log.sync_handle() {
-                    if let Err(err) = f.sync_data() {
-                        warn!(stream = %e.stream.name(), partition = p, "syncing the log at shutdown: {err}");
-                    }
+                let r = st
+                    .log
+                    .sync_files()
+                    .and_then(|fs| fs.iter().try_for_each(|f| f.sync_data()));
+                if let Err(err) = r {
+                    warn!(stream = %e.stream.name(), partition = p, "syncing the log at shutdown: {err}");
                 }
             }
             e.flush_offsets();
