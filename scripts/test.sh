@@ -5,7 +5,7 @@
 # (soft-RoCE in a qemu VM, scripts/rxe-vm.sh), the C ABI tests under
 # AddressSanitizer and UndefinedBehaviorSanitizer, the Python tests (with
 # PyTorch, which scripts/setup.sh installs), the ferry.h staleness check,
-# the loom models of the rings, a smoke run of the benchmarks (shm, fabric,
+# the loom models of the rings, a smoke run of the benchmarks (shm, fabric, log,
 # gpu, the CPU training loop), and the GPU paths against a fake CUDA driver
 # (tests/fakecuda). With FERRY_FUZZ_SECONDS set, also
 # fuzzes the soft fabric's frame decoder for that long. Installs what it
@@ -114,6 +114,9 @@ target/release/ferry-bench shm --smoke > "$WORK/bench.jsonl"
 target/release/ferry-bench fabric --smoke >> "$WORK/bench.jsonl"
 # Two daemons as two hosts, against a TCP loop and a redis-server of its own.
 target/release/ferry-bench stream --smoke >> "$WORK/bench.jsonl"
+# A disk stream under each fsync policy, against a raw write loop and a
+# redis-server with its append-only file.
+target/release/ferry-bench log --smoke >> "$WORK/bench.jsonl"
 # On the fake CUDA driver: proves the GPU benchmark runs, measures nothing.
 FAKECUDA_COPY_DELAY_US=0 LD_LIBRARY_PATH="$FAKE" target/release/ferry-bench gpu --smoke >> "$WORK/bench.jsonl"
 python3 -m py_compile bench/train_loop.py

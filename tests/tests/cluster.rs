@@ -739,6 +739,64 @@ fn consumers_wait_while_their_stream_s_home_is_gone_and_go_on_when_it_is_back() 
 }
 
 #[test]
+fn a_disk_stream_s_home_restarts_and_its_group_on_another_host_goes_on_from_its_commit() {
+    let ports = [free_port(), free_port()];
+    let dir = secret_dir();
+    let secret = secret_file(&dir, "secret", SECRET);
+    let timing = "heartbeat_ms = 100\npeer_timeout_ms = 600\nreconnect_max_ms = 200";
+    let mut home = Daemon::start(
+        &format!(
+            "data_dir = \"{}\"\noffsets_flush_ms = 20",
+            dir.join("data").display()
+        ),
+        &format!(
+            "{}durability = \"disk\"\n{}",
+            stream("s0"),
+            cluster_table(0, &ports, &secret, timing)
+        ),
+    );
+    let other = Daemon::start("", &cluster_table(1, &ports, &secret, timing));
+    wait_state(&other, "n0", "up", Duration::from_secs(10));
+    wait_announced(&other, "n0", "s0");
+    let mut cons = other
+        .client()
+        .consumer(
+            "s0",
+            "g",
+            ferry::ConsumerOptions {
+                prefetch: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut prod = home.client().producer("s0", None).unwrap();
+    for i in 0..20 {
+        prod.send(&payload(i, 100), b"", None, T).unwrap();
+    }
+    prod.flush(T).unwrap();
+    drop(prod);
+    let seen = take_all(&mut cons, 10, &[&home, &other]);
+    assert_eq!(seen.keys().map(|k| k.1).max(), Some(9));
+    // Its releases commit (at the home); then the home dies and comes back.
+    std::thread::sleep(Duration::from_millis(300));
+    home.kill();
+    home.restart();
+    assert!(home.log().contains("1 group(s) restored"), "{}", home.log());
+    // The member joins again and gets the rest, from the commit: nothing
+    // acknowledged is lost, nothing released comes again (what was on its
+    // ring unreleased when the home died, at most its prefetch of 2, may:
+    // at least once).
+    let rest = take_all(&mut cons, 10, &[&home, &other]);
+    let mut offsets: Vec<u64> = rest.keys().map(|k| k.1).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (10..20).collect::<Vec<u64>>());
+    assert!(
+        rest.iter().all(|(k, &n)| n == 1 || (n == 2 && k.1 < 12)),
+        "{rest:?}"
+    );
+}
+
+#[test]
 fn a_cut_link_between_two_hosts_heals_by_itself_and_loses_nothing() {
     let hosts = ferry_tests::TwoHosts::new();
     let secret = secret_file(&secret_dir(), "secret", SECRET);

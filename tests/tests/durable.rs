@@ -465,3 +465,68 @@ fn a_memory_stream_producer_flushes_once_ferryd_has_read_its_ring() {
     // No OP_ACK traffic for it: the producer's ring carries grants only.
     assert_eq!(d.status().streams[0].published, 10);
 }
+
+#[test]
+fn retention_by_age_deletes_old_segments_and_strict_retention_moves_a_lagging_group_on() {
+    // Segments close every 200 ms; whole segments older than 600 ms go.
+    let d = daemon("segment_bytes = 4096\nsegment_ms = 200");
+    let client = d.client();
+    let len = 1000;
+    let mut spec = disk(1, 8, 2048, Fsync::Never).unwrap();
+    spec.durability.retention_ms = 600;
+    spec.durability.strict = true;
+    let mut p = client.producer("s", Some(spec)).unwrap();
+    // A group that reads 5 batches, commits, and then stops reading.
+    let mut lag = client
+        .consumer(
+            "s",
+            "lagging",
+            ConsumerOptions {
+                prefetch: 2,
+                ..ConsumerOptions::default()
+            },
+        )
+        .unwrap();
+    for i in 0..20u64 {
+        p.send(&payload(i, len), &i.to_le_bytes(), None, T).unwrap();
+    }
+    p.flush(T).unwrap();
+    for _ in 0..5 {
+        let b = lag.next(T).unwrap();
+        lag.release(b.token).unwrap();
+    }
+    lag.commit().unwrap();
+    let start_of = |d: &Daemon| d.status().streams[0].disk.as_ref().unwrap().start_offsets[0];
+    assert_eq!(start_of(&d), 0, "nothing is old yet");
+    // Time passes; a few more batches close the last full segment.
+    std::thread::sleep(Duration::from_millis(700));
+    p.send(&payload(20, len), &20u64.to_le_bytes(), None, T)
+        .unwrap();
+    p.flush(T).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || start_of(&d) >= 20),
+        "strict age retention deleted the old segments, the group's uncommitted ones too: starts at {}",
+        start_of(&d)
+    );
+    let start = start_of(&d);
+    assert!(
+        eventually(Duration::from_secs(2), || d
+            .log()
+            .contains("deleted batches this group had not read")),
+        "the lagging group is told: {}",
+        d.log()
+    );
+    // The group goes on from the new start (what it held stays readable).
+    let got = drain(&mut lag, Duration::from_millis(800));
+    let after: Vec<u64> = got.iter().map(|b| b.1).filter(|&o| o >= start).collect();
+    assert_eq!(after, (start..21).collect::<Vec<u64>>());
+    assert!(
+        got.iter().all(|b| b.1 < 7 || b.1 >= start),
+        "nothing from the deleted range past what it held: {:?}",
+        got.iter().map(|b| b.1).collect::<Vec<_>>()
+    );
+    // Its commit moved with it: a restart resumes there, not at 5.
+    let st = d.status();
+    let g = &st.streams[0].groups[0];
+    assert!(g.partitions.iter().all(|gp| gp.committed >= start), "{g:?}");
+}

@@ -2,6 +2,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import time
 import zlib
 
 import pytest
@@ -328,3 +329,50 @@ def test_cuda_tensor_kept_after_the_loop_moved_on_keeps_its_bytes(daemon):
         del t
     assert seen == list(range(12))
     assert bool((kept == 0).all()), "the kept CUDA tensor shows another batch's bytes"
+
+
+def test_disk_stream_flush_restart_and_commits(tmp_path):
+    from conftest import Daemon
+
+    d = Daemon(f'data_dir = "{tmp_path}"')
+    try:
+        client = ferry.Client(str(d.socket))
+        with pytest.raises(ValueError):
+            client.producer("bad", slot_size=64, durability={"fsync": "sometimes"})
+        with pytest.raises(ValueError):
+            client.producer("bad", slot_size=64, durability={"retention": "loose"})
+        with pytest.raises(ValueError):
+            client.producer("bad", durability="disk")  # durability creates: slot_size too
+        prod = client.producer(
+            "dur", slot_size=4096, slot_count=8, durability={"fsync": 20, "retention_bytes": 1 << 30}
+        )
+        for i in range(30):
+            prod.send(bytes([i]) * 1000, meta=str(i).encode())
+        prod.flush(timeout=10)
+        cons = client.consumer("dur", "g", auto_commit=False)
+        for i in range(12):
+            b = cons.next(timeout_s=5)
+            assert (b.meta, bytes(b.data)) == (str(i).encode(), bytes([i]) * 1000)
+            b.release()
+        cons.commit()
+        time.sleep(0.4)  # past offsets_flush_ms
+    finally:
+        d.proc.kill()  # as a crash
+        d.proc.wait()
+    # The same data directory, a new ferryd.
+    d2 = Daemon(f'data_dir = "{tmp_path}"')
+    try:
+        client = ferry.Client(str(d2.socket))
+        cons = client.consumer("dur", "g")
+        got = []
+        while True:
+            try:
+                b = cons.next(timeout_s=1)
+            except ferry.FerryError as e:
+                assert e.status == ferry.E_TIMEOUT
+                break
+            got.append((b.meta, bytes(b.data)))
+            b.release()
+        assert got == [(str(i).encode(), bytes([i]) * 1000) for i in range(12, 30)]
+    finally:
+        d2.stop()
