@@ -64,6 +64,38 @@ pub struct Durability {
     pub strict: bool,
 }
 
+impl StreamSpec {
+    /// For messages: "partitions=4 slot_size=4096 slot_count=8
+    /// durability=disk fsync=every".
+    pub fn describe(&self) -> String {
+        let d = &self.durability;
+        let mut s = format!(
+            "partitions={} slot_size={} slot_count={} durability={}",
+            self.partitions,
+            self.slot_size,
+            self.slot_count,
+            if d.disk { "disk" } else { "memory" }
+        );
+        if d.disk {
+            match d.fsync {
+                Fsync::Every => s.push_str(" fsync=every"),
+                Fsync::IntervalMs(ms) => s.push_str(&format!(" fsync=interval({ms} ms)")),
+                Fsync::Never => s.push_str(" fsync=never"),
+            }
+            if d.retention_ms > 0 {
+                s.push_str(&format!(" retention_ms={}", d.retention_ms));
+            }
+            if d.retention_bytes > 0 {
+                s.push_str(&format!(" retention_bytes={}", d.retention_bytes));
+            }
+            if d.strict {
+                s.push_str(" retention=strict");
+            }
+        }
+        s
+    }
+}
+
 impl Durability {
     /// Memory only: today's streams.
     pub const MEMORY: Durability = Durability {

@@ -530,3 +530,79 @@ fn retention_by_age_deletes_old_segments_and_strict_retention_moves_a_lagging_gr
     let g = &st.streams[0].groups[0];
     assert!(g.partitions.iter().all(|gp| gp.committed >= start), "{g:?}");
 }
+
+#[test]
+fn two_groups_at_different_speeds_each_get_every_batch_once_in_order_through_a_small_pool() {
+    let d = daemon("");
+    let client = d.client();
+    let len = 3000;
+    // 8 slots for 2 partitions and 300 batches: the slow group reads
+    // almost everything back from disk while the fast one keeps up.
+    let mut p = client
+        .producer("s", disk(2, 8, 4096, Fsync::Every))
+        .unwrap();
+    let small = |_| ConsumerOptions {
+        prefetch: 2,
+        ..ConsumerOptions::default()
+    };
+    let mut fast = client.consumer("s", "fast", small(())).unwrap();
+    let mut slow = client.consumer("s", "slow", small(())).unwrap();
+    let mut got_fast = Vec::new();
+    for i in 0..300u64 {
+        p.send(&payload(i, len), &i.to_le_bytes(), None, T).unwrap();
+        got_fast.extend(drain(&mut fast, Duration::from_millis(1)));
+    }
+    p.flush(T).unwrap();
+    got_fast.extend(drain(&mut fast, Duration::from_millis(500)));
+    // The slow one only now, and a member of it on each partition.
+    let mut slow2 = client.consumer("s", "slow", small(())).unwrap();
+    let mut got_slow = Vec::new();
+    loop {
+        let a = drain(&mut slow, Duration::from_millis(300));
+        let b = drain(&mut slow2, Duration::from_millis(300));
+        if a.is_empty() && b.is_empty() {
+            break;
+        }
+        got_slow.extend(a);
+        got_slow.extend(b);
+    }
+    for (name, got) in [("fast", &got_fast), ("slow", &got_slow)] {
+        let mut per_part: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for (p, o, meta, data) in got.iter() {
+            let id = u64::from_le_bytes(meta[..8].try_into().unwrap());
+            assert_eq!(data, &payload(id, len), "{name}: bytes of batch {id}");
+            per_part.entry(*p).or_default().push(*o);
+        }
+        let mut total = 0;
+        for (p, offs) in per_part.iter_mut() {
+            if name == "slow" {
+                // Two members: in order each, interleaved between them
+                // around the rebalance when the second joined.
+                offs.sort_unstable();
+            }
+            let want: Vec<u64> = (0..offs.len() as u64).collect();
+            assert_eq!(offs, &want, "{name}: partition {p} in order, each once");
+            total += offs.len();
+        }
+        assert_eq!(total, 300, "{name}: every batch");
+    }
+}
+
+#[test]
+fn a_producer_asking_for_other_durability_is_told_what_the_stream_has() {
+    let d = daemon("");
+    let client = d.client();
+    let _p = client.producer("s", disk(1, 8, 64, Fsync::Never)).unwrap();
+    let mut memory = disk(1, 8, 64, Fsync::Never).unwrap();
+    memory.durability = Durability::MEMORY;
+    let Err(e) = client.producer("s", Some(memory)) else {
+        panic!("a memory spec for a disk stream is refused");
+    };
+    assert_eq!(e.status, Status::StreamMismatch, "{e}");
+    assert!(
+        e.message.contains("durability=disk fsync=never, not partitions=1 slot_size=64 slot_count=8 durability=memory"),
+        "{e}"
+    );
+    // Without a spec it opens whatever the stream is.
+    client.producer("s", None).unwrap();
+}

@@ -307,3 +307,39 @@ def test_record_values_are_checked_before_a_slot_is_taken(daemon):
     # What ferryd granted, not what was asked (ring_capacity caps it).
     assert client.consumer("vals", "big", prefetch=100000).prefetch == 256
     assert client.consumer("vals", "dflt").prefetch == 8
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_dataloader_workers_on_a_disk_stream_and_a_replay_from_disk(tmp_path):
+    from conftest import Daemon
+
+    d = Daemon(f'data_dir = "{tmp_path}"')
+    try:
+        sock = str(d.socket)
+        n = 120
+        # The stream lives on disk; its pool of 64 slots is a cache over it.
+        client = ferry.Client(sock)
+        client.producer("dimgs", partitions=4, slot_size=NBYTES + 4096, slot_count=64, durability="disk").close()
+        ds = ferry.iterable_dataset("dimgs", "trainers", socket=sock, timeout_s=60)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        it = iter(loader)
+        prod = client.producer("dimgs")
+        for i in range(n):
+            prod.send({"image": image(i), "id": i, "caption": f"batch {i}"}, timeout_s=60)
+        prod.flush(timeout=30)
+        prod.end()
+        seen = []
+        for rec in it:
+            assert torch.equal(rec["image"], image(rec["id"])), f"batch {rec['id']} arrived with wrong bytes"
+            seen.append(rec["id"])
+            del rec
+        assert sorted(seen) == list(range(n))
+        # Another group reads it all again, from disk, the same bytes.
+        again = ferry.iterable_dataset("dimgs", "replay", socket=sock, timeout_s=60, start="earliest")
+        replayed = []
+        for rec in torch.utils.data.DataLoader(again, batch_size=None):
+            assert torch.equal(rec["image"], image(rec["id"]))
+            replayed.append(rec["id"])
+        assert sorted(replayed) == list(range(n))
+    finally:
+        d.stop()

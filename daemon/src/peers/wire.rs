@@ -213,6 +213,19 @@ pub struct StreamAnnounce {
     pub partitions: u32,
     pub slot_size: u64,
     pub slot_count: u32,
+    pub durability: ferry_shm::proto::Durability,
+}
+
+impl StreamAnnounce {
+    /// The spec of the stream announced.
+    pub fn spec(&self) -> ferry_shm::proto::StreamSpec {
+        ferry_shm::proto::StreamSpec {
+            partitions: self.partitions,
+            slot_size: self.slot_size,
+            slot_count: self.slot_count,
+            durability: self.durability,
+        }
+    }
 }
 
 /// The fabrics a daemon can use with a peer: they use ibv when both offer
@@ -370,6 +383,7 @@ mod tests {
                 partitions: 2,
                 slot_size: 4096,
                 slot_count: 8,
+                durability: ferry_shm::proto::Durability::MEMORY,
             }])),
         ]
     }

@@ -542,6 +542,7 @@ impl Server {
                     partitions: s.partitions,
                     slot_size: s.slot_size,
                     slot_count: s.slot_count,
+                    durability: s.durability,
                 }
             })
             .collect()

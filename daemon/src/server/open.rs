@@ -52,8 +52,9 @@ impl Server {
                         return Err(Refusal::new(
                             ErrorCode::StreamMismatch,
                             format!(
-                                "stream {name} {whose} with partitions={} slot_size={} slot_count={}, not partitions={} slot_size={} slot_count={}",
-                                have.partitions, have.slot_size, have.slot_count, want.partitions, want.slot_size, want.slot_count
+                                "stream {name} {whose} with {}, not {}",
+                                have.describe(),
+                                want.describe()
                             ),
                         ));
                     }

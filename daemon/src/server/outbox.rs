@@ -121,14 +121,14 @@ impl Server {
         }
         let (node, have) = self.remote_home(&name)?;
         if let Some(want) = spec {
-            if (want.partitions, want.slot_size, want.slot_count)
-                != (have.partitions, have.slot_size, have.slot_count)
-            {
+            let have = have.spec();
+            if want != have {
                 return Err(Refusal::new(
                     ErrorCode::StreamMismatch,
                     format!(
-                        "stream {name} exists at its home, {node}, with partitions={} slot_size={} slot_count={}, not partitions={} slot_size={} slot_count={}",
-                        have.partitions, have.slot_size, have.slot_count, want.partitions, want.slot_size, want.slot_count
+                        "stream {name} exists at its home, {node}, with {}, not {}",
+                        have.describe(),
+                        want.describe()
                     ),
                 ));
             }
