@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use ferry::{Client, ConsumerOptions, GroupStart, StreamSpec};
 use ferry_shm::proto::{Durability, Fsync};
 
-use crate::stream::{free_port, spawn_server, Resp, Server};
+use crate::stream::{start_redis, Resp};
 use crate::{emit_line, me, run_millis, start_daemon, touch, Res};
 
 /// Each stream keeps at most this much per partition (retention), and the
@@ -110,21 +110,15 @@ fn raw_write(dir: &Path, size: u64, cadence: Cadence, millis: u64) -> Res<f64> {
 fn redis_aof(dir: &Path, size: u64, appendfsync: &str, millis: u64) -> Res<f64> {
     let rdir = dir.join(format!("redis-{appendfsync}"));
     std::fs::create_dir_all(&rdir)?;
-    let port = free_port()?;
-    let mut cmd = Command::new("redis-server");
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-    ])
-    .args(["--appendonly", "yes", "--appendfsync", appendfsync])
-    .args(["--protected-mode", "no", "--dir"])
-    .arg(&rdir);
-    let _server: Server = spawn_server(cmd, "redis-server", port)?;
-    let mut c = Resp::connect(port)?;
+    let server = start_redis(&[
+        "--appendonly".as_ref(),
+        "yes".as_ref(),
+        "--appendfsync".as_ref(),
+        appendfsync.as_ref(),
+        "--dir".as_ref(),
+        rdir.as_os_str(),
+    ])?;
+    let mut c = Resp::connect(server.port)?;
     let data = vec![7u8; size as usize];
     // Trimmed so that the server's memory stays small; the AOF has every
     // entry.
@@ -156,7 +150,7 @@ fn redis_aof(dir: &Path, size: u64, appendfsync: &str, millis: u64) -> Res<f64> 
         done += 1;
     }
     let secs = start.elapsed().as_secs_f64();
-    drop(_server);
+    drop(server);
     let _ = std::fs::remove_dir_all(&rdir);
     Ok(done as f64 * size as f64 / secs)
 }

@@ -217,7 +217,10 @@ pub(crate) fn spawn_server(mut cmd: Command, program: &str, port: u16) -> Res<Se
     Ok(server)
 }
 
-fn start_redis() -> Res<Server> {
+/// A redis-server of our own on loopback, with no snapshots and
+/// `persistence` for its append-only file (`--appendonly no`, or yes with
+/// an fsync policy and a directory).
+pub(crate) fn start_redis(persistence: &[&std::ffi::OsStr]) -> Res<Server> {
     let port = free_port()?;
     let mut cmd = Command::new("redis-server");
     cmd.args([
@@ -227,11 +230,9 @@ fn start_redis() -> Res<Server> {
         "127.0.0.1",
         "--save",
         "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-    ]);
+    ])
+    .args(["--protected-mode", "no"])
+    .args(persistence);
     spawn_server(cmd, "redis-server", port)
 }
 
@@ -446,7 +447,7 @@ pub(crate) fn bench_stream(quick: bool, smoke: bool, ferryd: Option<PathBuf>) ->
     let ms = run_millis(quick, smoke);
     let dir = std::env::temp_dir().join(format!("ferry-bench-stream-{}", std::process::id()));
     let (a, b) = two_hosts(&ferryd, &dir)?;
-    let redis = start_redis()?;
+    let redis = start_redis(&["--appendonly".as_ref(), "no".as_ref()])?;
     let nats = crate::nats::start(&dir.join("nats"))?;
     let gib = (1u64 << 30) as f64;
     let sizes: &[(u64, &str)] = if smoke {

@@ -95,7 +95,14 @@ def test_dataloader_workers_deliver_every_batch_once_and_intact(daemon, workers)
     if workers == 0:
         # In place: only the pool's slots are ever seen.
         assert len(addresses) <= slots
-    lag = {g["name"]: g["lag"] for s in status(daemon)["streams"] for g in s["groups"]}
+    # Workers release (and commit) their last batches as they shut down,
+    # which may be just after the loop above ended.
+    deadline = time.time() + 10
+    while True:
+        lag = {g["name"]: g["lag"] for s in status(daemon)["streams"] for g in s["groups"]}
+        if lag["trainers"] == 0 or time.time() > deadline:
+            break
+        time.sleep(0.05)
     assert lag["trainers"] == 0, "the dataset commits as it releases"
 
 
