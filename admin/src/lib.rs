@@ -47,6 +47,11 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// For tests of the watchdog and `/live`: the data-plane loop sleeps
+    /// `ms` (at most 60000) before it answers. Refused unless ferryd's
+    /// `[admin] debug_requests = true`, and then to all but root and
+    /// ferryd's own uid.
+    DebugStall { ms: u64 },
 }
 
 /// ferryd's answer to one [`Request`].

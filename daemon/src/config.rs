@@ -49,6 +49,45 @@ pub struct Config {
     pub streams: Vec<StreamConfig>,
     #[serde(default)]
     pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the HTTP endpoint for monitoring (`/metrics`, `/live`,
+/// `/ready`), off unless `http` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// "address:port" to serve on, e.g. "127.0.0.1:9464". It has no
+    /// authentication: bind it where only the monitoring can reach it.
+    pub http: Option<String>,
+    /// Whether `/ready` also needs every peer in `cluster.peers` up.
+    pub ready_needs_peers: bool,
+    /// For tests of the watchdog: lets root and ferryd's own uid wedge the
+    /// data-plane loop for a while through the admin socket
+    /// (`{"cmd":"debug-stall","ms":N}`). Never set it in production.
+    pub debug_requests: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            http: None,
+            ready_needs_peers: true,
+            debug_requests: false,
+        }
+    }
+}
+
+impl AdminConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(a) = &self.http {
+            a.parse::<std::net::SocketAddr>().map_err(|_| {
+                format!("admin.http = {a:?} must be an address:port such as \"127.0.0.1:9464\"")
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// `[cluster]`: this daemon and the others it works with. Without a
@@ -483,6 +522,7 @@ impl Default for Config {
             fabric: FabricConfig::default(),
             streams: Vec::new(),
             cluster: ClusterConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -654,6 +694,7 @@ impl Config {
         }
         self.fabric_preference()?;
         self.cluster.validate().map_err(ConfigError::Invalid)?;
+        self.admin.validate().map_err(ConfigError::Invalid)?;
         let mut seen = std::collections::HashSet::new();
         let (mut parts, mut slots, mut bytes) = (0u64, 0u64, 0u64);
         for s in &self.streams {

@@ -8,6 +8,7 @@
 //! pair that could touch them).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ferry_shm::Region;
@@ -226,7 +227,14 @@ impl PendingLink {
     /// Connects to the peer (blocks until it answers or the endpoint's
     /// timeout passes: call it off the loop). The link's work-request ids
     /// carry `tag` in their top 16 bits (see [`tag_of`]).
-    pub fn connect(self, remote: &EndpointInfo, tag: u16) -> Result<Link, String> {
+    /// `stats` counts what the link does (shared with the links made
+    /// before and after it to the same peer).
+    pub fn connect(
+        self,
+        remote: &EndpointInfo,
+        tag: u16,
+        stats: Arc<LinkStats>,
+    ) -> Result<Link, String> {
         let ep = match self.0 {
             Pending::Soft(p) => Ep::Soft(p.connect(remote).map_err(err)?),
             Pending::Ibv(p) => Ep::Ibv(p.connect(remote).map_err(err)?),
@@ -236,6 +244,7 @@ impl PendingLink {
             holds: Mutex::new(HashMap::new()),
             tag: (tag as u64) << 48,
             next: std::sync::atomic::AtomicU64::new(1),
+            stats,
         })
     }
 }
@@ -260,6 +269,29 @@ pub struct Write<'a> {
     pub signaled: bool,
 }
 
+/// What the links to one peer did, for `/metrics`: written by the loop,
+/// read by a scrape's snapshot (relaxed atomics, one add per operation).
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub receives: AtomicU64,
+    pub errors: AtomicU64,
+    /// Times a consumer on the peer ran out of landing credit while a
+    /// batch waited for it here.
+    pub credit_stalls: AtomicU64,
+}
+
+impl LinkStats {
+    pub fn add(n: &AtomicU64, v: u64) {
+        n.fetch_add(v, Ordering::Relaxed);
+    }
+
+    pub fn get(n: &AtomicU64) -> u64 {
+        n.load(Ordering::Relaxed)
+    }
+}
+
 /// A connected endpoint to one peer.
 pub struct Link {
     // Dropped first: the endpoint (queue pair), then what its writes held.
@@ -268,6 +300,7 @@ pub struct Link {
     holds: Mutex<HashMap<u64, Vec<Arc<Registered>>>>,
     tag: u64,
     next: std::sync::atomic::AtomicU64,
+    pub stats: Arc<LinkStats>,
 }
 
 /// The tag of the link a work-request id belongs to.
@@ -319,6 +352,13 @@ impl Link {
             Ep::Soft(e) => unsafe { e.post_send(&wr) },
             Ep::Ibv(e) => unsafe { e.post_send(&wr) },
         };
+        match &posted {
+            Ok(()) => {
+                LinkStats::add(&self.stats.writes, 1);
+                LinkStats::add(&self.stats.write_bytes, w.len as u64);
+            }
+            Err(_) => LinkStats::add(&self.stats.errors, 1),
+        }
         posted.map_err(err)
     }
 

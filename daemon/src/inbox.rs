@@ -29,6 +29,10 @@ pub enum Message {
     },
     /// The syncer thread synced part of a disk stream's log.
     Synced(crate::server::Synced),
+    /// A scrape of `/metrics` wants a snapshot.
+    Metrics {
+        reply: tokio::sync::oneshot::Sender<crate::metrics::Snapshot>,
+    },
 }
 
 /// The sending side, cloned into each thread that may ask.

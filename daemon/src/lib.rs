@@ -6,10 +6,12 @@ pub mod error;
 #[allow(unsafe_code)]
 pub mod fabric;
 pub mod gpu;
+pub mod http;
 pub mod idhash;
 pub mod inbox;
 pub mod landing;
 pub mod log;
+pub mod metrics;
 pub mod peers;
 pub mod placement;
 pub mod ratelimit;

@@ -300,6 +300,9 @@ pub struct RemoteSink {
     credits: VecDeque<u32>,
     credited: Vec<bool>,
     written: u64,
+    /// Out of credit since the last batch it had to hold back (counted
+    /// once per stall in the link's stats).
+    stalled: bool,
 }
 
 impl RemoteSink {
@@ -332,6 +335,7 @@ impl RemoteSink {
             credits,
             credited,
             written: 0,
+            stalled: false,
         }
     }
 
@@ -413,6 +417,10 @@ impl Sink for RemoteSink {
             return Err(format!("a batch of {} bytes", d.len));
         };
         let Some(ls) = self.take_credit() else {
+            if !self.stalled {
+                self.stalled = true;
+                crate::fabric::LinkStats::add(&self.link.stats.credit_stalls, 1);
+            }
             return Ok(false);
         };
         let h = Header {
@@ -495,6 +503,7 @@ impl Sink for RemoteSink {
             Some(c) => {
                 *c = true;
                 self.credits.push_back(slot);
+                self.stalled = false;
                 Ok(())
             }
         }

@@ -73,6 +73,9 @@ pub struct Entry {
     pub device: Option<u32>,
     /// `ENTRY_*` bits.
     pub flags: u16,
+    /// When it was published ([`crate::metrics::now_us`]), for one batch in
+    /// [`crate::metrics::LATENCY_SAMPLE_EVERY`]; 0 for the others.
+    pub stamp: u32,
 }
 
 impl Entry {
@@ -84,6 +87,7 @@ impl Entry {
             meta_len: 0,
             device: None,
             flags,
+            stamp: 0,
         }
     }
 
@@ -245,6 +249,7 @@ pub struct Stream {
     parts: Vec<Partition>,
     groups: Vec<Group>,
     published: u64,
+    published_bytes: u64,
     rr: u32,
     /// The pool is a cache over a log on disk (`durability.disk`): a slot
     /// holding a batch that is on disk and in no member's hands can be
@@ -442,6 +447,11 @@ impl Stream {
         self.published
     }
 
+    /// Payload bytes of those batches.
+    pub fn published_bytes(&self) -> u64 {
+        self.published_bytes
+    }
+
     /// Whether a slot is free for a grant.
     pub fn has_free_slot(&self) -> bool {
         !self.free.is_empty()
@@ -468,6 +478,7 @@ impl Stream {
             parts: (0..spec.partitions).map(|_| Partition::default()).collect(),
             groups: Vec::new(),
             published: 0,
+            published_bytes: 0,
             rr: 0,
             tiered: spec.durability.disk,
             loads: Vec::new(),
@@ -917,6 +928,11 @@ impl Stream {
                 meta_len,
                 device,
                 flags: flags & ENTRY_RECORD,
+                stamp: if offset.is_multiple_of(crate::metrics::LATENCY_SAMPLE_EVERY) {
+                    crate::metrics::now_us()
+                } else {
+                    0
+                },
             },
         );
         let orphan = live == 0;
@@ -927,6 +943,7 @@ impl Stream {
             orphan,
         };
         self.published += 1;
+        self.published_bytes += len;
         Ok((part, offset))
     }
 

@@ -42,6 +42,9 @@ pub struct Daemon {
     pub child: Option<Child>,
     /// The network namespace it runs in (`ip netns exec`).
     pub netns: Option<String>,
+    /// Environment variables it gets. With `WATCHDOG_USEC` among them it
+    /// also gets `WATCHDOG_PID` set to its own pid, as systemd does.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -74,7 +77,19 @@ impl Daemon {
             admin,
             child: None,
             netns: None,
+            env: Vec::new(),
         }
+    }
+
+    /// Like [`Daemon::start`], with environment variables `env`.
+    pub fn start_with_env(daemon_keys: &str, streams: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon::start_stopped(daemon_keys, streams);
+        d.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        d.spawn();
+        d
     }
 
     /// Starts ferryd (again) from its config; the log is appended to.
@@ -93,8 +108,16 @@ impl Daemon {
                 c.args(["netns", "exec", ns]).arg(bin("ferryd"));
                 c
             }
+            None if self.env.iter().any(|(k, _)| k == "WATCHDOG_USEC") => {
+                // The shell execs ferryd: its pid is the shell's.
+                let mut c = Command::new("sh");
+                c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
+                    .arg(bin("ferryd"));
+                c
+            }
             None => Command::new(bin("ferryd")),
         };
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = cmd
             .arg("--config")
             .arg(self.dir.join("ferryd.toml"))
@@ -282,6 +305,26 @@ impl Drop for TwoHosts {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
+}
+
+/// A plain HTTP/1.1 GET of `path` from `addr`: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {head:?}")))?;
+    Ok((code, body.to_string()))
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.

@@ -218,6 +218,22 @@ impl Server {
             }
             AdminRequest::DeleteGroup { stream, group } => self.delete_group(&stream, &group, uid),
             AdminRequest::DeleteStream { stream, force } => self.delete_stream(&stream, force, uid),
+            AdminRequest::DebugStall { ms } => {
+                if !self.cfg.admin.debug_requests {
+                    return Response::error(
+                        "debug requests are off (they need [admin] debug_requests = true)",
+                    );
+                }
+                if uid != 0 && uid != ferry_shm::sys::geteuid() {
+                    return Response::error(
+                        "permission denied: only root and ferryd's uid may stall it",
+                    );
+                }
+                let ms = ms.min(60_000);
+                tracing::warn!(ms, "debug-stall: the data-plane loop sleeps on request");
+                std::thread::sleep(Duration::from_millis(ms));
+                Response::Ok(format!("the loop slept {ms} ms"))
+            }
         }
     }
 }

@@ -48,6 +48,8 @@ pub(super) struct StreamEntry {
     pub(super) dirty: bool,
     /// A disk stream's logs.
     pub(super) log: Option<Box<super::durable::DiskLog>>,
+    /// What `/metrics` shows beyond the status.
+    pub(super) counters: crate::metrics::StreamCounters,
 }
 
 impl StreamEntry {
@@ -206,6 +208,7 @@ impl Server {
                 dirty: true,
                 registered: None,
                 log,
+                counters: Default::default(),
             },
         );
         self.by_name.insert(name.to_string(), idx);

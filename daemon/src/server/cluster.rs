@@ -56,6 +56,8 @@ pub(super) struct PeerLink {
     pub(super) link: Option<Arc<Link>>,
     /// Its id in work-request ids.
     tag: u16,
+    /// What its links did, all of them.
+    pub(super) stats: Arc<crate::fabric::LinkStats>,
 }
 
 /// Receives kept posted on each link (one is used by each landing write).
@@ -299,7 +301,7 @@ impl Server {
                     limited!(WARN, peer = %node, "an endpoint it sent without ours waiting");
                     return;
                 };
-                let (tag, generation) = (pl.tag, pl.generation);
+                let (tag, generation, stats) = (pl.tag, pl.generation, pl.stats.clone());
                 let inbox = self.inbox_sender.clone();
                 let n = node.clone();
                 // Connecting blocks until the peer's side answers: not on
@@ -307,7 +309,7 @@ impl Server {
                 let spawned = std::thread::Builder::new()
                     .name("ferryd-link".into())
                     .spawn(move || {
-                        let result = pending.connect(&info, tag).map(Arc::new);
+                        let result = pending.connect(&info, tag, stats).map(Arc::new);
                         inbox.send(Message::Link {
                             node: n,
                             generation,
@@ -429,6 +431,9 @@ impl Server {
                 l.completed(c.wr_id);
             }
             if c.status != ferry_verbs::WcStatus::Success {
+                if let Some(l) = cl.link(node) {
+                    crate::fabric::LinkStats::add(&l.stats.errors, 1);
+                }
                 broken.push((
                     node.to_string(),
                     format!("a write completed with {:?}", c.status),
@@ -447,6 +452,7 @@ impl Server {
             };
             match (c.status, c.imm) {
                 (ferry_verbs::WcStatus::Success, Some(imm)) => {
+                    crate::fabric::LinkStats::add(&l.stats.receives, 1);
                     arrived.push((node.to_string(), imm));
                     if let Err(e) = l.recv(l.next_wr_id()) {
                         broken.push((node.to_string(), format!("posting a receive: {e}")));
@@ -454,6 +460,7 @@ impl Server {
                 }
                 (ferry_verbs::WcStatus::WrFlush, _) => {}
                 (st, _) => {
+                    crate::fabric::LinkStats::add(&l.stats.errors, 1);
                     broken.push((node.to_string(), format!("a receive completed with {st:?}")))
                 }
             }

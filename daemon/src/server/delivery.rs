@@ -187,11 +187,13 @@ impl Server {
             let sessions = &mut self.sessions;
             let remotes = &mut self.remotes;
             let ends_untold = std::mem::take(&mut entry.ends_untold);
+            let counters = &mut entry.counters;
             for g in 0..entry.stream.groups().len() {
                 let sid = entry.stream.id();
                 let pool_layout = entry.layout;
                 let epoch = entry.stream.groups()[g].epoch;
                 let n = entry.stream.deliver(g, |m, dv| {
+                    let remote = dv.entry.stamp != 0 && remotes.contains_key(&m);
                     let Some(c) = member_mut(sessions, remotes, m) else {
                         return false;
                     };
@@ -233,6 +235,16 @@ impl Server {
                             c.inflight += 1;
                             c.delivered += 1;
                             to_wake.push(m);
+                            counters.delivered += 1;
+                            counters.delivered_bytes += dv.entry.len;
+                            if dv.entry.stamp != 0 {
+                                let us = crate::metrics::since_us(dv.entry.stamp);
+                                if remote {
+                                    counters.latency_remote.observe(us);
+                                } else {
+                                    counters.latency_local.observe(us);
+                                }
+                            }
                             true
                         }
                         Ok(false) => false,

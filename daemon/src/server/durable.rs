@@ -65,10 +65,12 @@ pub(crate) fn spawn_syncer(inbox: inbox::Sender) -> std::io::Result<mpsc::Sender
             while let Ok(job) = rx.recv() {
                 match job {
                     SyncJob::Sync { files, then } => {
+                        let t = Instant::now();
                         let result = files
                             .iter()
                             .try_for_each(|f| f.sync_data())
                             .map_err(|e| e.to_string());
+                        crate::metrics::observe_fsync(t.elapsed().as_micros() as u64);
                         match then {
                             Some(s) => {
                                 inbox.send(inbox::Message::Synced(Synced { result, ..s }));
@@ -124,6 +126,8 @@ pub(super) struct DiskLog {
     d: Durability,
     /// Why writes fail now (a full disk); None while they succeed.
     pub(super) error: Option<String>,
+    /// What opening it found: tails cut, damaged records kept.
+    pub(super) recovered: (u64, u64),
     stored_groups: Vec<StoredGroup>,
     offsets_at: Instant,
     retention_at: Instant,
@@ -210,7 +214,7 @@ pub(super) fn open_disk(
         max_payload: spec.slot_size,
     };
     let mut parts = Vec::new();
-    let (mut records, mut dropped, mut damaged) = (0u64, 0u64, 0u64);
+    let (mut records, mut dropped, mut damaged, mut cuts) = (0u64, 0u64, 0u64, 0u64);
     for p in 0..spec.partitions as usize {
         let (mut plog, cut) = PartitionLog::open(&dir.join(format!("p{p}")), opts).map_err(ctx)?;
         for t in &cut {
@@ -218,6 +222,7 @@ pub(super) fn open_disk(
                 damaged += 1;
             } else {
                 dropped += t.bytes;
+                cuts += 1;
             }
         }
         let (floor, end) = (plog.start_offset(), plog.next_offset());
@@ -270,6 +275,7 @@ pub(super) fn open_disk(
             parts,
             d: *d,
             error: None,
+            recovered: (cuts, damaged),
             stored_groups: groups,
             offsets_at: Instant::now(),
             retention_at: Instant::now(),
@@ -471,6 +477,8 @@ impl StreamEntry {
                             } else {
                                 0
                             },
+                            // Read back: not a publish to time.
+                            stamp: 0,
                         };
                         self.stream.restore(p, o, e);
                     }

@@ -3,11 +3,10 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{check_socket_dir, check_socket_file, SocketFile};
 use crate::stream::SessionId;
@@ -68,26 +67,6 @@ pub(super) fn set_socket_access(
     Ok(())
 }
 
-pub(super) fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = UnixDatagram::unbound() else {
-        return;
-    };
-    let p = path.to_string_lossy().to_string();
-    let res = if let Some(name) = p.strip_prefix('@') {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
-    } else {
-        sock.send_to(state.as_bytes(), &p)
-    };
-    if let Err(e) = res {
-        debug!("sd_notify {state}: {e}");
-    }
-}
-
 impl Server {
     /// The streams with held slots and who holds them, for the drain
     /// summary.
@@ -120,7 +99,7 @@ impl Server {
     }
 
     pub(super) fn shutdown(&mut self) {
-        notify_systemd("STOPPING=1");
+        super::metrics::notify(&[sd_notify::NotifyState::Stopping]);
         if let Some(c) = &mut self.cluster {
             c.peers.stop();
         }
@@ -142,7 +121,7 @@ impl Server {
             signal = signo,
             "draining: no new sessions; delivering what was published"
         );
-        notify_systemd("STOPPING=1");
+        super::metrics::notify(&[sd_notify::NotifyState::Stopping]);
         self.draining = Some(Instant::now());
         if let Some(l) = self.listener.take() {
             self.epoll.delete(l.as_raw_fd());
@@ -161,6 +140,7 @@ impl Server {
             return;
         }
         self.last_housekeeping = Instant::now();
+        self.monitor_tick();
         let hello = Duration::from_millis(self.cfg.daemon.handshake_timeout_ms);
         let idle = Duration::from_millis(self.cfg.daemon.idle_timeout_ms);
         let late: Vec<(SessionId, String)> = self

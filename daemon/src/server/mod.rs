@@ -16,6 +16,7 @@ mod delivery;
 mod durable;
 mod inbound;
 mod lifecycle;
+mod metrics;
 mod open;
 mod outbox;
 mod proxy;
@@ -41,7 +42,7 @@ use crate::stream::SessionId;
 use catalog::{StreamEntry, Streams};
 use delivery::{entry_flags, publish_copied};
 pub use durable::Synced;
-use lifecycle::{claim_socket_path, notify_systemd, set_socket_access};
+use lifecycle::{claim_socket_path, set_socket_access};
 use sessions::{
     sub_of, sub_of_mut, ConsumerState, Policy, ProducerState, Role, Session, ACCEPT_PAUSE,
 };
@@ -149,6 +150,8 @@ pub struct Server {
     /// The thread that syncs disk logs and writes committed offsets.
     syncer: std::sync::mpsc::Sender<durable::SyncJob>,
     last_disk_tick: Instant,
+    /// `/live`, `/ready`, the watchdog and the loop's turns.
+    monitor: metrics::Monitor,
 }
 
 impl Server {
@@ -243,6 +246,14 @@ impl Server {
                 .doing(setup)?;
             info!(node = %c.node, listen = %c.peers.listen, peers = c.table.len(), "cluster control plane listening");
         }
+        let health = std::sync::Arc::new(crate::http::Health::default());
+        if let Some(addr) = &cfg.admin.http {
+            let l = std::net::TcpListener::bind(addr.as_str())
+                .doing(|| format!("admin.http: listening on {addr}"))?;
+            crate::http::spawn(l, health.clone(), outside.clone())
+                .doing(|| "starting the admin HTTP thread".into())?;
+            info!(http = %addr, "admin endpoint: /metrics, /live, /ready");
+        }
         admin::spawn_admin(
             admin,
             policy.clone(),
@@ -286,6 +297,7 @@ impl Server {
             wake_scratch: Vec::with_capacity(64),
             syncer,
             last_disk_tick: Instant::now(),
+            monitor: metrics::Monitor::new(health),
             cfg,
         };
         for s in server.cfg.streams.clone() {
@@ -320,7 +332,10 @@ impl Server {
             streams = self.streams.len(),
             "ferryd ready"
         );
-        notify_systemd("READY=1");
+        // Ready for systemd once the streams are open (they are, here);
+        // `/ready` says more (peers, disk) from the first housekeeping on.
+        self.monitor_tick();
+        metrics::notify(&[sd_notify::NotifyState::Ready]);
         let spin = Duration::from_micros(self.cfg.daemon.spin_us);
         let waited_spin = Duration::from_micros(self.cfg.daemon.spin_while_waited_us);
         let mut waited = false;
@@ -335,6 +350,7 @@ impl Server {
         let mut iter: u32 = 0;
         loop {
             iter = iter.wrapping_add(1);
+            self.monitor.turns += 1;
             let work =
                 self.poll_rings() + self.progress_fabric() + self.pump() + self.progress_gpu();
             if let Some(since) = self.draining {
@@ -420,7 +436,9 @@ impl Server {
             } else if self.draining.is_some() {
                 50
             } else {
-                self.disk_wait_ms().unwrap_or(500)
+                self.disk_wait_ms()
+                    .unwrap_or(500)
+                    .min(self.monitor.max_sleep_ms())
             };
             self.poll_events(timeout)?;
             for s in self.sessions.values() {
@@ -487,6 +505,9 @@ impl Server {
                     result,
                 } => self.link_ready(node, generation, result),
                 inbox::Message::Synced(s) => self.on_synced(s),
+                inbox::Message::Metrics { reply } => {
+                    let _ = reply.send(self.metrics_snapshot());
+                }
             }
         }
         Ok(())

@@ -463,6 +463,7 @@ impl Server {
                         limited!(WARN, session = id, "while closing: {e}");
                     }
                     self.gpu_sessions -= 1;
+                    entry.counters.gpu_bytes_closed += g.copied_bytes;
                 }
                 drop(p.gpu.take());
                 for slot in p.granted {
@@ -490,6 +491,7 @@ impl Server {
                     self.gpu_sessions -= 1;
                 }
                 let entry = &mut self.streams[c.m.stream];
+                entry.counters.gpu_bytes_closed += c.m.sink.status().bytes_copied;
                 entry.stream.leave(c.m.group, id);
                 entry.dirty = true;
                 limited!(
