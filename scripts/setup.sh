@@ -7,7 +7,7 @@ set -euo pipefail
 # cmake, clang and libclang-dev build rdma-mummy-sys (the verbs crate's
 # rdma-core binding, loaded at run time).
 APT_PACKAGES=(build-essential pkg-config zlib1g-dev python3 cmake clang libclang-dev libhwloc-dev libudev-dev
-    iproute2 redis-server nats-server prometheus)
+    iproute2 redis-server nats-server prometheus systemd)
 
 log() { echo "[setup] $*" >&2; }
 

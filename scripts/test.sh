@@ -5,8 +5,9 @@
 # (soft-RoCE in a qemu VM, scripts/rxe-vm.sh), the C ABI tests under
 # AddressSanitizer and UndefinedBehaviorSanitizer, the Python tests (with
 # PyTorch, which scripts/setup.sh installs), the ferry.h staleness check,
-# the loom models of the rings, a smoke run of the benchmarks (shm, fabric, log,
-# gpu, the CPU training loop), and the GPU paths against a fake CUDA driver
+# the loom models of the rings, the monitoring files (promtool), the installer
+# and the systemd unit (scripts/test-install.sh), a smoke run of the
+# benchmarks (shm, fabric, log, gpu, the CPU training loop), and the GPU paths against a fake CUDA driver
 # (tests/fakecuda). With FERRY_FUZZ_SECONDS set, also
 # fuzzes the soft fabric's frame decoder for that long. Installs what it
 # needs first (scripts/setup.sh).
@@ -85,6 +86,14 @@ step "two ferryd daemons on kernel soft-RoCE (the rxe VM): the cross-host path o
 CLUSTER_TEST=$(scripts/test-binary.sh ferry-tests cluster)
 FERRY_RXE_BINS="$ROOT/target/debug/ferryd" scripts/rxe-vm.sh "$CLUSTER_TEST" --ignored --exact \
     two_daemons_on_real_verbs_move_batches_both_ways
+
+step "monitoring files: the Prometheus alert rules (promtool check and its unit tests), the Grafana dashboard's JSON"
+promtool check rules deploy/prometheus/ferry-rules.yml
+(cd deploy/prometheus && promtool test rules ferry-rules.test.yml)
+python3 -m json.tool deploy/grafana/ferry.json > /dev/null
+
+step "scripts/install.sh and the systemd unit (systemd-analyze verify; started as the unit would be; uninstall)"
+scripts/test-install.sh
 
 step "Python tests"
 (cd client-c/python && python3 -m pytest -q -p no:cacheprovider tests)

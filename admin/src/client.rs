@@ -54,10 +54,12 @@ pub fn request(admin: &Path, req: &Request) -> Result<Response, AdminError> {
         what: "reading the admin socket's peer credentials",
         source: e,
     })?;
-    proto::check_daemon_uid(cred.uid, sys::geteuid()).map_err(|why| AdminError::Untrusted {
-        path: admin.display().to_string(),
-        pid: cred.pid,
-        why,
+    proto::check_daemon_uid(cred.uid, sys::geteuid(), admin).map_err(|why| {
+        AdminError::Untrusted {
+            path: admin.display().to_string(),
+            pid: cred.pid,
+            why,
+        }
     })?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| AdminError::Io {

@@ -207,7 +207,7 @@ fn check_daemon_identity(sock: &OwnedFd, path: &Path) -> Result<()> {
             path.display()
         ),
     })?;
-    proto::check_daemon_uid(cred.uid, sys::geteuid()).map_err(|why| Error {
+    proto::check_daemon_uid(cred.uid, sys::geteuid(), path).map_err(|why| Error {
         status: Status::PermissionDenied,
         message: format!(
             "the process listening at {} (pid {}): {why}",

@@ -406,9 +406,15 @@ pub struct DaemonConfig {
 
 impl DaemonConfig {
     /// `data_dir`, or its default for the effective uid.
+    /// daemon.data_dir; else, under systemd, the unit's `StateDirectory=`
+    /// ($STATE_DIRECTORY); else /var/lib/ferry for root, the user's
+    /// state directory for others.
     pub fn data_dir(&self) -> PathBuf {
         if let Some(d) = &self.data_dir {
             return d.clone();
+        }
+        if let Some(d) = systemd_dir("STATE_DIRECTORY") {
+            return d;
         }
         if ferry_shm::sys::geteuid() == 0 {
             return PathBuf::from("/var/lib/ferry");
@@ -528,6 +534,14 @@ impl Default for Config {
 }
 
 pub use ferry_admin::{admin_path_for, default_socket_path};
+
+/// The first directory systemd put in `var` (RUNTIME_DIRECTORY,
+/// STATE_DIRECTORY: colon-separated absolute paths).
+fn systemd_dir(var: &str) -> Option<PathBuf> {
+    let v = std::env::var_os(var)?;
+    let first = v.to_str()?.split(':').next()?;
+    first.starts_with('/').then(|| PathBuf::from(first))
+}
 
 /// Checks a stream's numbers against the limits; the error says which one.
 pub fn check_stream_spec(name: &str, spec: &StreamSpec, max_pool_bytes: u64) -> Result<(), String> {
@@ -798,11 +812,17 @@ impl Config {
             .and_then(|g| resolve_group(g).ok())
     }
 
+    /// daemon.socket; else, under systemd, in the unit's
+    /// `RuntimeDirectory=` ($RUNTIME_DIRECTORY); else
+    /// [`ferry_shm::proto::own_socket_path`].
     pub fn socket_path(&self) -> PathBuf {
-        self.daemon
-            .socket
-            .clone()
-            .unwrap_or_else(|| default_socket_path(ferry_shm::sys::geteuid()))
+        if let Some(s) = &self.daemon.socket {
+            return s.clone();
+        }
+        if let Some(d) = systemd_dir("RUNTIME_DIRECTORY") {
+            return d.join("ferryd.sock");
+        }
+        ferry_shm::proto::own_socket_path(ferry_shm::sys::geteuid())
     }
 
     pub fn admin_socket_path(&self) -> PathBuf {

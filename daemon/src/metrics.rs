@@ -124,6 +124,10 @@ pub struct Snapshot {
     pub links: Vec<LinkCounters>,
     /// The loop's turns so far.
     pub loop_turns: u64,
+    /// What `/ready` says.
+    pub ready: bool,
+    /// daemon.data_dir, when it exists: its file system's space is shown.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// Writes one metric family, and its samples, to the encoder.
@@ -246,6 +250,11 @@ impl prometheus_client::collector::Collector for Collect {
             "ferry_daemon_uptime_seconds",
             "Seconds since ferryd started.",
             &[(vec![], st.uptime_s as i64)],
+        )?;
+        f.gauge(
+            "ferry_daemon_ready",
+            "1 while /ready answers 200 (its body says why not otherwise).",
+            &[(vec![], snap.ready as i64)],
         )?;
         f.gauge(
             "ferry_daemon_draining",
@@ -430,6 +439,21 @@ impl prometheus_client::collector::Collector for Collect {
             "At start-up: torn or corrupt log tails cut (kind tail_cut), damaged records kept and skipped (kind damaged_skipped).",
             &rec,
         )?;
+        if let Some(dir) = &snap.data_dir {
+            if let Ok((free, total)) = ferry_shm::sys::fs_space(dir) {
+                let shown = dir.display().to_string();
+                f.gauge(
+                    "ferry_disk_free_bytes",
+                    "Bytes free (for unprivileged users) on the file system of daemon.data_dir.",
+                    &[(vec![("path", shown.as_str())], free as i64)],
+                )?;
+                f.gauge(
+                    "ferry_disk_capacity_bytes",
+                    "Size of the file system of daemon.data_dir.",
+                    &[(vec![("path", shown.as_str())], total as i64)],
+                )?;
+            }
+        }
         if fsync.count > 0 || !disk.is_empty() {
             f.histogram(
                 "ferry_disk_fsync_duration_seconds",

@@ -265,13 +265,30 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> 
     Ok(postcard::from_bytes(bytes)?)
 }
 
+/// Where a system ferryd (the systemd unit's `RuntimeDirectory=ferry`)
+/// listens.
+pub const SYSTEM_SOCKET: &str = "/run/ferry/ferryd.sock";
+
 /// The session socket a process with effective uid `euid` uses when none
-/// is configured: /run/ferry/ferryd.sock for root, else
-/// $XDG_RUNTIME_DIR/ferry/ferryd.sock (or /tmp/ferry-UID/ without one).
+/// is configured: [`SYSTEM_SOCKET`] for root; else
+/// $XDG_RUNTIME_DIR/ferry/ferryd.sock (or /tmp/ferry-UID/ without one),
+/// unless only the system socket exists: then that one, so that users of
+/// the host's ferryd need no setting.
 pub fn default_socket_path(euid: u32) -> std::path::PathBuf {
     use std::path::PathBuf;
+    let own = own_socket_path(euid);
+    if euid != 0 && !own.exists() && std::path::Path::new(SYSTEM_SOCKET).exists() {
+        return PathBuf::from(SYSTEM_SOCKET);
+    }
+    own
+}
+
+/// The socket of a ferryd that `euid` runs itself: [`SYSTEM_SOCKET`] for
+/// root, else $XDG_RUNTIME_DIR/ferry/ferryd.sock (or /tmp/ferry-UID/).
+pub fn own_socket_path(euid: u32) -> std::path::PathBuf {
+    use std::path::PathBuf;
     if euid == 0 {
-        return PathBuf::from("/run/ferry/ferryd.sock");
+        return PathBuf::from(SYSTEM_SOCKET);
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("ferry/ferryd.sock"),
@@ -279,10 +296,25 @@ pub fn default_socket_path(euid: u32) -> std::path::PathBuf {
     }
 }
 
-/// Whether a process running as `uid` may be trusted as ferryd by a
-/// client running as `me`: root, `me`, or the uid in `FERRY_DAEMON_UID`.
-/// The error says why not, and how to allow it.
-pub fn check_daemon_uid(uid: u32, me: u32) -> Result<(), String> {
+/// The uid that root gave the system socket's directory (/run/ferry, made
+/// by systemd for the unit's `User=`): only root can make a directory in
+/// /run, so its owner is the ferryd root chose.
+fn system_daemon_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::path::Path::new(SYSTEM_SOCKET).parent()?;
+    let run = std::fs::symlink_metadata(dir.parent()?).ok()?;
+    if run.uid() != 0 || run.mode() & 0o022 != 0 {
+        return None;
+    }
+    let d = std::fs::symlink_metadata(dir).ok()?;
+    d.is_dir().then_some(d.uid())
+}
+
+/// Whether a process running as `uid`, listening at `socket`, may be
+/// trusted as ferryd by a client running as `me`: root, `me`, the uid in
+/// `FERRY_DAEMON_UID`, or, at [`SYSTEM_SOCKET`], the owner of its
+/// directory. The error says why not, and how to allow it.
+pub fn check_daemon_uid(uid: u32, me: u32, socket: &std::path::Path) -> Result<(), String> {
     let expected = match std::env::var("FERRY_DAEMON_UID") {
         Ok(v) => Some(
             v.trim()
@@ -294,11 +326,20 @@ pub fn check_daemon_uid(uid: u32, me: u32) -> Result<(), String> {
     if uid == 0 || uid == me || Some(uid) == expected {
         return Ok(());
     }
+    let system = socket.parent() == std::path::Path::new(SYSTEM_SOCKET).parent();
+    if system && system_daemon_uid() == Some(uid) {
+        return Ok(());
+    }
     Err(format!(
-        "it runs as uid {uid}, not root or uid {me}{}; refusing to talk to it (set FERRY_DAEMON_UID={uid} if that is your ferryd)",
+        "it runs as uid {uid}, not root or uid {me}{}{}; refusing to talk to it (set FERRY_DAEMON_UID={uid} if that is your ferryd)",
         expected
             .map(|u| format!(" or FERRY_DAEMON_UID {u}"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if system {
+            " or the owner of /run/ferry"
+        } else {
+            ""
+        }
     ))
 }
 

@@ -776,6 +776,25 @@ pub fn fchmod(fd: &OwnedFd, mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// (free bytes for unprivileged users, total bytes) of the file system
+/// holding `path` (statvfs).
+pub fn fs_space(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path; `st` is a statvfs the call
+    // fills (and is zeroed besides), read only on success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: initialised by the successful call (and zeroed before).
+    let st = unsafe { st.assume_init() };
+    let frsize = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+}
+
 /// Raises the soft limit of open files towards `want` (at most the hard
 /// limit). Returns the (soft, hard) limits now in force.
 pub fn raise_nofile_limit(want: u64) -> io::Result<(u64, u64)> {

@@ -308,6 +308,20 @@ impl Prometheus {
             .collect()
     }
 
+    /// Whether Prometheus accepts `q` (its answer when not).
+    fn accepts(&self, q: &str) -> Result<(), String> {
+        let (code, body) = http_get(
+            &self.addr,
+            &format!("/api/v1/query?query={}", url_encode(q)),
+        )
+        .map_err(|e| e.to_string())?;
+        if code == 200 && body.contains(r#""status":"success""#) {
+            Ok(())
+        } else {
+            Err(format!("{code}: {body}"))
+        }
+    }
+
     /// Waits (at most 30 s) until `q` has a result with a value for which
     /// `ok` holds; returns it.
     fn wait_for(&self, q: &str, ok: impl Fn(f64) -> bool) -> f64 {
@@ -372,6 +386,36 @@ fn a_real_prometheus_scrapes_the_rates_and_the_lag() {
     prom.wait_for(
         r#"ferry_group_lag_total_batches{stream="honest",group="g"}"#,
         |v| v < 8.0,
+    );
+    // Every query of the shipped dashboard is one this Prometheus runs.
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/ferry.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut n = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let q = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$instance", ".*")
+                .replace("$stream", ".*")
+                .replace("$__rate_interval", "5s");
+            if let Err(e) = prom.accepts(&q) {
+                panic!("panel {:?}: {q}: {e}", panel["title"]);
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 14, "{n} queries");
+    // And its latency panel has data from this run.
+    prom.wait_for(
+        r#"histogram_quantile(0.5, sum by (le, instance, stream, path) (rate(ferry_stream_delivery_latency_seconds_bucket{stream="honest"}[10s])))"#,
+        |v| v > 0.0,
     );
     pair.finish().assert_clean();
 }

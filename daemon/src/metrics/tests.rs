@@ -122,11 +122,17 @@ fn the_exposition_has_each_family_once_with_its_labels_and_cumulative_buckets() 
             ..Default::default()
         }],
         loop_turns: 99,
+        ready: true,
+        data_dir: Some(std::env::temp_dir()),
     });
     let s =
         |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
     assert_eq!(s(r#"ferry_daemon_info{version="9.9.9",node="a"}"#), 1.0);
     assert_eq!(s("ferry_daemon_loop_turns_total"), 99.0);
+    assert_eq!(s("ferry_daemon_ready"), 1.0);
+    let tmp = std::env::temp_dir().display().to_string();
+    let free = s(&format!(r#"ferry_disk_free_bytes{{path="{tmp}"}}"#));
+    assert!(free <= s(&format!(r#"ferry_disk_capacity_bytes{{path="{tmp}"}}"#)));
     assert_eq!(
         s(r#"ferry_stream_published_batches_total{stream="batches"}"#),
         10.0
@@ -195,5 +201,74 @@ fn the_exposition_has_each_family_once_with_its_labels_and_cumulative_buckets() 
             name.starts_with("ferry_") && name.matches('_').count() >= 2,
             "{name}"
         );
+    }
+}
+
+/// Every `ferry_*` name in `text` (a dashboard, a rules file).
+fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let b = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("ferry_") {
+        let start = i + at;
+        let mut end = start;
+        while end < b.len()
+            && (b[end].is_ascii_lowercase() || b[end].is_ascii_digit() || b[end] == b'_')
+        {
+            end += 1;
+        }
+        let before_ok = start == 0
+            || !(b[start - 1].is_ascii_alphanumeric()
+                || b[start - 1] == b'_'
+                || b[start - 1] == b'-');
+        if before_ok {
+            out.insert(text[start..end].to_string());
+        }
+        i = end;
+    }
+    out
+}
+
+#[test]
+fn the_dashboard_and_the_alert_rules_use_only_metrics_ferryd_exposes() {
+    let mut st = status(vec![stream("batches", 10)]);
+    st.gpus = vec![ferry_admin::GpuStatus {
+        ordinal: 0,
+        name: "fake".into(),
+        pci_bus_id: "0".into(),
+        total_memory: 1,
+        dma_buf: false,
+        gpudirect_rdma: false,
+    }];
+    let mut c = StreamCounters::default();
+    c.latency_remote.observe(5);
+    let text = encode(Snapshot {
+        status: st,
+        streams: vec![c],
+        links: vec![LinkCounters::default()],
+        loop_turns: 1,
+        ready: false,
+        data_dir: Some(std::env::temp_dir()),
+    });
+    let exposed: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in [
+        "deploy/grafana/ferry.json",
+        "deploy/prometheus/ferry-rules.yml",
+        "deploy/prometheus/ferry-rules.test.yml",
+    ] {
+        let body = std::fs::read_to_string(root.join(file)).unwrap();
+        let names = names_in(&body);
+        assert!(names.len() >= 3, "{file}: {names:?}");
+        for n in names {
+            assert!(
+                exposed.contains(n.as_str()),
+                "{file} uses {n}, which ferryd does not expose; it has {exposed:?}"
+            );
+        }
     }
 }

@@ -210,6 +210,8 @@ impl Server {
             streams,
             links,
             loop_turns: self.monitor.turns,
+            ready: self.monitor.health.ready().is_ok(),
+            data_dir: Some(self.cfg.daemon.data_dir()).filter(|d| d.exists()),
         }
     }
 }
