@@ -791,8 +791,9 @@ pub fn fs_space(path: &Path) -> io::Result<(u64, u64)> {
     }
     // SAFETY: initialised by the successful call (and zeroed before).
     let st = unsafe { st.assume_init() };
-    let frsize = st.f_frsize as u64;
-    Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+    let frsize: u64 = st.f_frsize;
+    let (avail, blocks): (u64, u64) = (st.f_bavail, st.f_blocks);
+    Ok((avail.saturating_mul(frsize), blocks.saturating_mul(frsize)))
 }
 
 /// Raises the soft limit of open files towards `want` (at most the hard
