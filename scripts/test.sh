@@ -126,6 +126,8 @@ target/release/ferry-bench stream --smoke >> "$WORK/bench.jsonl"
 # A disk stream under each fsync policy, against a raw write loop and a
 # redis-server with its append-only file.
 target/release/ferry-bench log --smoke >> "$WORK/bench.jsonl"
+# The hand-off and throughput while /metrics is scraped, against no scrape.
+target/release/ferry-bench scrape --smoke >> "$WORK/bench.jsonl"
 # On the fake CUDA driver: proves the GPU benchmark runs, measures nothing.
 FAKECUDA_COPY_DELAY_US=0 LD_LIBRARY_PATH="$FAKE" target/release/ferry-bench gpu --smoke >> "$WORK/bench.jsonl"
 python3 -m py_compile bench/train_loop.py

@@ -55,6 +55,7 @@ mod gpu;
 #[cfg(feature = "iceoryx2")]
 mod ix;
 mod nats;
+mod scrape;
 mod stream;
 use cpu::Cost;
 use ferry::{Client, ConsumerOptions, StreamSpec};
@@ -136,6 +137,16 @@ enum Cmd {
         #[arg(long, value_parser = ["every", "interval", "never"])]
         only: Option<String>,
     },
+    /// What scraping /metrics costs: the local hand-off and 1 MiB
+    /// throughput while ferryd's admin endpoint is scraped every second and
+    /// every 10 ms, against the same with no scrape.
+    Scrape {
+        #[command(flatten)]
+        run: RunLength,
+        /// The ferryd binary (default: beside this one).
+        #[arg(long)]
+        ferryd: Option<PathBuf>,
+    },
     /// GPU delivery: staged host-to-GPU throughput through ferryd against a
     /// pinned host-to-device copy (needs a CUDA GPU).
     Gpu {
@@ -213,6 +224,7 @@ fn main() {
         ),
         Cmd::Gpu { run, ferryd } => gpu::bench_gpu(run.quick, run.smoke, ferryd),
         Cmd::Stream { run, ferryd } => stream::bench_stream(run.quick, run.smoke, ferryd),
+        Cmd::Scrape { run, ferryd } => scrape::bench_scrape(run.quick, run.smoke, ferryd),
         Cmd::Log { run, ferryd, only } => {
             disklog::bench_log(run.quick, run.smoke, ferryd, only.as_deref())
         }

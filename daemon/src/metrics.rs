@@ -128,6 +128,10 @@ pub struct Snapshot {
     pub ready: bool,
     /// daemon.data_dir, when it exists: its file system's space is shown.
     pub data_dir: Option<std::path::PathBuf>,
+    /// Snapshots the loop took for scrapes (this one included), and the
+    /// nanoseconds it spent on them: what monitoring costs the data plane.
+    pub snapshots: u64,
+    pub snapshot_ns: u64,
 }
 
 /// Writes one metric family, and its samples, to the encoder.
@@ -140,7 +144,12 @@ type Labels<'a> = Vec<(&'static str, &'a str)>;
 impl Family<'_, '_> {
     /// `name` ends in `_total`, which the encoder adds to the samples of
     /// the family it declares without it (OpenMetrics).
-    fn counter(&mut self, name: &str, help: &str, rows: &[(Labels<'_>, u64)]) -> std::fmt::Result {
+    fn counter<V: prometheus_client::encoding::EncodeCounterValue>(
+        &mut self,
+        name: &str,
+        help: &str,
+        rows: &[(Labels<'_>, V)],
+    ) -> std::fmt::Result {
         if rows.is_empty() {
             return Ok(());
         }
@@ -150,7 +159,7 @@ impl Family<'_, '_> {
             .encode_descriptor(name, help, None, MetricType::Counter)?;
         for (labels, v) in rows {
             let c = |m: &mut prometheus_client::encoding::MetricEncoder| {
-                m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(v, None)
+                m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, f64>(v, None)
             };
             if labels.is_empty() {
                 c(&mut m)?;
@@ -270,6 +279,16 @@ impl prometheus_client::collector::Collector for Collect {
             "ferry_daemon_loop_turns_total",
             "Turns of the data-plane loop (stops growing when it is wedged).",
             &[(vec![], snap.loop_turns)],
+        )?;
+        f.counter(
+            "ferry_daemon_snapshots_total",
+            "Snapshots the data-plane loop took for /metrics scrapes.",
+            &[(vec![], snap.snapshots)],
+        )?;
+        f.counter(
+            "ferry_daemon_snapshot_seconds_total",
+            "Seconds of the data-plane loop spent taking those snapshots (what scraping costs it).",
+            &[(vec![], snap.snapshot_ns as f64 / 1e9)],
         )?;
         f.gauge(
             "ferry_memory_pool_bytes",

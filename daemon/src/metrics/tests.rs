@@ -124,12 +124,16 @@ fn the_exposition_has_each_family_once_with_its_labels_and_cumulative_buckets() 
         loop_turns: 99,
         ready: true,
         data_dir: Some(std::env::temp_dir()),
+        snapshots: 3,
+        snapshot_ns: 1_500,
     });
     let s =
         |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
     assert_eq!(s(r#"ferry_daemon_info{version="9.9.9",node="a"}"#), 1.0);
     assert_eq!(s("ferry_daemon_loop_turns_total"), 99.0);
     assert_eq!(s("ferry_daemon_ready"), 1.0);
+    assert_eq!(s("ferry_daemon_snapshots_total"), 3.0);
+    assert_eq!(s("ferry_daemon_snapshot_seconds_total"), 1.5e-6);
     let tmp = std::env::temp_dir().display().to_string();
     let free = s(&format!(r#"ferry_disk_free_bytes{{path="{tmp}"}}"#));
     assert!(free <= s(&format!(r#"ferry_disk_capacity_bytes{{path="{tmp}"}}"#)));
@@ -249,6 +253,8 @@ fn the_dashboard_and_the_alert_rules_use_only_metrics_ferryd_exposes() {
         loop_turns: 1,
         ready: false,
         data_dir: Some(std::env::temp_dir()),
+        snapshots: 1,
+        snapshot_ns: 1,
     });
     let exposed: std::collections::BTreeSet<&str> = text
         .lines()

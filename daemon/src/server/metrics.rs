@@ -39,6 +39,9 @@ pub(super) struct Monitor {
     status_line: String,
     /// The loop's turns, for `ferry_daemon_loop_turns_total`.
     pub(super) turns: u64,
+    /// Snapshots taken for scrapes, and the loop's time taking them.
+    snapshots: u64,
+    snapshot_ns: u64,
 }
 
 impl Monitor {
@@ -58,6 +61,8 @@ impl Monitor {
             last_look: long_ago,
             status_line: String::new(),
             turns: 0,
+            snapshots: 0,
+            snapshot_ns: 0,
         }
     }
 
@@ -156,8 +161,19 @@ impl Server {
         line
     }
 
-    /// What a scrape gets: the status, and the counters it lacks.
-    pub(super) fn metrics_snapshot(&self) -> Snapshot {
+    /// What a scrape gets: the status, and the counters it lacks; the
+    /// time it takes the loop is counted too.
+    pub(super) fn metrics_snapshot(&mut self) -> Snapshot {
+        let t = Instant::now();
+        let mut snap = self.take_snapshot();
+        self.monitor.snapshots += 1;
+        self.monitor.snapshot_ns += t.elapsed().as_nanos() as u64;
+        snap.snapshots = self.monitor.snapshots;
+        snap.snapshot_ns = self.monitor.snapshot_ns;
+        snap
+    }
+
+    fn take_snapshot(&self) -> Snapshot {
         let status = self.status_view(None);
         let streams = status
             .streams
@@ -212,6 +228,8 @@ impl Server {
             loop_turns: self.monitor.turns,
             ready: self.monitor.health.ready().is_ok(),
             data_dir: Some(self.cfg.daemon.data_dir()).filter(|d| d.exists()),
+            snapshots: 0,
+            snapshot_ns: 0,
         }
     }
 }
