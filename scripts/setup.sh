@@ -5,9 +5,11 @@
 set -euo pipefail
 
 # cmake, clang and libclang-dev build rdma-mummy-sys (the verbs crate's
-# rdma-core binding, loaded at run time).
+# rdma-core binding, loaded at run time); protobuf-compiler builds the
+# etcd-client crate. prometheus, etcd-server and systemd (systemd-analyze)
+# are the real components the operations tests run against.
 APT_PACKAGES=(build-essential pkg-config zlib1g-dev python3 cmake clang libclang-dev libhwloc-dev libudev-dev
-    iproute2 redis-server nats-server prometheus systemd)
+    iproute2 redis-server nats-server prometheus systemd etcd-server protobuf-compiler)
 
 log() { echo "[setup] $*" >&2; }
 

@@ -58,6 +58,9 @@ pub struct Status {
     /// peer's (wrong secret, unknown node, not a ferry peer).
     #[serde(default)]
     pub peer_connections_refused: u64,
+    /// How peers are found, when in etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<MembershipStatus>,
     /// Pool memory and streams against their limits.
     #[serde(default)]
     pub memory: MemoryStatus,
@@ -65,6 +68,17 @@ pub struct Status {
 }
 
 /// A consumer here of a stream homed on another daemon.
+/// Membership in etcd.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MembershipStatus {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub etcd_up: bool,
+    /// Since when etcd answers (or does not).
+    pub state_ms: u64,
+    pub last_error: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RemoteConsumerStatus {
     pub session: u64,

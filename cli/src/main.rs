@@ -154,6 +154,23 @@ fn print_status(st: &Status) {
             st.peer_connections_refused
         );
     }
+    if let Some(m) = &st.membership {
+        println!(
+            "  membership: etcd at {} under {}: {} for {:.1} s{}",
+            m.endpoints.join(","),
+            m.prefix,
+            if m.etcd_up {
+                "answering"
+            } else {
+                "UNREACHABLE (peers kept, local work goes on)"
+            },
+            m.state_ms as f64 / 1000.0,
+            match (&m.last_error, m.etcd_up) {
+                (Some(e), false) => format!(": {e}"),
+                _ => String::new(),
+            }
+        );
+    }
     for p in &st.peers {
         println!(
             "  peer {} at {}: {} for {:.1} s{}{}, {} control bytes in, {} out, {} errors{}{}",

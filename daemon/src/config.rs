@@ -112,6 +112,16 @@ pub struct ClusterConfig {
     /// The longest wait between attempts to reach a peer that is down (the
     /// wait doubles from 100 ms up to this).
     pub reconnect_max_ms: u64,
+    /// "static": the peers are `peers`; "etcd": each daemon registers
+    /// itself in etcd under a lease and finds the others there.
+    pub membership: String,
+    /// etcd's client URLs (membership = "etcd").
+    pub etcd_endpoints: Vec<String>,
+    /// The key prefix this cluster's daemons share in etcd.
+    pub etcd_prefix: String,
+    /// TTL of this daemon's lease: a daemon whose lease expires (it died,
+    /// or lost etcd for longer) is removed from the others' views.
+    pub etcd_ttl_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -124,6 +134,10 @@ impl Default for ClusterConfig {
             heartbeat_ms: 500,
             peer_timeout_ms: 3_000,
             reconnect_max_ms: 5_000,
+            membership: "static".into(),
+            etcd_endpoints: Vec::new(),
+            etcd_prefix: "/ferry".into(),
+            etcd_ttl_ms: 10_000,
         }
     }
 }
@@ -211,9 +225,66 @@ impl ClusterConfig {
         self.node_id.is_some()
     }
 
+    /// Whether peers are found in etcd.
+    pub fn uses_etcd(&self) -> bool {
+        self.membership == "etcd"
+    }
+
+    fn validate_membership(&self) -> Result<(), String> {
+        match self.membership.as_str() {
+            "static" => {
+                if !self.etcd_endpoints.is_empty() {
+                    return Err("cluster.etcd_endpoints is set, but cluster.membership is \"static\" (set membership = \"etcd\" to use them)".into());
+                }
+                Ok(())
+            }
+            "etcd" => {
+                if self.etcd_endpoints.is_empty() {
+                    return Err("cluster.membership = \"etcd\" needs cluster.etcd_endpoints, e.g. [\"http://10.0.0.1:2379\"]".into());
+                }
+                if !self.peers.is_empty() {
+                    return Err("cluster.peers is for membership = \"static\"; with \"etcd\" the peers are found in etcd".into());
+                }
+                for e in &self.etcd_endpoints {
+                    let rest = e.strip_prefix("http://").ok_or_else(|| {
+                        format!("cluster.etcd_endpoints: {e:?} must be an http:// URL (TLS to etcd is not supported yet)")
+                    })?;
+                    if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
+                        return Err(format!(
+                            "cluster.etcd_endpoints: {e:?} must be http://host:port"
+                        ));
+                    }
+                }
+                if !self.etcd_prefix.starts_with('/')
+                    || self.etcd_prefix.len() < 2
+                    || self.etcd_prefix.ends_with('/')
+                {
+                    return Err(format!(
+                        "cluster.etcd_prefix {:?} must start with / and not end with one, e.g. \"/ferry\" or \"/jobs/llm-7/ferry\"",
+                        self.etcd_prefix
+                    ));
+                }
+                if !(1_000..=600_000).contains(&self.etcd_ttl_ms) {
+                    return Err(format!(
+                        "cluster.etcd_ttl_ms must be in 1000..=600000, got {}",
+                        self.etcd_ttl_ms
+                    ));
+                }
+                Ok(())
+            }
+            other => Err(format!(
+                "cluster.membership {other:?} must be \"static\" or \"etcd\""
+            )),
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
         let Some(me) = &self.node_id else {
-            if self.listen.is_some() || !self.peers.is_empty() || self.secret_file.is_some() {
+            if self.listen.is_some()
+                || !self.peers.is_empty()
+                || self.secret_file.is_some()
+                || self.uses_etcd()
+            {
                 return Err(
                     "cluster.listen, cluster.peers and cluster.secret_file need cluster.node_id"
                         .into(),
@@ -232,7 +303,14 @@ impl ClusterConfig {
                     .into(),
             );
         };
-        check_addr("cluster.listen", listen)?;
+        let addr = check_addr("cluster.listen", listen)?;
+        self.validate_membership()?;
+        if self.uses_etcd() && addr.ip().is_unspecified() {
+            return Err(format!(
+                "cluster.listen = {listen:?}: with membership = \"etcd\" it is the address this daemon registers for its peers to dial, so name this host's address, not {}",
+                addr.ip()
+            ));
+        }
         if self.secret_file.is_none() {
             return Err("cluster.secret_file is needed with cluster.node_id: peers prove to each other that they hold the cluster secret".into());
         }
@@ -1182,6 +1260,33 @@ slot_count = 16
         let c = parse("").unwrap();
         assert_eq!(c.daemon.ring_capacity, 256);
         assert!(c.streams.is_empty());
+    }
+
+    #[test]
+    fn membership_in_etcd_is_checked() {
+        let base = "[cluster]\nnode_id = \"a\"\nsecret_file = \"/x\"\n";
+        let ok = format!("{base}listen = \"127.0.0.1:7000\"\nmembership = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n");
+        let c = parse(&ok).unwrap();
+        assert!(c.cluster.uses_etcd());
+        assert_eq!(c.cluster.etcd_prefix, "/ferry");
+        assert_eq!(c.cluster.etcd_ttl_ms, 10_000);
+        for (extra, want) in [
+            ("membership = \"gossip\"", "\"static\" or \"etcd\""),
+            ("membership = \"etcd\"", "needs cluster.etcd_endpoints"),
+            ("etcd_endpoints = [\"http://e:2379\"]", "membership is \"static\""),
+            ("membership = \"etcd\"\netcd_endpoints = [\"https://e:2379\"]", "http://"),
+            ("membership = \"etcd\"\netcd_endpoints = [\"http://e:2379\"]\netcd_prefix = \"ferry\"", "must start with /"),
+            ("membership = \"etcd\"\netcd_endpoints = [\"http://e:2379\"]\netcd_prefix = \"/ferry/\"", "not end with one"),
+            ("membership = \"etcd\"\netcd_endpoints = [\"http://e:2379\"]\netcd_ttl_ms = 10", "etcd_ttl_ms"),
+            ("membership = \"etcd\"\netcd_endpoints = [\"http://e:2379\"]\npeers = [{ node_id = \"b\", addr = \"127.0.0.1:1\" }]", "cluster.peers is for"),
+        ] {
+            let text = format!("{base}listen = \"127.0.0.1:7000\"\n{extra}\n");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let any = format!("{base}listen = \"0.0.0.0:7000\"\nmembership = \"etcd\"\netcd_endpoints = [\"http://e:2379\"]\n");
+        let e = parse(&any).unwrap_err().to_string();
+        assert!(e.contains("name this host's address"), "{e}");
     }
 
     #[test]

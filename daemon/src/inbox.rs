@@ -29,6 +29,8 @@ pub enum Message {
     },
     /// The syncer thread synced part of a disk stream's log.
     Synced(crate::server::Synced),
+    /// Membership in etcd saw a change.
+    Members(crate::membership::MemberEvent),
     /// A scrape of `/metrics` wants a snapshot.
     Metrics {
         reply: tokio::sync::oneshot::Sender<crate::metrics::Snapshot>,

@@ -11,6 +11,7 @@ pub mod idhash;
 pub mod inbox;
 pub mod landing;
 pub mod log;
+pub mod membership;
 pub mod metrics;
 pub mod peers;
 pub mod placement;

@@ -521,7 +521,25 @@ impl prometheus_client::collector::Collector for Collect {
             )?;
         }
 
-        let peers: Vec<_> = st.peers.iter().zip(&snap.links).collect();
+        // Peers that left the cluster are gone from the metrics too.
+        let peers: Vec<_> = st
+            .peers
+            .iter()
+            .zip(&snap.links)
+            .filter(|(p, _)| p.state != "left")
+            .collect();
+        if let Some(m) = &st.membership {
+            f.gauge(
+                "ferry_cluster_etcd_up",
+                "1 while etcd answers this daemon (membership = \"etcd\"); while 0 it keeps its peers and serves on.",
+                &[(vec![], m.etcd_up as i64)],
+            )?;
+            f.gauge(
+                "ferry_cluster_members",
+                "Daemons in the cluster as this one sees it (itself included).",
+                &[(vec![], (peers.len() + 1) as i64)],
+            )?;
+        }
         let by_peer = |v: &dyn Fn(&ferry_admin::PeerStatus, &LinkCounters) -> u64| {
             peers
                 .iter()

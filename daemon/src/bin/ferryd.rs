@@ -154,6 +154,14 @@ fn run() -> anyhow::Result<()> {
                     c.peer_timeout_ms,
                     c.reconnect_max_ms
                 );
+                if c.uses_etcd() {
+                    println!(
+                        "membership: etcd at {} under {}: registered with a {} ms lease (renewed every third of it), peers found there",
+                        c.etcd_endpoints.join(","),
+                        c.etcd_prefix,
+                        c.etcd_ttl_ms
+                    );
+                }
                 for p in &c.peers {
                     println!(
                         "peer {} at {} ({})",

@@ -89,6 +89,10 @@ fn status(streams: Vec<ferry_admin::StreamStatus>) -> ferry_admin::Status {
         }],
         remote_consumers: vec![],
         peer_connections_refused: 0,
+        membership: Some(ferry_admin::MembershipStatus {
+            etcd_up: true,
+            ..Default::default()
+        }),
         memory: Default::default(),
         streams,
     }

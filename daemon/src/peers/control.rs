@@ -21,6 +21,8 @@ use crate::limited;
 /// From the loop.
 pub(super) enum Command {
     Send { node: String, msg: PeerMsg },
+    AddPeer { node: String, addr: String },
+    RemovePeer { node: String, why: String },
     Stop,
 }
 
@@ -98,15 +100,20 @@ async fn hub(
         }
         Err(e) => limited!(ERROR, "the peer listener: {e}"),
     }
+    // The dialers of the peers this daemon dials, by node.
+    let mut dialers: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let spawn_dialer = |node: &str, addr: &str| {
+        tokio::spawn(dial(
+            node.to_string(),
+            addr.to_string(),
+            settings.clone(),
+            ev_tx.clone(),
+            conns.clone(),
+        ))
+    };
     for (node, addr) in &settings.peers {
         if settings.node < *node {
-            tokio::spawn(dial(
-                node.clone(),
-                addr.clone(),
-                settings.clone(),
-                ev_tx.clone(),
-                conns.clone(),
-            ));
+            dialers.insert(node.clone(), (addr.clone(), spawn_dialer(node, addr)));
         }
     }
     type Conn = (
@@ -121,6 +128,26 @@ async fn hub(
                 Some(Command::Send { node, msg }) => {
                     if let Some((_, tx, _)) = links.get(&node) {
                         let _ = tx.send(msg);
+                    }
+                }
+                Some(Command::AddPeer { node, addr }) => {
+                    // Known at this address: its dialer (and the connection
+                    // it serves) stays. At a new one: dialed there.
+                    let known = dialers.get(&node).is_some_and(|(a, d)| *a == addr && !d.is_finished());
+                    if node != settings.node && settings.node < node && !known {
+                        if let Some((_, old)) = dialers.remove(&node) {
+                            old.abort();
+                        }
+                        dialers.insert(node.clone(), (addr.clone(), spawn_dialer(&node, &addr)));
+                    }
+                }
+                Some(Command::RemovePeer { node, why }) => {
+                    if let Some((_, d)) = dialers.remove(&node) {
+                        d.abort();
+                    }
+                    if let Some((_, tx, _)) = links.remove(&node) {
+                        let _ = tx.send(PeerMsg::Bye { reason: why.clone() });
+                        tell(&inbox, Event::Down { node, why });
                     }
                 }
                 Some(Command::Stop) | None => break,
@@ -530,7 +557,7 @@ async fn acceptor_handshake(
             s.node
         ));
     }
-    if !s.peers.iter().any(|(p, _)| *p == node) {
+    if !s.dynamic && !s.peers.iter().any(|(p, _)| *p == node) {
         refuse(w, bytes_out, "not a peer of this daemon").await;
         return Err(format!(
             "it calls itself node {node:?}, which is not in cluster.peers"

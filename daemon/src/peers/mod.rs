@@ -38,6 +38,10 @@ pub struct Settings {
     /// How long a handshake may take.
     pub handshake_timeout: Duration,
     pub fabric: FabricOffer,
+    /// Peers come and go at run time ([`Peers::add`], [`Peers::remove`]:
+    /// membership in etcd), and any daemon that proves it holds the
+    /// cluster secret is accepted, listed yet or not.
+    pub dynamic: bool,
 }
 
 /// What the control plane tells the loop.
@@ -100,6 +104,24 @@ impl Peers {
         let _ = self.tx.send(control::Command::Send {
             node: node.to_string(),
             msg,
+        });
+    }
+
+    /// A peer to reach at `addr` (dialed when this node's id sorts first);
+    /// a peer already known is redialed at its new address.
+    pub fn add(&self, node: &str, addr: &str) {
+        let _ = self.tx.send(control::Command::AddPeer {
+            node: node.to_string(),
+            addr: addr.to_string(),
+        });
+    }
+
+    /// A peer that left: no more dialing, its connection is closed (the
+    /// loop hears [`Event::Down`] with `why`).
+    pub fn remove(&self, node: &str, why: &str) {
+        let _ = self.tx.send(control::Command::RemovePeer {
+            node: node.to_string(),
+            why: why.to_string(),
         });
     }
 

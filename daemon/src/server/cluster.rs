@@ -36,6 +36,11 @@ impl PeerView {
         self.state == "up"
     }
 
+    /// It left the cluster (its etcd registration is gone).
+    pub(super) fn has_left(&self) -> bool {
+        self.state == "left"
+    }
+
     pub(super) fn has_stream(&self, name: &str) -> bool {
         self.streams.iter().any(|s| s.name == name)
     }
@@ -76,6 +81,18 @@ pub(super) struct Cluster {
     /// Messages about members (joins first) that came before the data
     /// link to their host was up, in order.
     pending: Vec<(String, PeerMsg)>,
+    /// Membership in etcd (`membership = "etcd"`), and what it last said.
+    pub(super) membership: Option<crate::membership::Membership>,
+    pub(super) etcd: Option<EtcdView>,
+}
+
+/// What the loop knows of etcd.
+pub(super) struct EtcdView {
+    pub(super) endpoints: Vec<String>,
+    pub(super) prefix: String,
+    pub(super) up: bool,
+    pub(super) since: Instant,
+    pub(super) last_error: Option<String>,
 }
 
 impl Cluster {
@@ -113,12 +130,13 @@ impl Cluster {
                     ferry_verbs::select::Choice::Soft => None,
                 },
             },
+            dynamic: c.uses_etcd(),
         };
         let soft_bind = listen_addr.ip();
         let fabric = Arc::new(
             Fabric::open(fabric, soft_bind).map_err(|e| format!("opening the fabric: {e}"))?,
         );
-        let peers = Peers::start(settings, inbox)
+        let peers = Peers::start(settings, inbox.clone())
             .map_err(|e| format!("cluster.listen = {listen:?}: {e}"))?;
         let now = Instant::now();
         let table = c
@@ -156,6 +174,37 @@ impl Cluster {
                 )
             })
             .collect();
+        let (membership, etcd) = if c.uses_etcd() {
+            let me = crate::membership::MemberRecord {
+                node: node.clone(),
+                addr: listen.clone(),
+                fabric: fabric.name.clone(),
+                gpus: ferry_cuda::probe().map_or(0, |p| p.gpus.len() as u32),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            };
+            let m = crate::membership::Membership::start(
+                crate::membership::EtcdSettings {
+                    endpoints: c.etcd_endpoints.clone(),
+                    prefix: c.etcd_prefix.clone(),
+                    ttl: std::time::Duration::from_millis(c.etcd_ttl_ms),
+                    me,
+                },
+                inbox,
+            )
+            .map_err(|e| format!("starting the etcd membership thread: {e}"))?;
+            (
+                Some(m),
+                Some(EtcdView {
+                    endpoints: c.etcd_endpoints.clone(),
+                    prefix: c.etcd_prefix.clone(),
+                    up: false,
+                    since: now,
+                    last_error: Some("not reached yet".into()),
+                }),
+            )
+        } else {
+            (None, None)
+        };
         Ok(Some(Cluster {
             node: node.clone(),
             peers,
@@ -165,9 +214,121 @@ impl Cluster {
             links,
             tags,
             pending: Vec::new(),
+            membership,
+            etcd,
         }))
     }
 
+    /// A peer found at run time (in etcd, or dialing in): known from now
+    /// on, dialed when this node's id sorts first. `addr` is where it
+    /// listens (None: not known yet).
+    pub(super) fn learn_peer(&mut self, node: &str, addr: Option<&str>) {
+        if node == self.node {
+            return;
+        }
+        let now = Instant::now();
+        let v = self
+            .table
+            .entry(node.to_string())
+            .or_insert_with(|| PeerView {
+                addr: String::new(),
+                state: "connecting",
+                since: now,
+                fabric: String::new(),
+                rtt_us: None,
+                bytes_in: 0,
+                bytes_out: 0,
+                errors: 0,
+                last_error: None,
+                streams: Vec::new(),
+            });
+        if v.state == "left" {
+            v.state = "connecting";
+            v.since = now;
+        }
+        if !self.links.contains_key(node) {
+            self.tags.push(node.to_string());
+            let tag = self.tags.len() as u16;
+            self.links.insert(
+                node.to_string(),
+                PeerLink {
+                    tag,
+                    ..PeerLink::default()
+                },
+            );
+        }
+        if let Some(a) = addr {
+            v.addr = a.to_string();
+            self.peers.add(node, a);
+        }
+    }
+}
+
+impl Server {
+    /// What etcd membership said.
+    pub(super) fn member_event(&mut self, e: crate::membership::MemberEvent) {
+        use crate::membership::MemberEvent;
+        let Some(cl) = &mut self.cluster else {
+            return;
+        };
+        match e {
+            MemberEvent::View(list) => {
+                let known: Vec<String> = cl
+                    .table
+                    .iter()
+                    .filter(|(_, v)| v.state != "left")
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                let gone = crate::membership::gone(known.iter().map(String::as_str), &list);
+                for m in &list {
+                    cl.learn_peer(&m.node, Some(&m.addr));
+                }
+                limited!(
+                    INFO,
+                    members = list.len() + 1,
+                    left = gone.len(),
+                    "etcd: the members, read whole"
+                );
+                for node in gone {
+                    self.peer_left(&node, "it is no longer registered in etcd");
+                }
+            }
+            MemberEvent::Joined(m) => {
+                limited!(INFO, peer = %m.node, addr = %m.addr, fabric = %m.fabric, gpus = m.gpus, "etcd: a member registered");
+                cl.learn_peer(&m.node, Some(&m.addr));
+            }
+            MemberEvent::Left { node, why } => self.peer_left(&node, &why),
+            MemberEvent::Etcd { up, why } => {
+                if let Some(v) = &mut cl.etcd {
+                    v.up = up;
+                    v.since = Instant::now();
+                    if !up {
+                        v.last_error = Some(why);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A peer left the cluster (its etcd lease expired): not dialed any
+    /// more; its connection closes, and what it did here ends as when it
+    /// fails (the control plane reports the Down).
+    fn peer_left(&mut self, node: &str, why: &str) {
+        let Some(cl) = &mut self.cluster else {
+            return;
+        };
+        limited!(WARN, peer = %node, "peer left: {why}");
+        cl.peers
+            .remove(node, &format!("it left the cluster: {why}"));
+        if let Some(v) = cl.table.get_mut(node) {
+            v.state = "left";
+            v.since = Instant::now();
+            v.last_error = Some(why.to_string());
+        }
+    }
+}
+
+impl Cluster {
     /// The data link to `node`, when up.
     pub(super) fn link(&self, node: &str) -> Option<Arc<Link>> {
         self.links.get(node)?.link.clone()
@@ -207,6 +368,10 @@ impl Server {
         };
         match e {
             Event::Up { node, addr, fabric } => {
+                if !cl.table.contains_key(&node) && cl.etcd.is_some() {
+                    // It dialed in before etcd told us of it.
+                    cl.learn_peer(&node, None);
+                }
                 if let Some(v) = cl.table.get_mut(&node) {
                     v.state = "up";
                     v.since = Instant::now();
@@ -236,7 +401,9 @@ impl Server {
             }
             Event::Down { node, why } => {
                 if let Some(v) = cl.table.get_mut(&node) {
-                    v.state = "down";
+                    if v.state != "left" {
+                        v.state = "down";
+                    }
                     v.since = Instant::now();
                     v.errors += 1;
                     v.last_error = Some(why.clone());
@@ -566,6 +733,24 @@ impl Server {
             if v.state == "up" {
                 cl.peers.send(node, PeerMsg::Streams(mine.clone()));
             }
+        }
+        if let Some(m) = &cl.membership {
+            m.set_streams(
+                mine.iter()
+                    .map(|a| {
+                        (
+                            a.name.clone(),
+                            crate::membership::StreamRecord {
+                                home: cl.node.clone(),
+                                partitions: a.partitions,
+                                slot_size: a.slot_size,
+                                slot_count: a.slot_count,
+                                spec: a.spec().describe(),
+                            },
+                        )
+                    })
+                    .collect(),
+            );
         }
     }
 }

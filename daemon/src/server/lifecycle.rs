@@ -101,6 +101,10 @@ impl Server {
     pub(super) fn shutdown(&mut self) {
         super::metrics::notify(&[sd_notify::NotifyState::Stopping]);
         if let Some(c) = &mut self.cluster {
+            // Leave etcd first: the others drop this daemon at once.
+            if let Some(m) = &mut c.membership {
+                m.stop();
+            }
             c.peers.stop();
         }
         let ids: Vec<SessionId> = self.sessions.keys().copied().collect();

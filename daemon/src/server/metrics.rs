@@ -121,7 +121,7 @@ impl Server {
                 let down: Vec<&str> = c
                     .table
                     .iter()
-                    .filter(|(_, v)| !v.is_up())
+                    .filter(|(_, v)| !v.is_up() && !v.has_left())
                     .map(|(n, _)| n.as_str())
                     .collect();
                 if !down.is_empty() {
@@ -153,7 +153,13 @@ impl Server {
         );
         if let Some(c) = &self.cluster {
             let up = c.table.values().filter(|v| v.is_up()).count();
-            line.push_str(&format!(", {up}/{} peers up", c.table.len()));
+            let members = c.table.values().filter(|v| !v.has_left()).count();
+            line.push_str(&format!(", {up}/{members} peers up"));
+            if let Some(e) = &c.etcd {
+                if !e.up {
+                    line.push_str(", etcd unreachable (peers kept)");
+                }
+            }
         }
         if !why_not.is_empty() {
             line.push_str(&format!("; not ready: {why_not}"));

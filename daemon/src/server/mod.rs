@@ -505,6 +505,7 @@ impl Server {
                     result,
                 } => self.link_ready(node, generation, result),
                 inbox::Message::Synced(s) => self.on_synced(s),
+                inbox::Message::Members(e) => self.member_event(e),
                 inbox::Message::Metrics { reply } => {
                     let _ = reply.send(self.metrics_snapshot());
                 }

@@ -198,6 +198,17 @@ impl Server {
             cluster_listen: self.cluster.as_ref().map(|c| c.peers.listen.to_string()),
             peers: self.cluster.as_ref().map_or_else(Vec::new, |c| c.status()),
             peer_connections_refused: self.cluster.as_ref().map_or(0, |c| c.refused),
+            membership: self
+                .cluster
+                .as_ref()
+                .and_then(|c| c.etcd.as_ref())
+                .map(|e| ferry_admin::MembershipStatus {
+                    endpoints: e.endpoints.clone(),
+                    prefix: e.prefix.clone(),
+                    etcd_up: e.up,
+                    state_ms: e.since.elapsed().as_millis() as u64,
+                    last_error: e.last_error.clone(),
+                }),
             remote_consumers: self
                 .sessions
                 .iter()
