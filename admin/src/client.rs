@@ -122,6 +122,20 @@ impl Client {
     pub fn status(&self, stream: Option<&str>) -> Result<Status, AdminError> {
         let req = Request::Status {
             stream: stream.map(String::from),
+            cluster: false,
+        };
+        match request(&self.path, &req)? {
+            Response::Status(st) => Ok(*st),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The status of every stream, with every peer's summary in
+    /// [`Status::cluster`] (gathered over the control plane).
+    pub fn cluster_status(&self) -> Result<Status, AdminError> {
+        let req = Request::Status {
+            stream: None,
+            cluster: true,
         };
         match request(&self.path, &req)? {
             Response::Status(st) => Ok(*st),

@@ -38,6 +38,10 @@ pub enum Request {
     Status {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stream: Option<String>,
+        /// Also every peer's summary ([`Status::cluster`]), gathered over
+        /// the control plane (at most a second).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cluster: bool,
     },
     /// Deletes a consumer group without members.
     DeleteGroup { stream: String, group: String },
@@ -76,7 +80,7 @@ impl Request {
     pub fn parse(line: &str) -> Result<Request, String> {
         serde_json::from_str(line).map_err(|e| {
             format!(
-                "not an admin request ({e}): send one JSON object per line, {{\"cmd\":\"status\"}} with an optional \"stream\", {{\"cmd\":\"delete-group\",\"stream\":S,\"group\":G}} or {{\"cmd\":\"delete-stream\",\"stream\":S,\"force\":false}}; got {:?}",
+                "not an admin request ({e}): send one JSON object per line, {{\"cmd\":\"status\"}} with an optional \"stream\" and \"cluster\":true, {{\"cmd\":\"delete-group\",\"stream\":S,\"group\":G}} or {{\"cmd\":\"delete-stream\",\"stream\":S,\"force\":false}}; got {:?}",
                 line.chars().take(64).collect::<String>()
             )
         })
@@ -104,9 +108,17 @@ mod tests {
     #[test]
     fn requests_round_trip_and_read_as_documented() {
         for r in [
-            Request::Status { stream: None },
+            Request::Status {
+                stream: None,
+                cluster: false,
+            },
             Request::Status {
                 stream: Some("s".into()),
+                cluster: false,
+            },
+            Request::Status {
+                stream: None,
+                cluster: true,
             },
             Request::DeleteGroup {
                 stream: "s".into(),
@@ -120,7 +132,11 @@ mod tests {
             assert_eq!(Request::parse(&r.to_line()).unwrap(), r);
         }
         assert_eq!(
-            Request::Status { stream: None }.to_line(),
+            Request::Status {
+                stream: None,
+                cluster: false
+            }
+            .to_line(),
             r#"{"cmd":"status"}"#
         );
         assert_eq!(

@@ -58,6 +58,13 @@ pub struct Status {
     /// peer's (wrong secret, unknown node, not a ferry peer).
     #[serde(default)]
     pub peer_connections_refused: u64,
+    /// With `cluster`: this daemon's summary and every peer's that
+    /// answered, by node; `cluster_missing`: peers up that did not answer
+    /// in time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<NodeSummary>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_missing: Vec<String>,
     /// How peers are found, when in etcd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub membership: Option<MembershipStatus>,
@@ -68,6 +75,40 @@ pub struct Status {
 }
 
 /// A consumer here of a stream homed on another daemon.
+/// One daemon of the cluster, as `ferry status --cluster` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    pub node: String,
+    pub uptime_s: u64,
+    pub sessions: u32,
+    pub draining: bool,
+    pub peers_up: u32,
+    /// The streams homed there.
+    pub streams: Vec<StreamSummary>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSummary {
+    pub name: String,
+    pub partitions: u32,
+    pub published: u64,
+    pub published_bytes: u64,
+    pub delivered: u64,
+    pub slots_held: u32,
+    pub slot_count: u32,
+    pub disk: bool,
+    pub groups: Vec<GroupSummary>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    pub name: String,
+    pub members: u32,
+    /// Members on other hosts, by host.
+    pub remote_members: Vec<String>,
+    pub lag: u64,
+}
+
 /// Membership in etcd.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MembershipStatus {
@@ -150,6 +191,15 @@ pub struct StreamStatus {
     pub slots_granted: u32,
     pub slots_held: u32,
     pub published: u64,
+    /// Payload bytes of those batches.
+    #[serde(default)]
+    pub published_bytes: u64,
+    /// Batches handed to consumers (every group, redeliveries included),
+    /// and their bytes.
+    #[serde(default)]
+    pub delivered: u64,
+    #[serde(default)]
+    pub delivered_bytes: u64,
     pub end_offsets: Vec<u64>,
     /// Slots holding batches published while the stream had no group,
     /// kept for the first group to form.

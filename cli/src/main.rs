@@ -28,6 +28,24 @@ enum Cmd {
         /// Print the raw JSON document instead of tables.
         #[arg(long)]
         json: bool,
+        /// Also every peer's streams, groups and lag, gathered over the
+        /// cluster's control plane (peers that do not answer within a
+        /// second are named).
+        #[arg(long)]
+        cluster: bool,
+        /// Refresh in place every SECS seconds (default 2) until Ctrl-C.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
+    },
+    /// Live per-stream rates: batches and bytes published and delivered
+    /// per second, lag and slots held, refreshed in place until Ctrl-C.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+        interval: f64,
+        /// Stop after this many refreshes (default: never).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
     },
     /// Manage consumer groups.
     Group {
@@ -89,14 +107,192 @@ fn main() {
             Ok(m) => println!("{m}"),
             Err(e) => fail(e),
         },
-        Cmd::Status { stream, json } => match client.status(stream.as_deref()) {
-            Ok(st) if json => println!(
-                "{}",
-                serde_json::to_string_pretty(&st).expect("status serialises")
-            ),
-            Ok(st) => print_status(&st),
+        Cmd::Status {
+            stream,
+            json,
+            cluster,
+            watch,
+        } => {
+            if cluster && stream.is_some() {
+                eprintln!("ferry: --cluster shows every stream; leave out the stream name");
+                std::process::exit(2);
+            }
+            let once = || {
+                let st = if cluster {
+                    client.cluster_status()
+                } else {
+                    client.status(stream.as_deref())
+                };
+                match st {
+                    Ok(st) if json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&st).expect("status serialises")
+                    ),
+                    Ok(st) => {
+                        print_status(&st);
+                        if cluster {
+                            print_cluster(&st);
+                        }
+                    }
+                    Err(e) if watch.is_some() => println!("ferry: {e}"),
+                    Err(e) => fail(e),
+                }
+            };
+            match watch {
+                None => once(),
+                Some(secs) => {
+                    let every = interval(secs);
+                    loop {
+                        clear_screen();
+                        once();
+                        std::thread::sleep(every);
+                    }
+                }
+            }
+        }
+        Cmd::Top {
+            interval: secs,
+            count,
+        } => top(&client, interval(secs), count),
+    }
+}
+
+/// `--watch` and `--interval` seconds, checked.
+fn interval(secs: f64) -> std::time::Duration {
+    if !(0.1..=3600.0).contains(&secs) {
+        eprintln!("ferry: the interval must be 0.1 to 3600 seconds, got {secs}");
+        std::process::exit(2);
+    }
+    std::time::Duration::from_secs_f64(secs)
+}
+
+/// Moves the cursor home and clears the terminal (only on a terminal: a
+/// pipe gets the refreshes one after another).
+fn clear_screen() {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        print!("\x1b[H\x1b[2J");
+    } else {
+        println!("---");
+    }
+}
+
+/// The cluster's summaries, one daemon after another.
+fn print_cluster(st: &Status) {
+    println!();
+    println!(
+        "cluster: {} daemon(s) answered{}",
+        st.cluster.len(),
+        if st.cluster_missing.is_empty() {
+            String::new()
+        } else {
+            format!(", no answer from: {}", st.cluster_missing.join(", "))
+        }
+    );
+    for n in &st.cluster {
+        println!(
+            "  {} up {}s, {} sessions, {} peers up{}",
+            if n.node.is_empty() {
+                "(this host)"
+            } else {
+                &n.node
+            },
+            n.uptime_s,
+            n.sessions,
+            n.peers_up,
+            if n.draining { ", DRAINING" } else { "" }
+        );
+        for s in &n.streams {
+            println!(
+                "    stream {}{}: {} partitions, {} published ({}), {} delivered, {}/{} slots held",
+                s.name,
+                if s.disk { " (disk)" } else { "" },
+                s.partitions,
+                s.published,
+                human(s.published_bytes),
+                s.delivered,
+                s.slots_held,
+                s.slot_count
+            );
+            for g in &s.groups {
+                println!(
+                    "      group {}: {} members{}, lag {}",
+                    g.name,
+                    g.members,
+                    if g.remote_members.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (on {})", g.remote_members.join(", "))
+                    },
+                    g.lag
+                );
+            }
+        }
+    }
+}
+
+/// `ferry top`: per-stream rates between two statuses `every` apart.
+fn top(client: &Client, every: std::time::Duration, count: Option<u64>) {
+    let mut last = match client.status(None) {
+        Ok(st) => (std::time::Instant::now(), st),
+        Err(e) => fail(e),
+    };
+    let mut n = 0;
+    loop {
+        std::thread::sleep(every);
+        let now = match client.status(None) {
+            Ok(st) => (std::time::Instant::now(), st),
             Err(e) => fail(e),
-        },
+        };
+        let dt = (now.0 - last.0).as_secs_f64().max(1e-6);
+        clear_screen();
+        println!(
+            "{} pid {}, {} sessions; every {:.1} s (Ctrl-C to stop)",
+            now.1.daemon,
+            now.1.pid,
+            now.1.sessions,
+            every.as_secs_f64()
+        );
+        println!(
+            "{:<24} {:>10} {:>11} {:>10} {:>11} {:>10} {:>11} {:>5} {:>5}",
+            "STREAM",
+            "PUB/s",
+            "PUB B/s",
+            "DELIV/s",
+            "DELIV B/s",
+            "LAG",
+            "HELD/SLOTS",
+            "PROD",
+            "CONS"
+        );
+        for s in &now.1.streams {
+            let before = last.1.streams.iter().find(|b| b.name == s.name);
+            let rate = |f: fn(&ferry_admin::StreamStatus) -> u64| {
+                before.map_or(0.0, |b| f(s).saturating_sub(f(b)) as f64 / dt)
+            };
+            let lag: u64 = s.groups.iter().map(|g| g.lag).sum();
+            let consumers: usize = s.groups.iter().map(|g| g.members.len()).sum();
+            println!(
+                "{:<24} {:>10.0} {:>11} {:>10.0} {:>11} {:>10} {:>11} {:>5} {:>5}",
+                s.name,
+                rate(|x| x.published),
+                format!("{}/s", human(rate(|x| x.published_bytes) as u64)),
+                rate(|x| x.delivered),
+                format!("{}/s", human(rate(|x| x.delivered_bytes) as u64)),
+                lag,
+                format!("{}/{}", s.slots_held, s.slot_count),
+                s.producers.len(),
+                consumers
+            );
+        }
+        if now.1.streams.is_empty() {
+            println!("no streams");
+        }
+        last = now;
+        n += 1;
+        if count.is_some_and(|c| n >= c) {
+            return;
+        }
     }
 }
 

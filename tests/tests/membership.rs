@@ -264,6 +264,39 @@ fn daemons_find_each_other_in_etcd_a_dead_ones_lease_expires_and_it_rejoins() {
         "{:?}",
         assignment(&d[0])
     );
+    // The cluster view, gathered over the control plane from n1: every
+    // daemon, n0's stream with its group spanning n1 and n2.
+    let out = Command::new(ferry_tests::bin("ferry"))
+        .arg("--admin-socket")
+        .arg(&d[1].admin)
+        .args(["status", "--cluster", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: Status = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes: Vec<&str> = st.cluster.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(nodes, ["n0", "n1", "n2"], "{:?}", st.cluster_missing);
+    let s0 = &st.cluster[0].streams;
+    let g = &s0
+        .iter()
+        .find(|s| s.name == "s")
+        .expect("n0 homes s")
+        .groups[0];
+    assert_eq!((g.name.as_str(), g.members), ("g", 2), "{g:?}");
+    assert_eq!(g.remote_members, ["n1", "n2"]);
+    let text = Command::new(ferry_tests::bin("ferry"))
+        .arg("--admin-socket")
+        .arg(&d[1].admin)
+        .args(["status", "--cluster"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("cluster: 3 daemon(s) answered"), "{text}");
+    assert!(text.contains("group g: 2 members (on n1, n2)"), "{text}");
     // n2 dies: its connection drops at once, its lease expires after the
     // TTL, and the others forget it (it is not redialed).
     drop(k2);
@@ -297,6 +330,18 @@ fn daemons_find_each_other_in_etcd_a_dead_ones_lease_expires_and_it_rejoins() {
         p.send(&[i; 16], b"", None, Some(Duration::from_secs(5)))
             .unwrap();
     }
+    // `ferry top` on the home sees the stream's rates.
+    let top = Command::new(ferry_tests::bin("ferry"))
+        .arg("--admin-socket")
+        .arg(&d[0].admin)
+        .args(["top", "--interval", "0.2", "--count", "1"])
+        .output()
+        .unwrap();
+    let top = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.contains("STREAM") && top.lines().any(|l| l.starts_with("s ")),
+        "{top}"
+    );
     let mut got: Vec<u8> = (0..8).map(|_| one_batch(&mut k1)[0]).collect();
     got.sort();
     assert_eq!(

@@ -32,6 +32,9 @@ fn stream(name: &str, published: u64) -> ferry_admin::StreamStatus {
         slots_granted: 2,
         slots_held: 1,
         published,
+        published_bytes: 0,
+        delivered: 0,
+        delivered_bytes: 0,
         end_offsets: vec![3, 4],
         slots_held_for_first_group: 0,
         groups_expired: 0,
@@ -89,6 +92,8 @@ fn status(streams: Vec<ferry_admin::StreamStatus>) -> ferry_admin::Status {
         }],
         remote_consumers: vec![],
         peer_connections_refused: 0,
+        cluster: vec![],
+        cluster_missing: vec![],
         membership: Some(ferry_admin::MembershipStatus {
             etcd_up: true,
             ..Default::default()

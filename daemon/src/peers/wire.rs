@@ -11,7 +11,7 @@ use super::auth::{Nonce, Proof};
 /// The first bytes a dialer sends (in its Hello).
 pub const MAGIC: [u8; 4] = *b"FRYP";
 /// The control protocol's version; peers must speak the same.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest frame read.
 pub const MAX_FRAME: usize = 1 << 20;
 
@@ -142,6 +142,16 @@ pub enum PeerMsg {
     /// Home -> producer host: its end of epoch was taken.
     EndTaken {
         producer: u64,
+    },
+    /// For `ferry status --cluster`: the sender asks for the receiver's
+    /// summary...
+    StatusAsk {
+        id: u64,
+    },
+    /// ...which comes back with the same id.
+    StatusTell {
+        id: u64,
+        summary: ferry_admin::NodeSummary,
     },
 }
 

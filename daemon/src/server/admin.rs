@@ -206,10 +206,12 @@ impl Server {
     /// Answers admin client `uid`'s request (on the loop).
     pub(super) fn answer_admin(&mut self, req: AdminRequest, uid: u32) -> Response {
         match req {
-            AdminRequest::Status { stream: None } => {
+            AdminRequest::Status { stream: None, .. } => {
                 Response::Status(Box::new(self.status_view(None)))
             }
-            AdminRequest::Status { stream: Some(name) } => {
+            AdminRequest::Status {
+                stream: Some(name), ..
+            } => {
                 if self.by_name.contains_key(&name) {
                     Response::Status(Box::new(self.status_view(Some(&name))))
                 } else {

@@ -264,7 +264,89 @@ impl Cluster {
     }
 }
 
+/// A `ferry status --cluster` waiting for its peers' summaries.
+pub(super) struct ClusterAsk {
+    id: u64,
+    status: ferry_admin::Status,
+    reply: std::sync::mpsc::Sender<ferry_admin::Response>,
+    waiting: std::collections::BTreeSet<String>,
+    deadline: Instant,
+}
+
+/// How long a cluster status waits for its peers.
+const CLUSTER_ASK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Server {
+    /// Answers a status with the cluster's summaries: at once without
+    /// peers up, else once every peer up answered (or a second passed).
+    pub(super) fn ask_cluster(&mut self, reply: std::sync::mpsc::Sender<ferry_admin::Response>) {
+        let mut status = self.status_view(None);
+        status.cluster.push(self.node_summary());
+        let up: std::collections::BTreeSet<String> = self
+            .cluster
+            .as_ref()
+            .map(|c| {
+                c.table
+                    .iter()
+                    .filter(|(_, v)| v.is_up())
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if up.is_empty() {
+            let _ = reply.send(ferry_admin::Response::Status(Box::new(status)));
+            return;
+        }
+        self.next_ask += 1;
+        let id = self.next_ask;
+        if let Some(cl) = &self.cluster {
+            for n in &up {
+                cl.peers.send(n, PeerMsg::StatusAsk { id });
+            }
+        }
+        self.cluster_asks.push(ClusterAsk {
+            id,
+            status,
+            reply,
+            waiting: up,
+            deadline: Instant::now() + CLUSTER_ASK_WAIT,
+        });
+    }
+
+    fn status_told(&mut self, node: &str, id: u64, summary: ferry_admin::NodeSummary) {
+        let Some(a) = self.cluster_asks.iter_mut().find(|a| a.id == id) else {
+            return; // late
+        };
+        if a.waiting.remove(node) {
+            // It is who it says: the summary's node is the connection's.
+            a.status.cluster.push(ferry_admin::NodeSummary {
+                node: node.to_string(),
+                ..summary
+            });
+        }
+        self.finish_cluster_asks();
+    }
+
+    /// Answers the cluster statuses that have every summary, or waited
+    /// long enough (from housekeeping too).
+    pub(super) fn finish_cluster_asks(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.cluster_asks.len() {
+            let a = &self.cluster_asks[i];
+            if a.waiting.is_empty() || now >= a.deadline {
+                let mut a = self.cluster_asks.swap_remove(i);
+                a.status.cluster_missing = a.waiting.into_iter().collect();
+                a.status.cluster.sort_by(|x, y| x.node.cmp(&y.node));
+                let _ = a
+                    .reply
+                    .send(ferry_admin::Response::Status(Box::new(a.status)));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     /// What etcd membership said.
     pub(super) fn member_event(&mut self, e: crate::membership::MemberEvent) {
         use crate::membership::MemberEvent;
@@ -512,6 +594,13 @@ impl Server {
             }
 
             // The control plane answers these itself.
+            PeerMsg::StatusAsk { id } => {
+                let summary = self.node_summary();
+                if let Some(cl) = &self.cluster {
+                    cl.peers.send(&node, PeerMsg::StatusTell { id, summary });
+                }
+            }
+            PeerMsg::StatusTell { id, summary } => self.status_told(&node, id, summary),
             PeerMsg::Fabric(_)
             | PeerMsg::Ping { .. }
             | PeerMsg::Pong { .. }

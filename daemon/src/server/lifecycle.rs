@@ -173,6 +173,7 @@ impl Server {
         {
             self.resume_listener();
         }
+        self.finish_cluster_asks();
         self.expire_groups();
         self.expire_retired();
         self.expire_streams();

@@ -152,6 +152,9 @@ pub struct Server {
     last_disk_tick: Instant,
     /// `/live`, `/ready`, the watchdog and the loop's turns.
     monitor: metrics::Monitor,
+    /// `ferry status --cluster` requests waiting for peers.
+    cluster_asks: Vec<cluster::ClusterAsk>,
+    next_ask: u64,
 }
 
 impl Server {
@@ -298,6 +301,8 @@ impl Server {
             syncer,
             last_disk_tick: Instant::now(),
             monitor: metrics::Monitor::new(health),
+            cluster_asks: Vec::new(),
+            next_ask: 0,
             cfg,
         };
         for s in server.cfg.streams.clone() {
@@ -495,6 +500,15 @@ impl Server {
         self.events = events;
         while let Some(m) = self.inbox.next() {
             match m {
+                inbox::Message::Admin {
+                    req:
+                        ferry_admin::Request::Status {
+                            stream: None,
+                            cluster: true,
+                        },
+                    reply,
+                    ..
+                } => self.ask_cluster(reply),
                 inbox::Message::Admin { req, uid, reply } => {
                     let _ = reply.send(self.answer_admin(req, uid));
                 }

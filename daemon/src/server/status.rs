@@ -21,6 +21,66 @@ fn gpu_status(g: &ferry_cuda::GpuInfo) -> GpuStatus {
 }
 
 impl Server {
+    /// This daemon as `ferry status --cluster` shows it (to peers too).
+    pub(super) fn node_summary(&self) -> ferry_admin::NodeSummary {
+        ferry_admin::NodeSummary {
+            node: self
+                .cluster
+                .as_ref()
+                .map_or_else(String::new, |c| c.node.clone()),
+            uptime_s: self.started.elapsed().as_secs(),
+            sessions: self.sessions.len() as u32,
+            draining: self.draining.is_some(),
+            peers_up: self
+                .cluster
+                .as_ref()
+                .map_or(0, |c| c.table.values().filter(|v| v.is_up()).count() as u32),
+            streams: self
+                .streams
+                .iter()
+                .map(|e| {
+                    let s = &e.stream;
+                    let ends = s.end_offsets();
+                    ferry_admin::StreamSummary {
+                        name: s.name().to_string(),
+                        partitions: s.spec().partitions,
+                        published: s.published(),
+                        published_bytes: s.published_bytes(),
+                        delivered: e.counters.delivered,
+                        slots_held: s.slot_counts().2,
+                        slot_count: s.spec().slot_count,
+                        disk: e.log.is_some(),
+                        groups: s
+                            .groups()
+                            .iter()
+                            .filter(|g| !g.deleted)
+                            .map(|g| {
+                                let mut remote: Vec<String> = g
+                                    .members
+                                    .iter()
+                                    .filter_map(|id| self.remotes.get(id).map(|r| r.node.clone()))
+                                    .collect();
+                                remote.sort();
+                                remote.dedup();
+                                ferry_admin::GroupSummary {
+                                    name: g.name.clone(),
+                                    members: g.members.len() as u32,
+                                    remote_members: remote,
+                                    lag: g
+                                        .parts
+                                        .iter()
+                                        .enumerate()
+                                        .map(|(p, gp)| ends[p].saturating_sub(gp.committed))
+                                        .sum(),
+                                }
+                            })
+                            .collect(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
     /// A status snapshot: every stream with at most ferry_admin::MAX_STATUS_ROWS
     /// partition rows in all, or stream `only` in full.
     pub(super) fn status_view(&self, only: Option<&str>) -> Status {
@@ -49,6 +109,9 @@ impl Server {
                     slots_granted: granted,
                     slots_held: held,
                     published: s.published(),
+                    published_bytes: s.published_bytes(),
+                    delivered: e.counters.delivered,
+                    delivered_bytes: e.counters.delivered_bytes,
                     end_offsets: ends.clone(),
                     slots_held_for_first_group: s.orphans(),
                     groups_expired: e.groups_expired,
@@ -198,6 +261,8 @@ impl Server {
             cluster_listen: self.cluster.as_ref().map(|c| c.peers.listen.to_string()),
             peers: self.cluster.as_ref().map_or_else(Vec::new, |c| c.status()),
             peer_connections_refused: self.cluster.as_ref().map_or(0, |c| c.refused),
+            cluster: Vec::new(),
+            cluster_missing: Vec::new(),
             membership: self
                 .cluster
                 .as_ref()
