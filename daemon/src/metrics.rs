@@ -142,6 +142,30 @@ struct Family<'a, 'e> {
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
 impl Family<'_, '_> {
+    /// Declares family `name` and writes each row with `each` (rows
+    /// without labels get no braces).
+    fn family<V>(
+        &mut self,
+        name: &str,
+        help: &str,
+        ty: MetricType,
+        rows: &[(Labels<'_>, V)],
+        each: impl Fn(&mut prometheus_client::encoding::MetricEncoder, &V) -> std::fmt::Result,
+    ) -> std::fmt::Result {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut m = self.enc.encode_descriptor(name, help, None, ty)?;
+        for (labels, v) in rows {
+            if labels.is_empty() {
+                each(&mut m, v)?;
+            } else {
+                each(&mut m.encode_family(labels)?, v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `name` ends in `_total`, which the encoder adds to the samples of
     /// the family it declares without it (OpenMetrics).
     fn counter<V: prometheus_client::encoding::EncodeCounterValue>(
@@ -150,58 +174,21 @@ impl Family<'_, '_> {
         help: &str,
         rows: &[(Labels<'_>, V)],
     ) -> std::fmt::Result {
-        if rows.is_empty() {
-            return Ok(());
-        }
         let name = name.strip_suffix("_total").unwrap_or(name);
-        let mut m = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (labels, v) in rows {
-            let c = |m: &mut prometheus_client::encoding::MetricEncoder| {
-                m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, f64>(v, None)
-            };
-            if labels.is_empty() {
-                c(&mut m)?;
-            } else {
-                c(&mut m.encode_family(labels)?)?;
-            }
-        }
-        Ok(())
+        self.family(name, help, MetricType::Counter, rows, |m, v| {
+            m.encode_counter::<prometheus_client::encoding::NoLabelSet, _, f64>(v, None)
+        })
     }
 
-    fn gauge(&mut self, name: &str, help: &str, rows: &[(Labels<'_>, i64)]) -> std::fmt::Result {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut m = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for (labels, v) in rows {
-            if labels.is_empty() {
-                m.encode_gauge(v)?;
-            } else {
-                m.encode_family(labels)?.encode_gauge(v)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn gauge_f(&mut self, name: &str, help: &str, rows: &[(Labels<'_>, f64)]) -> std::fmt::Result {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut m = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for (labels, v) in rows {
-            if labels.is_empty() {
-                m.encode_gauge(v)?;
-            } else {
-                m.encode_family(labels)?.encode_gauge(v)?;
-            }
-        }
-        Ok(())
+    fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+        &mut self,
+        name: &str,
+        help: &str,
+        rows: &[(Labels<'_>, V)],
+    ) -> std::fmt::Result {
+        self.family(name, help, MetricType::Gauge, rows, |m, v| {
+            m.encode_gauge(v)
+        })
     }
 
     fn histogram(
@@ -210,28 +197,14 @@ impl Family<'_, '_> {
         help: &str,
         rows: &[(Labels<'_>, &Hist)],
     ) -> std::fmt::Result {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut m = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Histogram)?;
-        for (labels, h) in rows {
-            let e = |m: &mut prometheus_client::encoding::MetricEncoder| {
-                m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                    h.sum_us as f64 / 1e6,
-                    h.count,
-                    &h.buckets(),
-                    None,
-                )
-            };
-            if labels.is_empty() {
-                e(&mut m)?;
-            } else {
-                e(&mut m.encode_family(labels)?)?;
-            }
-        }
-        Ok(())
+        self.family(name, help, MetricType::Histogram, rows, |m, h| {
+            m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                h.sum_us as f64 / 1e6,
+                h.count,
+                &h.buckets(),
+                None,
+            )
+        })
     }
 }
 
@@ -386,7 +359,7 @@ impl prometheus_client::collector::Collector for Collect {
                 members.push((base.clone(), g.members.len() as i64));
                 occ.push((
                     base.clone(),
-                    g.members.iter().map(|m| m.ring_occupancy as i64).sum(),
+                    g.members.iter().map(|m| m.ring_occupancy as i64).sum::<i64>(),
                 ));
                 for p in &g.partitions {
                     let mut l = base.clone();
@@ -551,7 +524,7 @@ impl prometheus_client::collector::Collector for Collect {
             "1 while the control connection to the peer is up.",
             &as_gauge(by_peer(&|p, _| (p.state == "up") as u64)),
         )?;
-        f.gauge_f(
+        f.gauge(
             "ferry_peer_rtt_seconds",
             "Round-trip time of the last heartbeat to the peer.",
             &peers

@@ -32,6 +32,21 @@ pub(super) struct PeerView {
 }
 
 impl PeerView {
+    fn new(addr: &str, now: Instant) -> PeerView {
+        PeerView {
+            addr: addr.to_string(),
+            state: "connecting",
+            since: now,
+            fabric: String::new(),
+            rtt_us: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            errors: 0,
+            last_error: None,
+            streams: Vec::new(),
+        }
+    }
+
     pub(super) fn is_up(&self) -> bool {
         self.state == "up"
     }
@@ -142,23 +157,7 @@ impl Cluster {
         let table = c
             .peers
             .iter()
-            .map(|p| {
-                (
-                    p.node_id.clone(),
-                    PeerView {
-                        addr: p.addr.clone(),
-                        state: "connecting",
-                        since: now,
-                        fabric: String::new(),
-                        rtt_us: None,
-                        bytes_in: 0,
-                        bytes_out: 0,
-                        errors: 0,
-                        last_error: None,
-                        streams: Vec::new(),
-                    },
-                )
-            })
+            .map(|p| (p.node_id.clone(), PeerView::new(&p.addr, now)))
             .collect();
         let tags: Vec<String> = c.peers.iter().map(|p| p.node_id.clone()).collect();
         let links = tags
@@ -230,18 +229,7 @@ impl Cluster {
         let v = self
             .table
             .entry(node.to_string())
-            .or_insert_with(|| PeerView {
-                addr: String::new(),
-                state: "connecting",
-                since: now,
-                fabric: String::new(),
-                rtt_us: None,
-                bytes_in: 0,
-                bytes_out: 0,
-                errors: 0,
-                last_error: None,
-                streams: Vec::new(),
-            });
+            .or_insert_with(|| PeerView::new("", now));
         if v.state == "left" {
             v.state = "connecting";
             v.since = now;
