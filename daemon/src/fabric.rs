@@ -267,6 +267,9 @@ pub struct Write<'a> {
     pub imm: Option<u32>,
     /// Whether it reports a completion (the last write of a group must).
     pub signaled: bool,
+    /// Time it (a signaled write) from post to completion, for
+    /// `ferry_fabric_write_latency_seconds`.
+    pub timed: bool,
 }
 
 /// What the links to one peer did, for `/metrics`: written by the loop,
@@ -280,6 +283,8 @@ pub struct LinkStats {
     /// Times a consumer on the peer ran out of landing credit while a
     /// batch waited for it here.
     pub credit_stalls: AtomicU64,
+    /// Post to completion of timed writes (the sampled batches).
+    pub write_latency: crate::metrics::AtomicHist,
 }
 
 impl LinkStats {
@@ -292,12 +297,17 @@ impl LinkStats {
     }
 }
 
+/// What the writes of one work-request id hold, and when a timed one was
+/// posted (0: untimed).
+type Held = (Vec<Arc<Registered>>, u32);
+
 /// A connected endpoint to one peer.
 pub struct Link {
     // Dropped first: the endpoint (queue pair), then what its writes held.
     ep: Ep,
-    /// Registrations read by writes in flight, by work-request id.
-    holds: Mutex<HashMap<u64, Vec<Arc<Registered>>>>,
+    /// Registrations read by writes in flight, by work-request id, and
+    /// when a timed one was posted ([`crate::metrics::now_us`]; 0: untimed).
+    holds: Mutex<HashMap<u64, Held>>,
     tag: u64,
     next: std::sync::atomic::AtomicU64,
     pub stats: Arc<LinkStats>,
@@ -338,12 +348,14 @@ impl Link {
             sges,
             signaled: w.signaled,
         };
-        self.holds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(w.wr_id)
-            .or_default()
-            .push(w.src.clone());
+        {
+            let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+            let held = holds.entry(w.wr_id).or_default();
+            held.0.push(w.src.clone());
+            if w.timed && w.signaled {
+                held.1 = crate::metrics::now_us();
+            }
+        }
         // SAFETY: the sge lies inside `w.src` (checked above), whose
         // region stays mapped while `holds` keeps it: until `completed`
         // for this id (after its completion was polled) or until the link
@@ -374,11 +386,14 @@ impl Link {
     }
 
     /// The completion of `wr_id` was polled: what its writes read may go.
-    pub fn completed(&self, wr_id: u64) {
+    /// Returns when it was posted, if it was timed.
+    pub fn completed(&self, wr_id: u64) -> Option<u32> {
         self.holds
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&wr_id);
+            .remove(&wr_id)
+            .map(|(_, t)| t)
+            .filter(|&t| t != 0)
     }
 
     /// Writes in flight.

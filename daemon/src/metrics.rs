@@ -50,6 +50,37 @@ impl Hist {
     }
 }
 
+/// A [`Hist`] written by one thread and read by another (relaxed
+/// atomics: a reader may see one observation half counted, never a wrong
+/// bucket).
+#[derive(Debug, Default)]
+pub struct AtomicHist {
+    counts: [std::sync::atomic::AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: std::sync::atomic::AtomicU64,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl AtomicHist {
+    pub fn observe(&self, us: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Hist {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut h = Hist::default();
+        for (c, a) in h.counts.iter_mut().zip(&self.counts) {
+            *c = a.load(Relaxed);
+        }
+        h.sum_us = self.sum_us.load(Relaxed);
+        h.count = h.counts.iter().sum();
+        h
+    }
+}
+
 /// Publishes whose offset is a multiple of this carry a time stamp, and
 /// their deliveries feed the latency histograms: one clock read per this
 /// many publishes and deliveries.
@@ -112,6 +143,8 @@ pub struct LinkCounters {
     pub credit_stalls: u64,
     /// Credits its consumers' daemons gave here, not yet used.
     pub credits_outstanding: u64,
+    /// Post to completion of the fabric writes of sampled batches.
+    pub write_latency: Hist,
 }
 
 /// A scrape's copy of everything `/metrics` shows, taken on the loop.
@@ -359,7 +392,10 @@ impl prometheus_client::collector::Collector for Collect {
                 members.push((base.clone(), g.members.len() as i64));
                 occ.push((
                     base.clone(),
-                    g.members.iter().map(|m| m.ring_occupancy as i64).sum::<i64>(),
+                    g.members
+                        .iter()
+                        .map(|m| m.ring_occupancy as i64)
+                        .sum::<i64>(),
                 ));
                 for p in &g.partitions {
                     let mut l = base.clone();
@@ -570,6 +606,15 @@ impl prometheus_client::collector::Collector for Collect {
             "ferry_fabric_operations_total",
             "Fabric operations with the peer: writes posted, writes with immediate received.",
             &ops,
+        )?;
+        f.histogram(
+            "ferry_fabric_write_latency_seconds",
+            "Fabric writes of sampled batches (one in 16) to the peer, from post to completion: with a reliable connection, until they are in the peer's memory.",
+            &peers
+                .iter()
+                .filter(|(_, c)| c.write_latency.count > 0)
+                .map(|(p, c)| (vec![("peer", p.node_id.as_str())], &c.write_latency))
+                .collect::<Vec<_>>(),
         )?;
         f.counter(
             "ferry_fabric_errors_total",

@@ -30,6 +30,8 @@ pub struct Batch {
     /// When it was published from GPU memory: that stream's mirror on the
     /// GPU, and the offset of the batch there.
     pub from_gpu: Option<(ferry_cuda::Mem, u64)>,
+    /// When it was published, for the sampled batches (0: not timed).
+    pub stamp: u32,
 }
 
 /// What `ferry status` shows of a sink.
@@ -347,6 +349,7 @@ impl RemoteSink {
         h: &Header,
         meta: Option<(u64, u32)>,
         payload: (u64, u32),
+        timed: bool,
     ) -> Result<(), String> {
         let hoff = ls as u64 * HEADER_BYTES;
         if !self.staging.region().write(hoff, &h.encode()) {
@@ -362,6 +365,7 @@ impl RemoteSink {
             rkey: self.landing.header_rkey,
             imm: None,
             signaled: false,
+            timed: false,
         })?;
         let slot_off = self
             .layout
@@ -381,6 +385,7 @@ impl RemoteSink {
                 rkey: self.landing.pool_rkey,
                 imm: None,
                 signaled: false,
+                timed: false,
             })?;
         }
         self.link.write(&Write {
@@ -398,6 +403,7 @@ impl RemoteSink {
                 .encode(),
             ),
             signaled: true,
+            timed,
         })?;
         self.written += payload.1 as u64;
         Ok(())
@@ -436,7 +442,7 @@ impl Sink for RemoteSink {
             key: 0,
         };
         let meta = (d.meta_len > 0).then_some((batch.meta_offset, d.meta_len));
-        self.send(ls, &h, meta, (batch.pool_offset, len))?;
+        self.send(ls, &h, meta, (batch.pool_offset, len), batch.stamp != 0)?;
         Ok(true)
     }
 
@@ -457,7 +463,7 @@ impl Sink for RemoteSink {
             key: 0,
         };
         // The payload write is empty: only the header and the immediate.
-        self.send(ls, &h, None, (0, 0))?;
+        self.send(ls, &h, None, (0, 0), false)?;
         Ok(true)
     }
 

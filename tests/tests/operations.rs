@@ -139,6 +139,87 @@ fn ready_waits_for_peers_that_are_not_up() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn batches_that_cross_hosts_show_in_both_daemons_metrics() {
+    let dir = std::env::temp_dir().join(format!("ferry-xmetrics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = ferry_tests::secret_file(&dir, "secret", "a cluster secret for the tests");
+    let ports = [free_port(), free_port()];
+    let http = [free_port(), free_port()];
+    let d: Vec<Daemon> = (0..2)
+        .map(|i| {
+            let stream = if i == 0 {
+                "[[streams]]\nname = \"s0\"\nslot_size = 4096\nslot_count = 8\n"
+            } else {
+                ""
+            };
+            Daemon::start(
+                "",
+                &format!(
+                    "{stream}[admin]\nhttp = \"127.0.0.1:{}\"\n{}",
+                    http[i],
+                    ferry_tests::cluster_table(i, &ports, &secret, "")
+                ),
+            )
+        })
+        .collect();
+    let addr = |i: usize| format!("127.0.0.1:{}", http[i]);
+    assert!(eventually(Duration::from_secs(10), || {
+        http_get(&addr(1), "/ready").is_ok_and(|(c, _)| c == 200)
+    }));
+    assert!(eventually(Duration::from_secs(10), || d[1]
+        .status()
+        .peers
+        .iter()
+        .any(|p| p.streams.iter().any(|s| s == "s0"))));
+    let far = d[1].client();
+    let mut k = far.consumer("s0", "g", Default::default()).unwrap();
+    let near = d[0].client();
+    let mut p = near.producer("s0", None).unwrap();
+    for i in 0..64u64 {
+        p.send(&i.to_le_bytes(), b"", None, Some(Duration::from_secs(5)))
+            .unwrap();
+        let b = k.next(Some(Duration::from_secs(5))).unwrap();
+        k.release(b.token).unwrap();
+    }
+    let (_, home) = http_get(&addr(0), "/metrics").unwrap();
+    let s = |text: &str, series: &str| {
+        sample(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert!(
+        s(
+            &home,
+            r#"ferry_stream_delivery_latency_seconds_count{stream="s0",path="remote"}"#
+        ) >= 4.0,
+        "64 batches, one in 16 timed"
+    );
+    assert!(
+        s(
+            &home,
+            r#"ferry_fabric_write_latency_seconds_count{peer="n1"}"#
+        ) >= 4.0
+    );
+    // A header, the payload (no metadata) per batch.
+    assert!(
+        s(
+            &home,
+            r#"ferry_fabric_operations_total{peer="n1",op="write"}"#
+        ) >= 128.0
+    );
+    assert!(s(&home, r#"ferry_fabric_write_bytes_total{peer="n1"}"#) >= 64.0 * 8.0);
+    assert_eq!(s(&home, r#"ferry_fabric_errors_total{peer="n1"}"#), 0.0);
+    assert!(sample(&home, r#"ferry_peer_credits_outstanding{peer="n1"}"#).is_some());
+    assert_eq!(s(&home, r#"ferry_peer_up{peer="n1"}"#), 1.0);
+    let (_, far_text) = http_get(&addr(1), "/metrics").unwrap();
+    assert!(
+        s(
+            &far_text,
+            r#"ferry_fabric_operations_total{peer="n0",op="receive"}"#
+        ) >= 64.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The datagrams a notify socket received until `until`.
 fn notifications(sock: &UnixDatagram, until: Instant) -> Vec<(Instant, String)> {
     let mut out = Vec::new();

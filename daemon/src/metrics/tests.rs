@@ -110,6 +110,16 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 }
 
 #[test]
+fn an_atomic_histogram_reads_as_the_plain_one() {
+    let (a, mut h) = (AtomicHist::default(), Hist::default());
+    for us in [0, 7, 7, 900, 20_000_000] {
+        a.observe(us);
+        h.observe(us);
+    }
+    assert_eq!(a.snapshot(), h);
+}
+
+#[test]
 fn the_exposition_has_each_family_once_with_its_labels_and_cumulative_buckets() {
     let mut c = StreamCounters {
         published_bytes: 640,
@@ -124,6 +134,11 @@ fn the_exposition_has_each_family_once_with_its_labels_and_cumulative_buckets() 
         status: status(vec![stream("batches", 10)]),
         streams: vec![c],
         links: vec![LinkCounters {
+            write_latency: {
+                let mut h = Hist::default();
+                h.observe(40);
+                h
+            },
             writes: 4,
             write_bytes: 4096,
             credit_stalls: 2,
@@ -255,10 +270,12 @@ fn the_dashboard_and_the_alert_rules_use_only_metrics_ferryd_exposes() {
     }];
     let mut c = StreamCounters::default();
     c.latency_remote.observe(5);
+    let mut link = LinkCounters::default();
+    link.write_latency.observe(5);
     let text = encode(Snapshot {
         status: st,
         streams: vec![c],
-        links: vec![LinkCounters::default()],
+        links: vec![link],
         loop_turns: 1,
         ready: false,
         data_dir: Some(std::env::temp_dir()),

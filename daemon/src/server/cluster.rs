@@ -672,7 +672,11 @@ impl Server {
                 continue;
             };
             if let Some(l) = cl.link(node) {
-                l.completed(c.wr_id);
+                if let Some(t) = l.completed(c.wr_id) {
+                    if c.status == ferry_verbs::WcStatus::Success {
+                        l.stats.write_latency.observe(crate::metrics::since_us(t));
+                    }
+                }
             }
             if c.status != ferry_verbs::WcStatus::Success {
                 if let Some(l) = cl.link(node) {

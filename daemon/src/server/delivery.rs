@@ -229,6 +229,7 @@ impl Server {
                             .entry
                             .device
                             .and_then(|_| gpus.source(idx, dv.entry.device, dv.entry.slot)),
+                        stamp: dv.entry.stamp,
                     };
                     match c.sink.offer(batch) {
                         Ok(true) => {

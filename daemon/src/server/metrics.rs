@@ -212,6 +212,7 @@ impl Server {
                         errors: LinkStats::get(&l.stats.errors),
                         credit_stalls: LinkStats::get(&l.stats.credit_stalls),
                         credits_outstanding: 0,
+                        write_latency: l.stats.write_latency.snapshot(),
                     },
                     None => LinkCounters::default(),
                 };

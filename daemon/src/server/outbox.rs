@@ -405,6 +405,7 @@ impl Server {
                             rkey: home.header_rkey,
                             imm: None,
                             signaled: false,
+                            timed: false,
                         })
                         .and_then(|()| {
                             if *meta_len == 0 {
@@ -419,6 +420,7 @@ impl Server {
                                 rkey: home.pool_rkey,
                                 imm: None,
                                 signaled: false,
+                                timed: false,
                             })
                         })
                         .and_then(|()| {
@@ -431,6 +433,7 @@ impl Server {
                                 rkey: home.pool_rkey,
                                 imm: Some(imm),
                                 signaled: true,
+                                timed: false,
                             })
                         })
                     }
@@ -468,6 +471,7 @@ impl Server {
                             rkey: home.header_rkey,
                             imm: None,
                             signaled: false,
+                            timed: false,
                         })
                         .and_then(|()| {
                             link.write(&Write {
@@ -486,6 +490,7 @@ impl Server {
                                     .encode(),
                                 ),
                                 signaled: true,
+                                timed: false,
                             })
                         })
                     }
