@@ -16,13 +16,16 @@
 #   --profile P        release (default) or debug: which build to install
 #   --no-build         install what target/<profile> already holds
 #   --no-user          do not create the ferry user and group
+#   --destdir DIR      stage the files under DIR (for packaging: the paths in
+#                      the unit and manifest stay the final ones; no user,
+#                      no ldconfig, no systemctl)
 #   --uninstall        remove an installation made with the same options
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 PREFIX=/usr/local SYSCONFDIR=/etc UNITDIR=/etc/systemd/system PROFILE=release
-BUILD=1 MAKE_USER=1 UNINSTALL=0
+BUILD=1 MAKE_USER=1 UNINSTALL=0 DESTDIR=
 while (($#)); do
     case "$1" in
         --prefix) PREFIX=$2; shift 2 ;;
@@ -31,12 +34,17 @@ while (($#)); do
         --profile) PROFILE=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --no-user) MAKE_USER=0; shift ;;
+        --destdir) DESTDIR=$2; MAKE_USER=0; shift 2 ;;
         --uninstall) UNINSTALL=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 case "$PROFILE" in release|debug) ;; *) echo "install.sh: --profile must be release or debug" >&2; exit 2 ;; esac
+if [[ -n "$DESTDIR" ]]; then
+    ((UNINSTALL == 0)) || { echo "install.sh: --destdir stages an install; there is nothing to uninstall there" >&2; exit 2; }
+    [[ "$DESTDIR" == /* ]] || { echo "install.sh: --destdir must be absolute" >&2; exit 2; }
+fi
 for d in "$PREFIX" "$SYSCONFDIR" "$UNITDIR"; do
     [[ "$d" == /* ]] || { echo "install.sh: $d: directories must be absolute" >&2; exit 2; }
 done
@@ -45,7 +53,13 @@ log() { echo "[install] $*" >&2; }
 MANIFEST="$PREFIX/share/ferry/installed-files"
 CONFIG="$SYSCONFDIR/ferry/ferryd.toml"
 PYVER=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null || echo 3)
-PYDIR="$PREFIX/lib/python$PYVER/dist-packages"
+# Debian's Python reads /usr/lib/python3/dist-packages, and
+# /usr/local/lib/python3.N/dist-packages.
+if [[ "$PREFIX" == /usr ]]; then
+    PYDIR=/usr/lib/python3/dist-packages
+else
+    PYDIR="$PREFIX/lib/python$PYVER/dist-packages"
+fi
 
 if ((UNINSTALL)); then
     [[ -f "$MANIFEST" ]] || { echo "install.sh: no installation under $PREFIX ($MANIFEST is missing)" >&2; exit 1; }
@@ -93,8 +107,8 @@ if ((MAKE_USER)) && ! getent passwd ferry >/dev/null; then
 fi
 
 installed=()
-put() { # put MODE SRC DEST
-    install -D -m "$1" "$2" "$3"
+put() { # put MODE SRC DEST (DEST as installed; written under DESTDIR)
+    install -D -m "$1" "$2" "$DESTDIR$3"
     installed+=("$3")
 }
 put 0755 "$T/ferryd" "$PREFIX/bin/ferryd"
@@ -103,7 +117,7 @@ put 0755 "$T/libferry.so" "$PREFIX/lib/libferry.so"
 put 0644 client-c/include/ferry.h "$PREFIX/include/ferry/ferry.h"
 put 0644 client-c/python/ferry/__init__.py "$PYDIR/ferry/__init__.py"
 # The package loads the libferry beside it first.
-ln -sf "$PREFIX/lib/libferry.so" "$PYDIR/ferry/libferry.so"
+ln -sf "$PREFIX/lib/libferry.so" "$DESTDIR$PYDIR/ferry/libferry.so"
 installed+=("$PYDIR/ferry/libferry.so")
 put 0644 README.md "$PREFIX/share/doc/ferry/README.md"
 put 0644 deploy/ferryd.toml "$PREFIX/share/ferry/ferryd.toml.default"
@@ -117,19 +131,23 @@ sed -e "s#/usr/local/bin/ferryd#$PREFIX/bin/ferryd#g" \
     deploy/systemd/ferryd.service > "$unit"
 put 0644 "$unit" "$UNITDIR/ferryd.service"
 rm -f "$unit"
-if [[ -e "$CONFIG" ]]; then
+if [[ -e "$DESTDIR$CONFIG" ]]; then
     log "kept the existing $CONFIG (the default is $PREFIX/share/ferry/ferryd.toml.default)"
 else
     put 0644 deploy/ferryd.toml "$CONFIG"
 fi
-if [[ "$PREFIX/lib" == /usr/local/lib || "$PREFIX/lib" == /usr/lib ]] && command -v ldconfig >/dev/null; then
+if [[ -z "$DESTDIR" ]] && [[ "$PREFIX/lib" == /usr/local/lib || "$PREFIX/lib" == /usr/lib ]] && command -v ldconfig >/dev/null; then
     ldconfig || true
 fi
-mkdir -p "$(dirname "$MANIFEST")"
-printf '%s\n' "${installed[@]}" > "$MANIFEST"
-echo "$MANIFEST" >> "$MANIFEST"
-if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]] && [[ "$UNITDIR" == /etc/systemd/system ]]; then
+mkdir -p "$(dirname "$DESTDIR$MANIFEST")"
+printf '%s\n' "${installed[@]}" > "$DESTDIR$MANIFEST"
+echo "$MANIFEST" >> "$DESTDIR$MANIFEST"
+if [[ -z "$DESTDIR" ]] && command -v systemctl >/dev/null && [[ -d /run/systemd/system ]] && [[ "$UNITDIR" == /etc/systemd/system ]]; then
     systemctl daemon-reload || true
+fi
+if [[ -n "$DESTDIR" ]]; then
+    log "staged under $DESTDIR for $PREFIX"
+    exit 0
 fi
 log "installed under $PREFIX (manifest: $MANIFEST)"
 log "config: $CONFIG; unit: $UNITDIR/ferryd.service (systemctl enable --now ferryd)"

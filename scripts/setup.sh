@@ -9,7 +9,7 @@ set -euo pipefail
 # etcd-client crate. prometheus, etcd-server and systemd (systemd-analyze)
 # are the real components the operations tests run against.
 APT_PACKAGES=(build-essential pkg-config zlib1g-dev python3 cmake clang libclang-dev libhwloc-dev libudev-dev
-    iproute2 redis-server nats-server prometheus systemd etcd-server protobuf-compiler)
+    iproute2 redis-server nats-server prometheus systemd etcd-server protobuf-compiler adduser)
 
 log() { echo "[setup] $*" >&2; }
 

@@ -6,7 +6,9 @@
 # RuntimeDirectory /run/ferry and StateDirectory it sets up, their
 # variables, a notify socket), moves a batch through it as an ordinary
 # user in group ferry with no Ferry settings at all, checks that a user
-# outside the group is refused, then uninstalls and checks nothing is left.
+# outside the group is refused, then uninstalls and checks nothing is left;
+# then builds the Debian package (scripts/build-deb.sh), installs it with
+# dpkg, checks it, and purges it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,6 +20,7 @@ cleanup() {
     [[ -n "$PID" ]] && kill "$PID" 2>/dev/null || true
     rm -rf "$W"
     if [[ "${MADE_RUN:-0}" == 1 ]]; then rm -rf /run/ferry; fi
+    if [[ "${MADE_PKG:-0}" == 1 ]]; then dpkg -P ferry >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 fail() { echo "test-install: $*" >&2; [[ -f "$W/ferryd.log" ]] && cat "$W/ferryd.log" >&2; exit 1; }
@@ -82,9 +85,32 @@ kill -TERM "$PID"
 wait "$PID" || fail "ferryd did not exit cleanly on SIGTERM"
 PID=
 [[ -e /run/ferry/ferryd.sock ]] && fail "the socket is left after a clean exit"
+# systemd removes the RuntimeDirectory when the unit stops.
+rm -rf /run/ferry
+MADE_RUN=0
 
 scripts/install.sh "${opts[@]}" --uninstall
 # Only the configuration is left: it was changed (the port above).
 left=$(find "$W/usr" "$W/etc" "$W/units" \( -type f -o -type l \) 2>/dev/null || true)
 [[ "$left" == "$W/etc/ferry/ferryd.toml" ]] || fail "left after --uninstall: $left"
-echo "install, unit, systemd-style start, group access and uninstall: ok"
+# The Debian package: the same files, installed and purged by dpkg.
+if dpkg -s ferry >/dev/null 2>&1; then
+    fail "a ferry package is installed on this machine: not touching it"
+fi
+DEB=$(scripts/build-deb.sh --no-build --profile debug)
+MADE_PKG=1
+dpkg -i "$DEB" >/dev/null || fail "dpkg -i $DEB"
+/usr/bin/ferryd --version | grep -q ferryd || fail "the packaged ferryd"
+systemd-analyze verify /lib/systemd/system/ferryd.service || fail "systemd-analyze verify (package)"
+/usr/bin/ferryd --config /etc/ferry/ferryd.toml --check >/dev/null || fail "the packaged config"
+# Debian's own Python (the package's dist-packages is its).
+(cd / && /usr/bin/python3 -c 'import ferry; ferry.version()') || fail "the packaged Python package"
+getent passwd ferry >/dev/null || fail "the package did not create user ferry"
+dpkg -P ferry >/dev/null || fail "dpkg -P ferry"
+MADE_PKG=0
+for f in /usr/bin/ferryd /usr/lib/libferry.so /lib/systemd/system/ferryd.service /etc/ferry/ferryd.toml \
+         /usr/lib/python3/dist-packages/ferry/__init__.py; do
+    [[ -e "$f" ]] && fail "$f is left after dpkg -P"
+done
+rm -f "$DEB"
+echo "install, unit, systemd-style start, group access, uninstall, and the Debian package: ok"

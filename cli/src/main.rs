@@ -8,7 +8,7 @@ use ferry_admin::{admin_path_for, default_socket_path, Client, Status};
 
 /// Inspect a running ferryd.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "ferry", version, about)]
 struct Args {
     /// ferryd's admin socket. Default: FERRY_ADMIN_SOCKET, else beside the
     /// session socket (FERRY_SOCKET, else the daemon's default path).

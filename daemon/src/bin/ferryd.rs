@@ -11,7 +11,7 @@ use ferry_daemon::server::Server;
 /// processes to consumer processes on this host through shared-memory
 /// rings, with no copy of the payload.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "ferryd", version, about)]
 struct Args {
     /// Configuration file (TOML). Built-in defaults are used when the
     /// default file does not exist; a file named here must exist.
