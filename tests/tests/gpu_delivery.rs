@@ -91,7 +91,8 @@ fn daemon_refuses_a_gpu_it_does_not_have() {
 #[test]
 #[ignore = "requires a CUDA GPU (scripts/gpu-tests.sh) or the fake driver (scripts/test.sh)"]
 fn every_byte_arrives_in_gpu_memory_in_order_with_copies_in_flight() {
-    let d = Daemon::start("", "");
+    let port = ferry_tests::free_port();
+    let d = Daemon::start("", &format!("[admin]\nhttp = \"127.0.0.1:{port}\"\n"));
     let client = d.client();
     let slot = 1 << 20;
     let mut p = client.producer("s", spec(2, slot as u64, 16)).unwrap();
@@ -140,6 +141,24 @@ fn every_byte_arrives_in_gpu_memory_in_order_with_copies_in_flight() {
     assert_eq!(m.gpu_bytes_copied, lens.iter().sum::<usize>() as u64);
     assert_eq!(m.gpu_copies_in_flight, 0);
     assert!(d.log().contains("stream pool registered with the GPU"));
+    // The metrics count the same bytes, and keep them once the consumer
+    // is gone.
+    let total = lens.iter().sum::<usize>() as f64;
+    let gpu_metric = |name: &str| -> Option<f64> {
+        let (_, text) = ferry_tests::http_get(&format!("127.0.0.1:{port}"), "/metrics").ok()?;
+        let series = format!("{name}{{stream=\"s\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.parse().ok())
+    };
+    assert_eq!(gpu_metric("ferry_gpu_copy_bytes_total"), Some(total));
+    assert_eq!(gpu_metric("ferry_gpu_copies_in_flight"), Some(0.0));
+    drop(c);
+    assert!(ferry_tests::eventually(T.unwrap(), || d.status().streams
+        [0]
+    .groups[0]
+        .members
+        .is_empty()));
+    assert_eq!(gpu_metric("ferry_gpu_copy_bytes_total"), Some(total));
 }
 
 #[test]
