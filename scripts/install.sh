@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 PREFIX=/usr/local SYSCONFDIR=/etc UNITDIR=/etc/systemd/system PROFILE=release
-BUILD=1 MAKE_USER=1 UNINSTALL=0 DESTDIR=
+BUILD=1 MAKE_USER=1 UNINSTALL=0 DESTDIR= KEPT=
 while (($#)); do
     case "$1" in
         --prefix) PREFIX=$2; shift 2 ;;
@@ -72,8 +72,9 @@ if ((UNINSTALL)); then
         if [[ "$f" == "$CONFIG" ]]; then
             if cmp -s "$f" "$ROOT/deploy/ferryd.toml" || cmp -s "$f" "$PREFIX/share/ferry/ferryd.toml.default"; then
                 rm -f "$f"
-            else
+            elif [[ -e "$f" ]]; then
                 log "kept $f: it was changed since the install"
+                KEPT="$f, "
             fi
             continue
         fi
@@ -81,12 +82,13 @@ if ((UNINSTALL)); then
     done < "$MANIFEST"
     rm -f "$MANIFEST"
     # Directories the install made, deepest first, if now empty.
-    for d in "$PYDIR/ferry/__pycache__" "$PYDIR/ferry" "$PREFIX/share/ferry" "$PREFIX/share/doc/ferry" \
+    for d in "$PYDIR/ferry/__pycache__" "$PYDIR/ferry" "$PREFIX/share/ferry/prometheus" \
+             "$PREFIX/share/ferry/grafana" "$PREFIX/share/ferry" "$PREFIX/share/doc/ferry" \
              "$PREFIX/include/ferry" "$SYSCONFDIR/ferry"; do
         rmdir "$d" 2>/dev/null || true
     done
     if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then systemctl daemon-reload || true; fi
-    log "uninstalled from $PREFIX; kept: the ferry user and group (userdel ferry), disk stream data (/var/lib/ferry)"
+    log "uninstalled from $PREFIX; kept: ${KEPT:-}the ferry user and group (userdel ferry), disk stream data (/var/lib/ferry)"
     exit 0
 fi
 
@@ -120,7 +122,10 @@ put 0644 client-c/python/ferry/__init__.py "$PYDIR/ferry/__init__.py"
 ln -sf "$PREFIX/lib/libferry.so" "$DESTDIR$PYDIR/ferry/libferry.so"
 installed+=("$PYDIR/ferry/libferry.so")
 put 0644 README.md "$PREFIX/share/doc/ferry/README.md"
-put 0644 deploy/ferryd.toml "$PREFIX/share/ferry/ferryd.toml.default"
+# The default config, naming this install's paths.
+conf=$(mktemp)
+sed -e "s#/etc/ferry/ferryd.toml#$CONFIG#g" deploy/ferryd.toml > "$conf"
+put 0644 "$conf" "$PREFIX/share/ferry/ferryd.toml.default"
 put 0644 deploy/prometheus/ferry-rules.yml "$PREFIX/share/ferry/prometheus/ferry-rules.yml"
 put 0644 deploy/grafana/ferry.json "$PREFIX/share/ferry/grafana/ferry.json"
 # The unit, with this install's paths.
@@ -133,9 +138,13 @@ put 0644 "$unit" "$UNITDIR/ferryd.service"
 rm -f "$unit"
 if [[ -e "$DESTDIR$CONFIG" ]]; then
     log "kept the existing $CONFIG (the default is $PREFIX/share/ferry/ferryd.toml.default)"
+    # Listed all the same: --uninstall removes it only while it is the
+    # default, and keeps it once changed.
+    installed+=("$CONFIG")
 else
-    put 0644 deploy/ferryd.toml "$CONFIG"
+    put 0644 "$conf" "$CONFIG"
 fi
+rm -f "$conf"
 if [[ -z "$DESTDIR" ]] && [[ "$PREFIX/lib" == /usr/local/lib || "$PREFIX/lib" == /usr/lib ]] && command -v ldconfig >/dev/null; then
     ldconfig || true
 fi

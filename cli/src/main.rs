@@ -517,14 +517,14 @@ fn print_status(st: &Status) {
                     ),
                     None => String::new(),
                 };
+                // A member on another host: its pid is that host's business.
                 let at = m
                     .host
                     .as_ref()
-                    .map(|h| format!(" on {h}"))
-                    .unwrap_or_default();
+                    .map_or_else(|| format!(" pid {}", m.pid), |h| format!(" on {h}"));
                 println!(
-                    "    member session {}{at} pid {}: partitions {:?}, {}/{} in flight, {} delivered, ring {}{device}",
-                    m.session, m.pid, m.partitions, m.inflight, m.prefetch, m.delivered, m.ring_occupancy
+                    "    member session {}{at}: partitions {:?}, {}/{} in flight, {} delivered, ring {}{device}",
+                    m.session, m.partitions, m.inflight, m.prefetch, m.delivered, m.ring_occupancy
                 );
             }
             println!(

@@ -83,7 +83,7 @@ impl AdminConfig {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(a) = &self.http {
             a.parse::<std::net::SocketAddr>().map_err(|_| {
-                format!("admin.http = {a:?} must be an address:port such as \"127.0.0.1:9464\"")
+                format!("admin.http = {a:?} must be an IP address and port such as \"127.0.0.1:9464\" (not a host name)")
             })?;
         }
         Ok(())
@@ -264,9 +264,11 @@ impl ClusterConfig {
                         self.etcd_prefix
                     ));
                 }
-                if !(1_000..=600_000).contains(&self.etcd_ttl_ms) {
+                if !(2_000..=600_000).contains(&self.etcd_ttl_ms)
+                    || !self.etcd_ttl_ms.is_multiple_of(1000)
+                {
                     return Err(format!(
-                        "cluster.etcd_ttl_ms must be in 1000..=600000, got {}",
+                        "cluster.etcd_ttl_ms must be whole seconds from 2000 to 600000 (etcd's leases count seconds), got {}",
                         self.etcd_ttl_ms
                     ));
                 }

@@ -44,13 +44,11 @@ impl Refusal {
 pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A system call failed; `what` says what ferryd was doing.
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A system call failed; `what` says what ferryd was doing. (The
+    /// error is in the message, not also chained as a source, which would
+    /// print it twice.)
+    #[error("{what}: {err}")]
+    Io { what: String, err: std::io::Error },
     /// Anything else, said in full.
     #[error("{0}")]
     Other(String),
@@ -63,9 +61,6 @@ pub trait Doing<T> {
 
 impl<T> Doing<T> for std::io::Result<T> {
     fn doing(self, what: impl FnOnce() -> String) -> Result<T, DaemonError> {
-        self.map_err(|source| DaemonError::Io {
-            what: what(),
-            source,
-        })
+        self.map_err(|err| DaemonError::Io { what: what(), err })
     }
 }

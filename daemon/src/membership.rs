@@ -148,6 +148,7 @@ async fn run(s: EtcdSettings, mut rx: UnboundedReceiver<Cmd>, inbox: inbox::Send
         streams: BTreeMap::new(),
         registered: BTreeMap::new(),
         up: false,
+        last_error: None,
     };
     let mut backoff = Duration::from_millis(100);
     let most = (s.ttl / 3).clamp(Duration::from_millis(200), Duration::from_secs(5));
@@ -156,15 +157,25 @@ async fn run(s: EtcdSettings, mut rx: UnboundedReceiver<Cmd>, inbox: inbox::Send
         match session(&s, &mut st, &mut rx, &inbox).await {
             Ended::Stop => return,
             Ended::Lost(why) => {
+                let why = concise(&why);
                 if st.up {
                     st.up = false;
                     tracing::warn!(
                         "etcd: {why}; keeping the current peers, serving on, retrying (every {} ms at most)",
                         most.as_millis()
                     );
-                    tell(&inbox, MemberEvent::Etcd { up: false, why });
+                } else if st.last_error.is_none() {
+                    tracing::warn!(
+                        endpoints = %s.endpoints.join(","),
+                        "etcd not reached yet: {why}; serving local work, retrying (every {} ms at most)",
+                        most.as_millis()
+                    );
                 } else {
                     crate::limited!(DEBUG, "etcd: {why}");
+                }
+                if st.last_error.as_deref() != Some(why.as_str()) {
+                    st.last_error = Some(why.clone());
+                    tell(&inbox, MemberEvent::Etcd { up: false, why });
                 }
             }
         }
@@ -195,6 +206,25 @@ struct State {
     registered: BTreeMap<String, StreamRecord>,
     /// Whether the loop was last told that etcd answers.
     up: bool,
+    /// What it was last told went wrong (None once etcd answers).
+    last_error: Option<String>,
+}
+
+/// An etcd client error for people: the gRPC status's message when there
+/// is one (not the whole status with its empty details and metadata).
+fn concise(e: &str) -> String {
+    let Some(at) = e.find("message: \"") else {
+        return e.to_string();
+    };
+    let what = e[..at].split(':').next().unwrap_or("").trim();
+    let rest = &e[at + "message: \"".len()..];
+    let msg = rest.split("\", details").next().unwrap_or(rest);
+    let msg = msg.strip_suffix('"').unwrap_or(msg);
+    if what.is_empty() {
+        msg.to_string()
+    } else {
+        format!("{what}: {msg}")
+    }
 }
 
 /// Runs `f` with the request deadline; an error or a missed deadline is
@@ -350,6 +380,7 @@ async fn session_inner(
         member_key(s, &s.me.node)
     );
     tell(inbox, MemberEvent::View(others));
+    st.last_error = None;
     if !st.up {
         st.up = true;
         tell(
@@ -435,6 +466,19 @@ pub fn gone<'a>(known: impl Iterator<Item = &'a str>, view: &[MemberRecord]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etcd_errors_read_short() {
+        let raw = r#"reading the lease: grpc request error: status: Unknown, message: "h2 protocol error: error reading a body from connection", details: [], metadata: MetadataMap { headers: {} }"#;
+        assert_eq!(
+            concise(raw),
+            "reading the lease: h2 protocol error: error reading a body from connection"
+        );
+        assert_eq!(
+            concise("connecting to x: no answer within 2000 ms"),
+            "connecting to x: no answer within 2000 ms"
+        );
+    }
 
     #[test]
     fn jitter_stays_within_a_tenth() {

@@ -94,7 +94,9 @@ fn metrics_count_real_traffic_and_live_turns_false_while_the_loop_is_wedged() {
     // A loop that does not turn: /live says so (while the HTTP side still
     // answers), /metrics gives up on it, and both recover after.
     let turns = sample(&text, "ferry_daemon_loop_turns_total").unwrap();
-    let wedge = stall(&d, 4000);
+    // Long enough that the /metrics below, asked by 3.5 s at the latest,
+    // gives up (after 2 s) before the loop wakes.
+    let wedge = stall(&d, 7000);
     assert!(
         eventually(Duration::from_millis(3500), || {
             http_get(&addr, "/live").is_ok_and(|(c, b)| c == 503 && b.contains("has not turned"))

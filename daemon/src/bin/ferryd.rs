@@ -102,6 +102,17 @@ fn run() -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
         println!("admin socket: {}", cfg.admin_socket_path().display());
+        match &cfg.admin.http {
+            Some(a) => println!(
+                "admin endpoint: http://{a}/metrics, /live, /ready (ready needs {})",
+                if cfg.admin.ready_needs_peers {
+                    "every peer up"
+                } else {
+                    "no peers"
+                }
+            ),
+            None => println!("admin endpoint: off (no [admin] http)"),
+        }
         println!("fabric: {:?} ({})", sel.choice, sel.reason);
         println!("data plane: {}", pre.placement);
         // While a consumer waits the loop polls the longer of the two.

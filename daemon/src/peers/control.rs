@@ -573,7 +573,11 @@ async fn acceptor_handshake(
     *bytes_out += wire::write(w, &challenge)
         .await
         .map_err(|e| e.to_string())?;
-    let theirs = match wire::read(r, bytes_in).await.map_err(|e| e.to_string())? {
+    let theirs = match wire::read(r, bytes_in).await.map_err(|e| {
+        format!(
+            "node {node:?} went after our challenge ({e}): a daemon with another cluster secret finds our proof wrong and leaves"
+        )
+    })? {
         Frame::Proof { proof } => proof,
         other => {
             return Err(format!(

@@ -370,8 +370,10 @@ impl Server {
             MemberEvent::Left { node, why } => self.peer_left(&node, &why),
             MemberEvent::Etcd { up, why } => {
                 if let Some(v) = &mut cl.etcd {
-                    v.up = up;
-                    v.since = Instant::now();
+                    if v.up != up {
+                        v.up = up;
+                        v.since = Instant::now();
+                    }
                     if !up {
                         v.last_error = Some(why);
                     }
@@ -490,14 +492,22 @@ impl Server {
                 self.outboxes_fail(&node);
             }
             Event::Error { node, why } => {
+                let mut new = true;
                 if let Some(v) = cl.table.get_mut(&node) {
                     if v.state == "up" {
                         return; // a stale attempt
                     }
                     v.errors += 1;
+                    new = v.last_error.as_deref() != Some(why.as_str());
                     v.last_error = Some(why.clone());
                 }
-                limited!(DEBUG, peer = %node, "peer unreachable: {why}");
+                // Said once at WARN (a wrong secret, a refused
+                // connection), then at DEBUG while it repeats.
+                if new {
+                    limited!(WARN, peer = %node, "peer unreachable: {why}");
+                } else {
+                    limited!(DEBUG, peer = %node, "peer unreachable: {why}");
+                }
             }
             Event::Refused { addr, why } => {
                 cl.refused += 1;

@@ -185,6 +185,14 @@ impl Server {
             Err(e) => warn!("reading the open-file limit: {e}"),
         }
 
+        // Before any socket file is made: a busy address leaves nothing.
+        let http = match &cfg.admin.http {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr.as_str())
+                    .doing(|| format!("admin.http: listening on {addr}"))?,
+            ),
+            None => None,
+        };
         claim_socket_path(&socket_path)?;
         let listener = sys::seqpacket_listen(&socket_path)
             .doing(|| format!("listening on {}", socket_path.display()))?;
@@ -250,12 +258,10 @@ impl Server {
             info!(node = %c.node, listen = %c.peers.listen, peers = c.table.len(), "cluster control plane listening");
         }
         let health = std::sync::Arc::new(crate::http::Health::default());
-        if let Some(addr) = &cfg.admin.http {
-            let l = std::net::TcpListener::bind(addr.as_str())
-                .doing(|| format!("admin.http: listening on {addr}"))?;
+        if let Some(l) = http {
             crate::http::spawn(l, health.clone(), outside.clone())
                 .doing(|| "starting the admin HTTP thread".into())?;
-            info!(http = %addr, "admin endpoint: /metrics, /live, /ready");
+            info!(http = ?cfg.admin.http, "admin endpoint: /metrics, /live, /ready");
         }
         admin::spawn_admin(
             admin,
