@@ -67,17 +67,17 @@ if ((UNINSTALL)); then
         log "stopping ferryd"
         systemctl disable --now ferryd || true
     fi
-    while IFS= read -r f; do
-        [[ -n "$f" ]] || continue
-        if [[ "$f" == "$CONFIG" ]]; then
-            if cmp -s "$f" "$ROOT/deploy/ferryd.toml" || cmp -s "$f" "$PREFIX/share/ferry/ferryd.toml.default"; then
-                rm -f "$f"
-            elif [[ -e "$f" ]]; then
-                log "kept $f: it was changed since the install"
-                KEPT="$f, "
-            fi
-            continue
+    # The config first, while the default it is compared with is there.
+    if grep -qxF "$CONFIG" "$MANIFEST" && [[ -e "$CONFIG" ]]; then
+        if cmp -s "$CONFIG" "$PREFIX/share/ferry/ferryd.toml.default" || cmp -s "$CONFIG" "$ROOT/deploy/ferryd.toml"; then
+            rm -f "$CONFIG"
+        else
+            log "kept $CONFIG: it was changed since the install"
+            KEPT="$CONFIG, "
         fi
+    fi
+    while IFS= read -r f; do
+        [[ -n "$f" && "$f" != "$CONFIG" ]] || continue
         rm -f "$f"
     done < "$MANIFEST"
     rm -f "$MANIFEST"

@@ -93,6 +93,14 @@ scripts/install.sh "${opts[@]}" --uninstall
 # Only the configuration is left: it was changed (the port above).
 left=$(find "$W/usr" "$W/etc" "$W/units" \( -type f -o -type l \) 2>/dev/null || true)
 [[ "$left" == "$W/etc/ferry/ferryd.toml" ]] || fail "left after --uninstall: $left"
+# Installed twice, unchanged: the uninstall leaves no file, config included.
+opts2=(--prefix "$W/again/usr" --sysconfdir "$W/again/etc" --unitdir "$W/again/units")
+scripts/install.sh "${opts2[@]}" --no-build --profile debug --no-user 2>/dev/null
+scripts/install.sh "${opts2[@]}" --no-build --profile debug --no-user 2>/dev/null
+scripts/install.sh "${opts2[@]}" --uninstall 2>/dev/null
+left=$(find "$W/again" \( -type f -o -type l \) 2>/dev/null || true)
+[[ -z "$left" ]] || fail "left after installing twice and uninstalling: $left"
+
 # The Debian package: the same files, installed and purged by dpkg.
 if dpkg -s ferry >/dev/null 2>&1; then
     fail "a ferry package is installed on this machine: not touching it"
