@@ -617,6 +617,12 @@ impl PartitionLog {
         Ok(files)
     }
 
+    /// Files a sync of [`PartitionLog::sync_files`] failed on: the next
+    /// `sync_files` names them again.
+    pub fn sync_again(&mut self, files: Vec<File>) {
+        self.unsynced.extend(files);
+    }
+
     /// Whether a segment was closed (or created) since the last
     /// `sync_files`.
     pub fn rolled(&self) -> bool {

@@ -246,3 +246,25 @@ fn state_files_are_whole_or_refused() {
     fs::write(&p, &b).unwrap();
     assert!(read_atomic(&p).is_err());
 }
+
+#[test]
+fn files_a_failed_sync_named_are_named_again() {
+    let d = dir();
+    let (mut log, _) = PartitionLog::open(&d.0, opts(4096)).unwrap();
+    // Enough to close segments: their files come with the next sync only.
+    fill(&mut log, 0, 40, 500);
+    assert!(log.rolled());
+    let first = log.sync_files().unwrap();
+    assert!(first.len() > 1, "closed segments and the active one");
+    assert!(!log.rolled(), "handed out once");
+    assert_eq!(
+        log.sync_files().unwrap().len(),
+        1,
+        "only the active segment now"
+    );
+    // That sync failed: all it named is synced again.
+    let n = first.len();
+    log.sync_again(first);
+    assert!(log.rolled());
+    assert_eq!(log.sync_files().unwrap().len(), n + 1);
+}

@@ -54,6 +54,9 @@ pub struct Synced {
     part: usize,
     upto: u64,
     result: Result<(), String>,
+    /// After a failure: the files to sync again (closed segments among
+    /// them, which the next `sync_files` would not name otherwise).
+    retry: Vec<std::fs::File>,
 }
 
 /// Starts the syncer thread; it ends when the sender is dropped.
@@ -73,7 +76,12 @@ pub(crate) fn spawn_syncer(inbox: inbox::Sender) -> std::io::Result<mpsc::Sender
                         crate::metrics::observe_fsync(t.elapsed().as_micros() as u64);
                         match then {
                             Some(s) => {
-                                inbox.send(inbox::Message::Synced(Synced { result, ..s }));
+                                let retry = if result.is_err() { files } else { Vec::new() };
+                                inbox.send(inbox::Message::Synced(Synced {
+                                    result,
+                                    retry,
+                                    ..s
+                                }));
                             }
                             None => {
                                 if let Err(e) = result {
@@ -316,6 +324,7 @@ fn request_sync(
                     part: p,
                     upto: st.written,
                     result: Ok(()),
+                    retry: Vec::new(),
                 }),
             });
         }
@@ -520,6 +529,9 @@ impl StreamEntry {
                 let why = format!("fdatasync of partition {} failed: {e}", s.part);
                 tracing::warn!(stream = %self.stream.name(), "{why}");
                 dl.error = Some(why);
+                // Everything it named is synced again with the retry, not
+                // only the active segment.
+                st.log.sync_again(s.retry);
             }
         }
     }
