@@ -797,6 +797,66 @@ fn a_disk_stream_s_home_restarts_and_its_group_on_another_host_goes_on_from_its_
 }
 
 #[test]
+fn a_producer_on_another_host_is_acknowledged_only_what_its_disk_stream_s_home_made_durable() {
+    let ports = [free_port(), free_port()];
+    let dir = secret_dir();
+    let secret = secret_file(&dir, "secret", SECRET);
+    let timing = "heartbeat_ms = 100\npeer_timeout_ms = 600\nreconnect_max_ms = 200";
+    // fsync once a second: a flush waits for it.
+    let mut home = Daemon::start(
+        &format!("data_dir = \"{}\"", dir.join("data").display()),
+        &format!(
+            "{}durability = \"disk\"\nfsync = \"interval\"\nfsync_interval_ms = 1000\n{}",
+            stream("s0"),
+            cluster_table(0, &ports, &secret, timing)
+        ),
+    );
+    // Its closing outbox waits for the dead home at the end: not for long.
+    let other = Daemon::start(
+        "drain_timeout_ms = 1000",
+        &cluster_table(1, &ports, &secret, timing),
+    );
+    wait_state(&other, "n0", "up", Duration::from_secs(10));
+    wait_announced(&other, "n0", "s0");
+    let c = other.client();
+    let mut prod = c.producer("s0", None).unwrap();
+    for i in 0..30 {
+        prod.send(&payload(i, 100), b"", None, T).unwrap();
+    }
+    prod.flush(T).unwrap();
+    assert_eq!(
+        prod.acked(),
+        (30, 30),
+        "every publish acknowledged by the flush"
+    );
+    // Acknowledged means synced at the home (not only taken by it).
+    let st = home.status();
+    let d = st.streams[0].disk.as_ref().unwrap();
+    assert_eq!(d.unsynced, 0, "acknowledged before the home synced: {d:?}");
+    assert_eq!(st.streams[0].published, 30);
+    // The home dies at once, with no chance to sync more: every
+    // acknowledged batch is on its disk.
+    home.kill();
+    drop(prod);
+    home.restart();
+    let mut cons = home
+        .client()
+        .consumer(
+            "s0",
+            "g",
+            ferry::ConsumerOptions {
+                start: ferry::GroupStart::Earliest,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let seen = take_all(&mut cons, 30, &[&home, &other]);
+    let mut offsets: Vec<u64> = seen.keys().map(|k| k.1).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..30).collect::<Vec<u64>>());
+}
+
+#[test]
 fn a_cut_link_between_two_hosts_heals_by_itself_and_loses_nothing() {
     let hosts = ferry_tests::TwoHosts::new();
     let secret = secret_file(&secret_dir(), "secret", SECRET);

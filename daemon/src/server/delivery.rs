@@ -76,6 +76,7 @@ impl Server {
         to_wake.clear();
         let mut failed: Vec<(SessionId, String)> = Vec::new();
         let mut remote_grants: Vec<(String, u64, u32)> = Vec::new();
+        let mut remote_published: Vec<(String, u64, u32)> = Vec::new();
         let draining = self.draining.is_some();
         let gpus = &self.gpus;
         for (idx, entry) in self.streams.iter_mut() {
@@ -143,6 +144,20 @@ impl Server {
             // producer's publishes are as durable as the stream promises
             // (a memory stream's producers see their ring drained instead).
             for pid in entry.producers.iter().filter(|_| entry.stream.tiered()) {
+                if let Some(rp) = self.remote_producers.get_mut(pid) {
+                    // On another host: its outbox slots go back as its
+                    // batches become durable, and its host acknowledges
+                    // them to it.
+                    let before = rp.acks.sent.0;
+                    let acked = rp.acks.advance(&entry.stream);
+                    for _ in before..acked {
+                        if let Some(slot) = rp.unacked_slots.pop_front() {
+                            remote_published.push((rp.node.clone(), rp.producer, slot));
+                        }
+                    }
+                    rp.acks.sent.0 = acked;
+                    continue;
+                }
                 let Some(Session {
                     role: Role::Producer(p),
                     ..
@@ -323,6 +338,15 @@ impl Server {
                 PeerMsg::Grant {
                     producer: chunk[0].1,
                     slots,
+                },
+            );
+        }
+        for (node, producer, outbox_slot) in remote_published {
+            self.send_to(
+                &node,
+                PeerMsg::Published {
+                    producer,
+                    outbox_slot,
                 },
             );
         }

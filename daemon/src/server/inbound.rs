@@ -31,6 +31,11 @@ pub(super) struct RemoteProducer {
     pub(super) credits: u32,
     pub(super) published: u64,
     pub(super) ended: bool,
+    /// A disk stream: its publishes not yet as durable as the stream
+    /// promises, and their outbox slots, handed back (`Published`) only
+    /// once they are, so that its host acknowledges durable batches.
+    pub(super) acks: super::durable::Acks,
+    pub(super) unacked_slots: std::collections::VecDeque<u32>,
     inbox: u16,
     /// One header entry per pool slot, then its control entry.
     headers: Arc<Registered>,
@@ -137,6 +142,8 @@ impl Server {
                 credits,
                 published: 0,
                 ended: false,
+                acks: Default::default(),
+                unacked_slots: Default::default(),
                 inbox,
                 headers,
             },
@@ -255,7 +262,7 @@ impl Server {
                 } else {
                     0
                 };
-                entry
+                let at = entry
                     .stream
                     .publish(id, index, h.len, h.meta_len, key, None, flags)
                     .map_err(|v| v.0)?;
@@ -263,15 +270,22 @@ impl Server {
                 p.published += 1;
                 p.ended = false;
                 entry.dirty = true;
-                // `home_slot` carries its outbox slot, which it may use again.
+                // `home_slot` carries its outbox slot, which it may use again:
+                // at once for a memory stream; for a disk stream once the
+                // batch is durable (the pump's acknowledgements).
                 let outbox_slot = h.home_slot;
-                self.send_to(
-                    node,
-                    PeerMsg::Published {
-                        producer,
-                        outbox_slot,
-                    },
-                );
+                if entry.stream.tiered() {
+                    p.acks.published(&entry.stream, at);
+                    p.unacked_slots.push_back(outbox_slot);
+                } else {
+                    self.send_to(
+                        node,
+                        PeerMsg::Published {
+                            producer,
+                            outbox_slot,
+                        },
+                    );
+                }
             }
             (Kind::ProducerEnd, true) => {
                 p.ended = true;

@@ -69,6 +69,9 @@ pub(super) struct Outbox {
     answered: bool,
     pub(super) published: u64,
     pub(super) acked: u64,
+    /// The home's stream is on disk: the producer is told of its durable
+    /// publishes (OP_ACK, as the home's own producers are).
+    acks: bool,
 }
 
 impl Outbox {
@@ -133,9 +136,15 @@ impl Server {
                 ));
             }
         }
-        let slots = (have.slot_count / 4)
-            .clamp(1, 64)
-            .min(self.cfg.daemon.ring_capacity);
+        // With acknowledgements each returned slot puts a grant and an
+        // acknowledgement on the producer's completion ring: room for both.
+        let acks = have.durability.disk;
+        let ring_share = if acks {
+            (self.cfg.daemon.ring_capacity / 2).max(1)
+        } else {
+            self.cfg.daemon.ring_capacity
+        };
+        let slots = (have.slot_count / 4).clamp(1, 64).min(ring_share);
         let layout = PoolLayout::new(have.slot_size, slots)
             .ok_or_else(|| Refusal::invalid("the outbox's size overflows"))?;
         let reg = |what: &str, len: u64| {
@@ -170,6 +179,7 @@ impl Server {
             answered: false,
             published: 0,
             acked: 0,
+            acks,
         };
         if let Some(s) = self.sessions.get_mut(&id) {
             s.role = Role::Outbox(Box::new(o));
@@ -268,7 +278,7 @@ impl Server {
             ring_capacity: cap,
             credits: o.layout.slot_count,
             gpu: None,
-            acks: false,
+            acks: o.acks,
         };
         o.home = Some((info, home_layout));
         let fds = [o._region.fd(), o.pool.region().fd()];
@@ -545,7 +555,21 @@ impl Server {
                     ))
                 } else {
                     o.acked += 1;
-                    o.grant(outbox_slot)
+                    o.grant(outbox_slot).map(|()| {
+                        if o.acks {
+                            // Cumulative: one lost to a full ring is made
+                            // good by the next.
+                            let d = Desc {
+                                op: desc::OP_ACK,
+                                stream: 0,
+                                offset: o.acked,
+                                ..Desc::default()
+                            };
+                            if o.comp.push(&d).is_ok() && o.comp.wake_needed() {
+                                ferry_shm::sys::futex_wake(o.comp.ring().sleep_word());
+                            }
+                        }
+                    })
                 }
             }
             PeerMsg::EndTaken { .. } => {
