@@ -8,7 +8,7 @@
 //! groups, partitions and peers, all bounded by the configuration; never a
 //! batch, a session or an offset.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use prometheus_client::encoding::DescriptorEncoder;
@@ -30,10 +30,14 @@ pub struct Hist {
     pub count: u64,
 }
 
+/// The bucket a duration of `us` goes in: the first bound that holds it.
+fn bucket_of(us: u64) -> usize {
+    LATENCY_BOUNDS_US.partition_point(|&b| b < us)
+}
+
 impl Hist {
     pub fn observe(&mut self, us: u64) {
-        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
-        self.counts[i] += 1;
+        self.counts[bucket_of(us)] += 1;
         self.sum_us = self.sum_us.saturating_add(us);
         self.count += 1;
     }
@@ -53,20 +57,30 @@ impl Hist {
 /// A [`Hist`] written by one thread and read by another (relaxed
 /// atomics: a reader may see one observation half counted, never a wrong
 /// bucket).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AtomicHist {
     counts: [std::sync::atomic::AtomicU64; LATENCY_BOUNDS_US.len() + 1],
     sum_us: std::sync::atomic::AtomicU64,
-    count: std::sync::atomic::AtomicU64,
+}
+
+impl Default for AtomicHist {
+    fn default() -> Self {
+        AtomicHist::new()
+    }
 }
 
 impl AtomicHist {
+    pub const fn new() -> AtomicHist {
+        AtomicHist {
+            counts: [const { std::sync::atomic::AtomicU64::new(0) }; LATENCY_BOUNDS_US.len() + 1],
+            sum_us: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
     pub fn observe(&self, us: u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
-        self.counts[i].fetch_add(1, Relaxed);
+        self.counts[bucket_of(us)].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
-        self.count.fetch_add(1, Relaxed);
     }
 
     pub fn snapshot(&self) -> Hist {
@@ -101,16 +115,8 @@ pub fn since_us(t: u32) -> u64 {
 }
 
 /// fsync durations of disk logs, observed by the disk thread (never the
-/// loop: the lock is taken there and by scrapes only).
-pub static FSYNC: Mutex<Hist> = Mutex::new(Hist {
-    counts: [0; LATENCY_BOUNDS_US.len() + 1],
-    sum_us: 0,
-    count: 0,
-});
-
-pub fn observe_fsync(us: u64) {
-    FSYNC.lock().unwrap_or_else(|p| p.into_inner()).observe(us);
-}
+/// loop), read by scrapes.
+pub static FSYNC: AtomicHist = AtomicHist::new();
 
 /// What the loop keeps per stream for the metrics, beyond its status.
 #[derive(Debug, Clone, Default)]
@@ -490,19 +496,19 @@ impl prometheus_client::collector::Collector for Collect {
             )?;
         }
 
-        let gpu_bytes: Vec<_> = streams
-            .iter()
-            .map(|(s, c)| {
-                let live: u64 = s.producers.iter().map(|p| p.gpu_bytes_copied).sum::<u64>()
-                    + s.groups
-                        .iter()
-                        .flat_map(|g| &g.members)
-                        .map(|m| m.gpu_bytes_copied)
-                        .sum::<u64>();
-                (vec![("stream", s.name.as_str())], live + c.gpu_bytes_closed)
-            })
-            .collect();
         if !st.gpus.is_empty() {
+            let gpu_bytes: Vec<_> = streams
+                .iter()
+                .map(|(s, c)| {
+                    let live: u64 = s.producers.iter().map(|p| p.gpu_bytes_copied).sum::<u64>()
+                        + s.groups
+                            .iter()
+                            .flat_map(|g| &g.members)
+                            .map(|m| m.gpu_bytes_copied)
+                            .sum::<u64>();
+                    (vec![("stream", s.name.as_str())], live + c.gpu_bytes_closed)
+                })
+                .collect();
             f.counter(
                 "ferry_gpu_copy_bytes_total",
                 "Bytes copied between GPU memory and pool slots for the stream.",
@@ -627,7 +633,7 @@ impl prometheus_client::collector::Collector for Collect {
 
 /// The snapshot in the Prometheus text format.
 pub fn encode(snap: Snapshot) -> String {
-    let fsync = FSYNC.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let fsync = FSYNC.snapshot();
     let mut reg = prometheus_client::registry::Registry::default();
     reg.register_collector(Box::new(Collect(snap, fsync)));
     let mut out = String::new();

@@ -203,8 +203,25 @@ pub(super) fn serve_admin(
 }
 
 impl Server {
-    /// Answers admin client `uid`'s request (on the loop).
-    pub(super) fn answer_admin(&mut self, req: AdminRequest, uid: u32) -> Response {
+    /// Answers admin client `uid`'s request on `reply`: at once, or (a
+    /// cluster status, which waits for the peers) later.
+    pub(super) fn answer_admin(
+        &mut self,
+        req: AdminRequest,
+        uid: u32,
+        reply: std::sync::mpsc::Sender<Response>,
+    ) {
+        if let AdminRequest::Status {
+            stream: None,
+            cluster: true,
+        } = req
+        {
+            return self.ask_cluster(reply);
+        }
+        let _ = reply.send(self.answer_now(req, uid));
+    }
+
+    fn answer_now(&mut self, req: AdminRequest, uid: u32) -> Response {
         match req {
             AdminRequest::Status { stream: None, .. } => {
                 Response::Status(Box::new(self.status_view(None)))

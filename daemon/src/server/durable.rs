@@ -73,7 +73,7 @@ pub(crate) fn spawn_syncer(inbox: inbox::Sender) -> std::io::Result<mpsc::Sender
                             .iter()
                             .try_for_each(|f| f.sync_data())
                             .map_err(|e| e.to_string());
-                        crate::metrics::observe_fsync(t.elapsed().as_micros() as u64);
+                        crate::metrics::FSYNC.observe(t.elapsed().as_micros() as u64);
                         match then {
                             Some(s) => {
                                 let retry = if result.is_err() { files } else { Vec::new() };

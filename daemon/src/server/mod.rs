@@ -506,18 +506,7 @@ impl Server {
         self.events = events;
         while let Some(m) = self.inbox.next() {
             match m {
-                inbox::Message::Admin {
-                    req:
-                        ferry_admin::Request::Status {
-                            stream: None,
-                            cluster: true,
-                        },
-                    reply,
-                    ..
-                } => self.ask_cluster(reply),
-                inbox::Message::Admin { req, uid, reply } => {
-                    let _ = reply.send(self.answer_admin(req, uid));
-                }
+                inbox::Message::Admin { req, uid, reply } => self.answer_admin(req, uid, reply),
                 inbox::Message::Peer(e) => self.peer_event(e),
                 inbox::Message::Link {
                     node,
