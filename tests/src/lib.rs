@@ -157,8 +157,12 @@ impl Daemon {
     }
 
     fn wait_ready_after(&mut self, ready_before: usize) {
+        // Generous: a ferryd that exits is caught at once below, and one
+        // that comes up returns at once; only a slow start waits. Under the
+        // rxe VM's emulated CPU (TCG, no KVM) loading the debug binary over
+        // the VM's shared folder alone has taken most of 10 s.
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
+        while start.elapsed() < Duration::from_secs(60) {
             if self.admin.exists()
                 && self.socket.exists()
                 && self.log().matches("ferryd ready").count() > ready_before

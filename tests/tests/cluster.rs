@@ -58,7 +58,7 @@ fn peer(st: &Status, node: &str) -> PeerStatus {
 /// Waits until `d` knows `stream` as homed on `home`.
 fn wait_announced(d: &Daemon, home: &str, stream: &str) {
     assert!(
-        eventually(Duration::from_secs(10), || peer(&d.status(), home)
+        eventually(Duration::from_secs(30), || peer(&d.status(), home)
             .streams
             .iter()
             .any(|s| s == stream)),
