@@ -135,6 +135,12 @@ pub struct RemoteConsumerStatus {
     pub held: u32,
     pub delivered: u64,
     pub open_ms: u64,
+    /// "cuda:N" when batches are copied into its GPU pool.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Copies from the landing area into that pool not yet complete.
+    #[serde(default)]
+    pub copies_in_flight: u32,
 }
 
 /// One peer daemon as this one sees it.

@@ -397,8 +397,12 @@ fn print_status(st: &Status) {
         );
     }
     for r in &st.remote_consumers {
+        let device = match &r.device {
+            Some(d) => format!(", into {d} ({} copies in flight)", r.copies_in_flight),
+            None => String::new(),
+        };
         println!(
-            "  consumer session {} pid {} of stream {} (home {}), group {}: {}, {}/{} landing slots held, {} delivered",
+            "  consumer session {} pid {} of stream {} (home {}), group {}: {}, {}/{} landing slots held, {} delivered{device}",
             r.session, r.pid, r.stream, r.home, r.group, r.state, r.held, r.prefetch, r.delivered
         );
     }

@@ -224,17 +224,27 @@ impl Gpus {
     ) -> Result<GpuDelivery, Refusal> {
         let (gpu, host, cuda_stream) = self.attach(ordinal, stream, host)?;
         let (pool, info) = self.pool(&gpu, slot_size, slots)?;
-        Ok(GpuDelivery {
-            info,
-            pool,
-            host,
-            free: (0..slots).rev().collect(),
-            stream: cuda_stream,
-            pending: Copies::with_capacity(slots as usize),
-            held: HashMap::with_capacity(slots as usize),
-            copied_bytes: 0,
-            d2d_bytes: 0,
-        })
+        Ok(GpuDelivery::new(info, pool, host, cuda_stream))
+    }
+
+    /// Sets up GPU delivery to one consumer from host memory of its own:
+    /// the landing area a stream's home on another host writes its
+    /// batches into. Registered with the GPU for this consumer alone, and
+    /// unregistered when its delivery is dropped.
+    pub fn delivery_from_landing(
+        &mut self,
+        ordinal: u32,
+        landing: &Arc<Region>,
+        slot_size: u64,
+        slots: u32,
+    ) -> Result<GpuDelivery, Refusal> {
+        let internal =
+            |e: CudaError| Refusal::new(ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
+        let gpu = self.gpu(ordinal).map_err(internal)?;
+        let host = Mem::Host(gpu.register_host(landing.clone()).map_err(internal)?);
+        let cuda_stream = gpu.stream().map_err(internal)?;
+        let (pool, info) = self.pool(&gpu, slot_size, slots)?;
+        Ok(GpuDelivery::new(info, pool, host, cuda_stream))
     }
 
     /// Sets up publishing from GPU `ordinal` into stream `stream`: the
@@ -268,6 +278,33 @@ impl Gpus {
             host,
             stream: cuda_stream,
             pending: Copies::with_capacity(0),
+            copied_bytes: 0,
+        })
+    }
+
+    /// Sets up publishing from GPU `ordinal` into a stream homed on
+    /// another host, through one producer's outbox `outbox` (`slots` slots
+    /// of `slot_size` bytes): a mirror of the outbox on that GPU, of its
+    /// own, and the outbox registered with the GPU for this producer alone.
+    pub fn publisher_for_outbox(
+        &mut self,
+        ordinal: u32,
+        outbox: &Arc<Region>,
+        slot_size: u64,
+        slots: u32,
+    ) -> Result<GpuPublish, Refusal> {
+        let internal =
+            |e: CudaError| Refusal::new(ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
+        let gpu = self.gpu(ordinal).map_err(internal)?;
+        let host = Mem::Host(gpu.register_host(outbox.clone()).map_err(internal)?);
+        let cuda_stream = gpu.stream().map_err(internal)?;
+        let (mirror, info) = self.pool(&gpu, slot_size, slots)?;
+        Ok(GpuPublish {
+            info,
+            mirror,
+            host,
+            stream: cuda_stream,
+            pending: Copies::with_capacity(slots as usize),
             copied_bytes: 0,
         })
     }
@@ -324,14 +361,37 @@ pub struct GpuDelivery {
     free: Vec<u32>,
     stream: ferry_cuda::Stream,
     pending: Copies,
-    /// Delivered and not released: (partition, offset) -> GPU slot.
-    held: HashMap<(u32, u64), u32>,
+    /// Delivered and not released: GPU slot -> (partition, offset). Keyed
+    /// by slot: a consumer of a stream homed elsewhere may hold the same
+    /// batch twice (the home redelivered it after a reconnection), in two
+    /// GPU slots.
+    held: HashMap<u32, (u32, u64)>,
     pub copied_bytes: u64,
     /// Of those, copied from GPU memory (a producer's mirror).
     pub d2d_bytes: u64,
 }
 
 impl GpuDelivery {
+    fn new(info: GpuPoolInfo, pool: Mem, host: Mem, stream: ferry_cuda::Stream) -> GpuDelivery {
+        let slots = info.slots;
+        GpuDelivery {
+            info,
+            pool,
+            host,
+            free: (0..slots).rev().collect(),
+            stream,
+            pending: Copies::with_capacity(slots as usize),
+            held: HashMap::with_capacity(slots as usize),
+            copied_bytes: 0,
+            d2d_bytes: 0,
+        }
+    }
+
+    /// Queues `d` (a descriptor with nothing to copy, such as an end of
+    /// epoch) to be handed on after every copy queued before it.
+    pub fn after_copies(&mut self, d: Desc) {
+        self.pending.push(d, None);
+    }
     /// Copies in flight.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -395,7 +455,9 @@ impl GpuDelivery {
                 break;
             }
             self.pending.pop();
-            self.held.insert((d.partition, d.offset), d.dslot);
+            if d.op == desc::OP_DELIVER {
+                self.held.insert(d.dslot, (d.partition, d.offset));
+            }
             n += 1;
         }
         Ok(n)
@@ -404,17 +466,17 @@ impl GpuDelivery {
     /// The consumer released (`part`, `offset`) from GPU slot `dslot`:
     /// checked before the group's own bookkeeping sees the release.
     pub fn release(&mut self, part: u32, offset: u64, dslot: u32) -> Result<(), Violation> {
-        match self.held.get(&(part, offset)) {
-            Some(&s) if s == dslot => {
-                self.held.remove(&(part, offset));
+        match self.held.get(&dslot) {
+            Some(&held) if held == (part, offset) => {
+                self.held.remove(&dslot);
                 self.free.push(dslot);
                 Ok(())
             }
-            Some(&s) => Err(Violation(format!(
-                "release of partition {part} offset {offset} names GPU slot {dslot}; it was delivered in GPU slot {s}"
+            Some(&(p, o)) => Err(Violation(format!(
+                "release of partition {part} offset {offset} names GPU slot {dslot}, which holds partition {p} offset {o}"
             ))),
             None => Err(Violation(format!(
-                "release of partition {part} offset {offset}, which was not delivered to this GPU consumer"
+                "release of partition {part} offset {offset} names GPU slot {dslot}, which holds no batch delivered to this GPU consumer"
             ))),
         }
     }

@@ -500,3 +500,315 @@ fn gpu_pools_beyond_the_configured_limit_are_refused_clearly() {
     assert_eq!(&back, b"fits");
     c.release(b.token).unwrap();
 }
+
+/// Two daemons on loopback as two hosts, n0 (with `home_keys` and
+/// `streams`) and n1, peers of each other; returned once n1 knows stream
+/// `name` as homed on n0.
+fn two_hosts(
+    home_keys: &str,
+    streams: &str,
+    name: &str,
+    dir: &std::path::Path,
+) -> (Daemon, Daemon) {
+    two_hosts_with_env(home_keys, streams, name, dir, &[])
+}
+
+/// [`two_hosts`], with environment variables `env` for n1.
+fn two_hosts_with_env(
+    home_keys: &str,
+    streams: &str,
+    name: &str,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Daemon, Daemon) {
+    let ports = [ferry_tests::free_port(), ferry_tests::free_port()];
+    let secret = ferry_tests::secret_file(dir, "secret", "a cluster secret for the GPU tests");
+    let timing = "heartbeat_ms = 100\npeer_timeout_ms = 600\nreconnect_max_ms = 200";
+    let table = |i| ferry_tests::cluster_table(i, &ports, &secret, timing);
+    let home = Daemon::start(home_keys, &format!("{streams}{}", table(0)));
+    let other = Daemon::start_with_env("", &table(1), env);
+    wait_homed(&other, name);
+    (home, other)
+}
+
+/// Waits until `d` knows stream `name` as homed on n0, and n0 as up.
+fn wait_homed(d: &Daemon, name: &str) {
+    assert!(
+        eventually(Duration::from_secs(30), || d.status().peers.iter().any(
+            |p| { p.node_id == "n0" && p.state == "up" && p.streams.iter().any(|s| s == name) }
+        )),
+        "{:?}\n{}",
+        d.status().peers,
+        d.log()
+    );
+}
+
+fn test_dir(what: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("ferry-gpu-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Its index, from the batch's metadata, after checking every byte of it
+/// in GPU memory.
+fn check_gpu_batch(c: &ferry::Consumer, b: &ferry::Batch, len_of: impl Fn(u64) -> usize) -> u64 {
+    assert!(b.data.is_null() && b.device == 0 && b.device_data != 0);
+    // SAFETY (test): held until released.
+    let i = u64::from_le_bytes(unsafe { b.meta() }.try_into().unwrap());
+    assert_eq!(b.len as usize, len_of(i), "length of batch {i}");
+    let mut back = vec![0u8; b.len as usize];
+    c.copy_from_device(b, &mut back).unwrap();
+    assert!(back == payload(i, len_of(i)), "bytes of batch {i}");
+    i
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU (scripts/gpu-tests.sh) or the fake driver (scripts/test.sh)"]
+fn a_gpu_trainer_on_another_host_gets_every_batch_in_its_gpu_memory() {
+    let dir = test_dir("remote");
+    let slot = 64usize << 10;
+    let (home, other) = two_hosts(
+        "",
+        &format!(
+            "[[streams]]\nname = \"s\"\npartitions = 2\nslot_size = {slot}\nslot_count = 16\n"
+        ),
+        "s",
+        &dir,
+    );
+    let mut c = other
+        .client()
+        .consumer("s", "g", gpu0(4))
+        .expect("a GPU consumer on n1 of a stream homed on n0");
+    assert_eq!(c.device(), Some(0));
+    let n = 48u64;
+    let len_of = move |i: u64| match i % 5 {
+        0 => 0,
+        1 => 1,
+        2 => slot,
+        _ => (i as usize * 7919) % slot,
+    };
+    let mut p = home.client().producer("s", None).unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..n {
+            p.send(&payload(i, len_of(i)), &i.to_le_bytes(), Some(i), T)
+                .unwrap_or_else(|e| panic!("send {i}: {e}"));
+        }
+        p.end().unwrap();
+        p
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last = [None::<u64>; 2];
+    loop {
+        let b = match c.next(T) {
+            Ok(b) => b,
+            Err(e) if e.status == ferry::Status::EndOfEpoch => break,
+            Err(e) => panic!("{e}; {} seen\n{}\n{}", seen.len(), home.log(), other.log()),
+        };
+        let i = check_gpu_batch(&c, &b, len_of);
+        assert!(seen.insert(i), "{i} twice");
+        let want = last[b.partition as usize].map_or(0, |o| o + 1);
+        assert_eq!(
+            b.offset, want,
+            "partition {}: in order, none lost",
+            b.partition
+        );
+        last[b.partition as usize] = Some(b.offset);
+        c.release(b.token).unwrap();
+    }
+    assert_eq!(
+        seen.len() as u64,
+        n,
+        "every batch, then the end of the epoch after them"
+    );
+    drop(sender.join().unwrap());
+    let st = other.status();
+    let r = &st.remote_consumers[0];
+    assert_eq!(r.device.as_deref(), Some("cuda:0"), "{r:?}");
+    assert_eq!(
+        (r.copies_in_flight, r.held, r.delivered),
+        (0, 0, n),
+        "{r:?}"
+    );
+    assert!(
+        other.log().contains("device=\"cuda:0\""),
+        "the join names the device:\n{}",
+        other.log()
+    );
+    drop(c);
+    assert!(eventually(Duration::from_secs(10), || other
+        .status()
+        .remote_consumers
+        .is_empty()));
+    // The home's group has no member left on n1.
+    assert!(eventually(Duration::from_secs(10), || home
+        .status()
+        .streams[0]
+        .groups[0]
+        .members
+        .is_empty()));
+}
+
+/// A GPU trainer on n1 holds two batches when the disk stream's home
+/// dies; the home comes back and, resuming the group at its commit,
+/// delivers those two again while the first copies are still held: the
+/// trainer gets them in other GPU slots, and releasing all four is fine.
+#[test]
+#[ignore = "requires a CUDA GPU (scripts/gpu-tests.sh) or the fake driver (scripts/test.sh)"]
+fn a_gpu_trainer_elsewhere_holding_batches_through_its_home_s_restart_gets_them_again_in_other_slots(
+) {
+    let dir = test_dir("restart");
+    let (mut home, other) = two_hosts(
+        &format!(
+            "data_dir = \"{}\"\noffsets_flush_ms = 20",
+            dir.join("data").display()
+        ),
+        "[[streams]]\nname = \"s\"\nslot_size = 4096\nslot_count = 8\ndurability = \"disk\"\n",
+        "s",
+        &dir,
+    );
+    let mut c = other.client().consumer("s", "g", gpu0(4)).unwrap();
+    let len_of = |i: u64| 100 + i as usize * 37;
+    let publish = |home: &Daemon, range: std::ops::Range<u64>| {
+        let mut p = home.client().producer("s", None).unwrap();
+        for i in range {
+            p.send(&payload(i, len_of(i)), &i.to_le_bytes(), None, T)
+                .unwrap();
+        }
+        p.flush(T).unwrap();
+    };
+    // Only two batches, so that nothing else is on the trainer's ring.
+    publish(&home, 0..2);
+    let first: Vec<ferry::Batch> = (0..2).map(|_| c.next(T).unwrap()).collect();
+    for (k, b) in first.iter().enumerate() {
+        assert_eq!(check_gpu_batch(&c, b, len_of), k as u64);
+    }
+    // The group is on disk (its offsets file), with nothing committed.
+    std::thread::sleep(Duration::from_millis(300));
+    home.kill();
+    home.restart();
+    assert!(home.log().contains("1 group(s) restored"), "{}", home.log());
+    wait_homed(&other, "s");
+    // The two held batches come again, into the two GPU slots left.
+    let again: Vec<ferry::Batch> = (0..2)
+        .map(|_| {
+            c.next(T)
+                .unwrap_or_else(|e| panic!("{e}\n{}\n{}", home.log(), other.log()))
+        })
+        .collect();
+    for (k, b) in again.iter().enumerate() {
+        assert_eq!(
+            check_gpu_batch(&c, b, len_of),
+            k as u64,
+            "redelivered from the commit"
+        );
+        assert_eq!(b.offset, first[k].offset);
+        assert!(
+            first.iter().all(|f| f.device_data != b.device_data),
+            "another GPU slot"
+        );
+    }
+    for b in first.into_iter().chain(again) {
+        c.release(b.token)
+            .unwrap_or_else(|e| panic!("{e}\n{}", other.log()));
+    }
+    publish(&home, 2..10);
+    let mut rest = std::collections::BTreeSet::new();
+    while rest.len() < 8 {
+        let b = c
+            .next(T)
+            .unwrap_or_else(|e| panic!("{e}; {rest:?}\n{}\n{}", home.log(), other.log()));
+        let i = check_gpu_batch(&c, &b, len_of);
+        assert!(rest.insert(i), "{i} again");
+        c.release(b.token).unwrap();
+    }
+    assert_eq!(rest, (2..10).collect(), "the rest, once each");
+    assert!(!other.log().contains("GPU slot"), "{}", other.log());
+}
+
+/// A producer on n1 publishes from GPU memory into a stream homed on n0,
+/// with slow copies (under the fake driver) so that many are in flight,
+/// ends the epoch and closes at once: every batch reaches the home's
+/// consumer, in order per partition, then the end of the epoch.
+#[test]
+#[ignore = "requires a CUDA GPU (scripts/gpu-tests.sh) or the fake driver (scripts/test.sh)"]
+fn a_gpu_producer_on_another_host_publishes_in_order_and_closing_loses_nothing() {
+    let dir = test_dir("remote-producer");
+    let slot = 256usize << 10;
+    let (home, other) = two_hosts_with_env(
+        "",
+        &format!(
+            "[[streams]]\nname = \"s\"\npartitions = 2\nslot_size = {slot}\nslot_count = 16\n"
+        ),
+        "s",
+        &dir,
+        // The real driver ignores this.
+        &[("FAKECUDA_COPY_DELAY_US", "20000")],
+    );
+    let mut c = home
+        .client()
+        .consumer("s", "g", ConsumerOptions::default())
+        .unwrap();
+    let mut p = other
+        .client()
+        .producer_on("s", None, Some(0))
+        .expect("a GPU producer on n1 of a stream homed on n0");
+    assert_eq!(p.device(), Some(0));
+    let n = 20u64;
+    let len_of = move |i: u64| {
+        if i == 7 {
+            0
+        } else {
+            (i as usize * 10007) % slot + 1
+        }
+    };
+    let sender = std::thread::spawn(move || {
+        for i in 0..n {
+            p.send(&payload(i, len_of(i)), &i.to_le_bytes(), Some(i), T)
+                .unwrap_or_else(|e| panic!("send {i}: {e}"));
+        }
+        p.end().unwrap();
+        // Straight after: copies out of GPU memory are still in flight.
+        drop(p);
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last = [None::<u64>; 2];
+    let mut last_i = [None::<u64>; 2];
+    loop {
+        let b = match c.next(T) {
+            Ok(b) => b,
+            Err(e) if e.status == ferry::Status::EndOfEpoch => break,
+            Err(e) => panic!("{e}; {} seen\n{}\n{}", seen.len(), home.log(), other.log()),
+        };
+        // SAFETY (test): held until released.
+        let (meta, data) = unsafe { (b.meta().to_vec(), b.data().to_vec()) };
+        let i = u64::from_le_bytes(meta.try_into().unwrap());
+        assert!(data == payload(i, len_of(i)), "bytes of batch {i}");
+        assert!(seen.insert(i), "{i} twice");
+        let want = last[b.partition as usize].map_or(0, |o| o + 1);
+        assert_eq!(
+            b.offset, want,
+            "partition {}: in order, none lost",
+            b.partition
+        );
+        last[b.partition as usize] = Some(b.offset);
+        // And in publish order within it.
+        assert!(
+            last_i[b.partition as usize].is_none_or(|x| x < i),
+            "{i} after {last_i:?}"
+        );
+        last_i[b.partition as usize] = Some(i);
+        c.release(b.token).unwrap();
+    }
+    sender.join().unwrap();
+    assert_eq!(
+        seen.len() as u64,
+        n,
+        "every batch, then the end of the epoch"
+    );
+    assert!(
+        other.log().contains("device=\"cuda:0\""),
+        "the producer's opening names the device:\n{}",
+        other.log()
+    );
+}

@@ -364,6 +364,8 @@ impl Server {
         }
         let mut pushed = 0;
         let mut failed: Vec<(SessionId, String)> = Vec::new();
+        // Outboxes with publishes to send now.
+        let mut outboxes = Vec::new();
         let streams = &mut self.streams;
         for (&id, s) in self.sessions.iter_mut() {
             if let Role::Producer(p) = &mut s.role {
@@ -379,6 +381,28 @@ impl Server {
                             Ok(n) => pushed += n,
                             Err(e) => failed.push((id, e)),
                         }
+                    }
+                }
+                continue;
+            }
+            if let Role::Remote(p) = &mut s.role {
+                if p.gpu.as_ref().is_some_and(|g| g.pending() > 0) {
+                    match p.complete_copies() {
+                        Ok(n) => pushed += n,
+                        Err(e) => failed.push((id, e)),
+                    }
+                }
+                continue;
+            }
+            if let Role::Outbox(o) = &mut s.role {
+                if o.gpu.as_ref().is_some_and(|g| g.pending() > 0) {
+                    match o.complete_copies() {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            pushed += n;
+                            outboxes.push(id);
+                        }
+                        Err(e) => failed.push((id, e)),
                     }
                 }
                 continue;
@@ -400,6 +424,9 @@ impl Server {
                 }
             }
         }
+        for id in outboxes {
+            self.pump_outbox(id);
+        }
         for (id, why) in failed {
             self.fail_session(id, &why);
         }
@@ -412,6 +439,8 @@ impl Server {
             && self.sessions.values().any(|s| match &s.role {
                 Role::Consumer(c) => c.m.sink.pending() > 0,
                 Role::Producer(ProducerState { gpu: Some(g), .. }) => g.pending() > 0,
+                Role::Remote(p) => p.gpu.as_ref().is_some_and(|g| g.pending() > 0),
+                Role::Outbox(o) => o.gpu.as_ref().is_some_and(|g| g.pending() > 0),
                 _ => false,
             })
     }

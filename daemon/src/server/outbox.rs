@@ -9,6 +9,11 @@
 //! when the home holds it. Ends of epoch and the producer's leaving follow
 //! its batches over the same connection, so they land in order.
 //!
+//! A producer that publishes from GPU memory writes into a mirror of its
+//! outbox on its GPU; each such publish is copied into its outbox slot
+//! (on the producer's CUDA stream) before it goes, and its publishes and
+//! ends of epoch go in the order they came, copies or not.
+//!
 //! When the home goes down, the producer's session fails (with why):
 //! batches published since the last acknowledgement may be lost with it.
 
@@ -24,6 +29,7 @@ use super::sessions::{Rings, Role};
 use super::Server;
 use crate::error::Refusal;
 use crate::fabric::{Registered, Write};
+use crate::gpu::GpuPublish;
 use crate::landing::{Header, Imm, Kind, CONTROL_SLOT, HEADER_BYTES};
 use crate::limited;
 use crate::peers::{PeerMsg, Producing, WireRefusal};
@@ -40,6 +46,23 @@ enum Queued {
     },
     End,
     Leave,
+}
+
+impl Queued {
+    /// A producer's publish (or end of epoch), once its copy from GPU
+    /// memory (if any) completed.
+    fn of(d: &Desc) -> Queued {
+        match d.op {
+            desc::OP_END => Queued::End,
+            _ => Queued::Batch {
+                slot: d.slot,
+                len: d.len,
+                meta_len: d.meta_len,
+                flags: d.flags & (desc::FLAG_HAS_KEY | desc::FLAG_RECORD),
+                key: d.key,
+            },
+        }
+    }
 }
 
 /// A producer here of a stream homed on another host.
@@ -72,6 +95,9 @@ pub(super) struct Outbox {
     /// The home's stream is on disk: the producer is told of its durable
     /// publishes (OP_ACK, as the home's own producers are).
     acks: bool,
+    /// A producer publishing from GPU memory: the outbox's mirror there,
+    /// and the copies out of it in order.
+    pub(super) gpu: Option<GpuPublish>,
 }
 
 impl Outbox {
@@ -88,6 +114,19 @@ impl Outbox {
             ferry_shm::sys::futex_wake(self.comp.ring().sleep_word());
         }
         Ok(())
+    }
+
+    /// Queues the publishes whose copies from GPU memory completed, in
+    /// order; returns how many.
+    pub(super) fn complete_copies(&mut self) -> Result<usize, String> {
+        let Some(g) = &mut self.gpu else {
+            return Ok(0);
+        };
+        let queue = &mut self.queue;
+        g.complete(|d| {
+            queue.push_back(Queued::of(d));
+            Ok(())
+        })
     }
 }
 
@@ -116,12 +155,10 @@ impl Server {
         uid: u32,
     ) -> Result<(), Refusal> {
         self.check_open(id)?;
-        if device != (None, None) {
-            return Err(Refusal::new(
-                ErrorCode::Unsupported,
-                format!("stream {name} is homed on another host; publishing into it from GPU memory is not supported yet"),
-            ));
-        }
+        let ordinal = match &device {
+            (None, None) => None,
+            (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
+        };
         let (node, have) = self.remote_home(&name)?;
         if let Some(want) = spec {
             let have = have.spec();
@@ -157,9 +194,22 @@ impl Server {
         };
         let pool = reg("pool", layout.total)?;
         let staging = reg("headers", (slots as u64 + 1) * HEADER_BYTES)?;
+        let gpu = match ordinal {
+            None => None,
+            Some(n) => {
+                Some(
+                    self.gpus
+                        .publisher_for_outbox(n, pool.region(), have.slot_size, slots)?,
+                )
+            }
+        };
         let (rings, _) = self.new_rings(id)?;
         let Rings { _region, sub, comp } = rings;
-        limited!(INFO, session = id, stream = %name, home = %node, "producer of a stream homed on another host: opening there");
+        if gpu.is_some() {
+            self.gpu_sessions += 1;
+        }
+        let device_name = gpu.as_ref().map(|g| format!("cuda:{}", g.info.ordinal));
+        limited!(INFO, session = id, stream = %name, home = %node, device = device_name.as_deref().unwrap_or("host"), "producer of a stream homed on another host: opening there");
         let o = Outbox {
             node: node.clone(),
             stream: name,
@@ -180,6 +230,7 @@ impl Server {
             published: 0,
             acked: 0,
             acks,
+            gpu,
         };
         if let Some(s) = self.sessions.get_mut(&id) {
             s.role = Role::Outbox(Box::new(o));
@@ -242,6 +293,9 @@ impl Server {
         }
         let info = match result {
             Err(r) if !o.answered => {
+                if o.gpu.take().is_some() {
+                    self.gpu_sessions -= 1;
+                }
                 if let Some(s) = self.sessions.get_mut(&producer) {
                     s.role = Role::Control;
                 }
@@ -277,7 +331,7 @@ impl Server {
             slot_count: o.layout.slot_count,
             ring_capacity: cap,
             credits: o.layout.slot_count,
-            gpu: None,
+            gpu: o.gpu.as_ref().map(|g| g.info.clone()),
             acks: o.acks,
         };
         o.home = Some((info, home_layout));
@@ -325,22 +379,31 @@ impl Server {
                             d.len, d.meta_len, o.layout.slot_size
                         )));
                     }
-                    if d.flags & desc::FLAG_DEVICE != 0 {
-                        return Err(Violation(
-                            "publish from GPU memory by a producer opened for host memory".into(),
-                        ));
-                    }
                     o.with_producer[slot] = false;
                     o.published += 1;
-                    o.queue.push_back(Queued::Batch {
-                        slot: d.slot,
-                        len: d.len,
-                        meta_len: d.meta_len,
-                        flags: d.flags & (desc::FLAG_HAS_KEY | desc::FLAG_RECORD),
-                        key: d.key,
-                    });
+                    match &mut o.gpu {
+                        // Goes once its copy into the outbox slot is done
+                        // (progress_gpu), in order.
+                        Some(g) => {
+                            let off = o.layout.slot_offset(d.slot).ok_or_else(|| {
+                                Violation(format!("publish of slot {} out of range", d.slot))
+                            })?;
+                            g.queue(d, off).map_err(Violation)?;
+                        }
+                        None if d.flags & desc::FLAG_DEVICE != 0 => {
+                            return Err(Violation(
+                                "publish from GPU memory by a producer opened for host memory"
+                                    .into(),
+                            ));
+                        }
+                        None => o.queue.push_back(Queued::of(&d)),
+                    }
                 }
-                desc::OP_END => o.queue.push_back(Queued::End),
+                desc::OP_END => match &mut o.gpu {
+                    // After the copies of the publishes before it.
+                    Some(g) => g.queue(d, 0).map_err(Violation)?,
+                    None => o.queue.push_back(Queued::End),
+                },
                 op => return Err(Violation(format!("producer sent op {op}"))),
             }
         }
@@ -587,6 +650,18 @@ impl Server {
     /// The producer's session closed: what it published goes on to the
     /// home, then its leave.
     pub(super) fn outbox_closed(&mut self, id: SessionId, mut o: Box<Outbox>) {
+        if let Some(mut g) = o.gpu.take() {
+            // Everything it published goes: its copies finish first (and
+            // before the outbox is unregistered from the GPU, as `g` goes).
+            let queue = &mut o.queue;
+            if let Err(e) = g.finish(|d| {
+                queue.push_back(Queued::of(d));
+                Ok(())
+            }) {
+                limited!(WARN, session = id, "while closing: {e}");
+            }
+            self.gpu_sessions -= 1;
+        }
         limited!(INFO, session = id, stream = %o.stream, home = %o.node, published = o.published, acknowledged = o.acked, "producer of a stream homed on another host closed");
         if !o.sent {
             return;

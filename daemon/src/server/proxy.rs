@@ -4,6 +4,12 @@
 //! fabric; each arrival becomes a descriptor on the trainer's ring, and
 //! the trainer's releases, commits and seeks go to the home as messages.
 //!
+//! A trainer that asked for GPU memory gets a GPU pool as on the home's
+//! host: each batch that lands is copied from its landing slot into a GPU
+//! slot, and its descriptor goes on the ring once the copy completed (in
+//! landing order). The landing slot stays the trainer's until it releases
+//! the batch: its metadata is read from there.
+//!
 //! When the home goes down, the trainer's session stays open and waits:
 //! batches it holds stay readable, and once the home is back it joins
 //! again (the home redelivered what it had not released, so a batch may
@@ -22,6 +28,7 @@ use super::sessions::{Rings, Role};
 use super::Server;
 use crate::error::Refusal;
 use crate::fabric::Registered;
+use crate::gpu::GpuDelivery;
 use crate::landing::{Header, Imm, Kind, HEADER_BYTES};
 use crate::limited;
 use crate::peers::{Join, Landing, PeerMsg, StreamAnnounce, WireRefusal};
@@ -74,6 +81,8 @@ pub(super) struct Proxy {
     seeking: bool,
     /// Descriptors for the trainer that its ring had no room for.
     backlog: VecDeque<Desc>,
+    /// A trainer reading GPU memory: its pool there, and the copies into it.
+    pub(super) gpu: Option<GpuDelivery>,
     delivered: u64,
     since: Instant,
 }
@@ -96,7 +105,62 @@ impl Proxy {
             held: self.held() as u32,
             delivered: self.delivered,
             open_ms: self.since.elapsed().as_millis() as u64,
+            device: self
+                .gpu
+                .as_ref()
+                .map(|g| format!("cuda:{}", g.info.ordinal)),
+            copies_in_flight: self.gpu.as_ref().map_or(0, |g| g.pending() as u32),
         }
+    }
+
+    /// A landed batch (`d`, in landing slot `d.slot`) on its way to the
+    /// trainer: onto its ring, or first into its GPU pool.
+    fn deliver(&mut self, d: Desc) -> Result<(), String> {
+        let Some(g) = &mut self.gpu else {
+            return self.push(d);
+        };
+        let src = self
+            .layout
+            .slot_offset(d.slot)
+            .ok_or("landing slot out of range")?;
+        if !g.start(d, src, None)? {
+            // One GPU slot per landing slot, and a landing slot is written
+            // only when it is free: the home wrote one the trainer holds.
+            return Err(format!(
+                "a batch landed in slot {} while all {} GPU slots are held",
+                d.slot, g.info.slots
+            ));
+        }
+        Ok(())
+    }
+
+    /// A descriptor with nothing to copy (an end of epoch), after every
+    /// batch that landed before it.
+    fn deliver_after(&mut self, d: Desc) -> Result<(), String> {
+        match &mut self.gpu {
+            Some(g) if g.pending() > 0 => {
+                g.after_copies(d);
+                Ok(())
+            }
+            _ => self.push(d),
+        }
+    }
+
+    /// Puts the descriptors of finished GPU copies on the ring (or its
+    /// backlog), in order; returns how many.
+    pub(super) fn complete_copies(&mut self) -> Result<usize, String> {
+        let Some(g) = &mut self.gpu else {
+            return Ok(0);
+        };
+        let mut ready = Vec::new();
+        let n = g.complete(|d| {
+            ready.push(*d);
+            true
+        })?;
+        for d in ready {
+            self.push(d)?;
+        }
+        Ok(n)
     }
 
     pub(super) fn held(&self) -> usize {
@@ -262,12 +326,10 @@ impl Server {
         uid: u32,
     ) -> Result<(), Refusal> {
         self.check_open(id)?;
-        if device != (None, None) {
-            return Err(Refusal::new(
-                ErrorCode::Unsupported,
-                format!("stream {name} is homed on another host; GPU delivery of such a stream is not supported yet (consume it into host memory)"),
-            ));
-        }
+        let ordinal = match &device {
+            (None, None) => None,
+            (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
+        };
         if !proto::valid_name(&group) {
             return Err(Refusal::invalid(format!(
                 "group name {group:?} must be 1-128 characters of A-Z a-z 0-9 . _ -"
@@ -293,6 +355,15 @@ impl Server {
         };
         let pool = reg("pool", layout.total)?;
         let headers = reg("headers", prefetch as u64 * HEADER_BYTES)?;
+        let gpu = match ordinal {
+            None => None,
+            Some(n) => {
+                Some(
+                    self.gpus
+                        .delivery_from_landing(n, pool.region(), spec.slot_size, prefetch)?,
+                )
+            }
+        };
         let landing_id = self
             .free_landing_id()
             .ok_or_else(|| Refusal::limit("65536 landing areas in use"))?;
@@ -319,12 +390,20 @@ impl Server {
             answered: false,
             seeking: false,
             backlog: VecDeque::new(),
+            gpu,
             delivered: 0,
             since: Instant::now(),
         };
+        if proxy.gpu.is_some() {
+            self.gpu_sessions += 1;
+        }
+        let device_name = proxy
+            .gpu
+            .as_ref()
+            .map(|g| format!("cuda:{}", g.info.ordinal));
         self.landings
             .insert(landing_id, super::inbound::Landed::Consumer(id));
-        limited!(INFO, session = id, stream = %name, %group, home = %node, prefetch, "consumer of a stream homed on another host: joining there");
+        limited!(INFO, session = id, stream = %name, %group, home = %node, prefetch, device = device_name.as_deref().unwrap_or("host"), "consumer of a stream homed on another host: joining there");
         if let Some(s) = self.sessions.get_mut(&id) {
             s.role = Role::Remote(Box::new(proxy));
         }
@@ -416,7 +495,7 @@ impl Server {
                     slot_count: p.layout.slot_count,
                     ring_capacity: cap,
                     credits: p.prefetch,
-                    gpu: None,
+                    gpu: p.gpu.as_ref().map(|g| g.info.clone()),
                     acks: false,
                 };
                 let pool_ro = p.pool.region().open_readonly();
@@ -433,6 +512,9 @@ impl Server {
             Err(r) if !p.answered => {
                 // Never opened: the trainer gets the home's refusal.
                 let landing = p.landing_id;
+                if p.gpu.is_some() {
+                    self.gpu_sessions -= 1;
+                }
                 s.role = Role::Control;
                 self.landings.remove(&landing);
                 self.refuse(
@@ -522,7 +604,7 @@ impl Server {
                     offset: h.epoch,
                     ..Desc::default()
                 };
-                p.push(d)?;
+                p.deliver_after(d)?;
                 let member = id;
                 let node = p.node.clone();
                 self.send_to(
@@ -569,7 +651,7 @@ impl Server {
                     ..Desc::default()
                 };
                 p.delivered += 1;
-                p.push(d)?;
+                p.deliver(d)?;
             }
         }
         Ok(())
@@ -598,6 +680,9 @@ impl Server {
                             "release of partition {} offset {} from landing slot {}, which holds partition {} offset {}",
                             d.partition, d.offset, d.slot, held.partition, held.offset
                         )));
+                    }
+                    if let Some(g) = &mut p.gpu {
+                        g.release(d.partition, d.offset, d.dslot)?;
                     }
                     p.held[slot] = None;
                     let commit = d.flags & desc::FLAG_COMMIT != 0;
@@ -733,7 +818,13 @@ impl Server {
 
     /// A trainer's session closed: its membership at the home ends, and its
     /// landing area is retired.
-    pub(super) fn proxy_closed(&mut self, id: SessionId, p: Proxy) {
+    pub(super) fn proxy_closed(&mut self, id: SessionId, mut p: Proxy) {
+        if let Some(mut g) = p.gpu.take() {
+            // Copies still reading the landing area finish before it is
+            // unregistered from the GPU (as `g` goes).
+            g.quiesce();
+            self.gpu_sessions -= 1;
+        }
         self.landings.remove(&p.landing_id);
         if matches!(
             p.state,
