@@ -258,6 +258,10 @@ pub struct Stream {
     /// A disk stream: (partition, offset) a group needs that is not in a
     /// slot (`take_loads` hands them to the daemon to read back).
     loads: Vec<(u32, u64)>,
+    /// A disk stream: slots whose batches every group let go of before
+    /// the log writer took them. They stay held (by no group: `holders`
+    /// 0) until it has, or its bytes would be lost to the log.
+    unwritten: Vec<u32>,
 }
 
 /// A list of free slots: a doubly linked list threaded through
@@ -482,6 +486,7 @@ impl Stream {
             rr: 0,
             tiered: spec.durability.disk,
             loads: Vec::new(),
+            unwritten: Vec::new(),
             spec,
         }
     }
@@ -564,10 +569,37 @@ impl Stream {
     }
 
     /// A disk stream: partition `p`'s offsets below `upto` are in the log
-    /// file (their slots may be reused before they are durable).
-    pub fn set_written(&mut self, p: usize, upto: u64) {
+    /// file (their slots may be reused before they are durable). Returns
+    /// whether slots came free (held only until the log had them).
+    pub fn set_written(&mut self, p: usize, upto: u64) -> bool {
         let part = &mut self.parts[p];
         part.written = part.written.max(upto.min(part.end));
+        let written = part.written;
+        let mut freed = Vec::new();
+        self.unwritten
+            .retain(|&slot| match self.slots[slot as usize] {
+                Slot::Held {
+                    part,
+                    offset,
+                    holders: 0,
+                    ..
+                } => {
+                    if part as usize == p && offset < written {
+                        freed.push((slot, part, offset));
+                        false
+                    } else {
+                        true
+                    }
+                }
+                // Held again by a group (a seek back, a new group): its
+                // release comes back here if the log still lacks it.
+                _ => false,
+            });
+        let any = !freed.is_empty();
+        for (slot, part, offset) in freed {
+            self.free_released(slot, part, offset);
+        }
+        any
     }
 
     /// A disk stream's log no longer holds offsets below `floor` in
@@ -774,8 +806,22 @@ impl Stream {
 
     /// Frees `slot`, which holds batch `o` of partition `p`: into the
     /// replay window, whose oldest slots move to the spare list once it is
-    /// over its size.
+    /// over its size. A disk stream's batch the log writer has not taken
+    /// yet stays in its slot, held by no group, until it has
+    /// (`set_written`).
     fn free_released(&mut self, slot: u32, p: u32, o: u64) {
+        if self.tiered && o >= self.parts[p as usize].written {
+            self.slots[slot as usize] = Slot::Held {
+                part: p,
+                offset: o,
+                holders: 0,
+                orphan: false,
+            };
+            if !self.unwritten.contains(&slot) {
+                self.unwritten.push(slot);
+            }
+            return;
+        }
         self.slots[slot as usize] = Slot::Free {
             retained: Some((p, o)),
         };
@@ -1646,9 +1692,11 @@ mod tests {
         let (f, gr, h) = s.slot_counts();
         assert_eq!(f + gr + h, s.spec.slot_count);
         assert_eq!(f as usize, s.free.len());
-        for slot in &s.slots {
+        for (i, slot) in s.slots.iter().enumerate() {
             if let Slot::Held { holders, .. } = slot {
-                assert!(*holders >= 1 && *holders as usize <= s.groups.len().max(1));
+                // 0: a disk stream's batch kept for its log writer.
+                let kept = *holders == 0 && s.unwritten.contains(&(i as u32));
+                assert!((*holders >= 1 || kept) && *holders as usize <= s.groups.len().max(1));
             }
         }
     }

@@ -395,7 +395,10 @@ impl StreamEntry {
                 }
             }
             if st.written > before {
-                self.stream.set_written(p, st.written);
+                if self.stream.set_written(p, st.written) {
+                    // Slots kept for the writer are free: grants to make.
+                    self.dirty = true;
+                }
                 match dl.d.fsync {
                     Fsync::Never => {
                         st.synced = st.written;
