@@ -617,6 +617,20 @@ impl Stream {
         }
         self.loads
             .retain(|&(lp, lo)| lp as usize != p || lo >= floor);
+        // Batches kept for a first group that will now start after them.
+        for slot in 0..self.slots.len() {
+            if let Slot::Held {
+                part,
+                offset,
+                orphan: true,
+                ..
+            } = self.slots[slot]
+            {
+                if part as usize == p && offset < floor {
+                    self.free_released(slot as u32, part, offset);
+                }
+            }
+        }
         for g in 0..self.groups.len() {
             if self.groups[g].deleted {
                 continue;
@@ -629,12 +643,21 @@ impl Stream {
                 self.groups[g].parts[p].pending.remove(&o);
                 self.unhold(p as u32, o);
             }
+            // What a member holds below it stays its own until released,
+            // and does not go again (a seek back asked for it): the log
+            // no longer has it. Its hold is that member's.
+            let gp = &mut self.groups[g].parts[p];
+            for (_, i) in gp.inflight.iter_mut().filter(|(&o, _)| o < floor) {
+                i.replay = false;
+            }
             if next < floor {
                 n += floor - next;
+                let gp = &self.groups[g].parts[p];
                 let held: Vec<u64> = self.parts[p]
                     .index
                     .range(next..floor)
                     .map(|(o, _)| *o)
+                    .filter(|o| !gp.inflight.contains_key(o))
                     .collect();
                 for o in held {
                     self.unhold(p as u32, o);

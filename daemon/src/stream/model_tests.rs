@@ -98,6 +98,12 @@ enum Op {
     Load,
     /// Disk streams: ferryd restarts from its log and the stored commits.
     Restart,
+    /// Disk streams: strict retention deletes `part`'s log below `upto`
+    /// (at most what is written); groups behind skip to it.
+    Retain {
+        part: u8,
+        upto: u8,
+    },
 }
 
 fn op(tiered: bool) -> BoxedStrategy<Op> {
@@ -110,6 +116,7 @@ fn op(tiered: bool) -> BoxedStrategy<Op> {
         2 => (0..PARTS as u8).prop_map(|part| Op::Sync { part }),
         2 => Just(Op::Load),
         1 => Just(Op::Restart),
+        1 => (0..PARTS as u8, any::<u8>()).prop_map(|(part, upto)| Op::Retain { part, upto }),
     ]
     .boxed()
 }
@@ -158,6 +165,8 @@ struct Model {
     tiered: bool,
     written: Vec<u64>,
     durable: Vec<u64>,
+    /// The lowest offset of each partition the log still holds.
+    floor: Vec<u64>,
     /// What each slot's bytes are: the batch last published into it, or
     /// None once it was granted again (the producer overwrites it).
     content: Vec<Option<Batch>>,
@@ -202,6 +211,7 @@ impl Model {
             tiered,
             written: vec![0; PARTS as usize],
             durable: vec![0; PARTS as usize],
+            floor: vec![0; PARTS as usize],
             content: vec![None; SLOTS as usize],
             slot_of: HashMap::new(),
             end: vec![0; PARTS as usize],
@@ -283,7 +293,7 @@ impl Model {
                 e.slot
             ),
             None => prop_assert!(
-                b.1 < self.written[b.0 as usize],
+                b.1 < self.written[b.0 as usize] && b.1 >= self.floor[b.0 as usize],
                 "{who} owes {b:?}, which is neither in a slot nor in the log"
             ),
         }
@@ -405,7 +415,8 @@ impl Model {
                     let mut owed = BTreeSet::new();
                     for p in 0..PARTS {
                         let mut o = self.end[p as usize];
-                        while o > 0 && (self.tiered || self.readable((p, o - 1))) {
+                        let low = self.floor[p as usize];
+                        while o > low && (self.tiered || self.readable((p, o - 1))) {
                             o -= 1;
                         }
                         owed.extend((o..self.end[p as usize]).map(|o| (p, o)));
@@ -588,7 +599,11 @@ impl Model {
                 };
                 let p = part as u32;
                 let x = offset as u64 % (end + 2);
-                let readable = self.tiered || (x..end).all(|o| self.readable((p, o)));
+                let readable = if self.tiered {
+                    x >= self.floor[p as usize]
+                } else {
+                    (x..end).all(|o| self.readable((p, o)))
+                };
                 let res = self.s.seek(gi, p, x);
                 let g = self.groups.get_mut(&group).unwrap();
                 if x > end || !readable {
@@ -674,7 +689,7 @@ impl Model {
                             break;
                         }
                         prop_assert!(
-                            o < self.written[p as usize],
+                            o < self.written[p as usize] && o >= self.floor[p as usize],
                             "read-back of {:?}, which the log does not hold",
                             (p, o)
                         );
@@ -702,6 +717,31 @@ impl Model {
                 }
                 self.restart();
             }
+            Op::Retain { part, upto } => {
+                if !self.tiered {
+                    return Ok(());
+                }
+                let p = part as usize % PARTS as usize;
+                let floor = upto as u64 % (self.written[p] + 1);
+                self.s.raise_floor(p, floor);
+                if floor <= self.floor[p] {
+                    return self.check(); // the log is already shorter
+                }
+                self.floor[p] = floor;
+                // Behind it: skipped, except what a member holds (its own
+                // until released).
+                let gone = |b: &Batch| b.0 as usize == p && b.1 < floor;
+                for g in self.groups.values_mut() {
+                    let inflight = &g.inflight;
+                    g.owed.retain(|b| !gone(b) || inflight.contains_key(b));
+                    for (b, (_, again)) in g.inflight.iter_mut() {
+                        if gone(b) {
+                            *again = false;
+                        }
+                    }
+                }
+                self.orphans.retain(|b| !gone(b));
+            }
         }
         self.check()
     }
@@ -712,7 +752,7 @@ impl Model {
         let mut s = Stream::new(0, "m".into(), self.s.spec().clone());
         s.set_replay_window(self.s.replay_window);
         for p in 0..PARTS as usize {
-            s.recover_partition(p, 0, self.written[p], false);
+            s.recover_partition(p, self.floor[p], self.written[p], false);
         }
         let mut groups = HashMap::new();
         for (&name, g) in &self.groups {
@@ -724,10 +764,12 @@ impl Model {
             s.restore_group(&format!("g{name}"), 0, &committed);
             let index = s.group_index(&format!("g{name}")).unwrap();
             // From its commit, everything the log holds.
+            let floor = &self.floor;
             let owed = (0..PARTS)
                 .flat_map(|p| {
                     let w = self.written[p as usize];
-                    (committed[p as usize].min(w)..w).map(move |o| (p, o))
+                    let from = committed[p as usize].clamp(floor[p as usize], w);
+                    (from..w).map(move |o| (p, o))
                 })
                 .collect();
             groups.insert(
@@ -741,8 +783,9 @@ impl Model {
         }
         // With no group, the whole log waits for the first one.
         self.orphans = if groups.is_empty() {
+            let floor = &self.floor;
             (0..PARTS)
-                .flat_map(|p| (0..self.written[p as usize]).map(move |o| (p, o)))
+                .flat_map(|p| (floor[p as usize]..self.written[p as usize]).map(move |o| (p, o)))
                 .collect()
         } else {
             BTreeSet::new()
@@ -1022,6 +1065,45 @@ fn a_disk_stream_keeps_released_batches_until_its_log_has_them() {
         Op::Grant(1),
         Op::Write { part: 0, n: 4 },
         Op::Write { part: 1, n: 4 },
+    ];
+    for op in &ops {
+        m.step(op).unwrap();
+    }
+    m.drain().unwrap();
+}
+
+/// Found by the disk-stream model: a member holds a batch, its group seeks
+/// back past it, and strict retention then deletes the log under it. The
+/// group's skip to the new floor took the member's hold: its slot was
+/// free (and reusable) while the member still read it.
+#[test]
+fn retention_does_not_take_a_batch_a_member_holds_after_a_seek_back() {
+    let mut m = Model::with(0, true);
+    let ops = [
+        Op::Join {
+            group: 0,
+            member: 0,
+            start: 0,
+        },
+        Op::Grant(0),
+        Op::Publish {
+            producer: 0,
+            pick: 0,
+            key: None,
+        },
+        Op::Write { part: 0, n: 1 },
+        Op::Sync { part: 0 },
+        Op::Deliver {
+            group: 0,
+            credit: 1,
+        },
+        Op::Seek {
+            group: 0,
+            member: 0,
+            part: 0,
+            offset: 0,
+        },
+        Op::Retain { part: 0, upto: 1 },
     ];
     for op in &ops {
         m.step(op).unwrap();
