@@ -30,6 +30,15 @@
 //! record's write, and with `fsync = "every"` or `"interval"` for its
 //! sync).
 //!
+//! The scan of the active segment starts at its last checkpoint: the
+//! `checkpoint` file names a position in it up to which a sync completed
+//! (written after that sync, at most once a second, as a state file with a
+//! checksum). Records before it are trusted as closed segments are (a
+//! record damaged there is still never served: read-back checks every
+//! record); its index is taken from the segment's `.idx` where sound. A
+//! checkpoint that names another segment, a position past the file's end,
+//! or fails its checksum is ignored: the whole segment is scanned.
+//!
 //! The offsets file and the spec file are written whole to a temporary
 //! file, synced, and renamed over the old one, so a crash leaves either the
 //! old or the new version, never a mix.
@@ -310,6 +319,33 @@ fn check_record(
     Ok(Ok(h))
 }
 
+/// A position in a partition's active segment up to which a sync
+/// completed: `next` is the offset of the record that starts there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub base: u64,
+    pub position: u64,
+    pub next: u64,
+}
+
+/// The checkpoint file of the partition log in `dir`.
+pub fn checkpoint_path(dir: &Path) -> PathBuf {
+    dir.join("checkpoint")
+}
+
+/// The checkpoint stored in `dir`, when there is a sound one.
+fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
+    let path = checkpoint_path(dir);
+    match read_atomic(&path) {
+        Ok(Some(b)) => decode(&path, &b).ok(),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "log recovery: the checkpoint is ignored (the whole active segment is scanned): {e}");
+            None
+        }
+    }
+}
+
 fn load_index(path: &Path, base: u64, file_len: u64) -> Option<Vec<(u64, u64)>> {
     let b = fs::read(path).ok()?;
     if b.len() % IDX_ENTRY != 0 || b.is_empty() {
@@ -384,15 +420,30 @@ impl PartitionLog {
                 file,
             };
             if index.is_none() {
-                // Scan: the active segment always, a closed one whose
-                // index is missing or unsound.
+                // Scan: the active segment always (from its checkpoint,
+                // when it has a sound one), a closed one whose index is
+                // missing or unsound.
+                let from = if last {
+                    log.resume_point(&seg, len)
+                } else {
+                    None
+                };
+                if let Some((c, _)) = &from {
+                    tracing::debug!(
+                        segment = %path.display(),
+                        position = c.position,
+                        offset = c.next,
+                        bytes = len - c.position,
+                        "log recovery: scanning the active segment from its checkpoint"
+                    );
+                }
                 let Scan {
                     next,
                     good,
                     index,
                     cut,
                     damaged,
-                } = log.scan(&seg, len)?;
+                } = log.scan(&seg, len, from)?;
                 seg.index = index;
                 for (offset, position, bytes, reason) in damaged {
                     tracing::warn!(
@@ -467,14 +518,51 @@ impl PartitionLog {
         Ok((log, dropped))
     }
 
-    /// Scans segment `seg` (`len` bytes): the offset after its last sound
-    /// record, where that record ends, its sparse index, and why the scan
-    /// stopped early (None: at the end of the file).
-    fn scan(&mut self, seg: &Segment, len: u64) -> io::Result<Scan> {
-        let (mut pos, mut next) = (0u64, seg.base);
-        let mut index = Vec::new();
+    /// Where the scan of active segment `seg` (`len` bytes) may start:
+    /// its checkpoint, with the index entries before it, when the
+    /// checkpoint names this segment and a place in it.
+    fn resume_point(&self, seg: &Segment, len: u64) -> Option<(Checkpoint, Vec<(u64, u64)>)> {
+        let c = read_checkpoint(&self.dir)?;
+        if c.base != seg.base || c.position > len || c.next < seg.base || c.position == 0 {
+            return None;
+        }
+        // The record at the checkpoint must be the one it names (or the
+        // file ends there): else the checkpoint is not this file's.
+        if c.position < len {
+            let mut hb = [0u8; HEADER];
+            let n = (len - c.position).min(HEADER as u64) as usize;
+            seg.file.read_exact_at(&mut hb[..n], c.position).ok()?;
+            if n == HEADER && RecordHeader::decode(&hb).is_some_and(|h| h.offset != c.next) {
+                return None;
+            }
+        }
+        let idx = self.dir.join(seg_name(seg.base, "idx"));
+        let mut index = load_index(&idx, seg.base, len.max(1)).unwrap_or_default();
+        index.retain(|&(o, p)| p < c.position && o < c.next);
+        if index.first() != Some(&(seg.base, 0)) {
+            index = vec![(seg.base, 0)];
+        }
+        Some((c, index))
+    }
+
+    /// Scans segment `seg` (`len` bytes), from its start or from `from`
+    /// (a checkpoint and the index before it): the offset after its last
+    /// sound record, where that record ends, its sparse index, and why the
+    /// scan stopped early (None: at the end of the file).
+    fn scan(
+        &mut self,
+        seg: &Segment,
+        len: u64,
+        from: Option<(Checkpoint, Vec<(u64, u64)>)>,
+    ) -> io::Result<Scan> {
+        let (mut pos, mut next, mut index, mut since) = match from {
+            Some((c, index)) => {
+                let last = index.last().map_or(0, |&(_, p)| p);
+                (c.position, c.next, index, c.position - last)
+            }
+            None => (0u64, seg.base, Vec::new(), u64::MAX),
+        };
         let mut damaged = Vec::new();
-        let mut since = u64::MAX;
         let max = self.opts.max_payload;
         let mut cut = None;
         while pos < len {
@@ -605,6 +693,23 @@ impl PartitionLog {
             return Ok(false);
         }
         Ok(self.header(next - 1)?.1.flags & REC_END != 0)
+    }
+
+    /// Where the active segment ends now: once a sync of the files
+    /// [`PartitionLog::sync_files`] names now completed, a checkpoint
+    /// (written with [`write_atomic_unsynced`] to [`checkpoint_path`]) for
+    /// recovery to start its scan at.
+    pub fn checkpoint(&self) -> Checkpoint {
+        let a = self.active();
+        Checkpoint {
+            base: a.base,
+            position: a.bytes,
+            next: a.next,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Handles on everything written and not yet synced (the active
@@ -915,14 +1020,30 @@ impl PartitionLog {
 /// contents: a temporary file, synced, renamed over it, the directory
 /// synced. A checksum travels with the bytes.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_state(path, bytes, true)
+}
+
+/// Like [`write_atomic`] without syncing: after a host crash the file may
+/// be the old one, or one that fails its checksum (`read_atomic` refuses
+/// it). For hints that recovery can do without (a log's checkpoint).
+pub fn write_atomic_unsynced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_state(path, bytes, false)
+}
+
+fn write_state(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp)?;
     f.write_all(&MAGIC.to_le_bytes())?;
     f.write_all(&xxhash_rust::xxh3::xxh3_64(bytes).to_le_bytes())?;
     f.write_all(bytes)?;
-    f.sync_all()?;
+    if sync {
+        f.sync_all()?;
+    }
     fs::rename(&tmp, path)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    if sync {
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    }
+    Ok(())
 }
 
 /// Reads what `write_atomic` wrote; `Ok(None)` when there is no file.

@@ -97,6 +97,23 @@ fn check_batches(
     ids
 }
 
+/// How many partition checkpoints there are under `dir`.
+fn checkpoints(dir: &std::path::Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                checkpoints(&p)
+            } else {
+                (p.file_name() == Some("checkpoint".as_ref())) as usize
+            }
+        })
+        .sum()
+}
+
 fn earliest() -> ConsumerOptions {
     ConsumerOptions {
         start: GroupStart::Earliest,
@@ -121,11 +138,28 @@ fn acknowledged_batches_survive_kill_9_under_each_fsync_policy() {
         }
         // 100 more on their way, some acknowledged by now, some not.
         let (_, acked) = p.acked();
+        // A policy that syncs leaves checkpoints (stored after a sync) for
+        // recovery to start its scan at.
+        let syncs = fsync != Fsync::Never;
+        if syncs {
+            assert!(
+                ferry_tests::eventually(Duration::from_secs(5), || checkpoints(&data_dir(&d)) == 2),
+                "{fsync:?}: a checkpoint per partition"
+            );
+        }
         d.kill();
         drop(p);
         drop(client);
         d.restart();
         assert!(d.log().contains("disk stream opened"), "{}", d.log());
+        assert_eq!(
+            d.log()
+                .matches("scanning the active segment from its checkpoint")
+                .count(),
+            if syncs { 2 } else { 0 },
+            "{fsync:?}\n{}",
+            d.log()
+        );
         let client = d.client();
         let mut c = client
             .consumer("s", "g", ConsumerOptions::default())

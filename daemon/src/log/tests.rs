@@ -268,3 +268,107 @@ fn files_a_failed_sync_named_are_named_again() {
     assert!(log.rolled());
     assert_eq!(log.sync_files().unwrap().len(), n + 1);
 }
+
+/// A log of 30 records whose first 20 a sync covered and a checkpoint
+/// names; returns it closed, with where record 4's payload is.
+fn checkpointed_log(d: &Path) -> u64 {
+    let (mut log, _) = PartitionLog::open(d, opts(1 << 20)).unwrap();
+    fill(&mut log, 0, 20, 300);
+    for f in log.sync_files().unwrap() {
+        f.sync_data().unwrap();
+    }
+    let c = log.checkpoint();
+    assert_eq!((c.base, c.next), (0, 20));
+    write_atomic_unsynced(&checkpoint_path(d), &encode(&c)).unwrap();
+    fill(&mut log, 20, 10, 300);
+    let (_, h, pos) = log.header(4).unwrap();
+    pos + HEADER as u64 + h.meta_len as u64
+}
+
+/// Damages record 4 (before the checkpoint) and tears the last record.
+fn damage_and_tear(d: &Path, payload_of_4: u64) {
+    let seg = last_segment(d);
+    let len = fs::metadata(&seg).unwrap().len();
+    let f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0xAB; 3], payload_of_4 + 100).unwrap();
+    f.set_len(len - 7).unwrap();
+}
+
+#[test]
+fn recovery_scans_the_active_segment_from_its_checkpoint() {
+    let d = dir();
+    let at = checkpointed_log(&d.0);
+    damage_and_tear(&d.0, at);
+    let (mut log, dropped) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+    // Only the torn tail, after the checkpoint, is found: the damaged
+    // record before it was not scanned.
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert!(!dropped[0].kept);
+    assert_eq!(dropped[0].offset, 29);
+    assert_eq!(log.next_offset(), 29);
+    // Still never served: read-back checks every record.
+    assert_eq!(log.read(4).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    check_all(&mut log, 0, 4, 300);
+    check_all(&mut log, 5, 29, 300);
+    // The index rebuilt past the checkpoint serves the records after it,
+    // and the log goes on (and reopens) from there.
+    fill(&mut log, 29, 5, 300);
+    drop(log);
+    let (mut log, dropped) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+    assert!(dropped.is_empty(), "{dropped:?}");
+    assert_eq!(log.next_offset(), 34);
+    check_all(&mut log, 5, 34, 300);
+}
+
+#[test]
+fn a_checkpoint_that_does_not_fit_its_segment_is_ignored_and_all_is_scanned() {
+    let bad: [&dyn Fn(&Path); 4] = [
+        // Fails its checksum.
+        &|d| {
+            let p = checkpoint_path(d);
+            let mut b = fs::read(&p).unwrap();
+            *b.last_mut().unwrap() ^= 1;
+            fs::write(&p, b).unwrap();
+        },
+        // Names another segment.
+        &|d| {
+            let c = Checkpoint {
+                base: 7,
+                position: 342,
+                next: 8,
+            };
+            write_atomic(&checkpoint_path(d), &encode(&c)).unwrap();
+        },
+        // Past the end of the file.
+        &|d| {
+            let c = Checkpoint {
+                base: 0,
+                position: 1 << 30,
+                next: 20,
+            };
+            write_atomic(&checkpoint_path(d), &encode(&c)).unwrap();
+        },
+        // A position where another record starts.
+        &|d| {
+            let c = Checkpoint {
+                base: 0,
+                position: 2 * 342,
+                next: 5,
+            };
+            write_atomic(&checkpoint_path(d), &encode(&c)).unwrap();
+        },
+    ];
+    for (i, spoil) in bad.iter().enumerate() {
+        let d = dir();
+        let at = checkpointed_log(&d.0);
+        damage_and_tear(&d.0, at);
+        spoil(&d.0);
+        let (mut log, dropped) = PartitionLog::open(&d.0, opts(1 << 20)).unwrap();
+        // The whole segment was scanned: the damaged record is found too.
+        assert_eq!(dropped.len(), 2, "case {i}: {dropped:?}");
+        assert!(dropped[0].kept && dropped[0].offset == 4, "case {i}");
+        assert!(!dropped[1].kept && dropped[1].offset == 29, "case {i}");
+        assert_eq!(log.next_offset(), 29);
+        check_all(&mut log, 5, 29, 300);
+    }
+}

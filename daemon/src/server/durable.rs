@@ -57,7 +57,13 @@ pub struct Synced {
     /// After a failure: the files to sync again (closed segments among
     /// them, which the next `sync_files` would not name otherwise).
     retry: Vec<std::fs::File>,
+    /// After success: where recovery may start its scan of the active
+    /// segment, to store (its file, the encoded checkpoint).
+    checkpoint: Option<(PathBuf, Vec<u8>)>,
 }
+
+/// How often a partition's checkpoint is stored (after a sync), at most.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts the syncer thread; it ends when the sender is dropped.
 pub(crate) fn spawn_syncer(inbox: inbox::Sender) -> std::io::Result<mpsc::Sender<SyncJob>> {
@@ -75,13 +81,22 @@ pub(crate) fn spawn_syncer(inbox: inbox::Sender) -> std::io::Result<mpsc::Sender
                             .map_err(|e| e.to_string());
                         crate::metrics::FSYNC.observe(t.elapsed().as_micros() as u64);
                         match then {
-                            Some(s) => {
-                                let retry = if result.is_err() { files } else { Vec::new() };
+                            Some(mut s) => {
+                                let ok = result.is_ok();
+                                let retry = if ok { Vec::new() } else { files };
+                                let checkpoint = s.checkpoint.take();
                                 inbox.send(inbox::Message::Synced(Synced {
                                     result,
                                     retry,
                                     ..s
                                 }));
+                                // After the answer: acknowledgements do not
+                                // wait for it.
+                                if let Some((path, bytes)) = checkpoint.filter(|_| ok) {
+                                    if let Err(e) = log::write_atomic_unsynced(&path, &bytes) {
+                                        tracing::warn!(path = %path.display(), "writing a log checkpoint failed (recovery scans more): {e}");
+                                    }
+                                }
                             }
                             None => {
                                 if let Err(e) = result {
@@ -124,6 +139,8 @@ struct PartState {
     synced: u64,
     syncing: bool,
     last_sync: Instant,
+    /// When a checkpoint was last sent to be stored.
+    last_checkpoint: Option<Instant>,
 }
 
 /// A disk stream's logs.
@@ -243,6 +260,7 @@ pub(super) fn open_disk(
             synced: end,
             syncing: false,
             last_sync: Instant::now(),
+            last_checkpoint: None,
         });
     }
     let offsets_path = dir.join("offsets");
@@ -312,10 +330,21 @@ fn request_sync(
     p: usize,
     st: &mut PartState,
 ) {
+    // Taken before the files: everything up to it is in them.
+    let ckpt = st.log.checkpoint();
     match st.log.sync_files() {
         Ok(files) => {
             st.syncing = true;
             st.last_sync = Instant::now();
+            let checkpoint = if st
+                .last_checkpoint
+                .is_none_or(|t| t.elapsed() >= CHECKPOINT_EVERY)
+            {
+                st.last_checkpoint = Some(st.last_sync);
+                Some((log::checkpoint_path(st.log.dir()), log::encode(&ckpt)))
+            } else {
+                None
+            };
             let _ = syncer.send(SyncJob::Sync {
                 files,
                 then: Some(Synced {
@@ -325,6 +354,7 @@ fn request_sync(
                     upto: st.written,
                     result: Ok(()),
                     retry: Vec::new(),
+                    checkpoint,
                 }),
             });
         }
