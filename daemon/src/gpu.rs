@@ -65,6 +65,19 @@ impl Gpus {
         self.mirrors.retain(|&(s, _), _| s != stream);
     }
 
+    /// ferryd's ordinal of the GPU a session asked for (an ordinal as its
+    /// process numbers GPUs, and that GPU's PCI bus id), or None for host
+    /// memory.
+    pub fn resolve_device(
+        &self,
+        device: &(Option<u32>, Option<String>),
+    ) -> Result<Option<u32>, Refusal> {
+        match device {
+            (None, None) => Ok(None),
+            (n, bus) => self.resolve(*n, bus.as_deref()).map(Some),
+        }
+    }
+
     /// ferryd's ordinal of the GPU a consumer asked for: by PCI bus id when
     /// given (ordinals differ between processes), else by ordinal.
     pub fn resolve(&self, ordinal: Option<u32>, bus: Option<&str>) -> Result<u32, Refusal> {
@@ -238,13 +251,25 @@ impl Gpus {
         slot_size: u64,
         slots: u32,
     ) -> Result<GpuDelivery, Refusal> {
+        let (gpu, host, cuda_stream) = self.attach_own(ordinal, landing)?;
+        let (pool, info) = self.pool(&gpu, slot_size, slots)?;
+        Ok(GpuDelivery::new(info, pool, host, cuda_stream))
+    }
+
+    /// GPU `ordinal`, host memory `host` of one session's own (a landing
+    /// area, an outbox) registered with it for that session alone, and a
+    /// new CUDA stream for the session's copies.
+    fn attach_own(
+        &mut self,
+        ordinal: u32,
+        host: &Arc<Region>,
+    ) -> Result<(Arc<Gpu>, Mem, ferry_cuda::Stream), Refusal> {
         let internal =
             |e: CudaError| Refusal::new(ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
         let gpu = self.gpu(ordinal).map_err(internal)?;
-        let host = Mem::Host(gpu.register_host(landing.clone()).map_err(internal)?);
+        let host = Mem::Host(gpu.register_host(host.clone()).map_err(internal)?);
         let cuda_stream = gpu.stream().map_err(internal)?;
-        let (pool, info) = self.pool(&gpu, slot_size, slots)?;
-        Ok(GpuDelivery::new(info, pool, host, cuda_stream))
+        Ok((gpu, host, cuda_stream))
     }
 
     /// Sets up publishing from GPU `ordinal` into stream `stream`: the
@@ -293,11 +318,7 @@ impl Gpus {
         slot_size: u64,
         slots: u32,
     ) -> Result<GpuPublish, Refusal> {
-        let internal =
-            |e: CudaError| Refusal::new(ErrorCode::Internal, format!("cuda:{ordinal}: {e}"));
-        let gpu = self.gpu(ordinal).map_err(internal)?;
-        let host = Mem::Host(gpu.register_host(outbox.clone()).map_err(internal)?);
-        let cuda_stream = gpu.stream().map_err(internal)?;
+        let (gpu, host, cuda_stream) = self.attach_own(ordinal, outbox)?;
         let (mirror, info) = self.pool(&gpu, slot_size, slots)?;
         Ok(GpuPublish {
             info,

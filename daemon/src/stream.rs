@@ -618,19 +618,7 @@ impl Stream {
         self.loads
             .retain(|&(lp, lo)| lp as usize != p || lo >= floor);
         // Batches kept for a first group that will now start after them.
-        for slot in 0..self.slots.len() {
-            if let Slot::Held {
-                part,
-                offset,
-                orphan: true,
-                ..
-            } = self.slots[slot]
-            {
-                if part as usize == p && offset < floor {
-                    self.free_released(slot as u32, part, offset);
-                }
-            }
-        }
+        self.free_orphans(|part, offset| part as usize == p && offset < floor);
         for g in 0..self.groups.len() {
             if self.groups[g].deleted {
                 continue;
@@ -671,6 +659,24 @@ impl Stream {
             }
         }
         skipped
+    }
+
+    /// Frees the slots of orphans (batches kept for the first group to
+    /// form) for which `which(partition, offset)` says so.
+    fn free_orphans(&mut self, which: impl Fn(u32, u64) -> bool) {
+        for slot in 0..self.slots.len() {
+            if let Slot::Held {
+                part,
+                offset,
+                orphan: true,
+                ..
+            } = self.slots[slot]
+            {
+                if which(part, offset) {
+                    self.free_released(slot as u32, part, offset);
+                }
+            }
+        }
     }
 
     /// The offsets groups need that are not in a slot (disk streams).
@@ -1286,17 +1292,7 @@ impl Stream {
                     }
                     // Orphans this first group did not take (it started
                     // later) were kept for it alone: free them.
-                    for slot in 0..self.slots.len() {
-                        if let Slot::Held {
-                            part,
-                            offset,
-                            orphan: true,
-                            ..
-                        } = self.slots[slot]
-                        {
-                            self.free_released(slot as u32, part, offset);
-                        }
-                    }
+                    self.free_orphans(|_, _| true);
                 }
                 g
             }

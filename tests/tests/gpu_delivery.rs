@@ -550,6 +550,46 @@ fn test_dir(what: &str) -> std::path::PathBuf {
     d
 }
 
+/// A stream `s` of 2 partitions of `slot`-byte slots, 16 of them.
+fn two_partitions(slot: usize) -> String {
+    format!("[[streams]]\nname = \"s\"\npartitions = 2\nslot_size = {slot}\nslot_count = 16\n")
+}
+
+/// Reads batches until the end of the epoch: `check` checks one and names
+/// its index. Each partition's offsets come in order without gaps, and
+/// its indexes rise (publish order); no index twice.
+fn read_epoch(
+    c: &mut ferry::Consumer,
+    daemons: [&Daemon; 2],
+    mut check: impl FnMut(&ferry::Consumer, &ferry::Batch) -> u64,
+) -> std::collections::BTreeSet<u64> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last = [None::<(u64, u64)>; 2];
+    loop {
+        let b = match c.next(T) {
+            Ok(b) => b,
+            Err(e) if e.status == ferry::Status::EndOfEpoch => return seen,
+            Err(e) => panic!(
+                "{e}; {} seen\n{}\n{}",
+                seen.len(),
+                daemons[0].log(),
+                daemons[1].log()
+            ),
+        };
+        let i = check(c, &b);
+        assert!(seen.insert(i), "{i} twice");
+        let p = b.partition as usize;
+        let (want, after) = last[p].map_or((0, None), |(o, i)| (o + 1, Some(i)));
+        assert_eq!(b.offset, want, "partition {p}: in order, none lost");
+        assert!(
+            after.is_none_or(|a| a < i),
+            "{i} after {after:?} in partition {p}"
+        );
+        last[p] = Some((b.offset, i));
+        c.release(b.token).unwrap();
+    }
+}
+
 /// Its index, from the batch's metadata, after checking every byte of it
 /// in GPU memory.
 fn check_gpu_batch(c: &ferry::Consumer, b: &ferry::Batch, len_of: impl Fn(u64) -> usize) -> u64 {
@@ -568,14 +608,7 @@ fn check_gpu_batch(c: &ferry::Consumer, b: &ferry::Batch, len_of: impl Fn(u64) -
 fn a_gpu_trainer_on_another_host_gets_every_batch_in_its_gpu_memory() {
     let dir = test_dir("remote");
     let slot = 64usize << 10;
-    let (home, other) = two_hosts(
-        "",
-        &format!(
-            "[[streams]]\nname = \"s\"\npartitions = 2\nslot_size = {slot}\nslot_count = 16\n"
-        ),
-        "s",
-        &dir,
-    );
+    let (home, other) = two_hosts("", &two_partitions(slot), "s", &dir);
     let mut c = other
         .client()
         .consumer("s", "g", gpu0(4))
@@ -597,25 +630,9 @@ fn a_gpu_trainer_on_another_host_gets_every_batch_in_its_gpu_memory() {
         p.end().unwrap();
         p
     });
-    let mut seen = std::collections::BTreeSet::new();
-    let mut last = [None::<u64>; 2];
-    loop {
-        let b = match c.next(T) {
-            Ok(b) => b,
-            Err(e) if e.status == ferry::Status::EndOfEpoch => break,
-            Err(e) => panic!("{e}; {} seen\n{}\n{}", seen.len(), home.log(), other.log()),
-        };
-        let i = check_gpu_batch(&c, &b, len_of);
-        assert!(seen.insert(i), "{i} twice");
-        let want = last[b.partition as usize].map_or(0, |o| o + 1);
-        assert_eq!(
-            b.offset, want,
-            "partition {}: in order, none lost",
-            b.partition
-        );
-        last[b.partition as usize] = Some(b.offset);
-        c.release(b.token).unwrap();
-    }
+    let seen = read_epoch(&mut c, [&home, &other], |c, b| {
+        check_gpu_batch(c, b, len_of)
+    });
     assert_eq!(
         seen.len() as u64,
         n,
@@ -737,9 +754,7 @@ fn a_gpu_producer_on_another_host_publishes_in_order_and_closing_loses_nothing()
     let slot = 256usize << 10;
     let (home, other) = two_hosts_with_env(
         "",
-        &format!(
-            "[[streams]]\nname = \"s\"\npartitions = 2\nslot_size = {slot}\nslot_count = 16\n"
-        ),
+        &two_partitions(slot),
         "s",
         &dir,
         // The real driver ignores this.
@@ -771,35 +786,13 @@ fn a_gpu_producer_on_another_host_publishes_in_order_and_closing_loses_nothing()
         // Straight after: copies out of GPU memory are still in flight.
         drop(p);
     });
-    let mut seen = std::collections::BTreeSet::new();
-    let mut last = [None::<u64>; 2];
-    let mut last_i = [None::<u64>; 2];
-    loop {
-        let b = match c.next(T) {
-            Ok(b) => b,
-            Err(e) if e.status == ferry::Status::EndOfEpoch => break,
-            Err(e) => panic!("{e}; {} seen\n{}\n{}", seen.len(), home.log(), other.log()),
-        };
+    let seen = read_epoch(&mut c, [&home, &other], |_, b| {
         // SAFETY (test): held until released.
         let (meta, data) = unsafe { (b.meta().to_vec(), b.data().to_vec()) };
         let i = u64::from_le_bytes(meta.try_into().unwrap());
         assert!(data == payload(i, len_of(i)), "bytes of batch {i}");
-        assert!(seen.insert(i), "{i} twice");
-        let want = last[b.partition as usize].map_or(0, |o| o + 1);
-        assert_eq!(
-            b.offset, want,
-            "partition {}: in order, none lost",
-            b.partition
-        );
-        last[b.partition as usize] = Some(b.offset);
-        // And in publish order within it.
-        assert!(
-            last_i[b.partition as usize].is_none_or(|x| x < i),
-            "{i} after {last_i:?}"
-        );
-        last_i[b.partition as usize] = Some(i);
-        c.release(b.token).unwrap();
-    }
+        i
+    });
     sender.join().unwrap();
     assert_eq!(
         seen.len() as u64,

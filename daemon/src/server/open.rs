@@ -27,10 +27,7 @@ impl Server {
         let uid = self.sessions.get(&id).map_or(u32::MAX, |s| s.cred.uid);
         let res = (|| {
             self.check_open(id)?;
-            let ordinal = match &device {
-                (None, None) => None,
-                (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
-            };
+            let ordinal = self.gpus.resolve_device(&device)?;
             let idx = match (self.by_name.get(&name).copied(), spec) {
                 (Some(idx), None) => {
                     self.may_use(idx, uid, true)
@@ -157,10 +154,7 @@ impl Server {
         let uid = self.sessions.get(&id).map_or(u32::MAX, |s| s.cred.uid);
         let res = (|| {
             self.check_open(id)?;
-            let ordinal = match &device {
-                (None, None) => None,
-                (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
-            };
+            let ordinal = self.gpus.resolve_device(&device)?;
             if !proto::valid_name(&group) {
                 return Err(Refusal::new(
                     ErrorCode::InvalidArgument,

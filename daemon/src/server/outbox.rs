@@ -155,10 +155,7 @@ impl Server {
         uid: u32,
     ) -> Result<(), Refusal> {
         self.check_open(id)?;
-        let ordinal = match &device {
-            (None, None) => None,
-            (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
-        };
+        let ordinal = self.gpus.resolve_device(&device)?;
         let (node, have) = self.remote_home(&name)?;
         if let Some(want) = spec {
             let have = have.spec();

@@ -326,10 +326,7 @@ impl Server {
         uid: u32,
     ) -> Result<(), Refusal> {
         self.check_open(id)?;
-        let ordinal = match &device {
-            (None, None) => None,
-            (n, bus) => Some(self.gpus.resolve(*n, bus.as_deref())?),
-        };
+        let ordinal = self.gpus.resolve_device(&device)?;
         if !proto::valid_name(&group) {
             return Err(Refusal::invalid(format!(
                 "group name {group:?} must be 1-128 characters of A-Z a-z 0-9 . _ -"
