@@ -181,6 +181,13 @@ impl DiskLog {
             })
     }
 
+    /// Whether groups were created or deleted since the last store.
+    fn groups_changed(&self, stream: &Stream) -> bool {
+        let live = stream.groups().iter().filter(|g| !g.deleted);
+        live.clone().count() != self.stored_groups.len()
+            || live.zip(&self.stored_groups).any(|(g, s)| g.name != s.name)
+    }
+
     /// Publishes written to the log but not yet durable.
     pub(super) fn unsynced(&self) -> u64 {
         self.parts
@@ -595,7 +602,10 @@ impl StreamEntry {
         if dl.error.is_some() {
             self.dirty = true; // write_log tries again
         }
-        if dl.offsets_at.elapsed() >= offsets_every {
+        // A group created or deleted is stored at once: a group lost in a
+        // crash would come back as a new one, which starts at the end (not
+        // at its commit) when others exist.
+        if dl.offsets_at.elapsed() >= offsets_every || dl.groups_changed(&self.stream) {
             dl.offsets_at = Instant::now();
             if dl.offsets_pending(&self.stream) {
                 let now = stored_groups(&self.stream);
