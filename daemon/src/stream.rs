@@ -169,6 +169,10 @@ pub struct Group {
     /// Epochs this group has finished (passed the end marker of every
     /// partition); members are told of each.
     pub epoch: u64,
+    /// The partition `deliver` starts at next: each call starts one
+    /// further, so that a member owning several partitions gets each in
+    /// turn rather than the lowest one drained first.
+    next_part: u32,
 }
 
 impl Group {
@@ -224,11 +228,13 @@ pub enum SeekError {
     StartOffsets { given: u32, parts: u32 },
     #[error("offset {offset} is past the end {end} of partition {part}")]
     PastEnd { part: u32, offset: u64, end: u64 },
-    #[error("offset {offset} of partition {part} is no longer retained ({}; daemon.replay_window sets how many released batches stay readable)", match earliest { Some(e) => format!("the earliest retained is {e}"), None => "nothing is retained".to_string() })]
+    #[error("offset {offset} of partition {part} is no longer retained ({}; {})", match earliest { Some(e) => format!("the earliest retained is {e}"), None => "nothing is retained".to_string() }, if *disk { "the stream's retention_ms / retention_bytes set how much of its disk log is kept" } else { "daemon.replay_window sets how many released batches stay readable" })]
     Gone {
         part: u32,
         offset: u64,
         earliest: Option<u64>,
+        /// A disk stream: its retention deleted the offset from the log.
+        disk: bool,
     },
 }
 
@@ -556,6 +562,7 @@ impl Stream {
             empty_since: Some(std::time::Instant::now()),
             owner,
             epoch: 0,
+            next_part: 0,
         });
         for part in &mut self.parts {
             part.orphan_from = None;
@@ -1139,6 +1146,7 @@ impl Stream {
                 part: p as u32,
                 offset: from,
                 earliest: (part.floor < part.end).then_some(part.floor),
+                disk: true,
             });
         }
         let index = &self.parts[p].index;
@@ -1149,6 +1157,7 @@ impl Stream {
             part: p as u32,
             offset: from,
             earliest: index.keys().next().copied(),
+            disk: false,
         })
     }
 
@@ -1256,6 +1265,7 @@ impl Stream {
                     empty_since: None,
                     owner: uid,
                     epoch: 0,
+                    next_part: 0,
                 };
                 // Reuse a deleted group's index, so that creating and
                 // deleting groups does not grow the stream.
@@ -1346,7 +1356,10 @@ impl Stream {
         mut sink: impl FnMut(SessionId, Delivery) -> bool,
     ) -> usize {
         let mut count = 0;
-        for p in 0..self.parts.len() {
+        let n = self.parts.len();
+        let start = self.groups[g].next_part as usize % n.max(1);
+        self.groups[g].next_part = ((start + 1) % n.max(1)) as u32;
+        for p in (start..n).chain(0..start) {
             let Some(owner) = self.groups[g].assign[p] else {
                 continue;
             };
@@ -1703,6 +1716,37 @@ mod tests {
             true
         });
         out
+    }
+
+    /// A member owning several partitions with one credit at a time (it
+    /// releases each batch before the next is delivered) gets them in
+    /// turn, not the lowest partition drained first (a user trial saw a
+    /// partition starve behind a busy one).
+    #[test]
+    fn a_member_with_several_partitions_gets_each_in_turn() {
+        let mut s = stream(4, 64);
+        let g = s.join("g", 10, 0, &GroupStart::Default).unwrap();
+        publish(&mut s, 32); // round-robin: 8 per partition
+        let mut order = Vec::new();
+        for _ in 0..16 {
+            let mut got = None;
+            s.deliver(g, |_, d| {
+                if got.is_some() {
+                    return false;
+                }
+                got = Some((d.part, d.offset, d.entry.slot));
+                true
+            });
+            let (p, o, slot) = got.expect("a batch");
+            s.release(g, 10, p, o, slot).unwrap();
+            order.push(p);
+        }
+        for w in order.chunks(4) {
+            let mut w = w.to_vec();
+            w.sort_unstable();
+            assert_eq!(w, [0, 1, 2, 3], "each partition once in every 4: {order:?}");
+        }
+        check(&s);
     }
 
     /// Slot accounting: every slot is exactly free, granted or held, and

@@ -71,9 +71,18 @@ impl Server {
     /// The streams with held slots and who holds them, for the drain
     /// summary.
     pub(super) fn describe_held(&self) -> String {
+        self.describe_held_where(|_| true)
+    }
+
+    /// [`Server::describe_held`] for the memory streams alone.
+    pub(super) fn describe_held_in_memory(&self) -> String {
+        self.describe_held_where(|e| !e.stream.tiered())
+    }
+
+    fn describe_held_where(&self, which: impl Fn(&StreamEntry) -> bool) -> String {
         self.streams
             .iter()
-            .filter(|e| e.stream.slot_counts().2 > 0)
+            .filter(|e| which(e) && e.stream.slot_counts().2 > 0)
             .map(|e| {
                 format!(
                     "stream {}: {}",

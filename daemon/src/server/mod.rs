@@ -366,14 +366,20 @@ impl Server {
                 self.poll_rings() + self.progress_fabric() + self.pump() + self.progress_gpu();
             if let Some(since) = self.draining {
                 if self.drained() {
-                    let held: u32 = self.streams.iter().map(|s| s.stream.slot_counts().2).sum();
-                    if held == 0 {
+                    // A disk stream keeps what its groups have not read in
+                    // its log (in a slot or not): nothing of it is lost.
+                    let memory = || self.streams.iter().filter(|s| !s.stream.tiered());
+                    let held: u32 = memory().map(|s| s.stream.slot_counts().2).sum();
+                    let disk = self.streams.iter().any(|s| s.stream.tiered());
+                    if held == 0 && !disk {
                         info!("drained: every published batch was delivered and released");
+                    } else if held == 0 {
+                        info!("drained: every batch of the memory streams was delivered and released; the disk streams keep what their groups have not read in their logs, and the groups go on from their commits at the next start");
                     } else {
                         warn!(
                             held,
-                            "drained as far as it can: {held} batches were never released, and no consumer is left to take them (they are lost with this memory-only ferryd): {}",
-                            self.describe_held()
+                            "drained as far as it can: {held} batches of memory streams were never released, and no consumer is left to take them (they are lost when ferryd exits; disk streams keep theirs): {}",
+                            self.describe_held_in_memory()
                         );
                     }
                     break;
