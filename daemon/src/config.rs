@@ -844,6 +844,7 @@ impl Config {
                 live.push(p);
             }
         }
+        self.check_data_dir().map_err(ConfigError::Invalid)?;
         let fabric = ferry_verbs::select::select(self.fabric_preference()?).map_err(|e| {
             ConfigError::Invalid(format!("fabric.provider = {:?}: {e}", self.fabric.provider))
         })?;
@@ -861,6 +862,37 @@ impl Config {
             placement,
             secret,
         })
+    }
+
+    /// The data directory is one (or can be made), and every declared
+    /// disk stream that has a log there can open it: what start-up would
+    /// refuse, found before.
+    fn check_data_dir(&self) -> Result<(), String> {
+        if let Some(d) = self.daemon.data_dir.as_ref().filter(|d| d.is_relative()) {
+            return Err(format!(
+                "daemon.data_dir {} must be an absolute path",
+                d.display()
+            ));
+        }
+        let data = self.daemon.data_dir();
+        if data.exists() && !data.is_dir() {
+            return Err(format!(
+                "daemon.data_dir {} is not a directory",
+                data.display()
+            ));
+        }
+        for s in &self.streams {
+            if !s.durability().is_ok_and(|d| d.disk) {
+                continue;
+            }
+            let dir = data.join("streams").join(&s.name);
+            let stored = crate::log::stored_stream(&dir)
+                .map_err(|e| format!("disk stream {} in {}: {e}", s.name, dir.display()))?;
+            if let Some(stored) = stored {
+                crate::log::spec_fits(&s.name, &dir, &stored.spec, &s.spec())?;
+            }
+        }
+        Ok(())
     }
 
     fn fabric_preference(&self) -> Result<ferry_verbs::select::Preference, ConfigError> {

@@ -1083,6 +1083,36 @@ pub struct StoredStream {
     pub owner: Option<u32>,
 }
 
+/// Whether a disk stream whose log in `dir` was written with `stored` can
+/// be opened with `spec` (the same partitions, slots at least as large).
+pub fn spec_fits(
+    name: &str,
+    dir: &Path,
+    stored: &ferry_shm::proto::StreamSpec,
+    spec: &ferry_shm::proto::StreamSpec,
+) -> Result<(), String> {
+    if stored.partitions != spec.partitions || stored.slot_size > spec.slot_size {
+        return Err(format!(
+            "disk stream {name}: its log in {} was written with partitions={} slot_size={}, and cannot be opened with partitions={} slot_size={} (use those, or move the directory away to start afresh)",
+            dir.display(),
+            stored.partitions,
+            stored.slot_size,
+            spec.partitions,
+            spec.slot_size
+        ));
+    }
+    Ok(())
+}
+
+/// What `stream.meta` in `dir` says, when there is one.
+pub fn stored_stream(dir: &Path) -> io::Result<Option<StoredStream>> {
+    let path = dir.join("stream.meta");
+    match read_atomic(&path)? {
+        Some(b) => decode(&path, &b).map(Some),
+        None => Ok(None),
+    }
+}
+
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_stdvec(v).expect("in-memory encoding")
 }

@@ -749,3 +749,66 @@ fn commits_are_stored_on_time_while_the_loop_is_busy() {
         seen.len()
     );
 }
+
+/// `ferryd --check` refuses what start-up would refuse about the data
+/// directory: a file in its place, a relative path, and a declared disk
+/// stream whose log was written with another partition count.
+#[test]
+fn check_refuses_a_data_dir_start_up_would_refuse() {
+    let base = std::env::temp_dir().join(format!("ferry-durable-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let run = |data_dir: &str, partitions: u32, check: bool| {
+        let cfg = base.join("ferryd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 1\n[daemon]\nsocket = \"{}\"\ndata_dir = \"{data_dir}\"\n[[streams]]\nname = \"s\"\npartitions = {partitions}\nslot_size = 4096\nslot_count = 8\ndurability = \"disk\"\n",
+                base.join("ferryd.sock").display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(ferry_tests::bin("ferryd"));
+        cmd.arg("--config").arg(&cfg);
+        if check {
+            cmd.arg("--check");
+        }
+        cmd.output().unwrap()
+    };
+    let said = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).to_string();
+    let file = base.join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    for (data_dir, want) in [
+        (file.display().to_string(), "is not a directory"),
+        ("relative/data".to_string(), "must be an absolute path"),
+    ] {
+        let out = run(&data_dir, 3, true);
+        assert!(!out.status.success(), "{data_dir}: {}", said(&out));
+        assert!(said(&out).contains(want), "{data_dir}: {}", said(&out));
+    }
+    // A log written with 3 partitions: a config with 4 is refused before
+    // start-up, naming both.
+    let data = base.join("data");
+    let mut d = Command::new(ferry_tests::bin("ferryd"));
+    let cfg_ok = run(&data.display().to_string(), 3, true);
+    assert!(cfg_ok.status.success(), "{}", said(&cfg_ok));
+    let mut child = d
+        .arg("--config")
+        .arg(base.join("ferryd.toml"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || data
+        .join("streams/s/stream.meta")
+        .exists()));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = run(&data.display().to_string(), 4, true);
+    assert!(!out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains("was written with partitions=3"),
+        "{}",
+        said(&out)
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -215,21 +215,9 @@ pub(super) fn open_disk(
     let ctx = |e: std::io::Error| format!("disk stream {name} in {}: {e}", dir.display());
     std::fs::create_dir_all(&dir).map_err(ctx)?;
     let meta_path = dir.join("stream.meta");
-    let stored = match log::read_atomic(&meta_path).map_err(ctx)? {
-        Some(b) => Some(log::decode::<StoredStream>(&meta_path, &b).map_err(ctx)?),
-        None => None,
-    };
+    let stored = log::stored_stream(&dir).map_err(ctx)?;
     if let Some(s) = &stored {
-        if s.spec.partitions != spec.partitions || s.spec.slot_size > spec.slot_size {
-            return Err(format!(
-                "disk stream {name}: its log in {} was written with partitions={} slot_size={}, and cannot be opened with partitions={} slot_size={} (use those, or move the directory away to start afresh)",
-                dir.display(),
-                s.spec.partitions,
-                s.spec.slot_size,
-                spec.partitions,
-                spec.slot_size
-            ));
-        }
+        log::spec_fits(name, &dir, &s.spec, spec)?;
     }
     let want = StoredStream {
         name: name.to_string(),
