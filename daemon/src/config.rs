@@ -721,6 +721,24 @@ impl Config {
         if let Err(m) = crate::placement::parse(&d.data_plane_cpus) {
             return bad(format!("daemon.{m}"));
         }
+        if d.segment_bytes < 4096 {
+            return bad(format!(
+                "daemon.segment_bytes must be at least 4096 (a disk log's segments roll at this size; default 128 MiB), got {}",
+                d.segment_bytes
+            ));
+        }
+        if d.segment_ms < 100 {
+            return bad(format!(
+                "daemon.segment_ms must be at least 100 (a disk log's segments roll at this age; default one hour), got {}",
+                d.segment_ms
+            ));
+        }
+        if d.offsets_flush_ms == 0 {
+            return bad(
+                "daemon.offsets_flush_ms must be at least 1 (how often disk streams' commits are stored; default 100)"
+                    .to_string(),
+            );
+        }
         if !(2..=65536).contains(&d.ring_capacity) || !d.ring_capacity.is_power_of_two() {
             return bad(format!(
                 "daemon.ring_capacity must be a power of two in 2..=65536, got {}",
@@ -1330,6 +1348,9 @@ slot_count = 16
             ("[daemon]\nring_capacity = 100", "power of two"),
             ("[daemon]\nsocket_mode = \"rw\"", "octal"),
             ("[daemon]\nbogus = 1", "unknown field"),
+            ("[daemon]\nsegment_bytes = 0", "segment_bytes must be at least 4096"),
+            ("[daemon]\nsegment_ms = 0", "segment_ms must be at least 100"),
+            ("[daemon]\noffsets_flush_ms = 0", "offsets_flush_ms must be at least 1"),
             ("[daemon]\ndata_plane_cpus = \"fast\"", "data_plane_cpus"),
             ("[daemon]\nspin_while_waited_us = 5000000", "spin_while_waited_us"),
             ("[daemon]\nreplay_window = -1", "replay_window"),
