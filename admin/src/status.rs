@@ -232,6 +232,9 @@ pub struct DiskStatus {
     pub unsynced: u64,
     /// Why writes to the log fail now (producers wait meanwhile).
     pub error: Option<String>,
+    /// Its fsync policy and retention ("fsync=every retention_bytes=...").
+    #[serde(default)]
+    pub settings: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

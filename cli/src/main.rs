@@ -451,8 +451,9 @@ fn print_status(st: &Status) {
         }
         if let Some(d) = &s.disk {
             println!(
-                "  disk log {}: {} bytes, partitions start at {:?}, {} publishes not yet durable{}",
+                "  disk log {} ({}): {} bytes, partitions start at {:?}, {} publishes not yet durable{}",
                 d.dir,
+                d.settings,
                 d.bytes,
                 d.start_offsets,
                 d.unsynced,

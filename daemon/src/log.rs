@@ -470,7 +470,7 @@ impl PartitionLog {
                             bytes = len - good,
                             offset = next,
                             reason = %reason,
-                            "log recovery: dropping a torn or corrupt tail (never acknowledged)"
+                            "log recovery: dropping a torn or corrupt tail (a write a crash cut short, which was never acknowledged; or damage done to the file since)"
                         );
                         seg.file.set_len(good)?;
                         seg.file.sync_all()?;

@@ -77,26 +77,34 @@ impl StreamSpec {
             if d.disk { "disk" } else { "memory" }
         );
         if d.disk {
-            match d.fsync {
-                Fsync::Every => s.push_str(" fsync=every"),
-                Fsync::IntervalMs(ms) => s.push_str(&format!(" fsync=interval({ms} ms)")),
-                Fsync::Never => s.push_str(" fsync=never"),
-            }
-            if d.retention_ms > 0 {
-                s.push_str(&format!(" retention_ms={}", d.retention_ms));
-            }
-            if d.retention_bytes > 0 {
-                s.push_str(&format!(" retention_bytes={}", d.retention_bytes));
-            }
-            if d.strict {
-                s.push_str(" retention=strict");
-            }
+            s.push(' ');
+            s.push_str(&d.describe());
         }
         s
     }
 }
 
 impl Durability {
+    /// A disk stream's settings, as `ferry status` and refusals show them
+    /// ("fsync=every retention_bytes=... retention=strict").
+    pub fn describe(&self) -> String {
+        let mut s = match self.fsync {
+            Fsync::Every => "fsync=every".to_string(),
+            Fsync::IntervalMs(ms) => format!("fsync=interval({ms} ms)"),
+            Fsync::Never => "fsync=never".to_string(),
+        };
+        if self.retention_ms > 0 {
+            s.push_str(&format!(" retention_ms={}", self.retention_ms));
+        }
+        if self.retention_bytes > 0 {
+            s.push_str(&format!(" retention_bytes={}", self.retention_bytes));
+        }
+        if self.strict {
+            s.push_str(" retention=strict");
+        }
+        s
+    }
+
     /// Memory only: today's streams.
     pub const MEMORY: Durability = Durability {
         disk: false,

@@ -152,6 +152,15 @@ fn acknowledged_batches_survive_kill_9_under_each_fsync_policy() {
         drop(client);
         d.restart();
         assert!(d.log().contains("disk stream opened"), "{}", d.log());
+        // `ferry status` shows the policy the stream was reopened with.
+        let st = d.status();
+        let disk = st.streams[0].disk.as_ref().expect("a disk stream");
+        let want = match fsync {
+            Fsync::Every => "fsync=every",
+            Fsync::IntervalMs(_) => "fsync=interval(20 ms)",
+            Fsync::Never => "fsync=never",
+        };
+        assert_eq!(disk.settings, want);
         assert_eq!(
             d.log()
                 .matches("scanning the active segment from its checkpoint")

@@ -66,6 +66,7 @@ fn stream(name: &str, published: u64) -> ferry_admin::StreamStatus {
             start_offsets: vec![0, 0],
             unsynced: 2,
             error: None,
+            settings: "fsync=every".into(),
         }),
     }
 }

@@ -623,6 +623,8 @@ impl StreamEntry {
             let st = &mut dl.parts[p];
             let mut total = st.log.bytes();
             let mut deleted = 0;
+            // Batches each group skipped in this pass (one warning each).
+            let mut skipped: Vec<(String, u64)> = Vec::new();
             for (_base, next, bytes, modified) in st.log.closed_segments() {
                 let old = dl.d.retention_ms > 0
                     && now
@@ -655,24 +657,31 @@ impl StreamEntry {
                         total -= bytes;
                         deleted += 1;
                         for (g, n) in self.stream.raise_floor(p, start) {
-                            tracing::warn!(
-                                stream = %self.stream.name(),
-                                partition = p,
-                                group = %g,
-                                skipped = n,
-                                "retention = \"strict\" deleted batches this group had not read: it goes on from offset {start}"
-                            );
+                            match skipped.iter_mut().find(|(name, _)| *name == g) {
+                                Some((_, total)) => *total += n,
+                                None => skipped.push((g, n)),
+                            }
                         }
                     }
                     None => break,
                 }
+            }
+            let start = st.log.start_offset();
+            for (g, n) in skipped {
+                tracing::warn!(
+                    stream = %self.stream.name(),
+                    partition = p,
+                    group = %g,
+                    skipped = n,
+                    "retention = \"strict\" deleted batches this group had not read: it goes on from offset {start}"
+                );
             }
             if deleted > 0 {
                 tracing::info!(
                     stream = %self.stream.name(),
                     partition = p,
                     segments = deleted,
-                    start = st.log.start_offset(),
+                    start,
                     "retention deleted old segments"
                 );
                 self.dirty = true;

@@ -378,7 +378,7 @@ impl Server {
                     } else {
                         warn!(
                             held,
-                            "drained as far as it can: {held} batches of memory streams were never released, and no consumer is left to take them (they are lost when ferryd exits; disk streams keep theirs): {}",
+                            "drained as far as it can: {held} batches were never released, and no consumer is left to take them (they are in memory streams, and lost when ferryd exits; disk streams keep theirs in their logs): {}",
                             self.describe_held_in_memory()
                         );
                     }

@@ -123,6 +123,7 @@ impl Server {
                             .collect(),
                         unsynced: l.unsynced(),
                         error: l.error.clone(),
+                        settings: e.stream.spec().durability.describe(),
                     }),
                     producers: e
                         .producers
