@@ -359,6 +359,7 @@ impl Server {
         let mut idle = Duration::ZERO;
         let mut spinner = ferry_shm::wait::Spinner::new();
         let mut iter: u32 = 0;
+        let mut last_events = Instant::now();
         loop {
             iter = iter.wrapping_add(1);
             self.monitor.turns += 1;
@@ -401,6 +402,12 @@ impl Server {
             if iter.is_multiple_of(8) {
                 self.housekeeping();
                 self.disk_tick();
+                // Sockets too (connections, requests, peers) once turns
+                // are slow: 64 busy turns can be most of a second then.
+                if last_events.elapsed() >= Duration::from_millis(2) {
+                    self.poll_events(0)?;
+                    last_events = Instant::now();
+                }
             }
             if work > 0 {
                 worked = true;
@@ -462,6 +469,7 @@ impl Server {
                     .min(self.monitor.max_sleep_ms())
             };
             self.poll_events(timeout)?;
+            last_events = Instant::now();
             for s in self.sessions.values() {
                 if let Some(sub) = sub_of(&s.role) {
                     sub.finish_sleep();
