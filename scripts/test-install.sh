@@ -74,7 +74,11 @@ print("round trip ok")
 EOF
 chmod 0644 "$W/roundtrip.py"
 as_user ferry-test-member python3 "$W/roundtrip.py" || fail "a member of group ferry could not use the installed ferryd"
-as_user ferry-test-member "$W/usr/bin/ferry" status | grep -q installed || fail "ferry status as a member"
+# Read whole, then searched: `grep -q` may quit before ferry has written
+# everything, and ferry then dies of SIGPIPE (as CLIs do), which pipefail
+# would count as a failure.
+st=$(as_user ferry-test-member "$W/usr/bin/ferry" status) || fail "ferry status as a member: $st"
+grep -q installed <<<"$st" || fail "ferry status as a member does not list the stream: $st"
 if out=$(as_user ferry-test-outsider python3 "$W/roundtrip.py" 2>&1); then
     fail "a user outside group ferry got in: $out"
 fi
@@ -108,7 +112,7 @@ fi
 DEB=$(scripts/build-deb.sh --no-build --profile debug)
 MADE_PKG=1
 dpkg -i "$DEB" >/dev/null || fail "dpkg -i $DEB"
-/usr/bin/ferryd --version | grep -q ferryd || fail "the packaged ferryd"
+v=$(/usr/bin/ferryd --version) && grep -q ferryd <<<"$v" || fail "the packaged ferryd"
 systemd-analyze verify /lib/systemd/system/ferryd.service || fail "systemd-analyze verify (package)"
 /usr/bin/ferryd --config /etc/ferry/ferryd.toml --check >/dev/null || fail "the packaged config"
 # Debian's own Python (the package's dist-packages is its).
