@@ -297,14 +297,7 @@ impl Gpus {
                 m
             }
         };
-        Ok(GpuPublish {
-            info,
-            mirror,
-            host,
-            stream: cuda_stream,
-            pending: Copies::with_capacity(0),
-            copied_bytes: 0,
-        })
+        Ok(GpuPublish::new(info, mirror, host, cuda_stream))
     }
 
     /// Sets up publishing from GPU `ordinal` into a stream homed on
@@ -320,14 +313,7 @@ impl Gpus {
     ) -> Result<GpuPublish, Refusal> {
         let (gpu, host, cuda_stream) = self.attach_own(ordinal, outbox)?;
         let (mirror, info) = self.pool(&gpu, slot_size, slots)?;
-        Ok(GpuPublish {
-            info,
-            mirror,
-            host,
-            stream: cuda_stream,
-            pending: Copies::with_capacity(slots as usize),
-            copied_bytes: 0,
-        })
+        Ok(GpuPublish::new(info, mirror, host, cuda_stream))
     }
 
     /// Where a GPU consumer copies a batch from: the mirror on `device`
@@ -522,6 +508,17 @@ pub struct GpuPublish {
 }
 
 impl GpuPublish {
+    fn new(info: GpuPoolInfo, mirror: Mem, host: Mem, stream: ferry_cuda::Stream) -> GpuPublish {
+        GpuPublish {
+            pending: Copies::with_capacity(info.slots as usize),
+            info,
+            mirror,
+            host,
+            stream,
+            copied_bytes: 0,
+        }
+    }
+
     pub fn pending(&self) -> usize {
         self.pending.len()
     }

@@ -47,6 +47,10 @@ use sessions::{
     sub_of, sub_of_mut, ConsumerState, Policy, ProducerState, Role, Session, ACCEPT_PAUSE,
 };
 
+/// How often a loop that has work every turn still looks after the rest
+/// (housekeeping, disk tick, sockets).
+const BUSY_TICK: Duration = Duration::from_millis(2);
+
 /// The ids of the entries of `map` for which `f` holds.
 fn ids_where<T>(map: &BTreeMap<SessionId, T>, f: impl Fn(&T) -> bool) -> Vec<SessionId> {
     map.iter()
@@ -359,7 +363,7 @@ impl Server {
         let mut idle = Duration::ZERO;
         let mut spinner = ferry_shm::wait::Spinner::new();
         let mut iter: u32 = 0;
-        let mut last_events = Instant::now();
+        let mut last_tick = Instant::now();
         loop {
             iter = iter.wrapping_add(1);
             self.monitor.turns += 1;
@@ -395,18 +399,19 @@ impl Server {
                     break;
                 }
             }
-            // Often enough that a busy loop, whose turns may each take
-            // milliseconds (writing and reading disk logs), still stores
-            // its commits, runs interval syncs and pings the watchdog on
-            // time; each returns at once unless its time has come.
+            // Every 2 ms of a busy loop, whose turns may each take
+            // milliseconds (writing and reading disk logs): housekeeping
+            // (the watchdog's ping), the disk tick (commits stored,
+            // interval syncs, retention; each returns at once unless due)
+            // and the sockets (connections, requests, peers). One clock
+            // read per 8 turns decides.
             if iter.is_multiple_of(8) {
-                self.housekeeping();
-                self.disk_tick();
-                // Sockets too (connections, requests, peers) once turns
-                // are slow: 64 busy turns can be most of a second then.
-                if last_events.elapsed() >= Duration::from_millis(2) {
+                let now = Instant::now();
+                if now - last_tick >= BUSY_TICK {
+                    last_tick = now;
+                    self.housekeeping();
+                    self.disk_tick();
                     self.poll_events(0)?;
-                    last_events = Instant::now();
                 }
             }
             if work > 0 {
@@ -469,7 +474,6 @@ impl Server {
                     .min(self.monitor.max_sleep_ms())
             };
             self.poll_events(timeout)?;
-            last_events = Instant::now();
             for s in self.sessions.values() {
                 if let Some(sub) = sub_of(&s.role) {
                     sub.finish_sleep();

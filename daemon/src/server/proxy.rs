@@ -146,20 +146,18 @@ impl Proxy {
         }
     }
 
-    /// Puts the descriptors of finished GPU copies on the ring (or its
-    /// backlog), in order; returns how many.
+    /// Puts the descriptors of finished GPU copies on the ring (through
+    /// its backlog, which keeps them in order), in order; returns how many.
     pub(super) fn complete_copies(&mut self) -> Result<usize, String> {
         let Some(g) = &mut self.gpu else {
             return Ok(0);
         };
-        let mut ready = Vec::new();
+        let backlog = &mut self.backlog;
         let n = g.complete(|d| {
-            ready.push(*d);
+            backlog.push_back(*d);
             true
         })?;
-        for d in ready {
-            self.push(d)?;
-        }
+        self.flush()?;
         Ok(n)
     }
 
