@@ -169,9 +169,10 @@ pub struct Group {
     /// Epochs this group has finished (passed the end marker of every
     /// partition); members are told of each.
     pub epoch: u64,
-    /// The partition `deliver` starts at next: the one after the last it
-    /// delivered from, so that a member owning several partitions gets
-    /// each in turn rather than the lowest one drained first.
+    /// The partition `deliver` starts at next: the one after the first it
+    /// delivered from last time, so that a member owning several
+    /// partitions gets each in turn rather than the lowest one drained
+    /// first.
     next_part: u32,
 }
 
@@ -1358,6 +1359,7 @@ impl Stream {
         let mut count = 0;
         let n = self.parts.len();
         let start = self.groups[g].next_part as usize % n.max(1);
+        let mut first = None;
         for p in (start..n).chain(0..start) {
             let Some(owner) = self.groups[g].assign[p] else {
                 continue;
@@ -1432,11 +1434,15 @@ impl Stream {
                     },
                 );
                 count += 1;
-                // The next call starts after the partition served last
-                // (not one further per call: calls that deliver nothing
-                // would skip partitions).
-                self.groups[g].next_part = ((p + 1) % n) as u32;
+                first.get_or_insert(p);
             }
+        }
+        // The next call starts after the partition this one served first:
+        // each partition is first in turn. (Not one further per call:
+        // calls that deliver nothing would skip partitions; nor after the
+        // last served: a call serving two would skip every other one.)
+        if let Some(f) = first {
+            self.groups[g].next_part = ((f + 1) % n) as u32;
         }
         let group = &mut self.groups[g];
         let epoch_over = !group.members.is_empty()
@@ -1754,6 +1760,24 @@ mod tests {
             w.sort_unstable();
             assert_eq!(w, [0, 1, 2, 3], "each partition once in every 4: {order:?}");
         }
+        // Two credits a call: each call serves two partitions, and none is
+        // skipped over the calls.
+        let mut per = [0u32; 4];
+        for _ in 0..8 {
+            let mut got = Vec::new();
+            s.deliver(g, |_, d| {
+                if got.len() == 2 {
+                    return false;
+                }
+                got.push((d.part, d.offset, d.entry.slot));
+                true
+            });
+            for (p, o, slot) in got {
+                s.release(g, 10, p, o, slot).unwrap();
+                per[p as usize] += 1;
+            }
+        }
+        assert_eq!(per, [4, 4, 4, 4], "two credits a call");
         check(&s);
     }
 
