@@ -21,7 +21,11 @@
 //! skipped when read back, never served) and goes on.
 //!
 //! The index has one 16-byte entry (offset, file position) at the first
-//! record of the segment and then every `index_every` bytes; closed
+//! record of the segment and then every `index_every` bytes, and one
+//! (offset with its top bit set, epoch number) for each end-of-epoch
+//! marker (whose record carries that number, 8 bytes, as its metadata), so
+//! that recovery knows where every retained epoch ends without reading
+//! the records; closed
 //! segments have theirs synced at roll. Recovery trusts closed segments
 //! with a sound index and scans the last (active) segment record by record,
 //! truncating at the first record that is cut short or fails its checksum
@@ -63,6 +67,15 @@ pub const REC_RECORD: u16 = 1;
 pub const REC_END: u16 = 2;
 const META_MAX: usize = ferry_shm::layout::META_MAX as usize;
 const IDX_ENTRY: usize = 16;
+/// An index entry's offset with this bit set names an end marker: (offset,
+/// epoch number) instead of (offset, position).
+const IDX_MARK: u64 = 1 << 63;
+
+/// The epoch number an end marker's record carries as its metadata (0: a
+/// marker written before markers were numbered).
+pub fn mark_number(meta: &[u8]) -> u64 {
+    meta.try_into().map_or(0, u64::from_le_bytes)
+}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -173,6 +186,8 @@ struct Segment {
     modified: SystemTime,
     /// (offset, position), ascending.
     index: Vec<(u64, u64)>,
+    /// Its end markers: (offset, epoch number), ascending.
+    marks: Vec<(u64, u64)>,
     file: File,
 }
 
@@ -182,6 +197,7 @@ struct Scan {
     next: u64,
     good: u64,
     index: Vec<(u64, u64)>,
+    marks: Vec<(u64, u64)>,
     /// Why the scan stopped before the end of the file (a torn tail).
     cut: Option<String>,
     /// Damaged records with sound ones after them: (offset, position,
@@ -205,6 +221,9 @@ pub struct PartitionLog {
     /// position), so that a sequential replay does not search the index.
     cursor: Option<(u64, u64, u64)>,
     scratch: Vec<u8>,
+    /// The epoch number of the last end marker in segments retention
+    /// deleted (kept in the `marks_base` file).
+    marks_base: u64,
     /// Written but not yet synced, besides the active segment: segments
     /// closed since the last `sync_files` and their indexes, and the
     /// directory (new segments in it).
@@ -346,22 +365,36 @@ fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
     }
 }
 
-fn load_index(path: &Path, base: u64, file_len: u64) -> Option<Vec<(u64, u64)>> {
+/// A segment's sparse index and its end markers, read from its `.idx`
+/// file, when that is sound.
+type Index = (Vec<(u64, u64)>, Vec<(u64, u64)>);
+
+fn load_index(path: &Path, base: u64, file_len: u64) -> Option<Index> {
     let b = fs::read(path).ok()?;
     if b.len() % IDX_ENTRY != 0 || b.is_empty() {
         return None;
     }
-    let mut out = Vec::with_capacity(b.len() / IDX_ENTRY);
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(b.len() / IDX_ENTRY);
+    let mut marks: Vec<(u64, u64)> = Vec::new();
     for c in b.chunks_exact(IDX_ENTRY) {
         let o = u64::from_le_bytes(c[..8].try_into().ok()?);
         let p = u64::from_le_bytes(c[8..].try_into().ok()?);
+        if o & IDX_MARK != 0 {
+            let o = o & !IDX_MARK;
+            let sorted = marks.last().is_none_or(|&(lo, ln)| o > lo && p > ln);
+            if o < base || !sorted {
+                return None;
+            }
+            marks.push((o, p));
+            continue;
+        }
         let sorted = out.last().is_none_or(|&(lo, lp)| o > lo && p > lp);
         if o < base || p >= file_len || !sorted {
             return None;
         }
         out.push((o, p));
     }
-    (out[0] == (base, 0)).then_some(out)
+    (out.first() == Some(&(base, 0))).then_some((out, marks))
 }
 
 impl PartitionLog {
@@ -389,7 +422,13 @@ impl PartitionLog {
             since_index: 0,
             cursor: None,
             scratch: Vec::new(),
+            marks_base: 0,
             unsynced: Vec::new(),
+        };
+        let base_path = dir.join("marks_base");
+        log.marks_base = match read_atomic(&base_path) {
+            Ok(Some(b)) => decode(&base_path, &b).unwrap_or(0),
+            _ => 0,
         };
         let mut dropped = Vec::new();
         if bases.is_empty() {
@@ -411,12 +450,17 @@ impl PartitionLog {
             } else {
                 load_index(&dir.join(seg_name(base, "idx")), base, len.max(1))
             };
+            let (sparse, mut marks) = index.clone().unwrap_or_default();
+            if let Some(n) = next_base {
+                marks.retain(|&(o, _)| o < n);
+            }
             let mut seg = Segment {
                 base,
                 next: next_base.unwrap_or(base),
                 bytes: len,
                 modified: meta.modified().unwrap_or(SystemTime::now()),
-                index: index.clone().unwrap_or_default(),
+                index: sparse,
+                marks,
                 file,
             };
             if index.is_none() {
@@ -441,10 +485,12 @@ impl PartitionLog {
                     next,
                     good,
                     index,
+                    marks,
                     cut,
                     damaged,
                 } = log.scan(&seg, len, from)?;
                 seg.index = index;
+                seg.marks = marks;
                 for (offset, position, bytes, reason) in damaged {
                     tracing::warn!(
                         segment = %path.display(),
@@ -496,7 +542,7 @@ impl PartitionLog {
                 }
                 seg.next = next;
                 if !last {
-                    log.write_index(&dir.join(seg_name(base, "idx")), &seg.index)?;
+                    log.write_index(&dir.join(seg_name(base, "idx")), &seg.index, &seg.marks)?;
                 }
             }
             log.segments.insert(base, seg);
@@ -508,8 +554,8 @@ impl PartitionLog {
             .expect("one segment at least");
         let (base, bytes) = (active.base, active.bytes);
         let idx_path = dir.join(seg_name(base, "idx"));
-        let idx = active.index.clone();
-        log.write_index(&idx_path, &idx)?;
+        let (idx, marks) = (active.index.clone(), active.marks.clone());
+        log.write_index(&idx_path, &idx, &marks)?;
         log.active_idx = OpenOptions::new().append(true).open(&idx_path)?;
         log.since_index = idx.last().map_or(0, |&(_, p)| bytes - p);
         if bytes > 0 {
@@ -521,7 +567,7 @@ impl PartitionLog {
     /// Where the scan of active segment `seg` (`len` bytes) may start:
     /// its checkpoint, with the index entries before it, when the
     /// checkpoint names this segment and a place in it.
-    fn resume_point(&self, seg: &Segment, len: u64) -> Option<(Checkpoint, Vec<(u64, u64)>)> {
+    fn resume_point(&self, seg: &Segment, len: u64) -> Option<(Checkpoint, Index)> {
         let c = read_checkpoint(&self.dir)?;
         if c.base != seg.base || c.position > len || c.next < seg.base || c.position == 0 {
             return None;
@@ -537,12 +583,15 @@ impl PartitionLog {
             }
         }
         let idx = self.dir.join(seg_name(seg.base, "idx"));
-        let mut index = load_index(&idx, seg.base, len.max(1)).unwrap_or_default();
+        let (mut index, mut marks) = load_index(&idx, seg.base, len.max(1)).unwrap_or_default();
         index.retain(|&(o, p)| p < c.position && o < c.next);
         if index.first() != Some(&(seg.base, 0)) {
-            index = vec![(seg.base, 0)];
+            // Without its sparse index, the markers' entries before the
+            // checkpoint cannot be trusted either: scan it all.
+            return None;
         }
-        Some((c, index))
+        marks.retain(|&(o, _)| o < c.next);
+        Some((c, (index, marks)))
     }
 
     /// Scans segment `seg` (`len` bytes), from its start or from `from`
@@ -553,14 +602,14 @@ impl PartitionLog {
         &mut self,
         seg: &Segment,
         len: u64,
-        from: Option<(Checkpoint, Vec<(u64, u64)>)>,
+        from: Option<(Checkpoint, Index)>,
     ) -> io::Result<Scan> {
-        let (mut pos, mut next, mut index, mut since) = match from {
-            Some((c, index)) => {
+        let (mut pos, mut next, mut index, mut marks, mut since) = match from {
+            Some((c, (index, marks))) => {
                 let last = index.last().map_or(0, |&(_, p)| p);
-                (c.position, c.next, index, c.position - last)
+                (c.position, c.next, index, marks, c.position - last)
             }
-            None => (0u64, seg.base, Vec::new(), u64::MAX),
+            None => (0u64, seg.base, Vec::new(), Vec::new(), u64::MAX),
         };
         let mut damaged = Vec::new();
         let max = self.opts.max_payload;
@@ -592,6 +641,11 @@ impl PartitionLog {
                 index.push((next, pos));
                 since = 0;
             }
+            if h.flags & REC_END != 0 && h.meta_len == 8 {
+                let mut m = [0u8; 8];
+                seg.file.read_exact_at(&mut m, pos + HEADER as u64)?;
+                marks.push((next, mark_number(&m)));
+            }
             since += h.size();
             pos += h.size();
             next += 1;
@@ -600,16 +654,26 @@ impl PartitionLog {
             next,
             good: pos,
             index,
+            marks,
             cut,
             damaged,
         })
     }
 
-    fn write_index(&self, path: &Path, index: &[(u64, u64)]) -> io::Result<()> {
-        let mut b = Vec::with_capacity(index.len() * IDX_ENTRY);
+    fn write_index(
+        &self,
+        path: &Path,
+        index: &[(u64, u64)],
+        marks: &[(u64, u64)],
+    ) -> io::Result<()> {
+        let mut b = Vec::with_capacity((index.len() + marks.len()) * IDX_ENTRY);
         for (o, p) in index {
             b.extend_from_slice(&o.to_le_bytes());
             b.extend_from_slice(&p.to_le_bytes());
+        }
+        for (o, n) in marks {
+            b.extend_from_slice(&(o | IDX_MARK).to_le_bytes());
+            b.extend_from_slice(&n.to_le_bytes());
         }
         let mut f = File::create(path)?;
         f.write_all(&b)?;
@@ -640,6 +704,7 @@ impl PartitionLog {
                 bytes: 0,
                 modified: SystemTime::now(),
                 index: Vec::new(),
+                marks: Vec::new(),
                 file,
             },
         );
@@ -693,6 +758,21 @@ impl PartitionLog {
             return Ok(false);
         }
         Ok(self.header(next - 1)?.1.flags & REC_END != 0)
+    }
+
+    /// The epoch number of the last end marker before the log's start
+    /// (in segments retention deleted; 0: none).
+    pub fn marks_base(&self) -> u64 {
+        self.marks_base
+    }
+
+    /// The numbered end markers in the log, (offset, epoch number), oldest
+    /// first.
+    pub fn marks(&self) -> Vec<(u64, u64)> {
+        self.segments
+            .values()
+            .flat_map(|s| s.marks.iter().copied())
+            .collect()
     }
 
     /// Where the active segment ends now: once a sync of the files
@@ -832,6 +912,20 @@ impl PartitionLog {
             }
         }
         self.since_index = self.since_index.saturating_add(size);
+        if flags & REC_END != 0 && meta.len() == 8 {
+            let number = mark_number(meta);
+            let mut e = [0u8; IDX_ENTRY];
+            e[..8].copy_from_slice(&(offset | IDX_MARK).to_le_bytes());
+            e[8..].copy_from_slice(&number.to_le_bytes());
+            // Also a hint: recovery rebuilds the active segment's from its
+            // records; a closed segment's is rewritten at its roll.
+            // A failed write empties the file, which recovery then finds
+            // unsound and replaces by a scan, rather than miss a marker.
+            if self.active_idx.write_all(&e).is_err() {
+                let _ = self.active_idx.set_len(0);
+            }
+            self.active_mut().marks.push((offset, number));
+        }
         if self.active_since.is_none() {
             self.active_since = Some(std::time::Instant::now());
         }
@@ -1004,9 +1098,20 @@ impl PartitionLog {
         if self.segments.len() < 2 {
             return None;
         }
-        let (base, _) = self.segments.pop_first().expect("two segments");
+        let (base, seg) = self.segments.pop_first().expect("two segments");
         if self.cursor.is_some_and(|(_, b, _)| b == base) {
             self.cursor = None;
+        }
+        if let Some(&(_, n)) = seg.marks.last() {
+            // Written before the caller deletes the segment: a crash in
+            // between finds both, and the next deletion writes it again.
+            // Not synced (the data-plane thread calls this): a host crash
+            // may lose it, and the epochs ended there are not counted.
+            self.marks_base = n;
+            let path = self.dir.join("marks_base");
+            if let Err(e) = write_atomic_unsynced(&path, &encode(&n)) {
+                tracing::warn!(path = %path.display(), "the count of epochs ended in deleted segments was not stored: {e}");
+            }
         }
         let files = [
             self.dir.join(seg_name(base, "log")),

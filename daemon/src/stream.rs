@@ -19,7 +19,7 @@
 //! group can drop another group's hold (`model_tests` checks this against a
 //! reference model over random interleavings).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::idhash::IdMap;
 
@@ -66,6 +66,7 @@ pub const ENTRY_LOST: u16 = 8;
 pub struct Entry {
     /// The slot holding the batch; [`NO_SLOT`] for an end marker.
     pub slot: u32,
+    /// The payload's length; an end marker's epoch number.
     pub len: u64,
     pub meta_len: u32,
     /// Published from GPU memory: the stream's mirror on this GPU holds the
@@ -79,7 +80,23 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// An entry that takes no slot (an end marker, a lost batch).
+    /// The end marker of epoch `number` (the stream's count of ends of
+    /// epoch, from 1; 0: read back from a log written before markers were
+    /// numbered). `flags` adds to [`ENTRY_END`].
+    pub fn end(number: u64, flags: u16) -> Entry {
+        Entry {
+            len: number,
+            ..Entry::marker(ENTRY_END | flags)
+        }
+    }
+
+    /// The epoch an end marker ends (see [`Entry::end`]).
+    pub fn end_number(&self) -> u64 {
+        self.len
+    }
+
+    /// An entry that takes no slot (a lost batch; see [`Entry::end`] for
+    /// end markers).
     pub fn marker(flags: u16) -> Entry {
         Entry {
             slot: NO_SLOT,
@@ -116,6 +133,38 @@ pub struct Partition {
     /// A disk stream: the first offset put in while it had no group (the
     /// first group to form starts there by default).
     pub orphan_from: Option<u64>,
+    /// Its end markers a group may still be put before (by a start, seek
+    /// or restart), as (offset, epoch number), oldest first: how many
+    /// epochs a group at any offset has passed here.
+    pub marks: VecDeque<(u64, u64)>,
+    /// The number of the last marker taken off the front of `marks`, and
+    /// its offset (0 when the log's retention took it).
+    pub marks_base: u64,
+    pub marks_base_at: u64,
+}
+
+impl Partition {
+    /// The epoch number of the last end marker before offset `o` (0:
+    /// none), the epochs a group at `o` has passed in this partition, and
+    /// that marker's offset.
+    pub fn reached_at(&self, o: u64) -> (u64, u64) {
+        match self.marks.partition_point(|&(mo, _)| mo < o) {
+            0 => (self.marks_base, self.marks_base_at),
+            i => (self.marks[i - 1].1, self.marks[i - 1].0),
+        }
+    }
+
+    /// Forgets the markers below offset `o` (no group can be put before
+    /// them any more).
+    fn trim_marks(&mut self, o: u64) {
+        while let Some(&(mo, n)) = self.marks.front() {
+            if mo >= o {
+                break;
+            }
+            (self.marks_base, self.marks_base_at) = (n, mo);
+            self.marks.pop_front();
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -127,9 +176,21 @@ pub struct GroupPart {
     /// Delivered and not yet released.
     pub inflight: IdMap<u64, Inflight>,
     pub committed: u64,
-    /// The group passed an end marker here and waits for every partition
-    /// to reach theirs (the end of the epoch) before delivering more.
-    pub at_end: bool,
+    /// The epoch number of the last end marker before the group's position
+    /// here (what it passed or stopped at). At or above the group's `current`
+    /// epoch, the partition has reached the end of it and delivers nothing
+    /// after that marker until every partition has (see
+    /// [`Stream::deliver`]).
+    pub reached: u64,
+    /// The offset of that marker.
+    pub stop: u64,
+}
+
+impl GroupPart {
+    /// The group is at (`reached`, `stop`) from `reached_at`.
+    fn set_reached(&mut self, (number, offset): (u64, u64)) {
+        (self.reached, self.stop) = (number, offset);
+    }
 }
 
 /// A batch a member holds.
@@ -169,6 +230,10 @@ pub struct Group {
     /// Epochs this group has finished (passed the end marker of every
     /// partition); members are told of each.
     pub epoch: u64,
+    /// The stream's epoch this group is in: the lowest epoch any of its
+    /// partitions is in (a partition that reached the end of this one
+    /// waits for the others).
+    pub current: u64,
     /// The partition `deliver` starts at next: the one after the first it
     /// delivered from last time, so that a member owning several
     /// partitions gets each in turn rather than the lowest one drained
@@ -195,6 +260,18 @@ impl Group {
             low = low.min(i);
         }
         low
+    }
+
+    /// Whether partition `p` has reached the end of the group's epoch.
+    pub fn stopped(&self, p: usize) -> bool {
+        self.parts[p].reached >= self.current
+    }
+
+    /// Sets the epoch from where the partitions are (a new or restored
+    /// group): the lowest epoch any of them is in; those already past its
+    /// end wait for the others there.
+    fn set_current(&mut self) {
+        self.current = self.parts.iter().map(|gp| gp.reached).min().unwrap_or(0) + 1;
     }
 
     pub fn partitions_of(&self, session: SessionId) -> Vec<u32> {
@@ -269,6 +346,8 @@ pub struct Stream {
     /// the log writer took them. They stay held (by no group: `holders`
     /// 0) until it has, or its bytes would be lost to the log.
     unwritten: Vec<u32>,
+    /// The number of the last end of epoch (its markers carry it).
+    epochs: u64,
 }
 
 /// A list of free slots: a doubly linked list threaded through
@@ -494,6 +573,7 @@ impl Stream {
             tiered: spec.durability.disk,
             loads: Vec::new(),
             unwritten: Vec::new(),
+            epochs: 0,
             spec,
         }
     }
@@ -525,8 +605,25 @@ impl Stream {
 
     /// A disk stream recovered from its log: partition `p` holds offsets
     /// `floor..end` on disk (none in a slot), `ended`: its last record is
-    /// an end marker. Before any group is restored.
-    pub fn recover_partition(&mut self, p: usize, floor: u64, end: u64, ended: bool) {
+    /// an end marker; `marks`: its numbered end markers, (offset, epoch
+    /// number), oldest first, and `base` the number of the last one
+    /// before `floor`. Before [`Stream::finish_recovery`].
+    pub fn recover_partition(
+        &mut self,
+        p: usize,
+        floor: u64,
+        end: u64,
+        ended: bool,
+        (base, marks): (u64, Vec<(u64, u64)>),
+    ) {
+        let part = &mut self.parts[p];
+        part.marks = marks
+            .into_iter()
+            .filter(|&(o, n)| o >= floor && o < end && n > base)
+            .collect();
+        part.marks_base = base;
+        let last = part.marks.back().map_or(base, |m| m.1);
+        self.epochs = self.epochs.max(last);
         let part = &mut self.parts[p];
         part.end = end;
         part.visible = end;
@@ -534,6 +631,30 @@ impl Stream {
         part.floor = floor;
         part.ended = ended;
         part.orphan_from = (floor < end).then_some(floor);
+    }
+
+    /// After every partition is recovered, before groups are restored: a
+    /// partition whose log lacks the marker of the last epoch that ended
+    /// (a host crash took its unsynced tail, marker included, while
+    /// another partition's marker was synced) gets it back at its end, so
+    /// that groups do not wait at the other partitions' markers for one
+    /// that will never come. Its batches before it were all of that
+    /// epoch. Returns those partitions; the log writer writes the markers.
+    pub fn finish_recovery(&mut self) -> Vec<u32> {
+        let mut fixed = Vec::new();
+        let number = self.epochs;
+        for (p, part) in self.parts.iter_mut().enumerate() {
+            if part.marks.back().map_or(part.marks_base, |m| m.1) >= number {
+                continue;
+            }
+            let offset = part.end;
+            part.end += 1;
+            part.ended = true;
+            part.index.insert(offset, Entry::end(number, 0));
+            part.marks.push_back((offset, number));
+            fixed.push(p as u32);
+        }
+        fixed
     }
 
     /// Restores group `name` (no members) at the committed offsets stored
@@ -547,14 +668,16 @@ impl Stream {
             .zip(&self.parts)
             .map(|(&c, part)| {
                 let c = c.clamp(part.floor, part.end);
-                GroupPart {
+                let mut gp = GroupPart {
                     next: c,
                     committed: c,
                     ..GroupPart::default()
-                }
+                };
+                gp.set_reached(part.reached_at(c));
+                gp
             })
             .collect();
-        self.groups.push(Group {
+        let mut group = Group {
             name: name.to_string(),
             members: Vec::new(),
             assign: vec![None; self.parts.len()],
@@ -563,8 +686,11 @@ impl Stream {
             empty_since: Some(std::time::Instant::now()),
             owner,
             epoch: 0,
+            current: 0,
             next_part: 0,
-        });
+        };
+        group.set_current();
+        self.groups.push(group);
         for part in &mut self.parts {
             part.orphan_from = None;
         }
@@ -620,6 +746,7 @@ impl Stream {
             return skipped;
         }
         self.parts[p].floor = floor;
+        self.parts[p].trim_marks(floor);
         if let Some(o) = self.parts[p].orphan_from {
             self.parts[p].orphan_from = Some(o.max(floor)).filter(|&o| o < self.parts[p].end);
         }
@@ -659,6 +786,8 @@ impl Stream {
                     self.unhold(p as u32, o);
                 }
                 self.groups[g].parts[p].next = floor;
+                let at = self.parts[p].reached_at(floor);
+                self.groups[g].parts[p].set_reached(at);
             }
             let gp = &mut self.groups[g].parts[p];
             gp.committed = gp.committed.max(floor);
@@ -893,6 +1022,11 @@ impl Stream {
                 break;
             }
             self.parts[p].index.remove(&o);
+            if !self.tiered {
+                // A memory stream's seek cannot go below what its index
+                // holds (a disk stream's can, down to its log's floor).
+                self.parts[p].trim_marks(o + 1);
+            }
         }
     }
 
@@ -912,6 +1046,8 @@ impl Stream {
         let alone = self.live_groups() == 0;
         let orphan = if alone { ENTRY_ORPHAN } else { 0 };
         let tiered = self.tiered;
+        self.epochs += 1;
+        let number = self.epochs;
         for part in &mut self.parts {
             let offset = part.end;
             part.end += 1;
@@ -921,7 +1057,8 @@ impl Stream {
             } else if alone && part.orphan_from.is_none() {
                 part.orphan_from = Some(offset);
             }
-            part.index.insert(offset, Entry::marker(ENTRY_END | orphan));
+            part.index.insert(offset, Entry::end(number, orphan));
+            part.marks.push_back((offset, number));
         }
         true
     }
@@ -1251,13 +1388,18 @@ impl Stream {
                     .collect::<Result<Vec<u64>, SeekError>>()?;
                 let parts = starts
                     .iter()
-                    .map(|&s| GroupPart {
-                        next: s,
-                        committed: s,
-                        ..GroupPart::default()
+                    .zip(&self.parts)
+                    .map(|(&s, part)| {
+                        let mut gp = GroupPart {
+                            next: s,
+                            committed: s,
+                            ..GroupPart::default()
+                        };
+                        gp.set_reached(part.reached_at(s));
+                        gp
                     })
                     .collect();
-                let group = Group {
+                let mut group = Group {
                     name: name.to_string(),
                     members: Vec::new(),
                     assign: vec![None; nparts],
@@ -1266,8 +1408,10 @@ impl Stream {
                     empty_since: None,
                     owner: uid,
                     epoch: 0,
+                    current: 0,
                     next_part: 0,
                 };
+                group.set_current();
                 // Reuse a deleted group's index, so that creating and
                 // deleting groups does not grow the stream.
                 let g = match self.groups.iter().position(|g| g.deleted) {
@@ -1360,15 +1504,24 @@ impl Stream {
         let n = self.parts.len();
         let start = self.groups[g].next_part as usize % n.max(1);
         let mut first = None;
+        let current = self.groups[g].current;
         for p in (start..n).chain(0..start) {
             let Some(owner) = self.groups[g].assign[p] else {
                 continue;
             };
             loop {
                 let gp = &mut self.groups[g].parts[p];
-                let (o, from_pending) = if let Some(o) = gp.pending.pop_first() {
+                let stopped = gp.reached >= current;
+                // Redeliveries before the marker it stopped at still go.
+                let redeliver = gp
+                    .pending
+                    .first()
+                    .copied()
+                    .filter(|&o| !stopped || o < gp.stop);
+                let (o, from_pending) = if let Some(o) = redeliver {
+                    gp.pending.remove(&o);
                     (o, true)
-                } else if !gp.at_end && gp.next < self.parts[p].visible {
+                } else if !stopped && gp.next < self.parts[p].visible {
                     let o = gp.next;
                     if gp.inflight.contains_key(&o) {
                         // A disk stream's seek back reached a batch a
@@ -1399,7 +1552,18 @@ impl Stream {
                     continue;
                 };
                 if entry.is_end() {
-                    self.groups[g].parts[p].at_end = true;
+                    // The partition stops at it: every partition is at
+                    // least in the group's epoch, so the marker ends that
+                    // epoch or a later one. One without a number (an old
+                    // log's) ends the group's.
+                    let m = match entry.end_number() {
+                        0 => current,
+                        m => m,
+                    };
+                    let gp = &mut self.groups[g].parts[p];
+                    if m >= gp.reached {
+                        gp.set_reached((m, o));
+                    }
                     continue;
                 }
                 if entry.flags & ENTRY_LOST != 0 {
@@ -1449,14 +1613,14 @@ impl Stream {
             && group
                 .parts
                 .iter()
-                .all(|gp| gp.at_end && gp.pending.is_empty());
+                .all(|gp| gp.reached >= current && gp.pending.first().is_none_or(|&o| o > gp.stop));
         if !epoch_over {
             return count;
         }
-        for gp in &mut group.parts {
-            gp.at_end = false;
-        }
+        // The epoch ends; partitions a seek put further on stay stopped at
+        // theirs until the others get there too.
         group.epoch += 1;
+        group.set_current();
         count
     }
 
@@ -1572,9 +1736,16 @@ impl Stream {
         for (o, i) in self.groups[g].parts[p].inflight.iter_mut() {
             i.replay = *o >= offset;
         }
-        // An explicit position: an end marker passed before no longer
-        // holds the partition back (one replayed is met again).
-        self.groups[g].parts[p].at_end = false;
+        // The partition is in the epoch of its new position. Sought past
+        // the end of the group's epoch, it waits there for the others, as
+        // if it had got there by itself. Sought back into an earlier epoch,
+        // the group is in that epoch again: the others wait for it to get
+        // to that epoch's end, which ends the epoch again (a replay
+        // replays its ends of epoch).
+        let at = self.parts[p].reached_at(offset);
+        let group = &mut self.groups[g];
+        group.parts[p].set_reached(at);
+        group.current = group.current.min(at.0 + 1);
         if offset < next && self.tiered {
             // Replay from disk, however long: `next` moves back. What is
             // pending in [offset, next) is held through `next` now; what
@@ -2133,6 +2304,150 @@ mod tests {
         publish(&mut s, 3);
         let f = s.join("first", 1, 0, &GroupStart::Default).unwrap();
         assert_eq!(take_all(&mut s, f).len(), 3);
+    }
+
+    fn publish_to(s: &mut Stream, p: u32) -> u64 {
+        let parts = s.spec.partitions;
+        let key = (0u64..)
+            .find(|&k| partition_for_key(k, parts) == p)
+            .unwrap();
+        let slot = s.grant(1).expect("free slot");
+        s.publish(1, slot, 10, 0, Some(key), None, 0).unwrap().1
+    }
+
+    /// Delivers and releases until nothing more comes: what came, in
+    /// order, and the group's count of ends of epoch after each batch.
+    fn drain_group(s: &mut Stream, g: usize) -> Vec<(u32, u64, u64)> {
+        let mut got = Vec::new();
+        for _ in 0..16 {
+            for (m, d) in take_all(s, g) {
+                s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
+                got.push((d.part, d.offset, s.groups[g].epoch));
+            }
+        }
+        got
+    }
+
+    /// The design problem stop 19 left: a seek past end markers in one
+    /// partition. The markers were not numbered, so the group waited at
+    /// the other partition's first marker for one the sought partition
+    /// would never meet again, and once the producers stopped ending
+    /// epochs the other partition's last batch was never delivered.
+    #[test]
+    fn a_seek_past_end_markers_does_not_hold_the_other_partitions_back() {
+        let mut s = stream(2, 16);
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
+        publish_to(&mut s, 0);
+        assert!(s.end_epoch()); // marker 1: p0 offset 1, p1 offset 0
+        publish_to(&mut s, 0);
+        assert!(s.end_epoch()); // marker 2: p0 offset 3, p1 offset 1
+        let last = publish_to(&mut s, 0);
+        s.seek(g, 0, last).unwrap();
+        let p1 = publish_to(&mut s, 1);
+        let got: Vec<(u32, u64)> = drain_group(&mut s, g)
+            .iter()
+            .map(|&(p, o, _)| (p, o))
+            .collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got.contains(&(1, p1)) && got.contains(&(0, last)),
+            "{got:?}"
+        );
+        assert_eq!(s.groups[g].epoch, 2, "both ends of epoch, once each");
+    }
+
+    /// A partition sought past the end of the group's epoch waits there
+    /// until the others get there too: its next epoch's batches do not
+    /// come before this epoch's end.
+    #[test]
+    fn a_partition_sought_into_the_next_epoch_waits_for_the_others() {
+        let mut s = stream(2, 16);
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
+        let a = publish_to(&mut s, 1);
+        assert!(s.end_epoch()); // p0 offset 0, p1 offset 1
+        let b = publish_to(&mut s, 0);
+        s.seek(g, 0, b).unwrap();
+        let first: Vec<(u32, u64)> = take_all(&mut s, g)
+            .iter()
+            .map(|(_, d)| (d.part, d.offset))
+            .collect();
+        assert_eq!(first, vec![(1, a)], "epoch 1 first, alone");
+        assert_eq!(s.groups[g].epoch, 1);
+        let second: Vec<(u32, u64)> = take_all(&mut s, g)
+            .iter()
+            .map(|(_, d)| (d.part, d.offset))
+            .collect();
+        assert_eq!(second, vec![(0, b)]);
+    }
+
+    /// Seeking every partition back to the start replays the batches and
+    /// the ends of epoch between them, in the same order.
+    #[test]
+    fn a_replay_replays_the_ends_of_epoch_too() {
+        let mut s = stream(2, 32);
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
+        publish(&mut s, 4);
+        assert!(s.end_epoch());
+        publish(&mut s, 4);
+        assert!(s.end_epoch());
+        publish(&mut s, 2);
+        let first = drain_group(&mut s, g);
+        assert_eq!(first.len(), 10);
+        assert_eq!(s.groups[g].epoch, 2);
+        // One partition first: the other waits for it at the end of the
+        // epoch it was sought back into.
+        s.seek(g, 0, 0).unwrap();
+        assert_eq!(s.groups[g].current, 1);
+        s.seek(g, 1, 0).unwrap();
+        let again = drain_group(&mut s, g);
+        let strip = |v: &[(u32, u64, u64)]| -> Vec<(u32, u64, u64)> {
+            let mut v: Vec<_> = v.to_vec();
+            // Within an epoch the partitions interleave as credit allows:
+            // compare each epoch's set.
+            v.sort_by_key(|&(p, o, e)| (e, p, o));
+            v
+        };
+        let shifted: Vec<(u32, u64, u64)> = again.iter().map(|&(p, o, e)| (p, o, e - 2)).collect();
+        assert_eq!(
+            strip(&shifted),
+            strip(&first),
+            "same batches in the same epochs"
+        );
+        assert_eq!(s.groups[g].epoch, 4, "each replayed end told again");
+    }
+
+    /// Recovery: a partition whose log lost the last epoch's marker (a host
+    /// crash took its unsynced tail) gets it back at its end, numbered as
+    /// the other partitions' marker.
+    #[test]
+    fn recovery_puts_back_a_marker_a_crash_took_from_one_partition() {
+        let mut s = Stream::new(
+            0,
+            "d".into(),
+            StreamSpec {
+                durability: ferry_shm::proto::Durability {
+                    disk: true,
+                    ..Default::default()
+                },
+                partitions: 2,
+                slot_size: 100,
+                slot_count: 8,
+            },
+        );
+        // p0: batches 0..3, marker 1 at 3, one batch after it; p1 lost
+        // its marker 1 with its tail (it has batches 0..2 only).
+        s.recover_partition(0, 0, 5, false, (0, vec![(3, 1)]));
+        s.recover_partition(1, 0, 2, false, (0, vec![]));
+        assert_eq!(s.finish_recovery(), vec![1]);
+        assert_eq!(s.partition_end(1), 3);
+        let e = s.entry(1, 2).unwrap();
+        assert!(e.is_end() && e.end_number() == 1);
+        assert!(s.finish_recovery().is_empty(), "once");
+        // A partition whose markers retention deleted counts them.
+        let mut t = Stream::new(1, "e".into(), s.spec().clone());
+        t.recover_partition(0, 0, 5, false, (0, vec![(3, 1)]));
+        t.recover_partition(1, 4, 6, false, (1, vec![]));
+        assert!(t.finish_recovery().is_empty());
     }
 
     #[test]

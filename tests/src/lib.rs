@@ -385,6 +385,25 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Sequence of what a consumer gets until `n` ends of epoch: the first
+/// payload byte of each batch (the epoch it was sent in), `E` for an end.
+/// Panics on any other error (a timeout included: 10 s without a batch).
+pub fn epochs_seen(c: &mut ferry::Consumer, n: usize) -> Vec<char> {
+    let mut seen = Vec::new();
+    while seen.iter().filter(|&&x| x == 'E').count() < n {
+        match c.next(Some(Duration::from_secs(10))) {
+            Ok(b) => {
+                // SAFETY (test): held until released below.
+                seen.push((b'0' + unsafe { b.data() }[0]) as char);
+                c.release(b.token).unwrap();
+            }
+            Err(e) if e.status == ferry::Status::EndOfEpoch => seen.push('E'),
+            Err(e) => panic!("{e} after {seen:?}"),
+        }
+    }
+    seen
+}
+
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }

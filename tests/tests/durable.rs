@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ferry::{ConsumerOptions, GroupStart, Status, StreamSpec};
 use ferry_shm::proto::{Durability, Fsync};
-use ferry_tests::{eventually, Daemon};
+use ferry_tests::{epochs_seen, eventually, Daemon};
 
 const T: Option<Duration> = Some(Duration::from_secs(10));
 
@@ -820,4 +820,56 @@ fn check_refuses_a_data_dir_start_up_would_refuse() {
         said(&out)
     );
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Ends of epoch are in the log with their numbers: after a kill -9 a new
+/// group replays the epochs with their ends where they were. A group that
+/// starts one partition past two ends of epoch (markers that are on disk
+/// only after the restart) is not held back by them: it had waited at the
+/// other partition's first marker for one its partition would never meet
+/// again, and never got that partition's last batches.
+#[test]
+fn ends_of_epoch_survive_a_restart_and_a_start_past_them_holds_nothing_back() {
+    let mut d = daemon("");
+    let client = d.client();
+    let mut p = client
+        .producer("s", disk(2, 8, 4096, Fsync::Every))
+        .unwrap();
+    // Round robin: 2 batches per partition and epoch, then its marker.
+    for epoch in 0..3u8 {
+        for _ in 0..4 {
+            p.send(&[epoch], b"", None, T).unwrap();
+        }
+        p.flush(T).unwrap();
+        p.end().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill();
+    drop(p);
+    drop(client);
+    d.restart();
+    let client = d.client();
+    let mut r = client.consumer("s", "replay", earliest()).unwrap();
+    let seen: String = epochs_seen(&mut r, 3).into_iter().collect();
+    assert_eq!(seen, "0000E1111E2222E");
+    // Partition 0 from offset 6: past the markers at 2 and 5.
+    let mut c = client
+        .consumer(
+            "s",
+            "late",
+            ConsumerOptions {
+                start: GroupStart::Offsets(vec![6, 0]),
+                ..ConsumerOptions::default()
+            },
+        )
+        .unwrap();
+    let seen: String = epochs_seen(&mut c, 3).into_iter().collect();
+    assert_eq!(seen, "00E11E2222E", "partition 1 catches up epoch by epoch");
+    let st = d.status();
+    let g = st.streams[0]
+        .groups
+        .iter()
+        .find(|g| g.name == "late")
+        .unwrap();
+    assert_eq!(g.epochs, 3);
 }

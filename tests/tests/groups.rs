@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use ferry::{ConsumerOptions, Status, StreamSpec};
-use ferry_tests::{eventually, Daemon};
+use ferry_tests::{epochs_seen, eventually, Daemon};
 
 const T: Option<Duration> = Some(Duration::from_secs(10));
 
@@ -197,24 +197,6 @@ fn the_epoch_ends_when_every_producer_ended_or_left() {
     // SAFETY (test): the batch is held and the consumer open.
     assert_eq!(unsafe { x.data() }, b"c");
     assert_eq!(d.status().streams[0].groups[0].epochs, 1);
-}
-
-/// Sequence of what a consumer gets until `n` ends of epoch: the first
-/// payload byte of each batch (the epoch it was sent in), `E` for an end.
-fn epochs_seen(c: &mut ferry::Consumer, n: usize) -> Vec<char> {
-    let mut seen = Vec::new();
-    while seen.iter().filter(|&&x| x == 'E').count() < n {
-        match c.next(T) {
-            Ok(b) => {
-                // SAFETY (test): held until released below.
-                seen.push((b'0' + unsafe { b.data() }[0]) as char);
-                c.release(b.token).unwrap();
-            }
-            Err(e) if e.status == Status::EndOfEpoch => seen.push('E'),
-            Err(e) => panic!("{e} after {seen:?}"),
-        }
-    }
-    seen
 }
 
 #[test]

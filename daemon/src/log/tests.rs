@@ -372,3 +372,65 @@ fn a_checkpoint_that_does_not_fit_its_segment_is_ignored_and_all_is_scanned() {
         check_all(&mut log, 5, 29, 300);
     }
 }
+
+/// End markers' numbers are known after reopening without reading the
+/// records: from closed segments' indexes, from the active segment's
+/// scan (whole, or from its checkpoint), and from the count kept when
+/// retention deletes segments. A damaged index makes recovery scan.
+#[test]
+fn end_marker_numbers_survive_reopening_and_retention() {
+    let d = dir();
+    let o = opts(2048);
+    let (mut log, _) = PartitionLog::open(&d.0, o).unwrap();
+    let mut expect = Vec::new();
+    let mut next = 0;
+    for epoch in 1..=6u64 {
+        fill(&mut log, next, 5, 300);
+        next += 5;
+        log.append(next, REC_END, 0, &epoch.to_le_bytes(), Payload::Bytes(&[]))
+            .unwrap();
+        expect.push((next, epoch));
+        next += 1;
+    }
+    // A marker of an old log (no number) is no numbered marker.
+    log.append(next, REC_END, 0, &[], Payload::Bytes(&[]))
+        .unwrap();
+    next += 1;
+    fill(&mut log, next, 2, 300);
+    assert!(log.segment_count() > 3, "several segments");
+    assert_eq!(log.marks(), expect);
+    let c = log.checkpoint();
+    drop(log);
+    let (log, _) = PartitionLog::open(&d.0, o).unwrap();
+    assert_eq!(log.marks(), expect, "whole scan of the active segment");
+    drop(log);
+    write_atomic_unsynced(&checkpoint_path(&d.0), &encode(&c)).unwrap();
+    let (mut log, _) = PartitionLog::open(&d.0, o).unwrap();
+    assert_eq!(log.marks(), expect, "scan from the checkpoint");
+    // Retention: the numbers of deleted markers are counted.
+    let mut gone = 0;
+    while log.start_offset() < expect[2].0 + 1 {
+        let (start, files) = log.detach_oldest().unwrap();
+        for f in files {
+            fs::remove_file(f).unwrap();
+        }
+        gone = expect.iter().filter(|m| m.0 < start).count();
+    }
+    let base = expect[gone - 1].1;
+    assert_eq!(log.marks_base(), base);
+    drop(log);
+    let (log, _) = PartitionLog::open(&d.0, o).unwrap();
+    assert_eq!(log.marks_base(), base);
+    assert_eq!(log.marks(), expect[gone..].to_vec());
+    drop(log);
+    // A closed segment's damaged index: the segment is scanned instead.
+    let mut idx: Vec<_> = fs::read_dir(&d.0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+        .collect();
+    idx.sort();
+    fs::write(&idx[0], b"garbage").unwrap();
+    let (log, _) = PartitionLog::open(&d.0, o).unwrap();
+    assert_eq!(log.marks(), expect[gone..].to_vec());
+}

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use ferry_shm::proto::{Durability, Fsync, StreamSpec};
 
 use crate::log::{self, LogOptions, PartitionLog, Payload, StoredGroup, StoredStream};
-use crate::stream::{Entry, Stream, ENTRY_END, ENTRY_LOST, ENTRY_RECORD};
+use crate::stream::{Entry, Stream, ENTRY_LOST, ENTRY_RECORD};
 
 use super::*;
 
@@ -247,7 +247,7 @@ pub(super) fn open_disk(
         }
         let (floor, end) = (plog.start_offset(), plog.next_offset());
         let ended = plog.ends_with_marker().map_err(ctx)?;
-        stream.recover_partition(p, floor, end, ended);
+        stream.recover_partition(p, floor, end, ended, (plog.marks_base(), plog.marks()));
         records += end - floor;
         parts.push(PartState {
             log: plog,
@@ -257,6 +257,13 @@ pub(super) fn open_disk(
             last_sync: Instant::now(),
             last_checkpoint: None,
         });
+    }
+    for p in stream.finish_recovery() {
+        tracing::warn!(
+            stream = name,
+            partition = p,
+            "log recovery: the marker of the last end of epoch was missing from this partition (lost with its unsynced tail) and is put back at its end"
+        );
     }
     let offsets_path = dir.join("offsets");
     let groups: Vec<StoredGroup> = match log::read_atomic(&offsets_path) {
@@ -382,8 +389,9 @@ impl StreamEntry {
                     break;
                 };
                 let r = if e.is_end() {
+                    let number = e.end_number().to_le_bytes();
                     st.log
-                        .append(o, log::REC_END, now, &[], Payload::Bytes(&[]))
+                        .append(o, log::REC_END, now, &number, Payload::Bytes(&[]))
                 } else {
                     let mut meta = [0u8; ferry_shm::layout::META_MAX as usize];
                     let ml = (e.meta_len as usize).min(meta.len());
@@ -498,9 +506,10 @@ impl StreamEntry {
                     .log
                     .read_into(o, &self.pool, soff, self.stream.spec().slot_size)
                 {
-                    Ok((h, _)) if h.flags & log::REC_END != 0 => {
+                    Ok((h, meta)) if h.flags & log::REC_END != 0 => {
                         self.stream.return_grant(DAEMON, slot);
-                        self.stream.restore(p, o, Entry::marker(ENTRY_END));
+                        self.stream
+                            .restore(p, o, Entry::end(log::mark_number(&meta), 0));
                     }
                     Ok((h, meta)) => {
                         self.pool.write(moff, &meta);

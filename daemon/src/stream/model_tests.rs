@@ -24,7 +24,7 @@
 //! not yet written), a delivered batch is always durable, and after a
 //! restart every group owes exactly what the log holds from its commit on.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proptest::prelude::*;
 
@@ -85,6 +85,9 @@ enum Op {
         offset: u8,
     },
     DeleteGroup(u8),
+    /// Every producer said the epoch is over: an end marker in every
+    /// partition (unless each already ends with one).
+    EndEpoch,
     /// Disk streams: the log writer takes up to `n` more batches of `part`.
     Write {
         part: u8,
@@ -140,6 +143,7 @@ fn memory_op() -> impl Strategy<Value = Op> {
         2 => (0..GROUPS, 0..MEMBERS, 0u8..3, any::<u8>())
             .prop_map(|(group, member, part, offset)| Op::Seek { group, member, part, offset }),
         1 => (0..GROUPS).prop_map(Op::DeleteGroup),
+        2 => Just(Op::EndEpoch),
     ]
 }
 
@@ -177,6 +181,9 @@ struct Model {
     groups: HashMap<u8, ModelGroup>,
     /// Published while no group existed: held for the first group.
     orphans: BTreeSet<Batch>,
+    /// End markers (offsets that are no batch), with their epoch number.
+    markers: BTreeMap<Batch, u64>,
+    epochs: u64,
 }
 
 fn producer_sid(p: u8) -> SessionId {
@@ -218,7 +225,20 @@ impl Model {
             granted: vec![Vec::new(); PRODUCERS as usize],
             groups: HashMap::new(),
             orphans: BTreeSet::new(),
+            markers: BTreeMap::new(),
+            epochs: 0,
         }
+    }
+
+    fn is_marker(&self, p: u32, o: u64) -> bool {
+        self.markers.contains_key(&(p, o))
+    }
+
+    /// Offset `o` of `p` counts for a start or seek that needs everything
+    /// from it on in memory: its batch is readable, or it is a marker the
+    /// stream still has.
+    fn in_memory(&self, p: u32, o: u64) -> bool {
+        self.readable((p, o)) || (self.is_marker(p, o) && self.s.entry(p as usize, o).is_some())
     }
 
     /// Group `group` and the session of its `member`, when that member
@@ -416,10 +436,14 @@ impl Model {
                     for p in 0..PARTS {
                         let mut o = self.end[p as usize];
                         let low = self.floor[p as usize];
-                        while o > low && (self.tiered || self.readable((p, o - 1))) {
+                        while o > low && (self.tiered || self.in_memory(p, o - 1)) {
                             o -= 1;
                         }
-                        owed.extend((o..self.end[p as usize]).map(|o| (p, o)));
+                        owed.extend(
+                            (o..self.end[p as usize])
+                                .filter(|&o| !self.is_marker(p, o))
+                                .map(|o| (p, o)),
+                        );
                     }
                     if self.groups.is_empty() {
                         self.orphans.clear();
@@ -562,11 +586,15 @@ impl Model {
                         .map(|b| b.1)
                         .min()
                         .unwrap_or(self.end[p as usize]);
-                    prop_assert_eq!(
-                        self.s.groups[gi].parts[p as usize].committed,
-                        low,
-                        "commit of partition {} is not its low watermark",
-                        p
+                    // It may stay before end markers the group has not
+                    // got to yet (they are owed no delivery).
+                    let c = self.s.groups[gi].parts[p as usize].committed;
+                    prop_assert!(
+                        c <= low && (c..low).all(|o| self.is_marker(p, o)),
+                        "commit {} of partition {} is not its low watermark {}",
+                        c,
+                        p,
+                        low
                     );
                 }
             }
@@ -602,7 +630,7 @@ impl Model {
                 let readable = if self.tiered {
                     x >= self.floor[p as usize]
                 } else {
-                    (x..end).all(|o| self.readable((p, o)))
+                    (x..end).all(|o| self.in_memory(p, o))
                 };
                 let res = self.s.seek(gi, p, x);
                 let g = self.groups.get_mut(&group).unwrap();
@@ -616,7 +644,8 @@ impl Model {
                 let inflight = &g.inflight;
                 g.owed
                     .retain(|b| b.0 != p || b.1 >= x || inflight.contains_key(b));
-                for o in x..end {
+                let markers = &self.markers;
+                for o in (x..end).filter(|&o| !markers.contains_key(&(p, o))) {
                     g.owed.insert((p, o));
                 }
                 for (b, (_, again)) in g.inflight.iter_mut() {
@@ -654,7 +683,18 @@ impl Model {
                         e.is_some(),
                         "{b:?} left the index before the log writer got to it"
                     );
-                    let slot = e.unwrap().slot;
+                    let e = e.unwrap();
+                    if let Some(&n) = self.markers.get(&b) {
+                        prop_assert!(
+                            e.is_end() && e.end_number() == n,
+                            "{:?} is marker {} in the model, {:?} in the stream",
+                            b,
+                            n,
+                            e
+                        );
+                        continue;
+                    }
+                    let slot = e.slot;
                     prop_assert_eq!(
                         self.content.get(slot as usize).copied().flatten(),
                         Some(b),
@@ -696,6 +736,13 @@ impl Model {
                         let Some(slot) = self.s.grant(DAEMON) else {
                             break;
                         };
+                        if let Some(&n) = self.markers.get(&(p, o)) {
+                            // As the daemon does: a slot to read into,
+                            // given back when the record is a marker.
+                            self.s.return_grant(DAEMON, slot);
+                            self.s.restore(p, o, Entry::end(n, 0));
+                            continue;
+                        }
                         self.check_granted(slot)?;
                         self.content[slot as usize] = Some((p, o));
                         self.slot_of.insert((p, o), slot);
@@ -708,6 +755,25 @@ impl Model {
                             stamp: 0,
                         };
                         self.s.restore(p, o, e);
+                    }
+                }
+            }
+            Op::EndEpoch => {
+                let empty = (0..PARTS).all(|p| {
+                    self.end[p as usize] == 0 || self.is_marker(p, self.end[p as usize] - 1)
+                });
+                let ended = self.s.end_epoch();
+                prop_assert_eq!(
+                    ended,
+                    !empty,
+                    "end_epoch with every partition ended or empty: {}",
+                    empty
+                );
+                if ended {
+                    self.epochs += 1;
+                    for p in 0..PARTS {
+                        self.markers.insert((p, self.end[p as usize]), self.epochs);
+                        self.end[p as usize] += 1;
                     }
                 }
             }
@@ -751,8 +817,43 @@ impl Model {
     fn restart(&mut self) {
         let mut s = Stream::new(0, "m".into(), self.s.spec().clone());
         s.set_replay_window(self.s.replay_window);
-        for p in 0..PARTS as usize {
-            s.recover_partition(p, self.floor[p], self.written[p], false);
+        // A crash loses what was not written, markers included.
+        let (written, floor) = (self.written.clone(), self.floor.clone());
+        // What the log keeps of the markers retention deleted: the last
+        // one's number.
+        let bases: Vec<u64> = (0..PARTS)
+            .map(|p| {
+                self.markers
+                    .range((p, 0)..(p, floor[p as usize]))
+                    .next_back()
+                    .map_or(0, |(_, &n)| n)
+            })
+            .collect();
+        self.markers
+            .retain(|&(p, o), _| o < written[p as usize] && o >= floor[p as usize]);
+        for (p, &base) in bases.iter().enumerate() {
+            let (floor, w) = (self.floor[p], self.written[p]);
+            let marks: Vec<(u64, u64)> = self
+                .markers
+                .range((p as u32, floor)..(p as u32, w))
+                .map(|(&(_, o), &n)| (o, n))
+                .collect();
+            let ended = w > 0 && self.is_marker(p as u32, w - 1);
+            s.recover_partition(p, floor, w, ended, (base, marks));
+        }
+        // New ends of epoch are numbered on from the last one retained.
+        self.epochs = bases
+            .iter()
+            .chain(self.markers.values())
+            .copied()
+            .max()
+            .unwrap_or(0);
+        // Partitions that lost the last epoch's marker get it back at
+        // their end (unwritten yet).
+        let mut end = self.written.clone();
+        for p in s.finish_recovery() {
+            self.markers.insert((p, end[p as usize]), self.epochs);
+            end[p as usize] += 1;
         }
         let mut groups = HashMap::new();
         for (&name, g) in &self.groups {
@@ -771,6 +872,7 @@ impl Model {
                     let from = committed[p as usize].clamp(floor[p as usize], w);
                     (from..w).map(move |o| (p, o))
                 })
+                .filter(|b| !self.markers.contains_key(b))
                 .collect();
             groups.insert(
                 name,
@@ -786,13 +888,14 @@ impl Model {
             let floor = &self.floor;
             (0..PARTS)
                 .flat_map(|p| (floor[p as usize]..self.written[p as usize]).map(move |o| (p, o)))
+                .filter(|b| !self.markers.contains_key(b))
                 .collect()
         } else {
             BTreeSet::new()
         };
         self.s = s;
         self.groups = groups;
-        self.end = self.written.clone();
+        self.end = end;
         self.durable = self.written.clone();
         self.content = vec![None; SLOTS as usize];
         self.slot_of.clear();
