@@ -19,7 +19,7 @@
 //! group can drop another group's hold (`model_tests` checks this against a
 //! reference model over random interleavings).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use crate::idhash::IdMap;
 
@@ -118,7 +118,7 @@ pub struct Partition {
     /// Offset the next published batch gets.
     pub end: u64,
     /// Offsets whose batch is still in a slot (held or retained).
-    pub index: BTreeMap<u64, Entry>,
+    pub index: OffsetIndex,
     /// The last offset put in is an end marker.
     pub ended: bool,
     /// Offsets below this may be delivered: `end` for a memory stream; for
@@ -565,7 +565,13 @@ impl Stream {
             slots: vec![Slot::Free { retained: None }; spec.slot_count as usize],
             free: FreeSlots::full(spec.slot_count),
             replay_window: spec.slot_count,
-            parts: (0..spec.partitions).map(|_| Partition::default()).collect(),
+            parts: (0..spec.partitions)
+                .map(|_| Partition {
+                    // The ring spans what the pool can hold, twice.
+                    index: OffsetIndex::new(2 * spec.slot_count as usize + 64),
+                    ..Partition::default()
+                })
+                .collect(),
             groups: Vec::new(),
             published: 0,
             published_bytes: 0,
@@ -779,7 +785,7 @@ impl Stream {
                 let held: Vec<u64> = self.parts[p]
                     .index
                     .range(next..floor)
-                    .map(|(o, _)| *o)
+                    .map(|(o, _)| o)
                     .filter(|o| !gp.inflight.contains_key(o))
                     .collect();
                 for o in held {
@@ -1011,7 +1017,7 @@ impl Stream {
     fn drop_old_end_markers(&mut self, p: usize) {
         // Runs with every grant: the common case (no marker in front)
         // costs one look at the index.
-        while let Some((&o, e)) = self.parts[p].index.first_key_value() {
+        while let Some((o, e)) = self.parts[p].index.first_key_value() {
             if !e.is_end()
                 || o >= self.parts[p].visible
                 || self
@@ -1256,7 +1262,7 @@ impl Stream {
             let gp = std::mem::take(&mut self.groups[g].parts[p]);
             let mut offsets: BTreeSet<u64> = gp.pending;
             offsets.extend(gp.inflight.keys().copied());
-            offsets.extend(self.parts[p].index.range(gp.next..).map(|(o, _)| *o));
+            offsets.extend(self.parts[p].index.range(gp.next..).map(|(o, _)| o));
             for o in offsets {
                 if self.parts[p]
                     .index
@@ -1294,7 +1300,7 @@ impl Stream {
         Err(SeekError::Gone {
             part: p as u32,
             offset: from,
-            earliest: index.keys().next().copied(),
+            earliest: index.keys().next(),
             disk: false,
         })
     }
@@ -1331,14 +1337,14 @@ impl Stream {
                 .index
                 .iter()
                 .find(|(_, e)| orphan(e))
-                .map(|(o, _)| *o)
+                .map(|(o, _)| o)
                 .unwrap_or(partition.end),
             GroupStart::Default | GroupStart::Latest => partition.end,
             GroupStart::Earliest => {
                 // The lowest offset from which everything up to the end is
                 // still in the pool.
                 let mut s = partition.end;
-                for (&o, _) in partition.index.range(..partition.end).rev() {
+                for (o, _) in partition.index.range(..partition.end).rev() {
                     if o + 1 != s {
                         break;
                     }
@@ -1426,11 +1432,8 @@ impl Stream {
                 };
                 let first = self.live_groups() == 1;
                 for (p, start) in starts.into_iter().enumerate() {
-                    let offsets: Vec<u64> = self.parts[p]
-                        .index
-                        .range(start..)
-                        .map(|(o, _)| *o)
-                        .collect();
+                    let offsets: Vec<u64> =
+                        self.parts[p].index.range(start..).map(|(o, _)| o).collect();
                     for o in offsets {
                         self.hold(p as u32, o);
                     }
@@ -1758,7 +1761,7 @@ impl Stream {
             let rehold: Vec<u64> = self.parts[p]
                 .index
                 .range(offset..next)
-                .map(|(o, _)| *o)
+                .map(|(o, _)| o)
                 .filter(|o| {
                     let gp = &self.groups[g].parts[p];
                     !gp.inflight.contains_key(o) && !back.contains(o)
@@ -1785,7 +1788,7 @@ impl Stream {
             let held: Vec<u64> = self.parts[p]
                 .index
                 .range(next..offset)
-                .map(|(o, _)| *o)
+                .map(|(o, _)| o)
                 .collect();
             for o in held {
                 self.unhold(part, o);
@@ -2570,3 +2573,6 @@ mod tests {
 
 #[cfg(test)]
 mod model_tests;
+
+mod index;
+pub use index::OffsetIndex;
