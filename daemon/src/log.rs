@@ -224,6 +224,9 @@ pub struct PartitionLog {
     /// The epoch number of the last end marker in segments retention
     /// deleted (kept in the `marks_base` file).
     marks_base: u64,
+    /// (segment base, position): how far `read_ahead` asked the kernel to
+    /// read.
+    advised: (u64, u64),
     /// Written but not yet synced, besides the active segment: segments
     /// closed since the last `sync_files` and their indexes, and the
     /// directory (new segments in it).
@@ -423,6 +426,7 @@ impl PartitionLog {
             cursor: None,
             scratch: Vec::new(),
             marks_base: 0,
+            advised: (0, 0),
             unsynced: Vec::new(),
         };
         let base_path = dir.join("marks_base");
@@ -1054,6 +1058,40 @@ impl PartitionLog {
         Ok((h, meta))
     }
 
+    /// After reads: asks the kernel to read the next `bytes` of the log
+    /// after the last record read into the page cache in the background,
+    /// so that the next reads (a replay going on) find them there instead
+    /// of waiting for the disk, while the data-plane thread does other
+    /// work. Only what was not asked for before.
+    pub fn read_ahead(&mut self, bytes: u64) {
+        let Some((_, base, pos)) = self.cursor else {
+            return;
+        };
+        let mut left = bytes;
+        let mut from = (base, pos);
+        for (&b, seg) in self.segments.range(base..) {
+            if left == 0 {
+                break;
+            }
+            let start = if b == base { pos } else { 0 };
+            let end = seg.bytes.min(start + left);
+            // What is already asked for of this segment.
+            let start = if self.advised.0 == b {
+                start.max(self.advised.1)
+            } else {
+                start
+            };
+            if end > start {
+                let _ = ferry_shm::sys::advise_willneed(&seg.file, start, end - start);
+                from = (b, end);
+            }
+            left = left.saturating_sub(end.saturating_sub(if b == base { pos } else { 0 }));
+        }
+        if from > self.advised {
+            self.advised = from;
+        }
+    }
+
     /// Reads `offset`'s record into memory (tests, tools).
     pub fn read(&mut self, offset: u64) -> io::Result<(RecordHeader, Vec<u8>, Vec<u8>)> {
         let (base, h, pos) = self.header(offset)?;
@@ -1074,6 +1112,7 @@ impl PartitionLog {
         if got != h.hash {
             return Err(invalid(format!("record {offset} fails its checksum")));
         }
+        self.cursor = Some((offset + 1, base, pos + h.size()));
         let payload = buf.split_off(h.meta_len as usize);
         Ok((h, buf, payload))
     }

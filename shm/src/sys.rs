@@ -680,6 +680,23 @@ pub fn peer_hung_up(sock: &OwnedFd) -> bool {
     n > 0 && (pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR)) != 0
 }
 
+/// Asks the kernel to read `len` bytes of the file from `offset` into the
+/// page cache in the background (`POSIX_FADV_WILLNEED`), so that a later
+/// read finds them there. A hint: errors are returned but change nothing.
+pub fn advise_willneed(fd: impl AsFd, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: plain syscall on a valid fd with integer arguments.
+    let r =
+        unsafe { libc::posix_fadvise(fd.as_fd().as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+    // posix_fadvise returns the error number instead of setting errno.
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
 /// Yields the CPU to another runnable thread, if any.
 pub fn yield_now() {
     // SAFETY: plain syscall.

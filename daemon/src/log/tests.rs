@@ -434,3 +434,25 @@ fn end_marker_numbers_survive_reopening_and_retention() {
     let (log, _) = PartitionLog::open(&d.0, o).unwrap();
     assert_eq!(log.marks(), expect[gone..].to_vec());
 }
+
+/// `read_ahead` asks for the bytes after the last record read, across
+/// segments, each range once; reads go on as before.
+#[test]
+fn read_ahead_asks_for_what_follows_the_cursor_once() {
+    let d = dir();
+    let (mut log, _) = PartitionLog::open(&d.0, opts(4096)).unwrap();
+    fill(&mut log, 0, 40, 300);
+    assert!(log.segment_count() > 2);
+    log.read_ahead(1 << 20); // nothing read yet: nothing to follow
+    assert_eq!(log.advised, (0, 0));
+    check_all(&mut log, 0, 3, 300);
+    log.read_ahead(2000);
+    let first = log.advised;
+    assert!(first > (0, 0), "{first:?}");
+    log.read_ahead(2000);
+    assert_eq!(log.advised, first, "the same range is not asked again");
+    log.read_ahead(1 << 20);
+    let last = *log.segments.keys().next_back().unwrap();
+    assert_eq!(log.advised.0, last, "up to the last segment");
+    check_all(&mut log, 3, 40, 300);
+}

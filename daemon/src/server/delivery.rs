@@ -313,9 +313,6 @@ impl Server {
                     }
                 }
             }
-            // A disk stream: what groups reached that is in no slot is
-            // read back now and delivered on the next pump.
-            entry.serve_loads();
         }
         to_wake.sort_unstable();
         to_wake.dedup();
@@ -329,6 +326,12 @@ impl Server {
             }
         }
         self.wake_scratch = to_wake;
+        // Disk streams: what groups reached that is in no slot is read back
+        // now and delivered on the next pump; after the wake-ups, so that
+        // consumers work on what they were just given while the disk reads.
+        for (_, entry) in self.streams.iter_mut() {
+            entry.serve_loads();
+        }
         // Grants to producers on other hosts, one message per producer.
         remote_grants.sort_unstable();
         for chunk in remote_grants.chunk_by(|a, b| (&a.0, a.1) == (&b.0, b.1)) {

@@ -28,6 +28,9 @@ use super::*;
 const DAEMON: SessionId = SessionId::MAX;
 /// Batches read back at once after the one a group asked for.
 const READAHEAD: u64 = 16;
+/// The most bytes of a partition's log asked of the kernel ahead of a
+/// replay (`PartitionLog::read_ahead`).
+const READ_AHEAD_MAX: u64 = 64 << 20;
 const RETENTION_EVERY: Duration = Duration::from_secs(1);
 
 /// Work for the syncer thread.
@@ -540,6 +543,10 @@ impl StreamEntry {
                     }
                 }
             }
+            // The disk reads what comes next while this is delivered.
+            let st = &mut dl.parts[p as usize];
+            st.log
+                .read_ahead((2 * ahead * self.stream.spec().slot_size).min(READ_AHEAD_MAX));
         }
         self.dirty = true;
     }
