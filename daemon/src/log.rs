@@ -11,14 +11,17 @@
 //! ```
 //!
 //! all little-endian. The checksum (xxh3-64) covers the first 32 header
-//! bytes, the metadata and the payload; it is computed from the pool slot
-//! (read through a small scratch buffer), then header and payload go to
-//! the file in one `pwritev` (the kernel's copy into the page cache is the
-//! only copy of the batch). A record cut short by a crash fails its check.
-//! So does one whose producer went on writing its slot after publishing
-//! it (a misbehaving client): recovery tells such a damaged record in the
-//! middle from a torn tail by the sound record after it, keeps it (it is
-//! skipped when read back, never served) and goes on.
+//! bytes, the metadata and the payload. A payload of 64 KiB or more is
+//! read from the pool slot (shared memory) 256 KiB at a time into a
+//! scratch buffer, hashed there and written to the file from there, while
+//! the chunk is in cache; the header with the checksum follows. So the
+//! bytes checked are the bytes written, even if a misbehaving producer
+//! goes on writing its slot after publishing it. A smaller payload is
+//! hashed through the scratch buffer and written with its header in one
+//! `pwritev` from the slot. A record cut short by a crash fails its check,
+//! as does one damaged on disk since: recovery tells such a damaged record
+//! in the middle from a torn tail by the sound record after it, keeps it
+//! (it is skipped when read back, never served) and goes on.
 //!
 //! The index has one 16-byte entry (offset, file position) at the first
 //! record of the segment and then every `index_every` bytes, and one
@@ -67,6 +70,10 @@ pub const REC_RECORD: u16 = 1;
 pub const REC_END: u16 = 2;
 const META_MAX: usize = ferry_shm::layout::META_MAX as usize;
 const IDX_ENTRY: usize = 16;
+/// Payloads from the pool at least this large are hashed and written
+/// through the scratch buffer, `WRITE_CHUNK` bytes at a time.
+const CHUNKED_FROM: u64 = 64 << 10;
+const WRITE_CHUNK: usize = 256 << 10;
 /// An index entry's offset with this bit set names an end marker: (offset,
 /// epoch number) instead of (offset, position).
 const IDX_MARK: u64 = 1 << 63;
@@ -254,12 +261,24 @@ fn record_hash(
     meta: &[u8],
     len: u64,
     scratch: &mut Vec<u8>,
+    fill: impl FnMut(&mut [u8], u64) -> io::Result<()>,
+) -> io::Result<u64> {
+    record_hash_in(head, meta, len, scratch, 32 << 10, fill)
+}
+
+/// [`record_hash`] through a scratch buffer of `chunk` bytes.
+fn record_hash_in(
+    head: &[u8; HEADER],
+    meta: &[u8],
+    len: u64,
+    scratch: &mut Vec<u8>,
+    chunk: usize,
     mut fill: impl FnMut(&mut [u8], u64) -> io::Result<()>,
 ) -> io::Result<u64> {
     let mut h = Xxh3::new();
     h.update(&head[..32]);
     h.update(meta);
-    scratch.resize(32 << 10, 0);
+    scratch.resize(chunk, 0);
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(scratch.len() as u64) as usize;
@@ -873,6 +892,12 @@ impl PartitionLog {
             len,
             hash: 0,
         };
+        let pos = self.active().bytes;
+        if let Payload::Region(r, off, _) = payload {
+            if len >= CHUNKED_FROM {
+                return self.append_chunked(h, pos, meta, r, off);
+            }
+        }
         // The checksum over the source (read through a small scratch
         // buffer: a slot of the pool is shared memory), then header and
         // payload in one write.
@@ -897,12 +922,66 @@ impl PartitionLog {
         head[..HEADER].copy_from_slice(&h.encode());
         head[HEADER..HEADER + meta.len()].copy_from_slice(meta);
         let head = &head[..HEADER + meta.len()];
-        let pos = self.active().bytes;
         if let Err(e) = self.write_record(pos, head, &payload) {
             // Leave no part of it: the next try starts at the same place.
             let _ = self.active().file.set_len(pos);
             return Err(e);
         }
+        self.appended(h, pos, meta)
+    }
+
+    /// A large payload from the pool: read in chunks into the scratch
+    /// buffer (it is shared memory), each chunk hashed and written from
+    /// there, then the header with the checksum. The bytes checked are the
+    /// bytes written (a producer writing its slot after the publish cannot
+    /// damage the record), and each chunk is written while in cache.
+    fn append_chunked(
+        &mut self,
+        mut h: RecordHeader,
+        pos: u64,
+        meta: &[u8],
+        r: &Region,
+        off: u64,
+    ) -> io::Result<u64> {
+        let data_at = pos + HEADER as u64 + meta.len() as u64;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let file = &self.active().file;
+        let hashed = record_hash_in(
+            &h.encode(),
+            meta,
+            h.len,
+            &mut scratch,
+            WRITE_CHUNK,
+            |buf, at| {
+                if !r.read_shared(off + at, buf) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "range outside the region",
+                    ));
+                }
+                file.write_all_at(buf, data_at + at)
+            },
+        );
+        let written = hashed.and_then(|hash| {
+            h.hash = hash;
+            let mut head = [0u8; HEADER + META_MAX];
+            head[..HEADER].copy_from_slice(&h.encode());
+            head[HEADER..HEADER + meta.len()].copy_from_slice(meta);
+            file.write_all_at(&head[..HEADER + meta.len()], pos)
+        });
+        if let Err(e) = written {
+            // Leave no part of it: the next try starts at the same place.
+            let _ = file.set_len(pos);
+            self.scratch = scratch;
+            return Err(e);
+        }
+        self.scratch = scratch;
+        self.appended(h, pos, meta)
+    }
+
+    /// Bookkeeping after the record `h` was written at `pos`.
+    fn appended(&mut self, h: RecordHeader, pos: u64, meta: &[u8]) -> io::Result<u64> {
+        let (offset, flags) = (h.offset, h.flags);
         let size = h.size();
         if self.since_index >= self.opts.index_every {
             let mut e = [0u8; IDX_ENTRY];

@@ -456,3 +456,39 @@ fn read_ahead_asks_for_what_follows_the_cursor_once() {
     assert_eq!(log.advised.0, last, "up to the last segment");
     check_all(&mut log, 3, 40, 300);
 }
+
+/// A large payload from the pool is hashed and written through the
+/// scratch buffer in chunks: it reads back whole, next to small records
+/// and markers, and a range outside the pool leaves nothing in the file.
+#[test]
+fn large_payloads_from_the_pool_are_written_in_chunks_and_read_back() {
+    let d = dir();
+    let (mut log, _) = PartitionLog::open(&d.0, opts(1 << 30)).unwrap();
+    let len = (1 << 20) - 5; // several chunks and a short last one
+    let pool = Region::create("log-test", 2 << 20).unwrap();
+    let bytes = payload(7, len);
+    assert!(pool.write(4096, &bytes));
+    log.append(0, 0, 1, b"small", Payload::Bytes(b"abc"))
+        .unwrap();
+    log.append(1, 0, 2, b"big", Payload::Region(&pool, 4096, len as u64))
+        .unwrap();
+    let size = log.active().bytes;
+    let err = log.append(2, 0, 3, b"", Payload::Region(&pool, 1 << 20, 2 << 20));
+    assert!(err.is_err(), "outside the pool");
+    assert_eq!(log.active().bytes, size);
+    assert_eq!(
+        log.active().file.metadata().unwrap().len(),
+        size,
+        "nothing left of it"
+    );
+    log.append(2, REC_END, 3, &1u64.to_le_bytes(), Payload::Bytes(&[]))
+        .unwrap();
+    drop(log);
+    let (mut log, dropped) = PartitionLog::open(&d.0, opts(1 << 30)).unwrap();
+    assert!(dropped.is_empty(), "{dropped:?}");
+    let (h, meta, p) = log.read(1).unwrap();
+    assert_eq!((h.len as usize, meta.as_slice()), (len, &b"big"[..]));
+    assert!(p == bytes, "payload intact");
+    assert_eq!(log.read(0).unwrap().2, b"abc");
+    assert_eq!(log.marks(), vec![(2, 1)]);
+}
