@@ -330,7 +330,7 @@ impl Server {
         // now and delivered on the next pump; after the wake-ups, so that
         // consumers work on what they were just given while the disk reads.
         for (_, entry) in self.streams.iter_mut() {
-            entry.serve_loads();
+            pushed += entry.serve_loads();
         }
         // Grants to producers on other hosts, one message per producer.
         remote_grants.sort_unstable();

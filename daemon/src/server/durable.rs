@@ -475,14 +475,17 @@ impl StreamEntry {
 
     /// Reads back from the log what groups need and is in no slot (and a
     /// few batches after each), into free slots.
-    pub(super) fn serve_loads(&mut self) {
+    /// Returns how many batches it read back (work for the loop: they are
+    /// delivered on its next turn, which must not sleep first).
+    pub(super) fn serve_loads(&mut self) -> usize {
         let mut loads = self.stream.take_loads();
         if loads.is_empty() {
-            return;
+            return 0;
         }
         let Some(dl) = self.log.as_mut() else {
-            return;
+            return 0;
         };
+        let mut served = 0;
         loads.sort_unstable();
         let ahead = READAHEAD
             .min(self.stream.spec().slot_count as u64 / 4)
@@ -513,6 +516,7 @@ impl StreamEntry {
                         self.stream.return_grant(DAEMON, slot);
                         self.stream
                             .restore(p, o, Entry::end(log::mark_number(&meta), 0));
+                        served += 1;
                     }
                     Ok((h, meta)) => {
                         self.pool.write(moff, &meta);
@@ -530,6 +534,7 @@ impl StreamEntry {
                             stamp: 0,
                         };
                         self.stream.restore(p, o, e);
+                        served += 1;
                     }
                     Err(e) => {
                         self.stream.return_grant(DAEMON, slot);
@@ -540,6 +545,7 @@ impl StreamEntry {
                             "a batch cannot be read back from the disk log and is skipped: {e}"
                         );
                         self.stream.restore(p, o, Entry::marker(ENTRY_LOST));
+                        served += 1;
                     }
                 }
             }
@@ -548,7 +554,12 @@ impl StreamEntry {
             st.log
                 .read_ahead((2 * ahead * self.stream.spec().slot_size).min(READ_AHEAD_MAX));
         }
-        self.dirty = true;
+        // Delivered on the next pump. (Nothing read, for want of a free
+        // slot: a release makes the stream dirty again.)
+        if served > 0 {
+            self.dirty = true;
+        }
+        served
     }
 
     /// The syncer synced partition `s.part` up to `s.upto`.
