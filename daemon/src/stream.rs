@@ -1567,6 +1567,17 @@ impl Stream {
                     if m >= gp.reached {
                         gp.set_reached((m, o));
                     }
+                    // Committed up to the marker, nothing below it out:
+                    // the commit includes it (it needs no release). Else a
+                    // group that read everything stays committed before it
+                    // and gets the end again after a restart.
+                    if !from_pending
+                        && gp.committed == o
+                        && gp.pending.first().is_none_or(|&x| x > o)
+                        && !gp.inflight.keys().any(|&x| x < o)
+                    {
+                        gp.committed = o + 1;
+                    }
                     continue;
                 }
                 if entry.flags & ENTRY_LOST != 0 {
@@ -1613,10 +1624,14 @@ impl Stream {
         }
         let group = &mut self.groups[g];
         let epoch_over = !group.members.is_empty()
-            && group
-                .parts
-                .iter()
-                .all(|gp| gp.reached >= current && gp.pending.first().is_none_or(|&o| o > gp.stop));
+            && group.parts.iter().all(|gp| {
+                // Reached the end, and nothing before it is to go
+                // again: pending, or held and asked for again by a
+                // seek (it goes again once released).
+                gp.reached >= current
+                    && gp.pending.first().is_none_or(|&o| o > gp.stop)
+                    && !gp.inflight.iter().any(|(&o, i)| i.replay && o < gp.stop)
+            });
         if !epoch_over {
             return count;
         }
@@ -2381,6 +2396,61 @@ mod tests {
             .map(|(_, d)| (d.part, d.offset))
             .collect();
         assert_eq!(second, vec![(0, b)]);
+    }
+
+    /// A seek back over batches a member still holds, then the end of the
+    /// epoch: the end waits until they went again (a user trial saw the
+    /// end come first and the replayed batches after it, in the next
+    /// epoch).
+    #[test]
+    fn the_end_of_an_epoch_waits_for_batches_a_seek_asked_for_again() {
+        let mut s = stream(1, 8);
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
+        publish(&mut s, 2);
+        let held = take_all(&mut s, g);
+        assert_eq!(held.len(), 2);
+        s.seek(g, 0, 0).unwrap();
+        assert!(s.end_epoch());
+        assert!(take_all(&mut s, g).is_empty());
+        assert_eq!(s.groups[g].epoch, 0, "not before the replay");
+        for (m, d) in held {
+            s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        let again: Vec<u64> = take_all(&mut s, g).iter().map(|(_, d)| d.offset).collect();
+        assert_eq!(again, vec![0, 1]);
+        assert_eq!(s.groups[g].epoch, 1, "then the end");
+    }
+
+    /// A group that released everything before an end marker and passed it
+    /// is committed past it: after a restart it does not get that end
+    /// again (a user trial saw an empty epoch then), and its lag is 0.
+    #[test]
+    fn passing_an_end_marker_commits_it_when_everything_before_was() {
+        let mut s = stream(1, 8);
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
+        publish(&mut s, 2);
+        for (m, d) in take_all(&mut s, g) {
+            s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        s.commit(g, 1, None, 0).unwrap();
+        assert_eq!(s.groups[g].parts[0].committed, 2);
+        assert!(s.end_epoch());
+        take_all(&mut s, g);
+        assert_eq!(s.groups[g].epoch, 1);
+        assert_eq!(s.groups[g].parts[0].committed, 3, "past the marker");
+        // With a batch still out, the marker is not committed past.
+        publish(&mut s, 1);
+        let out = take_all(&mut s, g);
+        assert!(s.end_epoch());
+        take_all(&mut s, g);
+        assert_eq!(s.groups[g].parts[0].committed, 3);
+        let (m, d) = out[0];
+        s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
+        s.commit(g, 1, None, 0).unwrap();
+        assert_eq!(
+            s.groups[g].parts[0].committed, 5,
+            "the release commits both"
+        );
     }
 
     /// Seeking every partition back to the start replays the batches and
