@@ -639,6 +639,25 @@ impl Stream {
         part.orphan_from = (floor < end).then_some(floor);
     }
 
+    /// With no group: where the batches kept for the first group to form
+    /// start in each partition (the end where none are kept).
+    pub fn orphans_from(&self) -> Vec<u64> {
+        self.parts
+            .iter()
+            .map(|p| p.orphan_from.unwrap_or(p.end))
+            .collect()
+    }
+
+    /// A disk stream recovered with no group: the first group to form
+    /// starts at `from` (stored by [`Stream::orphans_from`]), not at the
+    /// start of the log.
+    pub fn restore_orphans_from(&mut self, from: &[u64]) {
+        for (part, &o) in self.parts.iter_mut().zip(from) {
+            let o = o.max(part.floor);
+            part.orphan_from = (o < part.end).then_some(o);
+        }
+    }
+
     /// After every partition is recovered, before groups are restored: a
     /// partition whose log lacks the marker of the last epoch that ended
     /// (a host crash took its unsynced tail, marker included, while

@@ -404,6 +404,22 @@ pub fn epochs_seen(c: &mut ferry::Consumer, n: usize) -> Vec<char> {
     seen
 }
 
+/// Deletes a group that has no members, retrying while ferryd is still
+/// noticing that its members left.
+pub fn delete_group(d: &Daemon, stream: &str, group: &str) {
+    let mut last = String::new();
+    let ok = eventually(Duration::from_secs(5), || {
+        match ferry_admin::Client::new(&d.admin).delete_group(stream, group) {
+            Ok(_) => true,
+            Err(e) => {
+                last = format!("{e:#}");
+                false
+            }
+        }
+    });
+    assert!(ok, "delete-group {stream} {group}: {last}\n{}", d.log());
+}
+
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }

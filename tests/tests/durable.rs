@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ferry::{ConsumerOptions, GroupStart, Status, StreamSpec};
 use ferry_shm::proto::{Durability, Fsync};
-use ferry_tests::{epochs_seen, eventually, Daemon};
+use ferry_tests::{delete_group, epochs_seen, eventually, Daemon};
 
 const T: Option<Duration> = Some(Duration::from_secs(10));
 
@@ -872,4 +872,51 @@ fn ends_of_epoch_survive_a_restart_and_a_start_past_them_holds_nothing_back() {
         .find(|g| g.name == "late")
         .unwrap();
     assert_eq!(g.epochs, 3);
+}
+
+/// A group deleted before a restart: what its successor, formed after the
+/// restart with the default start, gets is what was published while the
+/// stream had no group, not the deleted group's old batches (a user trial
+/// saw the whole log replayed, epochs and all).
+#[test]
+fn a_group_formed_after_a_restart_does_not_get_a_deleted_groups_old_batches() {
+    let mut d = daemon("offsets_flush_ms = 20");
+    let client = d.client();
+    let mut p = client
+        .producer("s", disk(2, 16, 4096, Fsync::Every))
+        .unwrap();
+    let mut c = client
+        .consumer("s", "first", ConsumerOptions::default())
+        .unwrap();
+    for epoch in 0..2u8 {
+        for _ in 0..4 {
+            p.send(&[epoch], b"", None, T).unwrap();
+        }
+        p.flush(T).unwrap();
+        p.end().unwrap();
+    }
+    let seen: String = epochs_seen(&mut c, 2).into_iter().collect();
+    assert_eq!(seen, "0000E1111E");
+    drop(c);
+    delete_group(&d, "s", "first");
+    for _ in 0..4 {
+        p.send(&[2], b"", None, T).unwrap();
+    }
+    p.flush(T).unwrap();
+    p.end().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill();
+    drop(p);
+    drop(client);
+    d.restart();
+    let client = d.client();
+    let mut c = client
+        .consumer("s", "second", ConsumerOptions::default())
+        .unwrap();
+    let seen: String = epochs_seen(&mut c, 1).into_iter().collect();
+    assert_eq!(seen, "2222E", "only what came while there was no group");
+    assert_eq!(
+        c.next(Some(Duration::from_millis(300))).unwrap_err().status,
+        Status::Timeout
+    );
 }

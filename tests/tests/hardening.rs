@@ -26,7 +26,7 @@ use ferry_tests::raw::{
     closed_by_daemon, encode, hello, raw_consumer, raw_consumer_from, raw_producer, recv_reply,
     say_hello,
 };
-use ferry_tests::{bin, bin_dir, eventually, Daemon, HonestPair, HONEST_SPEC};
+use ferry_tests::{bin, bin_dir, delete_group, eventually, Daemon, HonestPair, HONEST_SPEC};
 
 const T: Option<Duration> = Some(Duration::from_secs(10));
 /// uid and gid of `nobody` / `nogroup`.
@@ -531,22 +531,6 @@ fn ferry_cli_as_nobody(d: &Daemon, args: &[&str]) -> Ran {
             .args(["--admin-socket", d.admin.to_str().unwrap()]),
         Duration::from_secs(10),
     )
-}
-
-/// Deletes a group that has no members, retrying while ferryd is still
-/// noticing that its members left.
-fn delete_group(d: &Daemon, stream: &str, group: &str) {
-    let mut last = String::new();
-    let ok = eventually(Duration::from_secs(5), || {
-        match Admin::new(&d.admin).delete_group(stream, group) {
-            Ok(_) => true,
-            Err(e) => {
-                last = format!("{e:#}");
-                false
-            }
-        }
-    });
-    assert!(ok, "delete-group {stream} {group}: {last}\n{}", d.log());
 }
 
 // ---------------------------------------------------------------------------

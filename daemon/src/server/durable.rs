@@ -173,22 +173,15 @@ impl DiskLog {
 
     /// Whether the groups' committed offsets changed since last written.
     pub(super) fn offsets_pending(&self, stream: &Stream) -> bool {
-        let live = stream.groups().iter().filter(|g| !g.deleted);
-        live.clone().count() != self.stored_groups.len()
-            || live.zip(&self.stored_groups).any(|(g, s)| {
-                g.name != s.name
-                    || g.parts
-                        .iter()
-                        .map(|gp| gp.committed)
-                        .ne(s.committed.iter().copied())
-            })
+        stored_groups(stream) != self.stored_groups
     }
 
     /// Whether groups were created or deleted since the last store.
     fn groups_changed(&self, stream: &Stream) -> bool {
-        let live = stream.groups().iter().filter(|g| !g.deleted);
-        live.clone().count() != self.stored_groups.len()
-            || live.zip(&self.stored_groups).any(|(g, s)| g.name != s.name)
+        stored_groups(stream)
+            .iter()
+            .map(|g| &g.name)
+            .ne(self.stored_groups.iter().map(|g| &g.name))
     }
 
     /// Publishes written to the log but not yet durable.
@@ -282,13 +275,18 @@ pub(super) fn open_disk(
         }
     };
     for g in &groups {
-        stream.restore_group(&g.name, g.owner, &g.committed);
+        if g.name.is_empty() {
+            stream.restore_orphans_from(&g.committed);
+        } else {
+            stream.restore_group(&g.name, g.owner, &g.committed);
+        }
     }
+    let restored = groups.iter().filter(|g| !g.name.is_empty()).count();
     let d = &spec.durability;
     let line = format!(
         "{records} records on disk in {} partition(s), {} group(s) restored{}{}",
         spec.partitions,
-        groups.len(),
+        restored,
         if dropped > 0 {
             format!(", {dropped} bytes of torn or corrupt tails dropped")
         } else {
@@ -315,8 +313,13 @@ pub(super) fn open_disk(
     ))
 }
 
+/// What the offsets file stores: each live group's commits; with no
+/// group, one entry with an empty name (no group has one) holding where
+/// the batches kept for the first group to form start in each partition,
+/// so that after a restart a new group does not take what groups deleted
+/// before it had (their old batches are not an unrelated group's).
 fn stored_groups(stream: &Stream) -> Vec<StoredGroup> {
-    stream
+    let groups: Vec<StoredGroup> = stream
         .groups()
         .iter()
         .filter(|g| !g.deleted)
@@ -325,7 +328,15 @@ fn stored_groups(stream: &Stream) -> Vec<StoredGroup> {
             owner: g.owner,
             committed: g.parts.iter().map(|gp| gp.committed).collect(),
         })
-        .collect()
+        .collect();
+    if !groups.is_empty() {
+        return groups;
+    }
+    vec![StoredGroup {
+        name: String::new(),
+        owner: 0,
+        committed: stream.orphans_from(),
+    }]
 }
 
 fn request_sync(
