@@ -76,8 +76,9 @@ enum StreamCmd {
 #[derive(Subcommand, Debug)]
 enum GroupCmd {
     /// Delete a consumer group that has no members (e.g. left behind by a
-    /// finished job): the batches it held no longer hold slots for it. If
-    /// it is the stream's last group, they are kept for the next group.
+    /// finished job): the batches it held no longer hold slots for it,
+    /// also when it is the stream's last group (a group formed later gets
+    /// them only if it starts at "earliest").
     Delete { stream: String, group: String },
 }
 

@@ -879,38 +879,14 @@ impl Producer {
     /// Waits until every publish so far is acknowledged: for a disk
     /// stream, as durable as its fsync policy promises (on stable storage
     /// with "every" and "interval", written with "never"); for a memory
-    /// stream, taken by ferryd. Grants that arrive meanwhile are kept.
+    /// stream, taken by ferryd; then until ferryd has read everything
+    /// submitted before (an end of epoch included). Grants that arrive
+    /// meanwhile are kept.
     pub fn flush(&mut self, timeout: Option<Duration>) -> Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
         if !self.s.info.acks {
             // A memory stream: taken once ferryd has read the ring.
-            let mut spinner = Spinner::new();
-            let mut turns = 0u32;
-            while self.s.sub.ring().occupancy() > 0 {
-                // The descriptors were pushed with a wake-up where ferryd
-                // slept; another now and then covers a lost one.
-                if turns.is_multiple_of(4096) {
-                    if sys::peer_hung_up(&self.s.sock) {
-                        return Err(self.s.disconnected());
-                    }
-                    self.s.wake();
-                }
-                turns = turns.wrapping_add(1);
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return err(
-                        Status::Timeout,
-                        format!(
-                            "ferryd did not read this producer's ring of stream {} in time",
-                            self.s.stream
-                        ),
-                    );
-                }
-                if turns > 65_536 {
-                    std::thread::sleep(Duration::from_micros(100));
-                } else {
-                    spinner.spin();
-                }
-            }
+            self.wait_ring_read(deadline)?;
             self.acked = self.published;
             return Ok(());
         }
@@ -935,6 +911,39 @@ impl Producer {
                 _ => e,
             })?;
             self.take_completion(d)?;
+        }
+        // And what came after the last publish (an end of epoch).
+        self.wait_ring_read(deadline)
+    }
+
+    /// Waits until ferryd has read everything on this producer's ring.
+    fn wait_ring_read(&mut self, deadline: Option<Instant>) -> Result<()> {
+        let mut spinner = Spinner::new();
+        let mut turns = 0u32;
+        while self.s.sub.ring().occupancy() > 0 {
+            // The descriptors were pushed with a wake-up where ferryd
+            // slept; another now and then covers a lost one.
+            if turns.is_multiple_of(4096) {
+                if sys::peer_hung_up(&self.s.sock) {
+                    return Err(self.s.disconnected());
+                }
+                self.s.wake();
+            }
+            turns = turns.wrapping_add(1);
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return err(
+                    Status::Timeout,
+                    format!(
+                        "ferryd did not read this producer's ring of stream {} in time",
+                        self.s.stream
+                    ),
+                );
+            }
+            if turns > 65_536 {
+                std::thread::sleep(Duration::from_micros(100));
+            } else {
+                spinner.spin();
+            }
         }
         Ok(())
     }

@@ -920,3 +920,57 @@ fn a_group_formed_after_a_restart_does_not_get_a_deleted_groups_old_batches() {
         Status::Timeout
     );
 }
+
+/// `flush` returns only once ferryd has read what the producer submitted,
+/// an end of epoch included, also on a disk stream whose publishes are all
+/// acknowledged already: two producers ending an epoch one after the other
+/// flush after `end()` so that the next epoch's publishes of one cannot be
+/// read before the other's end (a user trial lost an end of epoch that
+/// way, its publishes then fell into the epoch still open).
+#[test]
+fn flush_waits_for_ferryd_to_read_an_end_of_epoch() {
+    let d = daemon("");
+    let client = d.client();
+    for (name, spec) in [
+        ("disk", disk(2, 16, 4096, Fsync::Every)),
+        (
+            "mem",
+            Some(StreamSpec {
+                partitions: 2,
+                slot_size: 4096,
+                slot_count: 16,
+                durability: Durability::MEMORY,
+            }),
+        ),
+    ] {
+        let mut p = client.producer(name, spec).unwrap();
+        p.send(&[0], b"", None, T).unwrap();
+        p.flush(T).unwrap();
+        d.signal(libc::SIGSTOP);
+        p.end().unwrap();
+        let e = p.flush(Some(Duration::from_millis(300)));
+        d.signal(libc::SIGCONT);
+        assert_eq!(
+            e.unwrap_err().status,
+            Status::Timeout,
+            "{name}: flush returned before ferryd read the end"
+        );
+        p.flush(T).unwrap();
+        // Two producers, in turns, each flushing after its end: every
+        // epoch ends, none merges with the next.
+        let mut q = client.producer(name, None).unwrap();
+        let mut c = client
+            .consumer(name, "g", ConsumerOptions::default())
+            .unwrap();
+        for epoch in 1..=5u8 {
+            p.send(&[epoch], b"", None, T).unwrap();
+            q.send(&[epoch], b"", None, T).unwrap();
+            p.end().unwrap();
+            p.flush(T).unwrap();
+            q.end().unwrap();
+            q.flush(T).unwrap();
+        }
+        let seen: String = epochs_seen(&mut c, 6).into_iter().collect();
+        assert_eq!(seen, "0E11E22E33E44E55E", "{name}");
+    }
+}
