@@ -87,56 +87,20 @@ impl Server {
             // Stalled: the last write to the disk log failed (write_log,
             // below, tries again).
             let stalled = entry.log.as_ref().is_some_and(|l| l.error.is_some());
-            // Grants, round-robin over producers: first, so that producers
-            // fill slots while what they published is written to the log.
-            if !draining && !stalled && !entry.producers.is_empty() {
-                let n = entry.producers.len();
-                let mut progress = true;
-                while progress && entry.stream.has_free_slot() {
-                    progress = false;
-                    for i in 0..n {
-                        let pid = entry.producers[i];
-                        if let Some(rp) = self.remote_producers.get_mut(&pid) {
-                            progress |= Server::grant_remote(entry, rp, pid, &mut remote_grants);
-                            continue;
-                        }
-                        let Some(Session {
-                            role: Role::Producer(p),
-                            ..
-                        }) = self.sessions.get_mut(&pid)
-                        else {
-                            continue;
-                        };
-                        if p.granted.len() as u32 >= p.credits {
-                            continue;
-                        }
-                        let Some(slot) = entry.stream.grant(pid) else {
-                            break;
-                        };
-                        p.starved_since = None;
-                        p.starved_logged = false;
-                        let d = Desc {
-                            op: desc::OP_GRANT,
-                            stream: entry.stream.id(),
-                            slot,
-                            ..Desc::default()
-                        };
-                        match p.rings.comp.push(&d) {
-                            Ok(()) => {
-                                p.granted.insert(slot);
-                                pushed += 1;
-                                progress = true;
-                                to_wake.push(pid);
-                            }
-                            Err(e) => {
-                                entry.stream.return_grant(pid, slot);
-                                if !matches!(e, ferry_shm::RingError::Full) {
-                                    failed.push((pid, e.to_string()));
-                                }
-                            }
-                        }
-                    }
-                }
+            // Grants, round-robin over producers. A disk stream's first,
+            // so that producers fill slots while what they published is
+            // written to the log; a memory stream's after its deliveries,
+            // which are then on the consumers' rings sooner.
+            let grant_now = !draining && !stalled && !entry.producers.is_empty();
+            if grant_now && entry.stream.tiered() {
+                pushed += grant_producers(
+                    entry,
+                    &mut self.sessions,
+                    &mut self.remote_producers,
+                    &mut remote_grants,
+                    &mut to_wake,
+                    &mut failed,
+                );
             }
             entry.write_log(idx, &self.syncer);
             let stalled = entry.log.as_ref().is_some_and(|l| l.error.is_some());
@@ -313,6 +277,16 @@ impl Server {
                     }
                 }
             }
+            if grant_now && !entry.stream.tiered() {
+                pushed += grant_producers(
+                    entry,
+                    &mut self.sessions,
+                    &mut self.remote_producers,
+                    &mut remote_grants,
+                    &mut to_wake,
+                    &mut failed,
+                );
+            }
         }
         to_wake.sort_unstable();
         to_wake.dedup();
@@ -447,4 +421,66 @@ impl Server {
                 _ => false,
             })
     }
+}
+
+/// Grants free slots of `entry`'s stream to its producers, round-robin, up
+/// to each one's credits (producers on other hosts through
+/// `remote_grants`). Returns the grants pushed.
+fn grant_producers(
+    entry: &mut super::catalog::StreamEntry,
+    sessions: &mut BTreeMap<SessionId, Session>,
+    remote_producers: &mut BTreeMap<SessionId, super::inbound::RemoteProducer>,
+    remote_grants: &mut Vec<(String, u64, u32)>,
+    to_wake: &mut Vec<SessionId>,
+    failed: &mut Vec<(SessionId, String)>,
+) -> usize {
+    let mut pushed = 0;
+    let n = entry.producers.len();
+    let mut progress = true;
+    while progress && entry.stream.has_free_slot() {
+        progress = false;
+        for i in 0..n {
+            let pid = entry.producers[i];
+            if let Some(rp) = remote_producers.get_mut(&pid) {
+                progress |= Server::grant_remote(entry, rp, pid, remote_grants);
+                continue;
+            }
+            let Some(Session {
+                role: Role::Producer(p),
+                ..
+            }) = sessions.get_mut(&pid)
+            else {
+                continue;
+            };
+            if p.granted.len() as u32 >= p.credits {
+                continue;
+            }
+            let Some(slot) = entry.stream.grant(pid) else {
+                break;
+            };
+            p.starved_since = None;
+            p.starved_logged = false;
+            let d = Desc {
+                op: desc::OP_GRANT,
+                stream: entry.stream.id(),
+                slot,
+                ..Desc::default()
+            };
+            match p.rings.comp.push(&d) {
+                Ok(()) => {
+                    p.granted.insert(slot);
+                    pushed += 1;
+                    progress = true;
+                    to_wake.push(pid);
+                }
+                Err(e) => {
+                    entry.stream.return_grant(pid, slot);
+                    if !matches!(e, ferry_shm::RingError::Full) {
+                        failed.push((pid, e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    pushed
 }
