@@ -822,6 +822,26 @@ fn check_refuses_a_data_dir_start_up_would_refuse() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// `n` batches whose payload is `epoch`, flushed, then the end of the epoch.
+fn send_epoch(p: &mut ferry::Producer, epoch: u8, n: usize) {
+    for _ in 0..n {
+        p.send(&[epoch], b"", None, T).unwrap();
+    }
+    p.flush(T).unwrap();
+    p.end().unwrap();
+}
+
+/// Lets ferryd write what it has, kills it (-9) with the producer and
+/// client still open, restarts it: a new client.
+fn kill_and_restart(d: &mut Daemon, p: ferry::Producer, client: ferry::Client) -> ferry::Client {
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill();
+    drop(p);
+    drop(client);
+    d.restart();
+    d.client()
+}
+
 /// Ends of epoch are in the log with their numbers: after a kill -9 a new
 /// group replays the epochs with their ends where they were. A group that
 /// starts one partition past two ends of epoch (markers that are on disk
@@ -837,18 +857,9 @@ fn ends_of_epoch_survive_a_restart_and_a_start_past_them_holds_nothing_back() {
         .unwrap();
     // Round robin: 2 batches per partition and epoch, then its marker.
     for epoch in 0..3u8 {
-        for _ in 0..4 {
-            p.send(&[epoch], b"", None, T).unwrap();
-        }
-        p.flush(T).unwrap();
-        p.end().unwrap();
+        send_epoch(&mut p, epoch, 4);
     }
-    std::thread::sleep(Duration::from_millis(300));
-    d.kill();
-    drop(p);
-    drop(client);
-    d.restart();
-    let client = d.client();
+    let client = kill_and_restart(&mut d, p, client);
     let mut r = client.consumer("s", "replay", earliest()).unwrap();
     let seen: String = epochs_seen(&mut r, 3).into_iter().collect();
     assert_eq!(seen, "0000E1111E2222E");
@@ -889,27 +900,14 @@ fn a_group_formed_after_a_restart_does_not_get_a_deleted_groups_old_batches() {
         .consumer("s", "first", ConsumerOptions::default())
         .unwrap();
     for epoch in 0..2u8 {
-        for _ in 0..4 {
-            p.send(&[epoch], b"", None, T).unwrap();
-        }
-        p.flush(T).unwrap();
-        p.end().unwrap();
+        send_epoch(&mut p, epoch, 4);
     }
     let seen: String = epochs_seen(&mut c, 2).into_iter().collect();
     assert_eq!(seen, "0000E1111E");
     drop(c);
     delete_group(&d, "s", "first");
-    for _ in 0..4 {
-        p.send(&[2], b"", None, T).unwrap();
-    }
-    p.flush(T).unwrap();
-    p.end().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    d.kill();
-    drop(p);
-    drop(client);
-    d.restart();
-    let client = d.client();
+    send_epoch(&mut p, 2, 4);
+    let client = kill_and_restart(&mut d, p, client);
     let mut c = client
         .consumer("s", "second", ConsumerOptions::default())
         .unwrap();

@@ -92,15 +92,22 @@ impl Server {
             // written to the log; a memory stream's after its deliveries,
             // which are then on the consumers' rings sooner.
             let grant_now = !draining && !stalled && !entry.producers.is_empty();
-            if grant_now && entry.stream.tiered() {
-                pushed += grant_producers(
-                    entry,
-                    &mut self.sessions,
-                    &mut self.remote_producers,
-                    &mut remote_grants,
-                    &mut to_wake,
-                    &mut failed,
-                );
+            macro_rules! grant {
+                () => {
+                    if grant_now {
+                        pushed += grant_producers(
+                            entry,
+                            &mut self.sessions,
+                            &mut self.remote_producers,
+                            &mut remote_grants,
+                            &mut to_wake,
+                            &mut failed,
+                        );
+                    }
+                };
+            }
+            if entry.stream.tiered() {
+                grant!();
             }
             entry.write_log(idx, &self.syncer);
             let stalled = entry.log.as_ref().is_some_and(|l| l.error.is_some());
@@ -277,15 +284,8 @@ impl Server {
                     }
                 }
             }
-            if grant_now && !entry.stream.tiered() {
-                pushed += grant_producers(
-                    entry,
-                    &mut self.sessions,
-                    &mut self.remote_producers,
-                    &mut remote_grants,
-                    &mut to_wake,
-                    &mut failed,
-                );
+            if !entry.stream.tiered() {
+                grant!();
             }
         }
         to_wake.sort_unstable();
