@@ -507,17 +507,18 @@ int32_t ferry_producer_end(struct ferry_producer *producer);
 // producer published is acknowledged by ferryd: for a disk stream, as
 // durable as its fsync policy promises (synced with FERRY_FSYNC_EVERY and
 // FERRY_FSYNC_INTERVAL, written with FERRY_FSYNC_NEVER); for a memory
-// stream, taken by ferryd; and until ferryd has read everything the
-// producer submitted before (an end of epoch included: two producers
-// whose publishes must not fall into each other's epoch flush after
-// ferry_producer_end). Publishing never waits for this: call it where
+// stream, taken by ferryd; and until every end of epoch it submitted
+// was taken where the epoch is decided (by ferryd, or by the stream's
+// home on another host: two producers whose publishes must not fall
+// into each other's epoch flush after ferry_producer_end). Publishing never waits for this: call it where
 // the training job needs the guarantee (before a checkpoint, at the end).
 // FERRY_E_TIMEOUT when they are not all acknowledged in time (the message
 // says how many are, and whether ferryd cannot write the log).
 //
 // # Safety
 // `producer` is a live handle.
-int32_t ferry_producer_flush(struct ferry_producer *producer, int64_t timeout_ms);
+int32_t ferry_producer_flush(struct ferry_producer *producer,
+                             int64_t timeout_ms);
 
 // Starts a typed record of `nfields` fields (1-256) in a reserved host
 // slot: writes its table header and fills `*w`.

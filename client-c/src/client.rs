@@ -320,6 +320,8 @@ impl Client {
             published: 0,
             acked: 0,
             stalled: false,
+            ends: 0,
+            ends_taken: 0,
         })
     }
 
@@ -728,6 +730,10 @@ pub struct Producer {
     acked: u64,
     /// ferryd said it cannot write the stream's disk log now.
     stalled: bool,
+    /// Ends of epoch submitted, and those taken where the epoch is decided
+    /// (`OP_END_TAKEN`: by ferryd, or the stream's home on another host).
+    ends: u64,
+    ends_taken: u64,
 }
 
 impl Producer {
@@ -856,6 +862,10 @@ impl Producer {
                 self.stalled = d.flags & desc::FLAG_STALLED != 0;
                 Ok(())
             }
+            desc::OP_END_TAKEN if d.offset <= self.ends => {
+                self.ends_taken = self.ends_taken.max(d.offset);
+                Ok(())
+            }
             _ => err(
                 Status::Protocol,
                 format!(
@@ -879,16 +889,17 @@ impl Producer {
     /// Waits until every publish so far is acknowledged: for a disk
     /// stream, as durable as its fsync policy promises (on stable storage
     /// with "every" and "interval", written with "never"); for a memory
-    /// stream, taken by ferryd; then until ferryd has read everything
-    /// submitted before (an end of epoch included). Grants that arrive
-    /// meanwhile are kept.
+    /// stream, taken by ferryd; and until every end of epoch it submitted
+    /// was taken where the epoch is decided (by ferryd, or by the
+    /// stream's home on another host). Grants that arrive meanwhile are
+    /// kept.
     pub fn flush(&mut self, timeout: Option<Duration>) -> Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
         if !self.s.info.acks {
             // A memory stream: taken once ferryd has read the ring.
             self.wait_ring_read(deadline)?;
             self.acked = self.published;
-            return Ok(());
+            return self.wait_ends_taken(deadline, timeout);
         }
         while self.acked < self.published {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -912,8 +923,33 @@ impl Producer {
             })?;
             self.take_completion(d)?;
         }
-        // And what came after the last publish (an end of epoch).
-        self.wait_ring_read(deadline)
+        self.wait_ends_taken(deadline, timeout)
+    }
+
+    /// Waits until every end of epoch submitted was taken.
+    fn wait_ends_taken(
+        &mut self,
+        deadline: Option<Instant>,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        while self.ends_taken < self.ends {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let d = self.s.wait(left).map_err(|e| match e.status {
+                Status::Timeout => Error {
+                    status: Status::Timeout,
+                    message: format!(
+                        "{} of {} ends of epoch on stream {} taken within {} ms (by its home, for a stream homed on another host)",
+                        self.ends_taken,
+                        self.ends,
+                        self.s.stream,
+                        timeout.map_or(0, |t| t.as_millis()),
+                    ),
+                },
+                _ => e,
+            })?;
+            self.take_completion(d)?;
+        }
+        Ok(())
     }
 
     /// Waits until ferryd has read everything on this producer's ring.
@@ -957,7 +993,9 @@ impl Producer {
             op: desc::OP_END,
             stream: self.s.info.stream_id,
             ..Desc::default()
-        })
+        })?;
+        self.ends += 1;
+        Ok(())
     }
 
     fn publish_flags(

@@ -917,10 +917,10 @@ pub unsafe extern "C" fn ferry_producer_end(producer: *mut ferry_producer) -> i3
 /// producer published is acknowledged by ferryd: for a disk stream, as
 /// durable as its fsync policy promises (synced with FERRY_FSYNC_EVERY and
 /// FERRY_FSYNC_INTERVAL, written with FERRY_FSYNC_NEVER); for a memory
-/// stream, taken by ferryd; and until ferryd has read everything the
-/// producer submitted before (an end of epoch included: two producers
-/// whose publishes must not fall into each other's epoch flush after
-/// ferry_producer_end). Publishing never waits for this: call it where
+/// stream, taken by ferryd; and until every end of epoch it submitted
+/// was taken where the epoch is decided (by ferryd, or by the stream's
+/// home on another host: two producers whose publishes must not fall
+/// into each other's epoch flush after ferry_producer_end). Publishing never waits for this: call it where
 /// the training job needs the guarantee (before a checkpoint, at the end).
 /// FERRY_E_TIMEOUT when they are not all acknowledged in time (the message
 /// says how many are, and whether ferryd cannot write the log).

@@ -75,6 +75,10 @@ pub const OP_END_OF_EPOCH: u16 = 18;
 /// memory stream). With [`FLAG_STALLED`]: the daemon cannot write the
 /// stream's disk log now (a full disk); publishes wait.
 pub const OP_ACK: u16 = 19;
+/// Daemon -> producer: its end of epoch was taken where the epoch is
+/// decided (this daemon, or the stream's home on another host): `offset`
+/// of its `OP_END`s so far. Its `flush` waits for them.
+pub const OP_END_TAKEN: u16 = 20;
 /// On `OP_ACK`: writes to the stream's disk log fail; no slot is granted
 /// until they succeed again.
 pub const FLAG_STALLED: u16 = 16;

@@ -1391,3 +1391,51 @@ fn two_daemons_on_real_verbs_move_batches_both_ways() {
         cons.release(b.token).unwrap();
     }
 }
+
+/// A producer on another host than its stream's home: its `flush` after
+/// `end()` returns once the home took the end (not once its own ferryd
+/// read it), so that producers on two hosts ending in turn never merge
+/// two epochs (a user trial lost up to half of the ends that way: the
+/// home read the next epoch's publishes of its own producer first).
+#[test]
+fn a_producer_elsewhere_flushes_once_the_home_took_its_end_of_epoch() {
+    let (d, _) = start_cluster(2, "", "");
+    wait_state(&d[1], "n0", "up", Duration::from_secs(10));
+    let mut near = created_stream(&d[0], &d[1], "turns", 2);
+    let mut cons = d[0]
+        .client()
+        .consumer("turns", "g", Default::default())
+        .unwrap();
+    let remote = d[1].client();
+    let mut far = remote.producer("turns", None).unwrap();
+    // The home stopped: the end cannot be taken, the flush waits.
+    far.send(&[0], b"", None, T).unwrap();
+    far.flush(T).unwrap();
+    d[0].signal(libc::SIGSTOP);
+    far.end().unwrap();
+    let e = far.flush(Some(Duration::from_millis(500)));
+    d[0].signal(libc::SIGCONT);
+    let e = e.expect_err("flushed before the home took the end");
+    assert_eq!(e.status, ferry::Status::Timeout, "{e}");
+    assert!(e.message.contains("ends of epoch"), "{e}");
+    far.flush(T).unwrap();
+    near.send(&[0], b"", None, T).unwrap();
+    near.end().unwrap();
+    near.flush(T).unwrap();
+    // In turns, each flushing after its end: every epoch ends apart.
+    for epoch in 1..=10u8 {
+        near.send(&[epoch], b"", None, T).unwrap();
+        far.send(&[epoch], b"", None, T).unwrap();
+        far.end().unwrap();
+        far.flush(T).unwrap();
+        near.end().unwrap();
+        near.flush(T).unwrap();
+    }
+    let seen: String = ferry_tests::epochs_seen(&mut cons, 11)
+        .into_iter()
+        .collect();
+    let want: String = (0..=10u8)
+        .map(|e| format!("{0}{0}E", (b'0' + e) as char))
+        .collect();
+    assert_eq!(seen, want);
+}

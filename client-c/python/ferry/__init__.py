@@ -729,8 +729,9 @@ class Producer(_Handle):
         """Waits (up to ``timeout`` seconds; None: forever) until every
         batch this producer sent is acknowledged: for a disk stream, as
         durable as its ``fsync`` policy promises; for a memory stream,
-        taken by ferryd; and until ferryd has read everything sent before,
-        an ``end()`` included. Raises ``FerryError`` (E_TIMEOUT) when not."""
+        taken by ferryd; and until every ``end()`` was taken where the
+        epoch is decided (by ferryd, or by the stream's home when this
+        producer is on another host). Raises ``FerryError`` (E_TIMEOUT) when not."""
         ms = -1 if timeout is None else int(timeout * 1000)
         _check(_lib.ferry_producer_flush(self._h, ms))
 

@@ -156,6 +156,18 @@ impl Server {
                     Err(_) => entry.dirty = true,
                 }
             }
+            // Ends of epoch taken that a full ring kept from its producer.
+            for pid in &entry.producers {
+                if let Some(Session {
+                    role: Role::Producer(p),
+                    ..
+                }) = self.sessions.get_mut(pid)
+                {
+                    if p.ends_untold && !p.tell_ends_taken() {
+                        entry.dirty = true;
+                    }
+                }
+            }
             if !entry.stream.has_free_slot() {
                 for pid in &entry.producers {
                     if let Some(Session {

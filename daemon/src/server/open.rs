@@ -124,6 +124,8 @@ impl Server {
                 credits,
                 published: 0,
                 ended: false,
+                ends_taken: 0,
+                ends_untold: false,
                 starved_since: None,
                 starved_logged: false,
                 gpu,

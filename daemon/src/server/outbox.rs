@@ -87,6 +87,10 @@ pub(super) struct Outbox {
     home: Option<(Producing, PoolLayout)>,
     /// A control record is on its way (its entry is in use).
     end_outstanding: bool,
+    /// The producer's ends of epoch the home took, and whether the last
+    /// count is still to be told (`OP_END_TAKEN`; its ring was full).
+    ends_taken: u64,
+    ends_untold: bool,
     /// The Produce was sent.
     sent: bool,
     answered: bool,
@@ -101,6 +105,20 @@ pub(super) struct Outbox {
 }
 
 impl Outbox {
+    /// Tells the producer how many of its ends of epoch the home took
+    /// (`OP_END_TAKEN`, cumulative), or keeps it for a later try.
+    fn tell_ends_taken(&mut self) {
+        let d = Desc {
+            op: desc::OP_END_TAKEN,
+            offset: self.ends_taken,
+            ..Desc::default()
+        };
+        self.ends_untold = self.comp.push(&d).is_err();
+        if !self.ends_untold && self.comp.wake_needed() {
+            ferry_shm::sys::futex_wake(self.comp.ring().sleep_word());
+        }
+    }
+
     fn grant(&mut self, slot: u32) -> Result<(), String> {
         let d = Desc {
             op: desc::OP_GRANT,
@@ -222,6 +240,8 @@ impl Server {
             home_grants: VecDeque::new(),
             home: None,
             end_outstanding: false,
+            ends_taken: 0,
+            ends_untold: false,
             sent: false,
             answered: false,
             published: 0,
@@ -422,6 +442,9 @@ impl Server {
         let mut err = None;
         let mut done = false;
         if let Some(o) = self.outbox_mut(id) {
+            if o.ends_untold {
+                o.tell_ends_taken();
+            }
             let Some((home, home_layout)) = o.home.clone() else {
                 return;
             };
@@ -634,6 +657,8 @@ impl Server {
             }
             PeerMsg::EndTaken { .. } => {
                 o.end_outstanding = false;
+                o.ends_taken += 1;
+                o.tell_ends_taken();
                 Ok(())
             }
             _ => Ok(()),

@@ -5,6 +5,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_shm::desc::{self, Desc};
 use ferry_shm::layout::SessionLayout;
 use ferry_shm::proto::{self, ErrorCode, Request, Response};
 use ferry_shm::sys::{self, PeerCred};
@@ -33,6 +34,10 @@ pub(super) struct ProducerState {
     pub(super) published: u64,
     /// Said the epoch is over for it (`OP_END`) and has not published since.
     pub(super) ended: bool,
+    /// Its `OP_END`s taken, and whether the last count is still to be
+    /// told (`OP_END_TAKEN`: its completion ring was full).
+    pub(super) ends_taken: u64,
+    pub(super) ends_untold: bool,
     /// Since when it has no slot granted and the pool has none free.
     pub(super) starved_since: Option<Instant>,
     /// Whether that wait was logged already.
@@ -42,6 +47,24 @@ pub(super) struct ProducerState {
     pub(super) gpu: Option<GpuPublish>,
     /// Its publishes to a disk stream not yet durable, and what it was told.
     pub(super) acks: super::durable::Acks,
+}
+
+impl ProducerState {
+    /// Tells the producer how many of its ends of epoch were taken
+    /// (`OP_END_TAKEN`, cumulative); false when its ring was full (then
+    /// `ends_untold` stays set for a later try).
+    pub(super) fn tell_ends_taken(&mut self) -> bool {
+        let d = Desc {
+            op: desc::OP_END_TAKEN,
+            offset: self.ends_taken,
+            ..Desc::default()
+        };
+        self.ends_untold = self.rings.comp.push(&d).is_err();
+        if !self.ends_untold && self.rings.comp.wake_needed() {
+            sys::futex_wake(self.rings.comp.ring().sleep_word());
+        }
+        !self.ends_untold
+    }
 }
 
 /// A consumer group member, on this host or another: what the pump needs

@@ -63,6 +63,10 @@ impl Server {
                             .map_err(Violation)?;
                         }
                         p.ended = true;
+                        p.ends_taken += 1;
+                        if !p.tell_ends_taken() {
+                            entry.dirty = true; // told on a later pump
+                        }
                         end_check = Some(p.stream);
                         // The epoch may end here: what this producer
                         // publishes next waits for that, so that it lands
