@@ -82,6 +82,12 @@ enum GroupCmd {
     Delete { stream: String, group: String },
 }
 
+/// " pid N", or " on HOST" for a session on another host (its pid is that
+/// host's business).
+fn located(host: Option<&str>, pid: i32) -> String {
+    host.map_or_else(|| format!(" pid {pid}"), |h| format!(" on {h}"))
+}
+
 fn main() {
     ferry_shm::sys::default_sigpipe();
     let args = Args::parse();
@@ -493,16 +499,10 @@ fn print_status(st: &Status) {
                 }
                 None => String::new(),
             };
+            let at = located(p.host.as_deref(), p.pid);
             println!(
-                "  producer session {}{} pid {}: {} slots granted, {} published{device}{waiting}",
-                p.session,
-                p.host
-                    .as_ref()
-                    .map(|h| format!(" on {h}"))
-                    .unwrap_or_default(),
-                p.pid,
-                p.granted,
-                p.published
+                "  producer session {}{at}: {} slots granted, {} published{device}{waiting}",
+                p.session, p.granted, p.published
             );
         }
         for g in &s.groups {
@@ -523,11 +523,7 @@ fn print_status(st: &Status) {
                     ),
                     None => String::new(),
                 };
-                // A member on another host: its pid is that host's business.
-                let at = m
-                    .host
-                    .as_ref()
-                    .map_or_else(|| format!(" pid {}", m.pid), |h| format!(" on {h}"));
+                let at = located(m.host.as_deref(), m.pid);
                 println!(
                     "    member session {}{at}: partitions {:?}, {}/{} in flight, {} delivered, ring {}{device}",
                     m.session, m.partitions, m.inflight, m.prefetch, m.delivered, m.ring_occupancy

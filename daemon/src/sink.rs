@@ -42,6 +42,7 @@ pub struct SinkStatus {
     /// "cuda:N" for GPU delivery.
     pub device: Option<String>,
     pub copies_in_flight: u32,
+    /// Copied into the consumer's GPU (GPU delivery).
     pub bytes_copied: u64,
     /// Of those, copied from GPU memory.
     pub bytes_from_gpu: u64,
@@ -301,7 +302,6 @@ pub struct RemoteSink {
     /// Landing slots free for a write, and which are.
     credits: VecDeque<u32>,
     credited: Vec<bool>,
-    written: u64,
     /// Out of credit since the last batch it had to hold back (counted
     /// once per stall in the link's stats).
     stalled: bool,
@@ -336,7 +336,6 @@ impl RemoteSink {
             member,
             credits,
             credited,
-            written: 0,
             stalled: false,
         }
     }
@@ -405,7 +404,6 @@ impl RemoteSink {
             signaled: true,
             timed,
         })?;
-        self.written += payload.1 as u64;
         Ok(())
     }
 
@@ -493,7 +491,8 @@ impl Sink for RemoteSink {
 
     fn status(&self) -> SinkStatus {
         SinkStatus {
-            bytes_copied: self.written,
+            // Its bytes go over the fabric, not into a GPU: they are
+            // counted per peer, not as GPU copies.
             credits: Some(self.credits.len() as u32),
             ..SinkStatus::default()
         }
