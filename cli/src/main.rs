@@ -229,7 +229,7 @@ fn print_cluster(st: &Status) {
                     if g.remote_members.is_empty() {
                         String::new()
                     } else {
-                        format!(" (on {})", g.remote_members.join(", "))
+                        format!(" (some on {})", g.remote_members.join(", "))
                     },
                     g.lag
                 );
