@@ -239,6 +239,11 @@ pub struct Group {
     /// partitions gets each in turn rather than the lowest one drained
     /// first.
     next_part: u32,
+    /// (member, partition): the member released a batch of a partition it
+    /// no longer owns (delivered before a rebalance). Its next commit of
+    /// all it owns covers that partition too: the owner's last commit may
+    /// have come before the release.
+    released_elsewhere: Vec<(SessionId, u32)>,
 }
 
 impl Group {
@@ -713,6 +718,7 @@ impl Stream {
             epoch: 0,
             current: 0,
             next_part: 0,
+            released_elsewhere: Vec::new(),
         };
         group.set_current();
         self.groups.push(group);
@@ -1435,6 +1441,7 @@ impl Stream {
                     epoch: 0,
                     current: 0,
                     next_part: 0,
+                    released_elsewhere: Vec::new(),
                 };
                 group.set_current();
                 // Reuse a deleted group's index, so that creating and
@@ -1502,6 +1509,7 @@ impl Stream {
             }
         }
         group.members.retain(|&m| m != session);
+        group.released_elsewhere.retain(|&(m, _)| m != session);
         if group.members.is_empty() {
             group.empty_since = Some(std::time::Instant::now());
         }
@@ -1694,6 +1702,13 @@ impl Stream {
             )));
         }
         gp.inflight.remove(&offset);
+        let group = &mut self.groups[g];
+        if group.assign[part as usize] != Some(session)
+            && !group.released_elsewhere.contains(&(session, part))
+        {
+            group.released_elsewhere.push((session, part));
+        }
+        let gp = &mut group.parts[part as usize];
         if held.replay {
             // A seek asked for it again: the group keeps its hold (through
             // `next` when a disk stream's seek moved that back past it).
@@ -1707,7 +1722,8 @@ impl Stream {
     }
 
     /// Records a committed offset. `part == None`: every partition this
-    /// member owns, at the group's low watermark.
+    /// member owns, and every one it released a batch of since it lost it
+    /// to a rebalance, at the group's low watermark.
     pub fn commit(
         &mut self,
         g: usize,
@@ -1724,6 +1740,19 @@ impl Stream {
                         let low = group.low_watermark(p);
                         group.parts[p].committed = low;
                     }
+                }
+                // Partitions it released batches of after a rebalance.
+                let mut i = 0;
+                while i < group.released_elsewhere.len() {
+                    let (m, p) = group.released_elsewhere[i];
+                    if m != session {
+                        i += 1;
+                        continue;
+                    }
+                    let low = group.low_watermark(p as usize);
+                    let gp = &mut group.parts[p as usize];
+                    gp.committed = gp.committed.max(low);
+                    group.released_elsewhere.swap_remove(i);
                 }
                 Ok(())
             }
@@ -2247,6 +2276,30 @@ mod tests {
         assert_eq!(got, vec![3, 4]);
         assert_eq!(s.slot_counts().2, 2);
         check(&s);
+    }
+
+    /// A member releases a batch of a partition a rebalance gave to
+    /// another member after that one's last commit: its own commit covers
+    /// the partition (a CI run of the DataLoader test saw a lag of 2 left
+    /// behind by a worker that lost its partitions as others joined).
+    #[test]
+    fn a_release_after_a_rebalance_is_committed_by_its_member() {
+        let mut s = stream(2, 8);
+        let g = s.join("g", 1, 0, &GroupStart::Default).unwrap();
+        publish(&mut s, 2); // one per partition, both to member 1
+        let held = take_all(&mut s, g);
+        assert_eq!(held.len(), 2);
+        s.join("g", 2, 0, &GroupStart::Default).unwrap(); // partition 1 to member 2
+        assert_eq!(s.groups[g].assign[1], Some(2));
+        s.commit(g, 2, None, 0).unwrap();
+        assert_eq!(s.groups[g].parts[1].committed, 0, "member 1 still holds it");
+        for (m, d) in held {
+            s.release(g, m, d.part, d.offset, d.entry.slot).unwrap();
+        }
+        s.commit(g, 1, None, 0).unwrap();
+        assert_eq!(s.groups[g].parts[0].committed, 1);
+        assert_eq!(s.groups[g].parts[1].committed, 1, "its release, its commit");
+        assert!(s.groups[g].released_elsewhere.is_empty());
     }
 
     #[test]
