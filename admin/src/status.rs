@@ -54,6 +54,9 @@ pub struct Status {
     /// Consumers here of streams homed on other daemons.
     #[serde(default)]
     pub remote_consumers: Vec<RemoteConsumerStatus>,
+    /// Producers here of streams homed on other daemons.
+    #[serde(default)]
+    pub remote_producers: Vec<RemoteProducerStatus>,
     /// Connections to the control plane refused before they were a
     /// peer's (wrong secret, unknown node, not a ferry peer).
     #[serde(default)]
@@ -141,6 +144,25 @@ pub struct RemoteConsumerStatus {
     /// Copies from the landing area into that pool not yet complete.
     #[serde(default)]
     pub copies_in_flight: u32,
+}
+
+/// A producer here of a stream homed on another daemon (its batches go
+/// there through an outbox).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RemoteProducerStatus {
+    pub session: u64,
+    pub pid: i32,
+    pub stream: String,
+    /// The stream's home (node id).
+    pub home: String,
+    /// "opening" (until the home answered) or "active".
+    pub state: String,
+    pub published: u64,
+    /// Of those, acknowledged by the home.
+    pub acked: u64,
+    /// "cuda:N" when it publishes from GPU memory.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// One peer daemon as this one sees it.

@@ -136,7 +136,7 @@ fn main() {
                         serde_json::to_string_pretty(&st).expect("status serialises")
                     ),
                     Ok(st) => {
-                        print_status(&st);
+                        print_status(&st, stream.as_deref());
                         if cluster {
                             print_cluster(&st);
                         }
@@ -323,7 +323,8 @@ fn human(bytes: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
-fn print_status(st: &Status) {
+/// `asked`: the stream `ferry status <stream>` asked for.
+fn print_status(st: &Status, asked: Option<&str>) {
     println!(
         "{} pid {} up {}s, socket {}, {} sessions{}",
         st.daemon,
@@ -413,6 +414,16 @@ fn print_status(st: &Status) {
             r.session, r.pid, r.stream, r.home, r.group, r.state, r.held, r.prefetch, r.delivered
         );
     }
+    for r in &st.remote_producers {
+        let device = match &r.device {
+            Some(d) => format!(", from {d}"),
+            None => String::new(),
+        };
+        println!(
+            "  producer session {} pid {} of stream {} (home {}): {}, {} published, {} acknowledged by the home{device}",
+            r.session, r.pid, r.stream, r.home, r.state, r.published, r.acked
+        );
+    }
     let m = &st.memory;
     println!(
         "memory: {} streams (max {}), {} of pools (max {}, {} per uid)",
@@ -433,7 +444,35 @@ fn print_status(st: &Status) {
         );
     }
     if st.streams.is_empty() {
-        println!("no streams");
+        let mut elsewhere: std::collections::BTreeSet<(&str, &str)> = st
+            .remote_consumers
+            .iter()
+            .map(|c| (c.stream.as_str(), c.home.as_str()))
+            .chain(
+                st.remote_producers
+                    .iter()
+                    .map(|p| (p.stream.as_str(), p.home.as_str())),
+            )
+            .collect();
+        // Asked for by name: its home, from the peers' announcements.
+        if let Some(name) = asked {
+            if let Some(p) = st
+                .peers
+                .iter()
+                .find(|p| p.streams.iter().any(|s| s == name))
+            {
+                elsewhere.insert((name, p.node_id.as_str()));
+            }
+        }
+        if elsewhere.is_empty() {
+            println!("no streams");
+        } else {
+            for (s, home) in elsewhere {
+                println!(
+                    "stream {s}: homed on {home} (its groups and offsets: `ferry status` there)"
+                );
+            }
+        }
     }
     for s in &st.streams {
         println!();

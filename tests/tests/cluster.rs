@@ -1439,3 +1439,50 @@ fn a_producer_elsewhere_flushes_once_the_home_took_its_end_of_epoch() {
         .collect();
     assert_eq!(seen, want);
 }
+
+/// A host with a consumer and a producer of a stream homed elsewhere:
+/// `ferry status <stream>` there shows them (it said "no stream named"),
+/// producers included, and where the stream's home is.
+#[test]
+fn a_host_shows_its_consumers_and_producers_of_a_stream_homed_elsewhere() {
+    let (d, _) = start_cluster(2, "", "");
+    wait_state(&d[1], "n0", "up", Duration::from_secs(10));
+    let _near = created_stream(&d[0], &d[1], "away", 2);
+    let c = d[1].client();
+    let mut far = c.producer("away", None).unwrap();
+    far.send(b"x", b"", None, T).unwrap();
+    far.flush(T).unwrap();
+    let _cons = c.consumer("away", "g", Default::default()).unwrap();
+    let admin = ferry_admin::Client::new(&d[1].admin);
+    let mut st = admin.status(Some("away")).unwrap();
+    assert!(eventually(Duration::from_secs(5), || {
+        st = admin.status(Some("away")).unwrap();
+        st.remote_producers.first().is_some_and(|p| p.acked == 1)
+    }));
+    assert!(st.streams.is_empty(), "not homed here");
+    let p = &st.remote_producers[0];
+    assert_eq!(
+        (
+            p.stream.as_str(),
+            p.home.as_str(),
+            p.state.as_str(),
+            p.published
+        ),
+        ("away", "n0", "active", 1)
+    );
+    assert_eq!(st.remote_consumers.len(), 1);
+    assert!(admin.status(Some("nowhere")).is_err());
+    let out = Command::new(bin("ferry"))
+        .arg("--admin-socket")
+        .arg(&d[1].admin)
+        .args(["status", "away"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("of stream away (home n0): active, 1 published, 1 acknowledged by the home"),
+        "{text}"
+    );
+    assert!(text.contains("stream away: homed on n0"), "{text}");
+}

@@ -92,6 +92,7 @@ fn status(streams: Vec<ferry_admin::StreamStatus>) -> ferry_admin::Status {
             ..Default::default()
         }],
         remote_consumers: vec![],
+        remote_producers: vec![],
         peer_connections_refused: 0,
         cluster: vec![],
         cluster_missing: vec![],

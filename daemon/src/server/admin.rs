@@ -229,7 +229,9 @@ impl Server {
             AdminRequest::Status {
                 stream: Some(name), ..
             } => {
-                if self.by_name.contains_key(&name) {
+                // Here, or homed on a peer: then its consumers and
+                // producers here.
+                if self.by_name.contains_key(&name) || self.home_of(&name).is_some() {
                     Response::Status(Box::new(self.status_view(Some(&name))))
                 } else {
                     Response::Error(format!("no stream named {name:?}"))

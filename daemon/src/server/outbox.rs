@@ -105,6 +105,22 @@ pub(super) struct Outbox {
 }
 
 impl Outbox {
+    pub(super) fn status(&self, session: SessionId, pid: i32) -> ferry_admin::RemoteProducerStatus {
+        ferry_admin::RemoteProducerStatus {
+            session,
+            pid,
+            stream: self.stream.clone(),
+            home: self.node.clone(),
+            state: if self.answered { "active" } else { "opening" }.to_string(),
+            published: self.published,
+            acked: self.acked,
+            device: self
+                .gpu
+                .as_ref()
+                .map(|g| format!("cuda:{}", g.info.ordinal)),
+        }
+    }
+
     /// Tells the producer how many of its ends of epoch the home took
     /// (`OP_END_TAKEN`, cumulative), or keeps it for a later try.
     fn tell_ends_taken(&mut self) {

@@ -282,6 +282,16 @@ impl Server {
                     Role::Remote(p) => Some(p.status(*id, sess.cred.pid)),
                     _ => None,
                 })
+                .filter(|c| only.is_none_or(|n| n == c.stream))
+                .collect(),
+            remote_producers: self
+                .sessions
+                .iter()
+                .filter_map(|(id, sess)| match &sess.role {
+                    Role::Outbox(o) => Some(o.status(*id, sess.cred.pid)),
+                    _ => None,
+                })
+                .filter(|p| only.is_none_or(|n| n == p.stream))
                 .collect(),
             memory: {
                 let (total, per_uid) = self.usage();
