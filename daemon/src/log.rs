@@ -289,6 +289,14 @@ fn record_hash_in(
     Ok(h.digest())
 }
 
+/// A record's header and metadata as they go to the file, and their length.
+fn head_of(h: &RecordHeader, meta: &[u8]) -> ([u8; HEADER + META_MAX], usize) {
+    let mut head = [0u8; HEADER + META_MAX];
+    head[..HEADER].copy_from_slice(&h.encode());
+    head[HEADER..HEADER + meta.len()].copy_from_slice(meta);
+    (head, HEADER + meta.len())
+}
+
 /// A record's checksum over its payload as `file` holds it at `pos`.
 fn hash_from_file(
     file: &File,
@@ -918,11 +926,8 @@ impl PartitionLog {
                 }
             },
         )?;
-        let mut head = [0u8; HEADER + META_MAX];
-        head[..HEADER].copy_from_slice(&h.encode());
-        head[HEADER..HEADER + meta.len()].copy_from_slice(meta);
-        let head = &head[..HEADER + meta.len()];
-        if let Err(e) = self.write_record(pos, head, &payload) {
+        let (head, n) = head_of(&h, meta);
+        if let Err(e) = self.write_record(pos, &head[..n], &payload) {
             // Leave no part of it: the next try starts at the same place.
             let _ = self.active().file.set_len(pos);
             return Err(e);
@@ -964,10 +969,8 @@ impl PartitionLog {
         );
         let written = hashed.and_then(|hash| {
             h.hash = hash;
-            let mut head = [0u8; HEADER + META_MAX];
-            head[..HEADER].copy_from_slice(&h.encode());
-            head[HEADER..HEADER + meta.len()].copy_from_slice(meta);
-            file.write_all_at(&head[..HEADER + meta.len()], pos)
+            let (head, n) = head_of(&h, meta);
+            file.write_all_at(&head[..n], pos)
         });
         if let Err(e) = written {
             // Leave no part of it: the next try starts at the same place.
@@ -1147,27 +1150,23 @@ impl PartitionLog {
             return;
         };
         let mut left = bytes;
-        let mut from = (base, pos);
         for (&b, seg) in self.segments.range(base..) {
             if left == 0 {
                 break;
             }
             let start = if b == base { pos } else { 0 };
-            let end = seg.bytes.min(start + left);
-            // What is already asked for of this segment.
-            let start = if self.advised.0 == b {
-                start.max(self.advised.1)
-            } else {
-                start
+            let end = seg.bytes.min(start + left).max(start);
+            left -= end - start;
+            // Only what was not asked for before (asks go forward).
+            let from = match self.advised {
+                (ab, _) if ab > b => continue,
+                (ab, ap) if ab == b => start.max(ap),
+                _ => start,
             };
-            if end > start {
-                let _ = ferry_shm::sys::advise_willneed(&seg.file, start, end - start);
-                from = (b, end);
+            if end > from {
+                let _ = ferry_shm::sys::advise_willneed(&seg.file, from, end - from);
+                self.advised = (b, end);
             }
-            left = left.saturating_sub(end.saturating_sub(if b == base { pos } else { 0 }));
-        }
-        if from > self.advised {
-            self.advised = from;
         }
     }
 
