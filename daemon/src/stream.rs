@@ -267,11 +267,6 @@ impl Group {
         low
     }
 
-    /// Whether partition `p` has reached the end of the group's epoch.
-    pub fn stopped(&self, p: usize) -> bool {
-        self.parts[p].reached >= self.current
-    }
-
     /// Sets the epoch from where the partitions are (a new or restored
     /// group): the lowest epoch any of them is in; those already past its
     /// end wait for the others there.
@@ -646,11 +641,8 @@ impl Stream {
 
     /// With no group: where the batches kept for the first group to form
     /// start in each partition (the end where none are kept).
-    pub fn orphans_from(&self) -> Vec<u64> {
-        self.parts
-            .iter()
-            .map(|p| p.orphan_from.unwrap_or(p.end))
-            .collect()
+    pub fn orphans_from(&self) -> impl Iterator<Item = u64> + '_ {
+        self.parts.iter().map(|p| p.orphan_from.unwrap_or(p.end))
     }
 
     /// A disk stream recovered with no group: the first group to form

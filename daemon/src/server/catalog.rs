@@ -45,6 +45,9 @@ pub(super) struct StreamEntry {
     /// Some member of some group was not told yet of an epoch its group
     /// finished (the pump looks at the members only then).
     pub(super) ends_untold: bool,
+    /// Some producer was not told yet that its end of epoch was taken
+    /// (its completion ring was full; the pump tries again only then).
+    pub(super) producer_ends_untold: bool,
     pub(super) dirty: bool,
     /// A disk stream's logs.
     pub(super) log: Option<Box<super::durable::DiskLog>>,
@@ -205,6 +208,7 @@ impl Server {
                 groups_expired: 0,
                 end_pending: false,
                 ends_untold: false,
+                producer_ends_untold: false,
                 dirty: true,
                 registered: None,
                 log,

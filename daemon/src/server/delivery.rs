@@ -157,14 +157,17 @@ impl Server {
                 }
             }
             // Ends of epoch taken that a full ring kept from its producer.
-            for pid in &entry.producers {
-                if let Some(Session {
-                    role: Role::Producer(p),
-                    ..
-                }) = self.sessions.get_mut(pid)
-                {
-                    if p.ends_untold && !p.tell_ends_taken() {
-                        entry.dirty = true;
+            if std::mem::take(&mut entry.producer_ends_untold) {
+                for pid in &entry.producers {
+                    if let Some(Session {
+                        role: Role::Producer(p),
+                        ..
+                    }) = self.sessions.get_mut(pid)
+                    {
+                        if p.ends_untold && !p.tell_ends_taken() {
+                            entry.producer_ends_untold = true;
+                            entry.dirty = true;
+                        }
                     }
                 }
             }

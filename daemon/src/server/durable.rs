@@ -173,15 +173,12 @@ impl DiskLog {
 
     /// Whether the groups' committed offsets changed since last written.
     pub(super) fn offsets_pending(&self, stream: &Stream) -> bool {
-        stored_groups(stream) != self.stored_groups
+        stored_differ(stream, &self.stored_groups, false)
     }
 
     /// Whether groups were created or deleted since the last store.
     fn groups_changed(&self, stream: &Stream) -> bool {
-        stored_groups(stream)
-            .iter()
-            .map(|g| &g.name)
-            .ne(self.stored_groups.iter().map(|g| &g.name))
+        stored_differ(stream, &self.stored_groups, true)
     }
 
     /// Publishes written to the log but not yet durable.
@@ -335,8 +332,32 @@ fn stored_groups(stream: &Stream) -> Vec<StoredGroup> {
     vec![StoredGroup {
         name: String::new(),
         owner: 0,
-        committed: stream.orphans_from(),
+        committed: stream.orphans_from().collect(),
     }]
+}
+
+/// Whether `stored_groups(stream)` differs from `stored` (in the groups'
+/// names alone with `names_only`), without building it: this runs with
+/// every disk tick.
+fn stored_differ(stream: &Stream, stored: &[StoredGroup], names_only: bool) -> bool {
+    let live = stream.groups().iter().filter(|g| !g.deleted);
+    if live.clone().next().is_none() {
+        return match stored {
+            [s] if s.name.is_empty() => {
+                !names_only && s.committed.iter().copied().ne(stream.orphans_from())
+            }
+            _ => true,
+        };
+    }
+    live.clone().count() != stored.len()
+        || live.zip(stored).any(|(g, s)| {
+            g.name != s.name
+                || (!names_only
+                    && g.parts
+                        .iter()
+                        .map(|gp| gp.committed)
+                        .ne(s.committed.iter().copied()))
+        })
 }
 
 fn request_sync(

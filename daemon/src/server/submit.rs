@@ -65,7 +65,9 @@ impl Server {
                         p.ended = true;
                         p.ends_taken += 1;
                         if !p.tell_ends_taken() {
-                            entry.dirty = true; // told on a later pump
+                            // Told on a later pump.
+                            entry.producer_ends_untold = true;
+                            entry.dirty = true;
                         }
                         end_check = Some(p.stream);
                         // The epoch may end here: what this producer
