@@ -901,28 +901,24 @@ impl Producer {
             self.acked = self.published;
             return self.wait_ends_taken(deadline, timeout);
         }
-        while self.acked < self.published {
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let d = self.s.wait(left).map_err(|e| match e.status {
-                Status::Timeout => Error {
-                    status: Status::Timeout,
-                    message: format!(
-                        "{} of {} publishes to stream {} acknowledged within {} ms{}",
-                        self.acked,
-                        self.published,
-                        self.s.stream,
-                        timeout.map_or(0, |t| t.as_millis()),
-                        if self.stalled {
-                            ": ferryd cannot write the stream's disk log (is the disk full? its log says why)"
-                        } else {
-                            ""
-                        }
-                    ),
-                },
-                _ => e,
-            })?;
-            self.take_completion(d)?;
-        }
+        self.take_completions_until(
+            deadline,
+            timeout,
+            |p| p.acked >= p.published,
+            |p, ms| {
+                format!(
+                    "{} of {} publishes to stream {} acknowledged within {ms} ms{}",
+                    p.acked,
+                    p.published,
+                    p.s.stream,
+                    if p.stalled {
+                        ": ferryd cannot write the stream's disk log (is the disk full? its log says why)"
+                    } else {
+                        ""
+                    }
+                )
+            },
+        )?;
         self.wait_ends_taken(deadline, timeout)
     }
 
@@ -932,21 +928,39 @@ impl Producer {
         deadline: Option<Instant>,
         timeout: Option<Duration>,
     ) -> Result<()> {
-        while self.ends_taken < self.ends {
+        self.take_completions_until(
+            deadline,
+            timeout,
+            |p| p.ends_taken >= p.ends,
+            |p, ms| {
+                format!(
+                    "{} of {} ends of epoch on stream {} taken within {ms} ms (by its home, for a stream homed on another host)",
+                    p.ends_taken, p.ends, p.s.stream
+                )
+            },
+        )
+    }
+
+    /// Takes completions (grants, acknowledgements, ends taken) until
+    /// `done`; on a timeout, `late` says what is not (given `timeout` in ms).
+    fn take_completions_until(
+        &mut self,
+        deadline: Option<Instant>,
+        timeout: Option<Duration>,
+        done: impl Fn(&Self) -> bool,
+        late: impl Fn(&Self, u128) -> String,
+    ) -> Result<()> {
+        while !done(self) {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let d = self.s.wait(left).map_err(|e| match e.status {
-                Status::Timeout => Error {
-                    status: Status::Timeout,
-                    message: format!(
-                        "{} of {} ends of epoch on stream {} taken within {} ms (by its home, for a stream homed on another host)",
-                        self.ends_taken,
-                        self.ends,
-                        self.s.stream,
-                        timeout.map_or(0, |t| t.as_millis()),
-                    ),
-                },
-                _ => e,
-            })?;
+            let d = match self.s.wait(left) {
+                Err(e) if e.status == Status::Timeout => {
+                    return err(
+                        Status::Timeout,
+                        late(self, timeout.map_or(0, |t| t.as_millis())),
+                    );
+                }
+                r => r?,
+            };
             self.take_completion(d)?;
         }
         Ok(())

@@ -124,15 +124,7 @@ impl Outbox {
     /// Tells the producer how many of its ends of epoch the home took
     /// (`OP_END_TAKEN`, cumulative), or keeps it for a later try.
     fn tell_ends_taken(&mut self) {
-        let d = Desc {
-            op: desc::OP_END_TAKEN,
-            offset: self.ends_taken,
-            ..Desc::default()
-        };
-        self.ends_untold = self.comp.push(&d).is_err();
-        if !self.ends_untold && self.comp.wake_needed() {
-            ferry_shm::sys::futex_wake(self.comp.ring().sleep_word());
-        }
+        self.ends_untold = !super::sessions::push_ends_taken(&mut self.comp, self.ends_taken);
     }
 
     fn grant(&mut self, slot: u32) -> Result<(), String> {

@@ -54,17 +54,26 @@ impl ProducerState {
     /// (`OP_END_TAKEN`, cumulative); false when its ring was full (then
     /// `ends_untold` stays set for a later try).
     pub(super) fn tell_ends_taken(&mut self) -> bool {
-        let d = Desc {
-            op: desc::OP_END_TAKEN,
-            offset: self.ends_taken,
-            ..Desc::default()
-        };
-        self.ends_untold = self.rings.comp.push(&d).is_err();
-        if !self.ends_untold && self.rings.comp.wake_needed() {
-            sys::futex_wake(self.rings.comp.ring().sleep_word());
-        }
+        self.ends_untold = !push_ends_taken(&mut self.rings.comp, self.ends_taken);
         !self.ends_untold
     }
+}
+
+/// Pushes `OP_END_TAKEN` (`taken` ends so far) on a producer's completion
+/// ring, waking it where it sleeps; false when the ring is full.
+pub(super) fn push_ends_taken(comp: &mut RingProducer, taken: u64) -> bool {
+    let d = Desc {
+        op: desc::OP_END_TAKEN,
+        offset: taken,
+        ..Desc::default()
+    };
+    if comp.push(&d).is_err() {
+        return false;
+    }
+    if comp.wake_needed() {
+        sys::futex_wake(comp.ring().sleep_word());
+    }
+    true
 }
 
 /// A consumer group member, on this host or another: what the pump needs
